@@ -1,0 +1,207 @@
+"""ModelConfig: one validated description of a gpt, parallel-block or Kraken model.
+
+The same config feeds the model, the tensor-parallel plans, the trainer, the benchmarks and the
+cost model, so a prediction and a measurement always talk about the same thing.
+
+Kraken's N sub-layers are a leading dimension of every per-layer weight; a GPT or parallel-block
+model is simply the N = 1 case, which is what lets one forward schedule serve all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from krakenlm.errors import ConfigError
+
+ARCHS = ("gpt", "parallel", "kraken")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and wiring of a model. Every invalid field raises ConfigError naming it.
+
+    For Kraken, ``n_embd`` is the width d of one sub-layer and ``n_head`` the heads *per
+    sub-layer*; the paper's "total heads" is ``n_head * n_sub``.
+    """
+
+    arch: str = "gpt"
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_sub: int = 1
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    ffn_hidden: int | None = None
+    vocab_size: int = 50304
+    block_size: int = 1024
+    bias: bool = False
+    mlp: str = "gelu"
+    position: str = "learned"
+    norm_eps: float = 1e-5
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
+        _check(self.mlp in MLPS, "mlp", f"must be one of {MLPS}, got {self.mlp!r}")
+        _check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}, got {self.position!r}")
+        for name in ("n_layer", "n_embd", "n_head", "n_sub", "vocab_size", "block_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                   f"must be a positive integer, got {value!r}")
+        _check(isinstance(self.bias, bool), "bias", f"must be true or false, got {self.bias!r}")
+        _check(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps",
+               f"must be a positive number, got {self.norm_eps!r}")
+        if self.arch != "kraken":
+            _check(self.n_sub == 1, "n_sub", f"must be 1 for arch={self.arch!r} (only kraken has sub-layers)")
+        for name in ("n_kv_head", "head_dim", "ffn_hidden"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                   name, f"must be a positive integer or null, got {value!r}")
+        if self.head_dim is None:
+            _check(self.n_embd % self.n_head == 0, "n_head",
+                   f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim explicitly")
+        _check(self.n_head % self.kv_heads == 0, "n_kv_head",
+               f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
+        if self.position == "rope":
+            _check(self.head_size % 2 == 0, "head_dim", f"rope needs an even head size, got {self.head_size}")
+
+    # Derived shapes -------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        """FFN hidden width: 4d for GPT-style blocks, 2d for Kraken (paper default)."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 2 * self.n_embd if self.arch == "kraken" else 4 * self.n_embd
+
+    @property
+    def total_heads(self) -> int:
+        return self.n_head * self.n_sub
+
+    @property
+    def has_conjunction(self) -> bool:
+        return self.arch == "kraken"
+
+    # Parameter accounting ------------------------------------------------------------------
+    def layer_params(self) -> int:
+        """Parameters of one layer (all N sub-layers), norms and biases included."""
+        d, hd = self.n_embd, self.head_size
+        q, kv = self.n_head * hd, self.kv_heads * hd
+        attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if self.bias else 0)
+        ffn_in = (2 if self.mlp == "swiglu" else 1) * self.ffn_size
+        ffn = d * ffn_in + self.ffn_size * d + (ffn_in + d if self.bias else 0)
+        n_norms = 1 if self.arch == "parallel" else 2
+        norms = n_norms * d * (2 if self.bias else 1)
+        return self.n_sub * (attn + ffn + norms)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Total parameters, counted as the Kraken paper does (position embeddings included)."""
+        d = self.n_embd
+        total = self.n_layer * self.layer_params()
+        total += d * (2 if self.bias else 1)  # final norm
+        if self.has_conjunction:
+            total += self.n_sub * d * d + (d if self.bias else 0)
+        if include_embeddings:
+            total += self.vocab_size * d
+            if self.position == "learned":
+                total += self.block_size * d
+        return total
+
+    # Serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+# The sizing rule ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KrakenSize:
+    n_embd: int
+    n_head: int  # per sub-layer
+    params: int
+
+
+def size_kraken(
+    budget: int,
+    n_layer: int,
+    total_heads: int,
+    n_sub: int,
+    *,
+    per_layer: bool = False,
+    vocab_size: int = 50304,
+    block_size: int = 1024,
+    ffn_mult: int = 2,
+    hardware_friendly: bool = False,
+    head_dim: int = 64,
+) -> KrakenSize:
+    """Width d of a Kraken model matching a parameter budget.
+
+    Rule (the paper's): solve the parameter count, a quadratic in d, for the budget and round d to
+    the *nearest* multiple of the heads per sub-layer (total_heads / n_sub). With per_layer=True the
+    budget is parameters per layer (matmul weights only, as in the latency study), i.e.
+    n_sub * (4 + 2*ffn_mult) * d^2 = budget.
+
+    hardware_friendly=True rounds d to the nearest multiple of 64 and picks the head count so the
+    head size is ``head_dim`` (a multiple of 64): odd widths like d=678 / head size 113 make slow
+    matmul and attention kernels on real hardware.
+    """
+    if total_heads % n_sub:
+        raise ConfigError(f"n_sub: total_heads={total_heads} is not divisible by n_sub={n_sub}")
+    heads = total_heads // n_sub
+    w = 4 + 2 * ffn_mult
+    if per_layer:
+        exact = math.sqrt(budget / (n_sub * w))
+    else:  # P = L*N*(w d^2 + 2d) + N d^2 + d + (V + block) d
+        a = n_layer * n_sub * w + n_sub
+        b = n_layer * n_sub * 2 + 1 + vocab_size + block_size
+        exact = (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+    if hardware_friendly:
+        if head_dim % 64:
+            raise ConfigError(f"head_dim: hardware-friendly sizing needs a multiple of 64, got {head_dim}")
+        d = max(64, round(exact / 64) * 64)
+        d = max(head_dim, round(d / head_dim) * head_dim)
+        heads = d // head_dim
+    else:
+        d = max(heads, round(exact / heads) * heads)
+    cfg = ModelConfig(arch="kraken", n_layer=n_layer, n_embd=d, n_head=heads, n_sub=n_sub,
+                      ffn_hidden=ffn_mult * d, vocab_size=vocab_size, block_size=block_size)
+    return KrakenSize(n_embd=d, n_head=heads, params=cfg.num_params())

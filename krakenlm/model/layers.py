@@ -1,0 +1,161 @@
+"""Building blocks shared by every architecture, written over a leading *stream* dimension S.
+
+A stream is one Kraken sub-layer (S = N on one device, N/T on a rank when T < N, 1 for GPT). All
+per-layer weights are stacked as [S, ...], so S sub-layers run as batched matmuls, not a Python loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM."""
+    if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
+        out = F.linear(x[0], weight[0], None if bias is None else bias[0])
+        return out.unsqueeze(0)
+    out = torch.bmm(x, weight.transpose(1, 2))
+    return out if bias is None else out + bias.unsqueeze(1)
+
+
+class StackedLayerNorm(nn.Module):
+    """S independent LayerNorms over the last dimension (one per stream)."""
+
+    def __init__(self, streams: int, dim: int, bias: bool, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(streams, dim))
+        self.bias = nn.Parameter(torch.zeros(streams, dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [S or 1, M, dim] -> [S, M, dim]."""
+        out = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight.unsqueeze(1)
+        return out if self.bias is None else out + self.bias.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Local attention shape on one rank: heads of this shard, kv heads it holds, head size."""
+
+    n_head: int
+    n_kv_head: int
+    head_size: int
+
+
+class KVCache:
+    """Per-layer key/value buffers [S, B, kv_heads, max_len, head] plus which slots hold real tokens.
+
+    Batched prompts of different lengths are left-padded; ``valid`` marks real (non-pad) keys so
+    padded slots are never attended to, and each sequence sees exactly what it would see alone.
+    """
+
+    def __init__(self, n_layer: int, streams: int, batch: int, shape: AttentionShape, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        size = (streams, batch, shape.n_kv_head, max_len, shape.head_size)
+        self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def append_valid(self, valid: Tensor) -> None:
+        """Record which of the next positions are real tokens, then advance (after all layers ran)."""
+        t = valid.shape[1]
+        self.valid[:, self.length:self.length + t] = valid
+        self.length += t
+
+
+def rope_tables(positions: Tensor, head_size: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [B, 1, T, head/2] for rotary position embeddings at the given positions."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size)
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [S*B, H, T, head] pairwise (first half with second half)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    repeat = x.shape[0] // cos.shape[0]
+    cos, sin = cos.repeat(repeat, 1, 1, 1), sin.repeat(repeat, 1, 1, 1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class StackedAttention(nn.Module):
+    """Causal self-attention for S streams; fused QKV; MHA, GQA and MQA; returns the *partial*
+    output projection (without bias) so a tensor-parallel caller decides where to sum it."""
+
+    def __init__(self, streams: int, dim: int, shape: AttentionShape, bias: bool) -> None:
+        super().__init__()
+        self.shape = shape
+        qkv = (shape.n_head + 2 * shape.n_kv_head) * shape.head_size
+        self.qkv_weight = nn.Parameter(torch.empty(streams, qkv, dim))
+        self.qkv_bias = nn.Parameter(torch.zeros(streams, qkv)) if bias else None
+        self.proj_weight = nn.Parameter(torch.empty(streams, dim, shape.n_head * shape.head_size))
+
+    def forward(self, x: Tensor, batch: int, positions: Tensor, rope: tuple[Tensor, Tensor] | None,
+                cache: KVCache | None, layer: int, mask: Tensor | None) -> Tensor:
+        s, m, _ = x.shape
+        t = m // batch
+        h, hkv, hs = self.shape.n_head, self.shape.n_kv_head, self.shape.head_size
+        qkv = stacked_linear(x, self.qkv_weight, self.qkv_bias).view(s * batch, t, h + 2 * hkv, hs)
+        q, k, v = qkv.transpose(1, 2).split([h, hkv, hkv], dim=1)  # [S*B, heads, T, hs]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            start, end = cache.length, cache.length + t
+            kbuf, vbuf = cache.keys[layer], cache.values[layer]
+            kbuf[..., start:end, :] = k.view(s, batch, hkv, t, hs)
+            vbuf[..., start:end, :] = v.view(s, batch, hkv, t, hs)
+            k = kbuf[..., :end, :].reshape(s * batch, hkv, end, hs)
+            v = vbuf[..., :end, :].reshape(s * batch, hkv, end, hs)
+        if mask is None:
+            causal = k.shape[2] == t and t > 1
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != h)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(s, 1, 1, 1), enable_gqa=hkv != h)
+        out = out.transpose(1, 2).reshape(s, m, h * hs)
+        return stacked_linear(out, self.proj_weight)
+
+
+class StackedMLP(nn.Module):
+    """GELU(tanh) or SwiGLU feed-forward for S streams; returns the partial down projection (no bias)."""
+
+    def __init__(self, streams: int, dim: int, hidden: int, bias: bool, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        up = 2 * hidden if kind == "swiglu" else hidden
+        self.up_weight = nn.Parameter(torch.empty(streams, up, dim))
+        self.up_bias = nn.Parameter(torch.zeros(streams, up)) if bias else None
+        self.down_weight = nn.Parameter(torch.empty(streams, dim, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = stacked_linear(x, self.up_weight, self.up_bias)
+        if self.kind == "swiglu":
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden, approximate="tanh")
+        return stacked_linear(hidden, self.down_weight)
+
+
+def attention_mask(valid: Tensor, q_len: int, past: int) -> Tensor:
+    """Boolean mask [B, 1, T, past+T]: causal, pad keys hidden, and every query may see itself (so a
+    pad query never has an all-masked row, which would make NaNs)."""
+    total = past + q_len
+    device = valid.device
+    q_pos = torch.arange(past, total, device=device).unsqueeze(1)
+    k_pos = torch.arange(total, device=device).unsqueeze(0)
+    allowed = (k_pos <= q_pos).unsqueeze(0) & valid[:, None, :total]
+    allowed |= (k_pos == q_pos).unsqueeze(0)
+    return allowed.unsqueeze(1)
+
+
+def init_std(residual: bool, n_layer: int, n_sub: int) -> float:
+    """The Kraken paper's init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 L N)."""
+    return 0.02 / math.sqrt(2 * n_layer * n_sub) if residual else 0.02

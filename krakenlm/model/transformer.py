@@ -1,0 +1,263 @@
+"""One Transformer for gpt, parallel-block and Kraken models, on one device or as one rank's shard.
+
+Forward schedule per layer l (streams y: [S, B*T, d]; S local sub-layers; GPT/parallel have S = 1):
+
+    kraken / gpt:  h = Σshard Attn(LN1(y));  a = y + h
+                   ffn_in = h + Σsub y_prev  (kraken, l >= 1: awaited here, issued at the end of l-1)
+                          = a                (otherwise)
+                   y = a + Σshard FFN(LN2(ffn_in))
+    parallel:      y = y + Σshard (Attn(LN(y)) + FFN(LN(y)))
+
+Σshard sums partial matmul outputs over the ranks sharing one sub-layer (Megatron TP); Σsub sums
+sub-layer outputs over ranks holding different sub-layers (Kraken's one exchange per layer). Both
+go through a Comm object: on a single device they are identities / local sums, so the single-device
+model and every tensor-parallel rank run this same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from krakenlm.config import ModelConfig
+from krakenlm.errors import ConfigError, InputError
+from krakenlm.model.layers import (
+    AttentionShape,
+    KVCache,
+    StackedAttention,
+    StackedLayerNorm,
+    StackedMLP,
+    attention_mask,
+    init_std,
+    rope_tables,
+    stacked_linear,
+)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which slice of the full model an instance holds.
+
+    Sub-layers [sub_start, sub_start + sub_count) of every layer, and within each of them part
+    ``part`` of ``parts`` of the heads and FFN columns (Megatron). The full model is Shard.full().
+    """
+
+    sub_start: int = 0
+    sub_count: int = 1
+    part: int = 0
+    parts: int = 1
+
+    @staticmethod
+    def full(config: ModelConfig) -> Shard:
+        return Shard(0, config.n_sub, 0, 1)
+
+    def attention(self, config: ModelConfig) -> AttentionShape:
+        kv = config.kv_heads
+        return AttentionShape(config.n_head // self.parts, kv // self.parts if kv % self.parts == 0 else 1,
+                              config.head_size)
+
+    def validate(self, config: ModelConfig) -> None:
+        """Raise ConfigError if the model cannot be split this way."""
+        if config.n_sub % self.sub_count or self.sub_start % self.sub_count or self.sub_start >= config.n_sub:
+            raise ConfigError(f"tp: cannot place sub-layers [{self.sub_start}, {self.sub_start + self.sub_count}) "
+                              f"of a model with n_sub={config.n_sub}")
+        for what, n in (("n_head", config.n_head), ("ffn_size", config.ffn_size), ("n_embd", config.n_embd)):
+            if n % self.parts:
+                raise ConfigError(f"tp: {what}={n} is not divisible by the {self.parts} ranks sharing a sub-layer")
+        kv = config.kv_heads
+        if kv % self.parts and self.parts % kv:
+            raise ConfigError(f"tp: n_kv_head={kv} must divide or be divisible by {self.parts} ranks per sub-layer")
+
+
+class Pending(Protocol):
+    def wait(self) -> Tensor: ...
+
+
+class Comm(Protocol):
+    """Where a forward pass communicates. Implementations: LocalComm (one device) and the
+    torch.distributed runtime in krakenlm.parallel."""
+
+    def reduce_shard(self, x: Tensor) -> Tensor: ...
+
+    def exchange(self, y: Tensor) -> Pending: ...
+
+    def reduce_conj(self, x: Tensor) -> Tensor: ...
+
+    def layer_begin(self, layer: int) -> None: ...
+
+
+class _Ready:
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def wait(self) -> Tensor:
+        return self.value
+
+
+class LocalComm:
+    """Single device: every partial sum is already complete."""
+
+    def reduce_shard(self, x: Tensor) -> Tensor:
+        return x
+
+    def exchange(self, y: Tensor) -> Pending:
+        return _Ready(y.sum(0))
+
+    def reduce_conj(self, x: Tensor) -> Tensor:
+        return x
+
+    def layer_begin(self, layer: int) -> None:
+        pass
+
+
+LOCAL = LocalComm()
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig, shard: Shard) -> None:
+        super().__init__()
+        s, d = shard.sub_count, config.n_embd
+        self.parallel_block = config.arch == "parallel"
+        self.ln1 = StackedLayerNorm(s, d, config.bias, config.norm_eps)
+        self.attn = StackedAttention(s, d, shard.attention(config), config.bias)
+        self.ln2 = None if self.parallel_block else StackedLayerNorm(s, d, config.bias, config.norm_eps)
+        self.mlp = StackedMLP(s, d, config.ffn_size // shard.parts, config.bias, config.mlp)
+        # Biases of row-parallel projections are added once, after the shard sum.
+        self.proj_bias = nn.Parameter(torch.zeros(s, d)) if config.bias else None
+        self.down_bias = nn.Parameter(torch.zeros(s, d)) if config.bias else None
+
+
+def _add_bias(x: Tensor, bias: Tensor | None) -> Tensor:
+    return x if bias is None else x + bias.unsqueeze(1)
+
+
+class Transformer(nn.Module):
+    """gpt | parallel | kraken decoder with tied LM head; full model or one rank's shard."""
+
+    def __init__(self, config: ModelConfig, shard: Shard | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.shard = shard or Shard.full(config)
+        self.shard.validate(config)
+        d = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, d)
+        self.wpe = nn.Embedding(config.block_size, d) if config.position == "learned" else None
+        self.layers = nn.ModuleList(Layer(config, self.shard) for _ in range(config.n_layer))
+        if config.has_conjunction:
+            self.conj_weight = nn.Parameter(torch.empty(d, self.shard.sub_count * d // self.shard.parts))
+            self.conj_bias = nn.Parameter(torch.zeros(d)) if config.bias else None
+        self.ln_f = StackedLayerNorm(1, d, config.bias, config.norm_eps)
+        self.reset_parameters()
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return self.shard.attention(self.config)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """The paper's init (N(0, 0.02), residual projections N(0, 0.02/sqrt(2LN)), norms 1, biases 0)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cfg = self.config
+        for name, p in self.named_parameters():
+            if name.endswith(("proj_weight", "down_weight")):
+                std = init_std(True, cfg.n_layer, cfg.n_sub)
+            elif name.startswith("ln") or ".ln" in name:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+                continue
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+                continue
+            else:
+                std = init_std(False, cfg.n_layer, cfg.n_sub)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        param = self.wte.weight
+        return KVCache(self.config.n_layer, self.shard.sub_count, batch, self.attention_shape,
+                       max_len or self.config.block_size, param.dtype, param.device)
+
+    def forward(self, idx: Tensor, *, cache: KVCache | None = None, valid: Tensor | None = None,
+                positions: Tensor | None = None, logits_at: str | Tensor = "all",
+                comm: Comm = LOCAL) -> Tensor:
+        """Logits for token ids idx [B, T].
+
+        cache: KV cache to read and extend (prefill then decode); valid [B, T]: False at left-padding;
+        positions [B, T]: position ids (default: consecutive after the cache); logits_at: "all",
+        "last", or an index tensor [B] of the position per sequence whose logits are wanted.
+        """
+        cfg = self.config
+        batch, t = idx.shape
+        past = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else cfg.block_size
+        if past + t > min(limit, cfg.block_size):
+            raise InputError(f"sequence of {past + t} tokens exceeds the context of {min(limit, cfg.block_size)}")
+        if positions is None:
+            positions = torch.arange(past, past + t, device=idx.device).expand(batch, t)
+        mask = None
+        if valid is not None or (cache is not None and not bool(cache.valid[:, :past].all())):
+            valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
+            if cache is not None:
+                cache.valid[:, past:past + t] = valid
+                mask = attention_mask(cache.valid, t, past)
+            else:
+                mask = attention_mask(valid, t, 0)
+        elif cache is not None:
+            cache.valid[:, past:past + t] = True
+            if past and t > 1:  # chunked prefill after a cached prefix: causal with an offset
+                mask = attention_mask(cache.valid, t, past)
+
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = rope_tables(positions, cfg.head_size) if cfg.position == "rope" else None
+        y = x.reshape(1, batch * t, cfg.n_embd)  # layer 0: every sub-layer reads the shared embedding
+        pending = None
+        for i, layer in enumerate(self.layers):
+            comm.layer_begin(i)
+            y = self._layer(layer, i, y, pending, batch, positions, rope, cache, mask, comm)
+            pending = comm.exchange(y) if cfg.arch == "kraken" and i < cfg.n_layer - 1 else None
+        if cache is not None:
+            cache.length += t
+        return self._head(y, batch, t, logits_at, comm)
+
+    def _layer(self, layer: Layer, index: int, y: Tensor, pending: Pending | None, batch: int,
+               positions: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
+               mask: Tensor | None, comm: Comm) -> Tensor:
+        h_in = layer.ln1(y)
+        attn = layer.attn(h_in, batch, positions, rope, cache, index, mask)
+        if layer.parallel_block:
+            return _add_bias(_add_bias(y + comm.reduce_shard(attn + layer.mlp(h_in)), layer.proj_bias),
+                             layer.down_bias)
+        h = _add_bias(comm.reduce_shard(attn), layer.proj_bias)
+        a = y + h
+        ffn_in = a if pending is None else h + pending.wait().unsqueeze(0)
+        return a + _add_bias(comm.reduce_shard(layer.mlp(layer.ln2(ffn_in))), layer.down_bias)
+
+    def _head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor, comm: Comm) -> Tensor:
+        s, _, d = y.shape
+        y = y.view(s, batch, t, d)
+        if isinstance(logits_at, Tensor):
+            y = y[:, torch.arange(batch, device=y.device), logits_at].unsqueeze(2)
+        elif logits_at == "last":
+            y = y[:, :, -1:]
+        elif logits_at != "all":
+            raise ValueError(f"logits_at must be 'all', 'last' or an index tensor, got {logits_at!r}")
+        t_out = y.shape[2]
+        if self.config.has_conjunction:
+            shard = self.shard
+            width = d // shard.parts
+            cols = y[..., shard.part * width:(shard.part + 1) * width]  # [S, B, t, d/parts]
+            z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width) @ self.conj_weight.t()
+            z = comm.reduce_conj(z)
+            if self.conj_bias is not None:
+                z = z + self.conj_bias
+            z = z.unsqueeze(0)
+        else:
+            z = y.reshape(1, batch * t_out, d)
+        z = self.ln_f(z)[0]
+        return F.linear(z, self.wte.weight).view(batch, t_out, -1)
+

@@ -1,0 +1,75 @@
+"""Named model configurations, as data: the Kraken paper's models, GPT-2, the latency-study shapes
+(GPT-3-like 1.3B-175B as gpt, parallel, Kraken 4-way and 8-way at equal parameters per layer),
+PaLM and MT-NLG shapes for the cost model, and small models for demos and tests."""
+
+from __future__ import annotations
+
+from krakenlm.config import ModelConfig, size_kraken
+from krakenlm.errors import ConfigError
+
+
+def _kraken(name: str, n_layer: int, total_heads: int, n_sub: int, d: int) -> ModelConfig:
+    return ModelConfig(name=name, arch="kraken", n_layer=n_layer, n_embd=d, n_head=total_heads // n_sub,
+                       n_sub=n_sub, vocab_size=50304, block_size=1024, bias=False)
+
+
+def _build() -> dict[str, ModelConfig]:
+    presets: dict[str, ModelConfig] = {}
+
+    def add(cfg: ModelConfig) -> None:
+        presets[cfg.name] = cfg
+
+    # The paper's six Kraken models (d as released; see size_kraken for the rule that reproduces them).
+    for name, layers, heads, n_sub, d in [
+        ("kraken-125m-2way", 12, 12, 2, 678),
+        ("kraken-125m-4way", 12, 12, 4, 504),
+        ("kraken-125m-6way", 12, 12, 6, 418),
+        ("kraken-350m-2way", 24, 16, 2, 888),
+        ("kraken-350m-4way", 24, 16, 4, 644),
+        ("kraken-760m-4way", 24, 16, 4, 960),
+    ]:
+        add(_kraken(name, layers, heads, n_sub, d))
+
+    # GPT-2 family, exactly the Hugging Face layout (biases, vocab 50257) so checkpoints interoperate.
+    for name, layers, d, heads in [("gpt2-124m", 12, 768, 12), ("gpt2-350m", 24, 1024, 16), ("gpt2-774m", 36, 1280, 20)]:
+        add(ModelConfig(name=name, arch="gpt", n_layer=layers, n_embd=d, n_head=heads,
+                        vocab_size=50257, block_size=1024, bias=True))
+
+    # Latency-study shapes (GPT-3 Table 2.1; 65B is the LLaMA-65B shape). Kraken variants keep the
+    # total head count and the matmul parameters per layer (12 d^2) of the standard model.
+    for size, layers, d, heads in [("1.3b", 24, 2048, 16), ("6.7b", 32, 4096, 32), ("13b", 40, 5120, 40),
+                                   ("65b", 80, 8192, 64), ("175b", 96, 12288, 96)]:
+        common = dict(n_layer=layers, vocab_size=50304, block_size=2048, bias=False)
+        add(ModelConfig(name=f"gpt-{size}", arch="gpt", n_embd=d, n_head=heads, **common))
+        add(ModelConfig(name=f"parallel-{size}", arch="parallel", n_embd=d, n_head=heads, **common))
+        for n_sub in (4, 8):
+            sized = size_kraken(12 * d * d, layers, heads, n_sub, per_layer=True)
+            add(ModelConfig(name=f"kraken{n_sub}-{size}", arch="kraken", n_embd=sized.n_embd,
+                            n_head=sized.n_head, n_sub=n_sub, **common))
+
+    # PaLM (multiquery, parallel block, SwiGLU, RoPE) and MT-NLG shapes for the cost model.
+    for name, layers, e, heads in [("palm-8b", 32, 4096, 16), ("palm-62b", 64, 8192, 32), ("palm-540b", 118, 18432, 48)]:
+        add(ModelConfig(name=name, arch="parallel", n_layer=layers, n_embd=e, n_head=heads, n_kv_head=1,
+                        head_dim=256, ffn_hidden=4 * e, mlp="swiglu", position="rope", vocab_size=256000,
+                        block_size=2048, bias=False))
+    add(ModelConfig(name="mt-nlg-530b", arch="gpt", n_layer=105, n_embd=20480, n_head=128, head_dim=160,
+                    vocab_size=51200, block_size=2048, bias=True))
+
+    # Small models: the end-to-end demo and quick experiments on a CPU (GPT-2 BPE vocabulary).
+    add(ModelConfig(name="mini-gpt", arch="gpt", n_layer=4, n_embd=192, n_head=6, vocab_size=50304,
+                    block_size=256))
+    mini_budget = presets["mini-gpt"].num_params()
+    for n_sub in (2, 4):
+        sized = size_kraken(mini_budget, 4, 6 if n_sub == 2 else 8, n_sub, block_size=256)
+        add(_kraken(f"mini-kraken-{n_sub}way", 4, sized.n_head * n_sub, n_sub, sized.n_embd).replace(block_size=256))
+    return presets
+
+
+PRESETS: dict[str, ModelConfig] = _build()
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"preset: unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
