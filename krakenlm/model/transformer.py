@@ -89,6 +89,8 @@ class Comm(Protocol):
 
     def layer_begin(self, layer: int) -> None: ...
 
+    def agree(self, tokens: Tensor) -> Tensor: ...
+
 
 class _Ready:
     def __init__(self, value: Tensor) -> None:
@@ -112,6 +114,9 @@ class LocalComm:
 
     def layer_begin(self, layer: int) -> None:
         pass
+
+    def agree(self, tokens: Tensor) -> Tensor:
+        return tokens
 
 
 LOCAL = LocalComm()
@@ -138,7 +143,7 @@ def _add_bias(x: Tensor, bias: Tensor | None) -> Tensor:
 class Transformer(nn.Module):
     """gpt | parallel | kraken decoder with tied LM head; full model or one rank's shard."""
 
-    def __init__(self, config: ModelConfig, shard: Shard | None = None) -> None:
+    def __init__(self, config: ModelConfig, shard: Shard | None = None, *, init: bool = True) -> None:
         super().__init__()
         self.config = config
         self.shard = shard or Shard.full(config)
@@ -151,7 +156,8 @@ class Transformer(nn.Module):
             self.conj_weight = nn.Parameter(torch.empty(d, self.shard.sub_count * d // self.shard.parts))
             self.conj_bias = nn.Parameter(torch.zeros(d)) if config.bias else None
         self.ln_f = StackedLayerNorm(1, d, config.bias, config.norm_eps)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     @property
     def attention_shape(self) -> AttentionShape:

@@ -1,0 +1,82 @@
+"""How each full (single-device) tensor maps onto one Shard: the tensor-parallel plan as data.
+
+``shard_ranges`` names, per dimension, the index ranges a shard keeps (several ranges are
+concatenated, e.g. the q, k and v blocks of a fused QKV weight). It is applied to an in-memory
+tensor or to a safetensors slice, so a rank reads only its part of a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from krakenlm.config import ModelConfig
+from krakenlm.model.transformer import Shard
+
+Ranges = list[tuple[int, int]]
+
+
+def _part(total: int, shard: Shard) -> Ranges:
+    size = total // shard.parts
+    return [(shard.part * size, (shard.part + 1) * size)]
+
+
+def _qkv_rows(config: ModelConfig, shard: Shard) -> Ranges:
+    hs, h, kv = config.head_size, config.n_head, config.kv_heads
+    q = [(a * hs, b * hs) for a, b in _part(h, shard)]
+    if kv % shard.parts == 0:
+        k_heads = _part(kv, shard)
+    else:  # fewer kv heads than ranks: each rank keeps the one kv head its query heads use
+        first_q = shard.part * (h // shard.parts)
+        group = first_q // (h // kv)
+        k_heads = [(group, group + 1)]
+    k = [(h * hs + a * hs, h * hs + b * hs) for a, b in k_heads]
+    v = [((h + kv) * hs + a * hs, (h + kv) * hs + b * hs) for a, b in k_heads]
+    return q + k + v
+
+
+def shard_ranges(name: str, shape: tuple[int, ...], config: ModelConfig, shard: Shard) -> list[Ranges]:
+    """Per-dimension ranges of the full tensor ``name`` (native naming) kept by ``shard``."""
+    ranges: list[Ranges] = [[(0, n)] for n in shape]
+    if not name.startswith("layers."):
+        if name == "conj_weight":
+            d = config.n_embd
+            w = d // shard.parts
+            ranges[1] = [((shard.sub_start + s) * d + shard.part * w, (shard.sub_start + s) * d + (shard.part + 1) * w)
+                         for s in range(shard.sub_count)]
+        return ranges  # embeddings, final norm, conj bias: replicated
+    ranges[0] = [(shard.sub_start, shard.sub_start + shard.sub_count)]
+    leaf = name.split(".", 2)[2]
+    ffn = config.ffn_size
+    if leaf in ("attn.qkv_weight", "attn.qkv_bias"):
+        ranges[1] = _qkv_rows(config, shard)
+    elif leaf == "attn.proj_weight":
+        ranges[2] = [(a * config.head_size, b * config.head_size) for a, b in _part(config.n_head, shard)]
+    elif leaf in ("mlp.up_weight", "mlp.up_bias"):
+        ranges[1] = _part(ffn, shard)
+        if config.mlp == "swiglu":  # gate and up halves are split separately
+            ranges[1] += [(ffn + a, ffn + b) for a, b in _part(ffn, shard)]
+    elif leaf == "mlp.down_weight":
+        ranges[2] = _part(ffn, shard)
+    return ranges
+
+
+def take(read: Callable[[tuple[slice, ...]], Tensor], ranges: list[Ranges]) -> Tensor:
+    """Read the blocks named by ``ranges`` (at most one dimension with several ranges) and join them."""
+    multi = [i for i, r in enumerate(ranges) if len(r) > 1]
+    if not multi:
+        return read(tuple(slice(a, b) for (a, b), in ranges))
+    dim = multi[0]
+    pieces = []
+    for a, b in ranges[dim]:
+        index = tuple(slice(a, b) if i == dim else slice(r[0][0], r[0][1]) for i, r in enumerate(ranges))
+        pieces.append(read(index))
+    return torch.cat(pieces, dim=dim)
+
+
+def shard_state_dict(state: dict[str, Tensor], config: ModelConfig, shard: Shard) -> dict[str, Tensor]:
+    """Slice a full native state dict down to one shard."""
+    return {name: take(lambda index, t=t: t[index], shard_ranges(name, tuple(t.shape), config, shard)).contiguous()
+            for name, t in state.items()}

