@@ -111,7 +111,7 @@ def hardware_names() -> list[str]:
 def load_hardware(name_or_path: str | Path) -> Hardware:
     """A bundled spec by name (``tpu-v4``) or any spec JSON file by path."""
     path = Path(name_or_path)
-    if not path.suffix == ".json":
+    if path.suffix != ".json":
         path = SPEC_DIR / f"{name_or_path}.json"
         if not path.exists():
             raise ConfigError(f"hardware: unknown hardware {str(name_or_path)!r}; "

@@ -1,0 +1,1 @@
+"""Analytical inference cost model: hardware specs, collectives, layouts, estimator, planner."""

@@ -1,0 +1,224 @@
+"""Partitioning layouts: which collectives one layer needs, and where the KV cache lives.
+
+FFN layouts follow Pope et al. (2023) on a logical 3-D mesh X x Y x Z of n chips. A layer is one or
+two *matrix pairs* (in-projection E -> f_in, out-projection f_out -> E): a serial block has an
+attention pair and an FFN pair, each paying its own collectives; a parallel block fuses both into one
+pair (f_in = FFN-in + QKV, f_out = F + Q), so its collectives over E happen once per layer.
+Per pair and per chip, with T = B*L tokens (elements; bytes = elements x bytes per element):
+
+    1d-ws   AG(all) T*E  ->  W_in -> W_out  -> RS(all) T*E                       = 2TE
+    2d-ws   AG(yz) T*E/X -> W_in -> RS(x) T*f_in/YZ -> AG(x) T*f_out/YZ -> W_out -> RS(yz) T*E/X
+            = T(2E/X + (f_in+f_out)/YZ); X chosen from the mesh axes to minimise it
+            (for f_in = f_out = F: 2T(E/X + F/YZ), continuous optimum X = sqrt(nE/F))
+    wg-X, wg-XY, wg-XYZ: weights all-gathered over N_g = X, XY or XYZ chips,
+            AG(N_g) E(f_in+f_out) N_g/n of weights, plus activations AG + RS of T*E/N_g each
+            over the whole mesh (the paper's ~2TE/N_g)
+
+Kraken (T = tensor-parallel degree, N = sub-layers, d = sub-layer width): T = N or T < N (N/T
+sub-layers per chip) needs one all-reduce of T*d per layer, overlappable with the next layer's
+attention; T = kN shards every sub-layer Megatron-style over k chips (two blocking all-reduces over
+k per layer) and keeps the overlappable all-reduce over the N sub-layer groups.
+
+Attention: "heads" shards heads over all n chips (K/V heads with fewer than n heads are replicated,
+and heads are padded to a multiple of n: ceil(kv/n) K/V heads per chip); "batch" shards sequences
+(ceil(B/n) per chip, all K/V heads) and costs two all-to-alls per layer (Q+K+V in, output back).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import combinations
+
+from krakenlm.config import ModelConfig
+from krakenlm.costmodel.collectives import Group
+from krakenlm.errors import ConfigError
+
+FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz")
+KRAKEN_LAYOUT = "kraken"
+ATTENTION = ("heads", "batch")
+_WG_AXES = {"wg-x": 1, "wg-xy": 2, "wg-xyz": 3}
+
+
+@dataclass(frozen=True)
+class MatPair:
+    """An in-projection E -> f_in and an out-projection f_out -> E, sharded together."""
+
+    e: int
+    f_in: int
+    f_out: int
+
+    @property
+    def params(self) -> int:
+        return self.e * (self.f_in + self.f_out)
+
+
+@dataclass(frozen=True)
+class CommOp:
+    """One collective per layer: ``elements`` per chip of an activation or weight tensor."""
+
+    kind: str
+    elements: float
+    group: Group
+    tensor: str = "act"  # act | weight
+    overlapped: bool = False  # hidden behind the next layer's attention (Kraken)
+
+
+def make_mesh(chips: int, torus_axes: tuple[int, ...] = ()) -> tuple[int, int, int]:
+    """Logical X, Y, Z axes for ``chips``: the hardware torus when it matches, else a balanced factorisation."""
+    if chips < 1:
+        raise ConfigError(f"chips: must be a positive integer, got {chips}")
+    if len(torus_axes) == 3 and math.prod(torus_axes) == chips:
+        return tuple(torus_axes)  # type: ignore[return-value]
+    best: tuple[int, int, int] = (chips, 1, 1)
+    for x in range(1, chips + 1):
+        if chips % x:
+            continue
+        for y in range(1, chips // x + 1):
+            if (chips // x) % y:
+                continue
+            cand = tuple(sorted((x, y, chips // x // y), reverse=True))
+            if max(cand) < max(best) or (max(cand) == max(best) and min(cand) > min(best)):
+                best = cand  # type: ignore[assignment]
+    return best
+
+
+def layer_pairs(config: ModelConfig) -> list[MatPair]:
+    """The matrix pairs of one (non-Kraken) layer: serial block two, parallel block one fused."""
+    e, hd = config.n_embd, config.head_size
+    q, kv = config.n_head * hd, config.kv_heads * hd
+    f = config.ffn_size
+    ffn_in = (2 if config.mlp == "swiglu" else 1) * f
+    if config.arch == "parallel":
+        return [MatPair(e, ffn_in + q + 2 * kv, f + q)]
+    return [MatPair(e, q + 2 * kv, q), MatPair(e, ffn_in, f)]
+
+
+def split_2d(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Mesh axes for X (splits E) and YZ (splits F) that minimise 2D weight-stationary traffic."""
+    idx = range(len(mesh))
+    best: tuple[float, tuple[int, ...], tuple[int, ...]] | None = None
+    for r in range(len(mesh) + 1):
+        for xs in combinations(idx, r):
+            x_axes = tuple(mesh[i] for i in xs)
+            yz_axes = tuple(mesh[i] for i in idx if i not in xs)
+            vol = 2 * pair.e / math.prod(x_axes) + (pair.f_in + pair.f_out) / math.prod(yz_axes)
+            if best is None or vol < best[0] - 1e-9:
+                best = (vol, x_axes, yz_axes)
+    assert best is not None
+    return best[1], best[2]
+
+
+def pair_ops(layout: str, pair: MatPair, tokens: float, mesh: tuple[int, ...]) -> list[CommOp]:
+    """The collectives one matrix pair needs per forward under an FFN layout (module docstring)."""
+    n = math.prod(mesh)
+    everyone = Group(tuple(mesh))
+    if layout == "1d-ws":
+        return [CommOp("all_gather", tokens * pair.e, everyone), CommOp("reduce_scatter", tokens * pair.e, everyone)]
+    if layout == "2d-ws":
+        x_axes, yz_axes = split_2d(pair, mesh)
+        x, yz = math.prod(x_axes), math.prod(yz_axes)
+        return [CommOp("all_gather", tokens * pair.e / x, Group(yz_axes)),
+                CommOp("reduce_scatter", tokens * pair.f_in / yz, Group(x_axes)),
+                CommOp("all_gather", tokens * pair.f_out / yz, Group(x_axes)),
+                CommOp("reduce_scatter", tokens * pair.e / x, Group(yz_axes))]
+    if layout in _WG_AXES:
+        g_axes = tuple(mesh[: _WG_AXES[layout]])
+        n_g = math.prod(g_axes)
+        return [CommOp("all_gather", pair.params * n_g / n, Group(g_axes), tensor="weight"),
+                CommOp("all_gather", tokens * pair.e / n_g, everyone),
+                CommOp("reduce_scatter", tokens * pair.e / n_g, everyone)]
+    raise ConfigError(f"layout: FFN layout must be one of {FFN_LAYOUTS}, got {layout!r}")
+
+
+def gathered_fraction(layout: str, mesh: tuple[int, ...]) -> float:
+    """Fraction of a layer's weights each chip multiplies with: 1/n weight-stationary, N_g/n gathered."""
+    n = math.prod(mesh)
+    if layout in _WG_AXES:
+        return math.prod(mesh[: _WG_AXES[layout]]) / n
+    return 1 / n
+
+
+def comm_elements(ops: list[CommOp]) -> float:
+    """Total elements per chip moved by ``ops`` (the paper's communication volume)."""
+    return sum(op.elements for op in ops)
+
+
+def continuous_ws_elements(layout: str, e: int, f: int, n: float, tokens: float) -> float:
+    """Pope's closed forms with the continuous optimum X = sqrt(nE/F) (for the 1D/2D crossover)."""
+    if layout == "1d-ws":
+        return 2 * tokens * e
+    if layout == "2d-ws":
+        x = math.sqrt(n * e / f)
+        return 2 * tokens * (e / x + f * x / n)
+    raise ConfigError(f"layout: closed form only for 1d-ws / 2d-ws, got {layout!r}")
+
+
+def switch_points(pair: MatPair, mesh: tuple[int, ...], layouts: tuple[str, ...] = ("2d-ws", "wg-x", "wg-xy", "wg-xyz"),
+                  ) -> list[tuple[float, str, str]]:
+    """Token counts (B*L) where the lowest-traffic FFN layout changes, as (tokens, from, to).
+
+    Every layout's traffic is a + b*tokens, so the lower envelope is found exactly.
+    """
+    lines = {}
+    for name in layouts:
+        a = comm_elements(pair_ops(name, pair, 0.0, mesh))
+        b = comm_elements(pair_ops(name, pair, 1.0, mesh)) - a
+        lines[name] = (a, b)
+    points: list[tuple[float, str, str]] = []
+    current = min(lines, key=lambda k: (lines[k][0], lines[k][1]))
+    t = 0.0
+    while True:
+        a0, b0 = lines[current]
+        nxt = None
+        for name, (a, b) in lines.items():
+            if b < b0 - 1e-12:
+                cross = (a - a0) / (b0 - b)
+                if cross > t - 1e-9 and (nxt is None or cross < nxt[0] - 1e-9 or
+                                          (abs(cross - nxt[0]) <= 1e-9 and b < lines[nxt[1]][1])):
+                    nxt = (cross, name)
+        if nxt is None:
+            return points
+        points.append((nxt[0], current, nxt[1]))
+        t, current = nxt
+
+
+# KV cache ------------------------------------------------------------------------------------------
+def kv_bytes_per_token(config: ModelConfig, chips: int, attention: str, kv_bytes: int) -> float:
+    """KV bytes per chip for one token of one sequence that the chip holds (all layers)."""
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention: must be one of {ATTENTION}, got {attention!r}")
+    if config.arch == "kraken":
+        per_chip_heads = config.kv_heads * config.n_sub / chips
+    elif attention == "heads":
+        per_chip_heads = math.ceil(config.kv_heads / chips)
+    else:
+        per_chip_heads = config.kv_heads
+    return 2 * config.n_layer * per_chip_heads * config.head_size * kv_bytes
+
+
+def sequences_per_chip(config: ModelConfig, batch: int, chips: int, attention: str) -> int:
+    """Sequences whose cache a chip holds: all of them when sharded over heads, ceil(B/n) over batch."""
+    if attention == "batch" and config.arch != "kraken":
+        return math.ceil(batch / chips)
+    return batch
+
+
+def kv_cache_bytes_per_chip(config: ModelConfig, batch: int, context: int, chips: int, attention: str,
+                            kv_bytes: int) -> float:
+    """KV cache bytes on one chip for ``batch`` sequences of ``context`` tokens."""
+    return (kv_bytes_per_token(config, chips, attention, kv_bytes) * context
+            * sequences_per_chip(config, batch, chips, attention))
+
+
+def kraken_ops(config: ModelConfig, tp: int, tokens: float) -> list[CommOp]:
+    """Collectives of one Kraken layer on ``tp`` chips (module docstring)."""
+    n, d = config.n_sub, config.n_embd
+    if tp % n and n % tp:
+        raise ConfigError(f"tp: Kraken with {n} sub-layers runs on T = N, T dividing N or a multiple of N "
+                          f"chips, got T={tp}")
+    if tp <= n:
+        return [CommOp("all_reduce", tokens * d, Group((tp,)), overlapped=True)]
+    k = tp // n
+    return [CommOp("all_reduce", tokens * d, Group((k,))), CommOp("all_reduce", tokens * d, Group((k,))),
+            CommOp("all_reduce", tokens * d, Group((n,)), overlapped=True)]
