@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+from krakenlm.config import ModelConfig
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+def tiny(arch: str = "gpt", **overrides) -> ModelConfig:
+    """A tiny model config for fast exactness tests (byte vocabulary)."""
+    base = dict(arch=arch, n_layer=3, n_embd=32, n_head=4, vocab_size=257, block_size=128, bias=arch != "kraken")
+    if arch == "kraken":
+        base.update(n_sub=2, n_head=2)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
