@@ -1,0 +1,131 @@
+"""`krakenlm predict` and `krakenlm plan`: argument parsing and printing for the cost model.
+
+The main CLI (krakenlm/cli.py) calls ``add_predict_parser`` and ``add_plan_parser``; handlers
+return an exit code and raise ConfigError for bad input (the main CLI prints it as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from krakenlm.config import ModelConfig
+from krakenlm.costmodel.estimator import OVERLAP, Estimate, PhaseEstimate, Workload, estimate
+from krakenlm.costmodel.hardware import DTYPES, load_hardware
+from krakenlm.costmodel.planner import OBJECTIVES, plan
+from krakenlm.errors import ConfigError
+from krakenlm.presets import get_preset
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", "--preset", dest="model", help="preset name (see `krakenlm presets`)")
+    src.add_argument("--config", help="ModelConfig JSON file")
+    p.add_argument("--hardware", default="a100-40gb-nvswitch",
+                   help="bundled spec (tpu-v4, a100-40gb-nvswitch, h100-sxm, h200, cpu-gloo) or a JSON spec path")
+    p.add_argument("--chips", type=int, default=1, help="chips (TP degree); for plan, the most chips to use")
+    p.add_argument("--batch", type=int, default=1, help="sequences per batch")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--generate", type=int, default=0, help="tokens to generate per sequence")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight type (int8 = weight-only)")
+    p.add_argument("--overlap", choices=OVERLAP, default="none",
+                   help="none: max(compute, memory) + comm; full: max of all three")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `predict`: one estimate with a per-phase breakdown."""
+    p = subparsers.add_parser("predict", help="predict TTFT, decode latency, MFU and memory (analytical)")
+    _common(p)
+    p.add_argument("--layout", default="auto",
+                   help="auto (fastest per phase), kraken, or FFN[/attn-heads|/attn-batch] with FFN one of "
+                        "1d-ws, 2d-ws, wg-x, wg-xy, wg-xyz; 'PREFILL,DECODE' sets each phase")
+    p.set_defaults(func=_cmd_predict)
+
+
+def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `plan`: search chips x Kraken degree x batch x layout."""
+    p = subparsers.add_parser("plan", help="search layouts, TP degree, Kraken degree and batch for a target")
+    _common(p)
+    p.add_argument("--target-latency", type=float, help="seconds for the whole request (TTFT + decode)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="cost",
+                   help="cost: lowest chip-seconds per token; latency: lowest total latency")
+    p.add_argument("--batches", help="comma-separated batch sizes to try (default: --batch)")
+    p.add_argument("--kraken-degrees", help="comma-separated Kraken degrees to try (kraken models)")
+    p.add_argument("--top", type=int, default=5, help="rows of the ranking to print")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _config(args: argparse.Namespace) -> ModelConfig:
+    return get_preset(args.model) if args.model else ModelConfig.from_json(args.config)
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    return Workload(batch=args.batch, prompt=args.prompt, generate=args.generate, dtype=args.dtype)
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def _phase_row(p: PhaseEstimate) -> str:
+    return (f"{p.phase:<8} {p.layout:<20} {p.time_s * 1e3:>11.3f} {p.compute_s * 1e3:>10.3f} "
+            f"{p.memory_s * 1e3:>10.3f} {p.exposed_comm_s * 1e3:>10.3f} {p.mfu:>6.1%} {p.bound:>8}")
+
+
+def format_estimate(est: Estimate) -> str:
+    """The readable breakdown table printed by `predict`."""
+    wl = est.workload
+    lines = [f"{est.model} on {est.chips} x {est.hardware}: batch {wl.batch}, prompt {wl.prompt}, "
+             f"generate {wl.generate}, {wl.dtype} weights",
+             f"{'phase':<8} {'layout':<20} {'time ms':>11} {'compute':>10} {'memory':>10} {'comm*':>10} "
+             f"{'MFU':>6} {'bound':>8}",
+             _phase_row(est.prefill)]
+    if est.decode:
+        lines.append(_phase_row(est.decode) + "   (one step)")
+    lines += ["(*comm = exposed communication, not hidden under compute/memory)",
+              f"TTFT {est.ttft_s * 1e3:.3f} ms | per token {est.per_token_s * 1e3:.3f} ms | "
+              f"total {est.total_s * 1e3:.3f} ms | {est.chip_seconds_per_token:.3g} chip-s/token",
+              f"memory per chip {est.memory_per_chip_bytes / 2**30:.2f} GiB (weights "
+              f"{est.weights_per_chip_bytes / 2**30:.2f}, KV {est.kv_per_chip_bytes / 2**30:.2f}) | "
+              f"max context {est.max_context} tokens"]
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    config, hw = _config(args), load_hardware(args.hardware)
+    layout = None if args.layout == "auto" else args.layout
+    if layout and "," in layout:
+        pre, dec = layout.split(",", 1)
+        layout = (None if pre == "auto" else pre, None if dec == "auto" else dec)
+    est = estimate(config, hw, _workload(args), args.chips, layout=layout, overlap=args.overlap)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    config, hw = _config(args), load_hardware(args.hardware)
+    result = plan(config, hw, _workload(args), args.chips, target_latency=args.target_latency,
+                  objective=args.objective, batches=_ints(args.batches, "--batches"),
+                  kraken_degrees=_ints(args.kraken_degrees, "--kraken-degrees"), overlap=args.overlap)
+    if args.json:
+        print(json.dumps({"best": {"config": result.best.config.to_dict(), "estimate": result.best.estimate.to_dict()},
+                          "ranked": [{"label": c.label, "total_s": c.estimate.total_s,
+                                      "chip_seconds_per_token": c.estimate.chip_seconds_per_token}
+                                     for c in result.ranked[: args.top]],
+                          "rejected": result.rejected, "explanation": result.explanation}, indent=2))
+        return 0
+    print(result.explanation)
+    print()
+    print(format_estimate(result.best.estimate))
+    print()
+    print(f"{'rank':>4} {'total ms':>11} {'chip-s/token':>13}  candidate")
+    for i, c in enumerate(result.ranked[: args.top], 1):
+        print(f"{i:>4} {c.estimate.total_s * 1e3:>11.3f} {c.estimate.chip_seconds_per_token:>13.4g}  {c.label}")
+    return 0
