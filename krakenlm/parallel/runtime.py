@@ -45,6 +45,8 @@ def source_config(source: dict[str, Any]) -> ModelConfig:
         return load_config(source["checkpoint"])
     if source.get("preset"):
         return get_preset(source["preset"])
+    if isinstance(source.get("config"), dict):
+        return ModelConfig.from_dict(source["config"])
     return ModelConfig.from_json(source["config"])
 
 
@@ -76,8 +78,10 @@ class Runtime:
             raise DistributedError(f"tp={tp} but {self.world} ranks were launched; they must be equal")
         self.plan = ParallelPlan(config, tp)
         self.shard = self.plan.shard(self.rank)
-        self.model = build_model(**{k: source.get(k) for k in ("checkpoint", "preset", "config")},
-                                 seed=source.get("seed", 0), shard=self.shard, dtype=dtype)
+        if source.get("checkpoint"):
+            self.model = build_model(checkpoint=source["checkpoint"], shard=self.shard, dtype=dtype)
+        else:
+            self.model = build_model(config=config, seed=source.get("seed", 0), shard=self.shard, dtype=dtype)
         self.comm = DistComm(self.plan, no_comm=no_comm, overlap=overlap)
 
     @property

@@ -1,0 +1,99 @@
+"""Tensor-parallel runtime on gloo: every plan equals the single-device model."""
+
+import json
+import time
+
+import pytest
+
+from krakenlm.errors import ConfigError
+from krakenlm.parallel.launch import spawn
+from krakenlm.parallel.plan import ParallelPlan
+from tests import tp_workers
+from tests.conftest import tiny
+
+CASES = {
+    1: {"gpt": tiny("gpt"), "kraken2-T1": tiny("kraken")},
+    2: {"gpt": tiny("gpt"), "gpt-mqa-rope-swiglu": tiny("gpt", n_kv_head=1, position="rope", mlp="swiglu"),
+        "parallel": tiny("parallel"), "kraken2-T=N": tiny("kraken"),
+        "kraken4-T<N": tiny("kraken", n_sub=4, n_head=1, n_embd=16)},
+    4: {"gpt": tiny("gpt"), "gpt-gqa": tiny("gpt", n_kv_head=2), "parallel": tiny("parallel"),
+        "kraken4-T=N": tiny("kraken", n_sub=4, n_head=1, n_embd=16),
+        "kraken8-T<N": tiny("kraken", n_sub=8, n_head=1, n_embd=16),
+        "kraken2-T=2N": tiny("kraken", bias=True)},
+}
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_tensor_parallel_equals_single_device(world, tmp_path):
+    payload = {"out": str(tmp_path), "decode_steps": 32, "timeline": world == 2,
+               "cases": {k: v.to_dict() for k, v in CASES[world].items()}}
+    assert spawn(tp_workers.equivalence, world, payload, grace=30) == 0
+    results = json.loads((tmp_path / f"results-{world}.json").read_text())
+    assert results.keys() == CASES[world].keys()
+    for name, r in results.items():
+        assert r["prefill"] <= 1e-4, (name, r)
+        assert r["decode"] <= 1e-4, (name, r)
+        assert r["greedy_equal"], name
+    if world == 2:
+        tl = results["kraken2-T=N"]["timeline"]
+        assert tl["exchanges"] == CASES[2]["kraken2-T=N"].n_layer - 1
+        assert tl["issued_before_next_layer"] and tl["completed"]
+        assert 0.0 <= tl["hidden"] <= 1.0
+        trace = json.loads((tmp_path / "trace-rank0.json").read_text())
+        assert any(e["name"].startswith("exchange") for e in trace["traceEvents"])
+
+
+def test_no_comm_ceiling_runs_with_right_shapes_and_wrong_numbers(tmp_path):
+    out = tmp_path / "r.json"
+    assert spawn(tp_workers.no_comm, 2, {"config": tiny("kraken").to_dict(), "out": str(out)}) == 0
+    r = json.loads(out.read_text())
+    assert r["shape_ok"] and r["diff"] > 1e-3
+
+
+@pytest.mark.parametrize("when", [("prefill", 2), ("decode", 3)])
+def test_dead_rank_makes_the_others_exit_with_a_message(when, capfd):
+    payload = {"config": tiny("kraken", n_layer=4).to_dict(), "timeout": 20, "when": when, "how": "die"}
+    start = time.monotonic()
+    code = spawn(tp_workers.failing, 2, payload, grace=20)
+    elapsed = time.monotonic() - start
+    err = capfd.readouterr().err
+    assert code != 0 and elapsed < 40
+    assert "rank 0" in err and "peer rank died or stalled" in err
+
+
+def test_stalled_rank_times_out(capfd):
+    payload = {"config": tiny("kraken", n_layer=4).to_dict(), "timeout": 4, "when": ("prefill", 2), "how": "stall"}
+    start = time.monotonic()
+    code = spawn(tp_workers.failing, 2, payload, grace=4)
+    assert code != 0 and time.monotonic() - start < 30
+    assert "peer rank died or stalled" in capfd.readouterr().err
+
+
+def test_ranks_with_different_weights_refuse_to_start(capfd):
+    payload = {"config": tiny("gpt").to_dict(), "timeout": 20, "seeds": [0, 1]}
+    assert spawn(tp_workers.failing, 2, payload, grace=10) == 2
+    assert "ranks disagree on 'source'" in capfd.readouterr().err
+
+
+def test_world_size_must_equal_tp(capfd):
+    payload = {"config": tiny("gpt").to_dict(), "timeout": 20, "tp": 2, "seeds": [0, 0, 0]}
+    assert spawn(tp_workers.failing, 3, payload, grace=10) == 2
+    assert "tp=2 but 3 ranks" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("cfg,tp,match", [
+    (tiny("kraken", n_sub=4, n_head=1, n_embd=16), 3, "does not fit"),
+    (tiny("gpt"), 8, "n_head=4 is not divisible"),
+    (tiny("gpt", n_kv_head=2, n_head=6, n_embd=48), 4, "n_head=6"),
+])
+def test_incompatible_tp_degrees_rejected_before_any_work(cfg, tp, match):
+    with pytest.raises(ConfigError, match=match):
+        ParallelPlan(cfg, tp)
+
+
+def test_plan_groups_for_t_equals_k_times_n():
+    plan = ParallelPlan(tiny("kraken"), 4)
+    assert [plan.shard(r) for r in range(4)][3].sub_start == 1
+    assert plan.shard_group(3) == [2, 3] and plan.exchange_group(3) == [1, 3]
+    assert plan.collectives_per_forward() == {"blocking_allreduce": 6, "overlapped_allreduce": 2,
+                                              "conjunction_allreduce": 1}
