@@ -1,0 +1,551 @@
+"""The trainer: AdamW + warmup/cosine schedule, gradient accumulation, clipping, bf16 autocast,
+optional torch.compile, DDP under torchrun, and checkpoints that make a killed run resumable exactly.
+
+Run directory layout (``out``):
+
+    checkpoints/step-000500/   a native model checkpoint (krakenlm.checkpoint.load_model reads it)
+        config.json, model.safetensors    model (save_checkpoint)
+        trainer.pt                        optimizer state + RNG states, tensors only (weights_only load)
+        trainer_state.json                step, data position, the TrainConfig
+        manifest.json                     sha256 of every file above; written last = completeness marker
+    latest -> checkpoints/step-000500     symlink, replaced atomically after a checkpoint is complete
+    metrics.jsonl, loss.png               one record per step (+ val loss at eval steps), the curve
+
+A checkpoint is built in a hidden temp directory and renamed into place, then ``latest`` is swapped;
+a kill at any moment leaves either the previous or the new checkpoint, never a partial one, and
+the manifest check refuses a checkpoint whose files were damaged afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from krakenlm.checkpoint import load_state, save_checkpoint
+from krakenlm.config import ModelConfig
+from krakenlm.errors import CheckpointError, ConfigError
+from krakenlm.model import Transformer
+from krakenlm.train.data import WindowSampler, load_tokens, read_meta
+from krakenlm.train.perplexity import mean_cross_entropy
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+MANIFEST = "manifest.json"
+TRAINER_TENSORS = "trainer.pt"
+TRAINER_STATE = "trainer_state.json"
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Peak dense FLOP/s per device for the MFU estimate when --peak-tflops is not given: one Sapphire
+# Rapids core (AMX bf16 ~1.4 TFLOP/s measured, fp32 ~0.17) times threads; an H100 SXM on CUDA.
+CPU_PEAK_PER_THREAD = {"bf16": 1.4e12, "fp16": 1.4e12, "fp32": 0.17e12}
+CUDA_PEAK = {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}
+# Fields that fix which windows each step sees; a resume must not change them.
+DATA_LAYOUT_FIELDS = ("batch_size", "grad_accum", "block_size", "seed", "tokens_per_step")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run's result (and a few intervals that do not)."""
+
+    data: str = ""
+    out: str = ""
+    steps: int = 1000
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine reaches lr * min_lr_ratio here; default: steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    batch_size: int = 8  # sequences per micro-step per rank
+    grad_accum: int = 1  # micro-steps per optimizer step per rank
+    tokens_per_step: int | None = None  # if set, grad_accum is derived from it and the world size
+    block_size: int | None = None  # window length; default: the model's context
+    dtype: str = "fp32"  # autocast dtype; weights and optimizer stay fp32
+    compile: bool = False
+    seed: int = 0  # model init and data order
+    eval_interval: int = 100
+    eval_windows: int = 50
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    peak_tflops: float | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "checkpoint_interval",
+                     "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("decay_steps", "tokens_per_step", "block_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}: must be a positive integer or null, got {value!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"lr: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("weight_decay, grad_clip must be >= 0 and betas in [0, 1)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def recipes() -> dict[str, dict[str, Any]]:
+    """The paper's six training recipes (krakenlm/train/recipes.json), each with its model preset."""
+    doc = json.loads(resources.files("krakenlm.train").joinpath("recipes.json").read_text())
+    return {name: {"preset": name, **doc["common"], **fields} for name, fields in doc["recipes"].items()}
+
+
+def get_recipe(name: str) -> dict[str, Any]:
+    """Training fields of a named recipe plus its ``preset``."""
+    table = recipes()
+    if name not in table:
+        raise ConfigError(f"recipe: unknown recipe {name!r}; available: {', '.join(table)}")
+    return dict(table[name])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay = cfg.decay_steps or cfg.steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if step >= decay:
+        return floor
+    progress = (step - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def _is_stacked(name: str) -> bool:
+    """Per-layer tensors and the final norm carry a leading sub-layer (stream) dimension."""
+    return name.startswith(("layers.", "ln_f."))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices only (the paper's >=2-D rule), not norms, biases or gains.
+
+    The rule is applied per sub-layer: a stacked LayerNorm weight [N, d] is N vectors, not a matrix.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = p.dim() - 1 if _is_stacked(name) else p.dim()
+        (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# Checkpoint files ---------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Refuse (CheckpointError) a training checkpoint that is incomplete or whose files changed."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: incomplete training checkpoint (no {MANIFEST}); it was never finished")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from err
+    for name, want in files.items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != want["bytes"] or _sha256(file) != want["sha256"]:
+            raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt or modified)")
+    return manifest
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint `out/latest` points to, or None if the run has none yet."""
+    link = Path(out) / LATEST
+    if not link.is_symlink():
+        return None
+    target = link.resolve()
+    if not target.is_dir():
+        raise CheckpointError(f"{link} points to {target}, which does not exist")
+    return target
+
+
+def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                      sampler: WindowSampler, cfg: TrainConfig, extra: dict[str, Any], keep: int) -> Path:
+    ckpt_root = out / CHECKPOINT_DIR
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, model.config, {"train_step": step})
+    tensors = {"optimizer": optimizer.state_dict(),
+               "rng": {"torch": torch.get_rng_state(), "data": sampler.state()["generator"],
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    torch.save(tensors, tmp / TRAINER_TENSORS)
+    state = {"step": step, "data_drawn": sampler.drawn, "train_config": cfg.to_dict(), **extra}
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+    files = {}
+    for file in sorted(tmp.iterdir()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # left by a run killed between this rename and the `latest` swap
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    link_tmp = out / f".{LATEST}.tmp-{os.getpid()}"
+    link_tmp.unlink(missing_ok=True)
+    os.symlink(final.relative_to(out), link_tmp)
+    os.replace(link_tmp, out / LATEST)
+    _fsync_dir(out)
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _clean_temps(out: Path) -> None:
+    """Remove what a killed run left half-written (hidden temp dirs and links)."""
+    for parent in (out, out / CHECKPOINT_DIR):
+        if parent.is_dir():
+            for item in parent.glob(".*"):
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item, ignore_errors=True)
+                else:
+                    item.unlink(missing_ok=True)
+
+
+# Metrics -----------------------------------------------------------------------------------------
+def read_metrics(path: str | Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl (a torn last line from a kill is skipped), optionally step <= upto."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if upto is None or rec["step"] <= upto:
+            records.append(rec)
+    return records
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Train loss per step and val loss at eval steps, one PNG (matplotlib Agg, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, alpha=0.7, label="train")
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# Distributed -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(requested: str) -> Dist:
+    """torchrun / spawn environment (WORLD_SIZE > 1) -> process group: nccl on CUDA, gloo on CPU."""
+    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch sees no GPU")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"), False)
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device, owns)
+
+
+# The run -----------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    loss: float
+    val_loss: float | None
+    checkpoint: Path | None
+    config: TrainConfig
+
+
+def _accum_for(cfg: TrainConfig, block: int, world: int) -> int:
+    if cfg.tokens_per_step is None:
+        return cfg.grad_accum
+    per_micro = cfg.batch_size * block * world
+    if cfg.tokens_per_step % per_micro:
+        raise ConfigError(f"tokens_per_step={cfg.tokens_per_step} is not a multiple of batch_size*block*world "
+                          f"= {per_micro}")
+    return cfg.tokens_per_step // per_micro
+
+
+def _peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        return CUDA_PEAK[cfg.dtype]
+    return CPU_PEAK_PER_THREAD[cfg.dtype] * torch.get_num_threads()
+
+
+def _check_resume(stored: TrainConfig, cfg: TrainConfig, stored_world: int, world: int) -> None:
+    changed = [f for f in DATA_LAYOUT_FIELDS if getattr(stored, f) != getattr(cfg, f)]
+    if stored_world != world and cfg.tokens_per_step is None:
+        changed.append(f"world size {stored_world} -> {world}")
+    if changed:
+        raise ConfigError(f"resume: the checkpoint was trained with different {changed}; resuming would not "
+                          "continue the same run (start a new --out instead)")
+
+
+class Trainer:
+    """One training run on this process (one rank of a DDP job, or the only one)."""
+
+    def __init__(self, cfg: TrainConfig, model_config: ModelConfig | None, ctx: Dist, *, resume: bool = False,
+                 progress: bool = True) -> None:
+        if not cfg.out or not cfg.data:
+            raise ConfigError("train: both data (a prepared directory) and out (the run directory) are needed")
+        self.out = Path(cfg.out)
+        self.dist = ctx
+        self.progress = progress and self.dist.is_main
+        ckpt = latest_checkpoint(self.out) if resume else None
+        if not resume and (self.out / LATEST).is_symlink():
+            raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose a new --out")
+        state: dict[str, Any] = {}
+        if ckpt is not None:
+            verify_checkpoint(ckpt)
+            state = json.loads((ckpt / TRAINER_STATE).read_text())
+            stored_config, weights = load_state(ckpt)
+            if model_config is not None and model_config.replace(name="") != stored_config.replace(name=""):
+                raise ConfigError(f"resume: the model config differs from the checkpoint's ({ckpt})")
+            model_config = stored_config
+            _check_resume(TrainConfig.from_dict(state["train_config"]), cfg, state["world_size"], self.dist.world)
+        if model_config is None:
+            raise ConfigError("train: no model given (use a preset, a config JSON or a recipe)")
+        self.cfg = cfg
+        self.model_config = model_config
+        self.block = cfg.block_size or model_config.block_size
+        if self.block > model_config.block_size:
+            raise ConfigError(f"block_size: {self.block} exceeds the model's context of {model_config.block_size}")
+        meta = read_meta(cfg.data)
+        if meta["vocab_size"] > model_config.vocab_size:
+            raise ConfigError(f"vocab_size: data uses {meta['vocab_size']} token ids (tokenizer {meta['tokenizer']}), "
+                              f"the model has only {model_config.vocab_size}")
+        self.accum = _accum_for(cfg, self.block, self.dist.world)
+        self.tokens_per_step = self.accum * cfg.batch_size * self.block * self.dist.world
+
+        self.model = Transformer(model_config, init=False)
+        if ckpt is not None:
+            self.model.load_state_dict(weights)
+        else:
+            self.model.reset_parameters(cfg.seed)
+        self.model.to(self.dist.device).train()
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        self.sampler = WindowSampler(load_tokens(cfg.data, "train"), self.block, cfg.batch_size, self.accum,
+                                     self.dist.world, self.dist.rank, cfg.seed)
+        self.val_tokens = load_tokens(cfg.data, "val")
+        self.step = 0
+        if ckpt is not None:
+            tensors = torch.load(ckpt / TRAINER_TENSORS, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(tensors["optimizer"])
+            torch.set_rng_state(tensors["rng"]["torch"])
+            if tensors["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(tensors["rng"]["cuda"])
+            self.sampler.load_state({"generator": tensors["rng"]["data"], "drawn": state["data_drawn"]})
+            self.step = state["step"]
+        self.resumed_from = ckpt
+
+        self.ddp = None
+        forward: nn.Module = self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.dist.device.type == "cuda"
+            forward = self.ddp = DistributedDataParallel(forward, device_ids=[self.dist.device] if cuda else None)
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.autocast_dtype = DTYPES[cfg.dtype]
+        self.peak = _peak_flops(cfg, self.dist.device) * self.dist.world
+        self.params = model_config.num_params()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over accum micro-batches; returns (mean loss over ranks, grad norm)."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = self.sampler.next_step()
+        total = torch.zeros((), device=self.dist.device)
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    logits = self.forward(x.to(self.dist.device))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(self.dist.device).flatten()) / self.accum
+                loss.backward()
+            total += loss.detach()
+        # max_norm=inf measures the norm without clipping (grad_clip 0 disables clipping)
+        norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dist.world > 1:
+            dist.all_reduce(total)  # SUM: gloo has no AVG
+            total /= self.dist.world
+        self.step += 1
+        return float(total), norm
+
+    def evaluate(self) -> float:
+        """Mean val cross-entropy on a fixed seeded window set (same windows at every eval)."""
+        return mean_cross_entropy(self.model, self.val_tokens, block_size=self.block,
+                                  num_windows=self.cfg.eval_windows, batch_size=self.cfg.batch_size,
+                                  seed=self.cfg.seed + 1, autocast=self.autocast_dtype)
+
+    def save(self) -> Path:
+        return _write_checkpoint(self.out, self.step, self.model, self.optimizer, self.sampler, self.cfg,
+                                 {"world_size": self.dist.world, "tokens_per_step": self.tokens_per_step},
+                                 self.cfg.keep_checkpoints)
+
+    def run(self) -> TrainResult:
+        """Train from the current step to cfg.steps, logging, evaluating and checkpointing on the way."""
+        main = self.dist.is_main
+        metrics_path = self.out / METRICS_FILE
+        records: list[dict[str, Any]] = []
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _clean_temps(self.out)
+            # A killed run may have logged steps past its last checkpoint: they are redone now.
+            records = read_metrics(metrics_path, upto=self.step)
+            text = "".join(json.dumps(r) + "\n" for r in records)
+            tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, metrics_path)
+            (self.out / "train_config.json").write_text(json.dumps(
+                {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "world_size": self.dist.world,
+                 "grad_accum": self.accum, "tokens_per_step": self.tokens_per_step, "params": self.params}, indent=2))
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        loss, val_loss, ckpt = float("nan"), None, self.resumed_from
+        try:
+            with open(metrics_path, "a") if main else contextlib.nullcontext() as log:
+                while self.step < self.cfg.steps:
+                    start = time.perf_counter()
+                    loss, norm = self.train_step()
+                    if self.dist.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds = time.perf_counter() - start
+                    tok_s = self.tokens_per_step / seconds
+                    rec = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                           "grad_norm": norm, "tokens": self.step * self.tokens_per_step,
+                           "tokens_per_s": tok_s, "mfu": 6 * self.params * tok_s / self.peak}
+                    done = self.step == self.cfg.steps
+                    if main and (self.step % self.cfg.eval_interval == 0 or done):
+                        val_loss = self.evaluate()
+                        rec |= {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+                    if main:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        records.append(rec)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{rec['mfu']:.1%}")
+                    if main and (self.step % self.cfg.checkpoint_interval == 0 or done):
+                        os.fsync(log.fileno())
+                        ckpt = self.save()
+                        plot_losses(records, self.out / PLOT_FILE, f"{self.model_config.name or 'model'} "
+                                    f"({self.model_config.arch}, {self.params / 1e6:.1f}M params)")
+        finally:
+            if bar is not None:
+                bar.close()
+        return TrainResult(self.out, self.step, loss, val_loss, ckpt, self.cfg)
+
+
+def train(cfg: TrainConfig, model_config: ModelConfig | None = None, *, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Run (or, with resume, continue from out/latest) a training run; the library entry point."""
+    ctx = _init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, model_config, ctx, resume=resume, progress=progress).run()
+    finally:
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
