@@ -110,3 +110,17 @@ def kraken_study(hw: Hardware | None = None, dtype: str = "fp16") -> list[Kraken
 
 def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def table2_records() -> list[dict]:
+    """Table 2's four latencies as calibration records (decode: seconds per step over 64 steps
+    after a 1984-token prompt, so the context ends at 2048)."""
+    base = {"arch": "parallel", "preset": "palm-540b", "tp": 64, "link_gbps": None}
+    return [
+        dict(base, batch=1, prompt_len=2048, dtype="int8", phase="prefill", seconds=0.29, layout="2d-ws/attn-heads"),
+        dict(base, batch=64, prompt_len=1984, generate=64, dtype="int8", phase="decode", seconds=1.82 / 64,
+             layout="2d-ws/attn-batch"),
+        dict(base, batch=512, prompt_len=2048, dtype="bf16", phase="prefill", seconds=85.2, layout="wg-xyz/attn-batch"),
+        dict(base, batch=512, prompt_len=1984, generate=64, dtype="bf16", phase="decode", seconds=6.0 / 64,
+             layout="2d-ws/attn-batch"),
+    ]
