@@ -16,6 +16,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ def check_state(state: dict[str, Tensor], config: ModelConfig, source: str) -> N
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
     if missing or extra:
-        raise CheckpointError(f"{source}: tensors do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise CheckpointError(f"{source}: tensors do not match the config: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
     for name, shape in want.items():
         if tuple(state[name].shape) != shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(state[name].shape)}, config needs {shape}")
@@ -159,7 +161,8 @@ def _read_native(path: Path, config: ModelConfig, shard: Shard) -> dict[str, Ten
         with safe_open(str(file), framework="pt") as f:
             names = set(f.keys())
             if names != set(want):
-                raise CheckpointError(f"{file}: tensors do not match config.json: missing {sorted(set(want) - names)[:5]}, "
+                raise CheckpointError(f"{file}: tensors do not match config.json: "
+                                      f"missing {sorted(set(want) - names)[:5]}, "
                                       f"unexpected {sorted(names - set(want))[:5]}")
             state = {}
             for name, shape in want.items():
@@ -192,7 +195,8 @@ def _torch_load(path: Path) -> dict[str, Any]:
                               f"and plain containers ({str(err).splitlines()[0]})") from err
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_args"), dict):
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("model_args"), dict)):
         raise CheckpointError(f"{path}: expected a nanoGPT-style dict with 'model' and 'model_args'")
     return ckpt
 
@@ -217,7 +221,8 @@ def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
             if not k.endswith((".attn.bias", ".attn.masked_bias"))}
 
 
-def _gather(state: dict[str, Tensor], config: ModelConfig, block_name, transpose: bool, source: str) -> dict[str, Tensor]:
+def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[[int, int], str], transpose: bool,
+            source: str) -> dict[str, Tensor]:
     """Native state from per-block GPT-style names; ``block_name(layer, sub)`` gives a block's prefix."""
     state = _strip(state)
     out: dict[str, Tensor] = {}
@@ -272,7 +277,7 @@ def _import_hf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
                               "pickled pytorch_model.bin files are refused)")
     try:
         with safe_open(str(file), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from err
     return config, _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
@@ -283,7 +288,8 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
     config = model.config
     if config.arch != "gpt" or not config.bias or config.mlp != "gelu" or config.position != "learned" \
             or config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head):
-        raise ConfigError("export: only GPT-2-shaped gpt models (bias, GELU, learned positions, MHA) export to HF GPT-2")
+        raise ConfigError("export: only GPT-2-shaped gpt models (bias, GELU, learned positions, MHA) "
+                          "export to HF GPT-2")
     state = model.state_dict()
     block_names = {v: k for k, v in _BLOCK_KEYS.items()}
     global_names = {v: k for k, v in _GLOBAL_KEYS.items()}

@@ -93,7 +93,8 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="krakenlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="krakenlm", description="Kraken and tensor-parallel transformer inference: "
+                                     "models, training, serving, benchmarks and a cost model.")
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("presets", help="list named model configurations")
     p.add_argument("--json", action="store_true")

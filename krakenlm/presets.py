@@ -31,7 +31,8 @@ def _build() -> dict[str, ModelConfig]:
         add(_kraken(name, layers, heads, n_sub, d))
 
     # GPT-2 family, exactly the Hugging Face layout (biases, vocab 50257) so checkpoints interoperate.
-    for name, layers, d, heads in [("gpt2-124m", 12, 768, 12), ("gpt2-350m", 24, 1024, 16), ("gpt2-774m", 36, 1280, 20)]:
+    gpt2_shapes = [("gpt2-124m", 12, 768, 12), ("gpt2-350m", 24, 1024, 16), ("gpt2-774m", 36, 1280, 20)]
+    for name, layers, d, heads in gpt2_shapes:
         add(ModelConfig(name=name, arch="gpt", n_layer=layers, n_embd=d, n_head=heads,
                         vocab_size=50257, block_size=1024, bias=True))
 
@@ -48,7 +49,8 @@ def _build() -> dict[str, ModelConfig]:
                             n_head=sized.n_head, n_sub=n_sub, **common))
 
     # PaLM (multiquery, parallel block, SwiGLU, RoPE) and MT-NLG shapes for the cost model.
-    for name, layers, e, heads in [("palm-8b", 32, 4096, 16), ("palm-62b", 64, 8192, 32), ("palm-540b", 118, 18432, 48)]:
+    palm_shapes = [("palm-8b", 32, 4096, 16), ("palm-62b", 64, 8192, 32), ("palm-540b", 118, 18432, 48)]
+    for name, layers, e, heads in palm_shapes:
         add(ModelConfig(name=name, arch="parallel", n_layer=layers, n_embd=e, n_head=heads, n_kv_head=1,
                         head_dim=256, ffn_hidden=4 * e, mlp="swiglu", position="rope", vocab_size=256000,
                         block_size=2048, bias=False))

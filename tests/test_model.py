@@ -63,10 +63,9 @@ def test_greedy_generation_equals_argmax_of_full_recompute(rng):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_kraken_matches_independent_reference_implementation(bias, rng):
-    from tests.reference_kraken import ReferenceKraken
-
     from krakenlm.checkpoint import _import_nanogpt
     from krakenlm.config import ModelConfig
+    from tests.reference_kraken import ReferenceKraken
 
     ref = ReferenceKraken(n_layer=3, n_sub=3, d=24, heads_per_sub=2, vocab=97, block=64, bias=bias).eval()
     if bias:

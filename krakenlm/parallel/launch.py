@@ -110,8 +110,18 @@ def _generate_worker(payload: dict[str, Any]) -> int:
 
 
 def generate_tp(args: argparse.Namespace, sampling) -> int:
+    """Check everything that can be checked before spawning (plan, prompts), then run the ranks."""
+    from krakenlm.generate import validate_prompts
+    from krakenlm.parallel.plan import ParallelPlan
+    from krakenlm.parallel.runtime import source_config
     from krakenlm.serve import model_source
+    from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
 
+    config = source_config(model_source(args))
+    ParallelPlan(config, args.tp)
+    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer_for(config.vocab_size))
+    validate_prompts([tokenizer.encode(p) for p in args.prompt], config.vocab_size, config.block_size,
+                     args.max_new_tokens)
     payload = {"source": model_source(args), "tp": args.tp, "dtype": args.dtype, "no_comm": args.no_comm,
                "timeout": args.timeout, "prompts": args.prompt, "tokenizer": args.tokenizer,
                "max_new_tokens": args.max_new_tokens, "sampling": sampling}
