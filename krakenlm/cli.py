@@ -69,6 +69,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (spawns local gloo ranks)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a stalled rank aborts the run")
     p.add_argument("--no-comm", action="store_true", help="skip every collective (wrong output, right timing)")
+    p.add_argument("--trace", metavar="DIR", help="with --tp: write each rank's prefill timeline as a chrome trace")
     p.set_defaults(func=_cmd_generate)
 
 

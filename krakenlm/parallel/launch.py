@@ -95,8 +95,12 @@ def _generate_worker(payload: dict[str, Any]) -> int:
     try:
         tokenizer = get_tokenizer(payload["tokenizer"] or default_tokenizer_for(runtime.config.vocab_size))
         ids = [tokenizer.encode(p) for p in payload["prompts"]]
-        runtime.comm.timeline.enabled = True
+        runtime.comm.timeline.enabled = True  # prefill and every decode step
         result = runtime.generate(ids, payload["max_new_tokens"], payload["sampling"], stop_token=tokenizer.eot_token)
+        if payload["trace"]:
+            os.makedirs(payload["trace"], exist_ok=True)
+            runtime.comm.timeline.chrome_trace(os.path.join(payload["trace"], f"rank{runtime.rank}.json"),
+                                               runtime.rank)
         if runtime.rank == 0:
             print_result(result, payload["prompts"], tokenizer, runtime.world)
             hidden = runtime.comm.timeline.hidden_fraction()
@@ -123,6 +127,6 @@ def generate_tp(args: argparse.Namespace, sampling) -> int:
     validate_prompts([tokenizer.encode(p) for p in args.prompt], config.vocab_size, config.block_size,
                      args.max_new_tokens)
     payload = {"source": model_source(args), "tp": args.tp, "dtype": args.dtype, "no_comm": args.no_comm,
-               "timeout": args.timeout, "prompts": args.prompt, "tokenizer": args.tokenizer,
+               "timeout": args.timeout, "prompts": args.prompt, "tokenizer": args.tokenizer, "trace": args.trace,
                "max_new_tokens": args.max_new_tokens, "sampling": sampling}
     return run_ranks(_generate_worker, args.tp, payload, grace=args.timeout)
