@@ -1,1 +1,15 @@
-"""Analytical inference cost model: hardware specs, collectives, layouts, estimator, planner."""
+"""Analytical inference cost model: hardware specs, collectives, layouts, estimator, planner.
+
+The main entry points are re-exported here; plots (matplotlib) are imported from
+``krakenlm.costmodel.plots`` only when wanted.
+"""
+
+from krakenlm.costmodel.calibrate import Calibration, calibrate, load_records
+from krakenlm.costmodel.estimator import Estimate, Layout, PhaseEstimate, Workload, estimate, max_context
+from krakenlm.costmodel.hardware import Hardware, hardware_names, load_hardware
+from krakenlm.costmodel.planner import Plan, plan
+
+__all__ = [
+    "Calibration", "Estimate", "Hardware", "Layout", "PhaseEstimate", "Plan", "Workload", "calibrate", "estimate",
+    "hardware_names", "load_hardware", "load_records", "max_context", "plan",
+]

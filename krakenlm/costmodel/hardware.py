@@ -83,12 +83,14 @@ class Hardware:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form, as stored in hardware/*.json."""
         data = dataclasses.asdict(self)
         data["torus_axes"] = list(self.torus_axes)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hardware:
+        """Parse a spec, naming unknown or missing fields instead of failing on a TypeError."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -100,6 +102,7 @@ class Hardware:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
+        """Write the spec as JSON (e.g. after calibration) so it loads by path."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 

@@ -90,6 +90,8 @@ def plot_latency_vs_chips(path: str | Path, hw: Hardware | None = None, model: s
         for lay in layouts:
             ys = [phase_estimate(cfg, hw, wl, phase, Layout(lay, "batch", n)).time_s * 1e3 for n in chips]
             ax.loglog(chips, ys, marker="o", label=lay)
+        ax.set_xticks(chips, [str(n) for n in chips])
+        ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
         ax.set_xlabel("chips")
         ax.set_ylabel("ms" + (" per step" if phase == "decode" else ""))
         ax.set_title(f"{model} {phase} ({'B=1, 2048 tokens' if phase == 'prefill' else 'B=64'}), int8")

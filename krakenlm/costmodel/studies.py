@@ -109,6 +109,7 @@ def kraken_study(hw: Hardware | None = None, dtype: str = "fp16") -> list[Kraken
 
 
 def geomean(values: list[float]) -> float:
+    """Geometric mean, the paper's way of averaging speedups."""
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
