@@ -1,0 +1,328 @@
+"""The `krakenlm` model for EleutherAI's lm-evaluation-harness.
+
+Any krakenlm checkpoint (native, Kraken authors', nanoGPT, HF GPT-2) is scored the way lm-eval's own
+`hf` model scores a causal LM, so numbers are comparable with published lm-eval tables: the same
+context/continuation split, the same left truncation to the block size (keep the last block_size
+tokens of context + continuation), the same rolling windows, the same stop-sequence handling.
+
+The work is cut into *jobs* (one padded batch each) that run through an *engine*: on one device the
+engine just runs the job; with tp > 1 rank 0 (the process running lm-eval) broadcasts every job to
+follower ranks and all ranks run the forward pass in lockstep (krakenlm.eval.tp).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import lm_eval.models  # noqa: F401  (registers lm-eval's own models before ours, see registry.get_model)
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from krakenlm.errors import ConfigError
+from krakenlm.generate import SamplingConfig, left_pad, sample
+from krakenlm.model import LOCAL, Comm, Transformer
+from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
+
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_BATCH_SIZE = 8
+MAX_GEN_TOKS = 256  # lm-eval's default for generate_until requests
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Accept krakenlm's short names and lm-eval's long ones ('bf16' or 'bfloat16')."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, got {name!r}")
+    return DTYPE_NAMES[name]
+
+
+@functools.cache
+def resolve_tokenizer(spec: str) -> Tokenizer:
+    """'gpt2', 'bytes', or a data dir prepared with a corpus-trained BPE (`krakenlm prepare --tokenizer bpe:N`)."""
+    if spec in ("gpt2", "bytes"):
+        return get_tokenizer(spec)
+    if not Path(spec).is_dir():
+        raise ConfigError(f"tokenizer: expected 'gpt2', 'bytes' or a prepared data dir holding a BPE, got {spec!r}")
+    from krakenlm.train.data import load_bpe
+
+    return load_bpe(spec)
+
+
+def parse_batch_size(value: int | str | None) -> int:
+    """lm-eval passes ints, numeric strings or 'auto[:N]'; auto has no meaning here, so it means the default."""
+    if value is None or (isinstance(value, str) and value.startswith("auto")):
+        return DEFAULT_BATCH_SIZE
+    try:
+        size = int(value)
+    except ValueError as err:
+        raise ConfigError(f"batch_size: expected a positive integer or 'auto', got {value!r}") from err
+    if size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {size}")
+    return size
+
+
+# Jobs: pure functions of (model shard, comm) so every rank can run the same one --------------------------
+@dataclass(frozen=True)
+class ScoreJob:
+    """Sum of log-probabilities of each target and whether greedy decoding would produce it.
+
+    inputs[i] is the model input (context + target without its last token, already truncated);
+    targets[i] are the tokens predicted by its last len(targets[i]) positions. Rows are right-padded:
+    causal attention never lets a real position see the padding after it, so no mask is needed.
+    """
+
+    inputs: list[list[int]]
+    targets: list[list[int]]
+
+    @torch.inference_mode()
+    def run(self, model: Transformer, comm: Comm) -> list[tuple[float, bool]]:
+        device = model.wte.weight.device
+        width = max(len(row) for row in self.inputs)
+        idx = torch.zeros(len(self.inputs), width, dtype=torch.long, device=device)
+        for i, row in enumerate(self.inputs):
+            idx[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        logits = model(idx, comm=comm)
+        results = []
+        for i, (row, target) in enumerate(zip(self.inputs, self.targets, strict=True)):
+            logp = F.log_softmax(logits[i, len(row) - len(target):len(row)].float(), dim=-1)
+            want = torch.tensor(target, dtype=torch.long, device=device)
+            results.append((float(logp.gather(1, want.unsqueeze(1)).sum()), bool((logp.argmax(-1) == want).all())))
+        return results
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """Continuations of left-padded contexts until a stop string, end of text or max_new_tokens.
+
+    Every rank decides to stop from the same agreed tokens, so ranks stay in lockstep.
+    """
+
+    contexts: list[list[int]]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    until: list[str]
+    tokenizer: str
+
+    @torch.inference_mode()
+    def run(self, model: Transformer, comm: Comm) -> list[list[int]]:
+        tok = resolve_tokenizer(self.tokenizer)
+        device = model.wte.weight.device
+        idx, valid, positions = left_pad(self.contexts, device)
+        batch, width = idx.shape
+        cache = model.new_cache(batch, width + self.max_new_tokens)
+        generator = torch.Generator(device=device).manual_seed(self.sampling.seed)
+        logits = model(idx, cache=cache, valid=None if bool(valid.all()) else valid, positions=positions,
+                       logits_at="last", comm=comm)
+        out: list[list[int]] = [[] for _ in self.contexts]
+        done = [False] * batch
+        next_pos = positions[:, -1] + 1
+        for step in range(self.max_new_tokens):
+            token = comm.agree(sample(logits[:, -1], self.sampling, generator))
+            for row in range(batch):
+                if done[row]:
+                    continue
+                if int(token[row]) == tok.eot_token:
+                    done[row] = True
+                    continue
+                out[row].append(int(token[row]))
+                text = tok.decode(out[row])
+                done[row] = any(stop and stop in text for stop in self.until)
+            if all(done) or step == self.max_new_tokens - 1:
+                break
+            logits = model(token.unsqueeze(1), cache=cache, positions=(next_pos + step).unsqueeze(1),
+                           logits_at="last", comm=comm)
+        return out
+
+
+class Job(Protocol):
+    def run(self, model: Transformer, comm: Comm) -> Any: ...
+
+
+class Engine(Protocol):
+    """Runs jobs: locally, or on rank 0 of a tensor-parallel group with followers in lockstep."""
+
+    config: Any
+
+    def run(self, job: Job) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class LocalEngine:
+    """One device, one process."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.config = model.config
+
+    def run(self, job: Job) -> Any:
+        return job.run(self.model, LOCAL)
+
+    def close(self) -> None:
+        pass
+
+
+def load_engine(checkpoint: str, dtype: torch.dtype, device: str = "cpu", tp: int = 1,
+                timeout: float = 1800.0) -> Engine:
+    """Single-device model, or a tensor-parallel group of `tp` local CPU ranks led by this process."""
+    if tp > 1:
+        from krakenlm.eval.tp import TensorParallelEngine
+
+        if device != "cpu":
+            raise ConfigError(f"tp={tp}: tensor-parallel evaluation runs on local CPU ranks (gloo); use device=cpu")
+        return TensorParallelEngine(checkpoint, dtype, tp, timeout)
+    from krakenlm.checkpoint import load_model
+
+    return LocalEngine(load_model(checkpoint, dtype=dtype).to(device))
+
+
+# The lm-eval model class --------------------------------------------------------------------------------
+@register_model("krakenlm")
+class KrakenLM(TemplateLM):
+    """lm-eval model over a krakenlm checkpoint.
+
+    model_args: checkpoint=PATH (required), dtype=fp32|bf16|fp16, batch_size=N, tp=N (tensor-parallel
+    ranks spawned locally), tokenizer=gpt2|bytes|DATA_DIR (a prepared dir with its BPE; default: by
+    vocabulary size), device=cpu|cuda,
+    timeout=SECONDS (how long tensor-parallel ranks wait for each other). `engine` (Python only) runs an
+    already loaded model.
+    """
+
+    def __init__(self, checkpoint: str | None = None, dtype: str = "fp32", batch_size: int | str | None = None,
+                 tp: int = 1, tokenizer: str | None = None, device: str | None = None, timeout: float = 1800.0,
+                 max_batch_size: int | None = None, engine: Engine | None = None, **unused: Any) -> None:
+        super().__init__()
+        if unused:
+            raise ConfigError(f"krakenlm model_args: unknown argument(s) {sorted(unused)}; known: checkpoint, "
+                              "dtype, batch_size, tp, tokenizer, device, timeout")
+        if engine is None:
+            if not checkpoint:
+                raise ConfigError("krakenlm model_args: checkpoint=PATH is required")
+            if int(tp) < 1:
+                raise ConfigError(f"tp: must be >= 1, got {tp}")
+            device = device or "cpu"
+            engine = load_engine(str(checkpoint), parse_dtype(dtype), device, int(tp), float(timeout))
+        self.engine = engine
+        self.config = engine.config
+        self.checkpoint = checkpoint
+        self.tp = int(tp)
+        self.tokenizer_id = str(tokenizer or default_tokenizer_for(self.config.vocab_size))
+        self.tok: Tokenizer = resolve_tokenizer(self.tokenizer_id)
+        if self.tok.vocab_size > self.config.vocab_size:
+            raise ConfigError(f"tokenizer {self.tok.name!r} has {self.tok.vocab_size} tokens but the model only "
+                              f"{self.config.vocab_size}; pass the tokenizer the model was trained with")
+        self.batch_size = parse_batch_size(batch_size)
+        self._rank, self._world_size = 0, 1
+        self._device = torch.device(device or "cpu")
+
+    # Facts lm-eval asks for ---------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eot_token
+
+    @property
+    def max_length(self) -> int:
+        return self.config.block_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tok.name
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "tp": self.tp, "model_config": self.config.to_dict(),
+                "model_num_parameters": self.config.num_params()}
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tok.encode(string)
+
+    def close(self) -> None:
+        """Stop tensor-parallel followers (a no-op on one device)."""
+        self.engine.close()
+
+    # Scoring -------------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """Batches sorted longest first (as lm-eval's hf model does); results back in request order."""
+        limit = self.max_length
+        rows = []
+        for _, context, target in requests:
+            if not context or not target:
+                raise ConfigError("loglikelihood: a request has an empty context or continuation after tokenization")
+            rows.append(((context + target)[-(limit + 1):][:-1], target[-limit:]))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        bar = tqdm(total=len(rows), disable=disable_tqdm, desc="krakenlm loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            scores = self.engine.run(ScoreJob([rows[i][0] for i in chunk], [rows[i][1] for i in chunk]))
+            for i, score in zip(chunk, scores, strict=True):
+                results[i] = score
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+            bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood over disjoint windows of block_size tokens (lm-eval's scheme)."""
+        windows: list[tuple[None, list[int], list[int]]] = []
+        owner: list[int] = []
+        for n, (text,) in enumerate(req.args for req in requests):
+            for context, target in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, target))
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[n] += logprob
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Requests grouped by generation settings, batched longest first; output cut at the first stop string."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="krakenlm generate_until")
+        eos = self.tok.decode([self.eot_token_id])
+        for members in groups.values():
+            kwargs = normalize_gen_kwargs(requests[members[0]].args[1], MAX_GEN_TOKS)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            new_tokens = int(kwargs.pop("max_gen_toks"))
+            sampling = self._sampling(kwargs)
+            max_context = self.max_length - new_tokens
+            if max_context <= 0:
+                raise ConfigError(f"generate_until: max_gen_toks={new_tokens} leaves no room for a context in "
+                                  f"the model's {self.max_length} tokens")
+            encoded = {i: self.tok_encode(requests[i].args[0])[-max_context:] for i in members}
+            members = sorted(members, key=lambda i: -len(encoded[i]))
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                contexts = [encoded[i] or [self.prefix_token_id] for i in chunk]
+                outputs = self.engine.run(GenerateJob(contexts, new_tokens, sampling, until, self.tokenizer_id))
+                for i, tokens in zip(chunk, outputs, strict=True):
+                    results[i] = postprocess_generated_text(self.tok.decode(tokens), until, None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+                bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _sampling(kwargs: dict[str, Any]) -> SamplingConfig:
+        if not kwargs.get("do_sample"):
+            return SamplingConfig()
+        return SamplingConfig(temperature=float(kwargs.get("temperature", 1.0)) or 1.0, top_k=kwargs.get("top_k"),
+                              top_p=kwargs.get("top_p"), seed=int(kwargs.get("seed", 0)))
