@@ -67,6 +67,8 @@ def test_plan_cost_objective_and_target() -> None:
 def test_plan_reports_when_nothing_fits() -> None:
     with pytest.raises(ConfigError, match="nothing fits"):
         plan(get_preset("gpt-175b"), A100, Workload(prompt=2048), chips=2)
+    with pytest.raises(ConfigError, match="chips"):
+        plan(get_preset("gpt-1.3b"), A100, Workload(), chips=0)
     with pytest.raises(ConfigError, match="objective"):
         plan(get_preset("gpt-1.3b"), A100, Workload(), chips=2, objective="speed")
 

@@ -83,6 +83,8 @@ def plan(config: ModelConfig, hw: Hardware, workload: Workload, chips: int, targ
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective: must be one of {OBJECTIVES}, got {objective!r}")
+    if not isinstance(chips, int) or chips < 1:
+        raise ConfigError(f"chips: must be a positive integer, got {chips!r}")
     if target_latency is not None and target_latency <= 0:
         raise ConfigError(f"target latency: must be positive seconds, got {target_latency}")
     batches = batches or (workload.batch,)
