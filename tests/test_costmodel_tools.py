@@ -34,6 +34,13 @@ def test_kraken_study_shape_and_headline() -> None:
     assert by[("13b", 128, 8)] > by[("13b", 128, 4)]
 
 
+def test_kraken_decode_pays_for_its_wider_kv_cache() -> None:
+    rows = {(r.size, r.prompt, r.tp): r for r in kraken_study(phase="decode")}
+    assert rows[("1.3b", 128, 8)].speedup > 1.5  # latency-bound all-reduces dominate
+    assert rows[("175b", 2048, 4)].speedup < 1.0  # N*d-wide KV cache read every step
+    assert 1.0 < geomean([r.speedup for r in rows.values()]) < geomean([r.speedup for r in kraken_study()])
+
+
 # Planner --------------------------------------------------------------------------------------------
 def test_kraken_variants_keep_parameters_per_layer() -> None:
     base = get_preset("kraken4-13b")
