@@ -1,0 +1,169 @@
+"""The end-to-end demo (`krakenlm demo`, the README's main command).
+
+Shakespeare corpus -> a small Kraken 2-way and a GPT of equal parameters trained for a few
+minutes -> validation perplexity -> generation on 2 tensor-parallel ranks (checked equal to one
+device) -> Kraken vs standard TP time-to-first-token on 2 gloo ranks, interleaved, with the
+no-comm ceilings -> the cost model's prediction for the same shapes beside the measurement.
+Every step is skipped when its output already exists, so a rerun is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from krakenlm.checkpoint import load_model
+from krakenlm.cli import DTYPES
+from krakenlm.generate import generate
+from krakenlm.tokenizer import get_tokenizer
+
+MODELS = {"kraken": "mini-kraken-2way", "gpt": "mini-gpt"}
+PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _train(out: Path, data: Path, preset: str, steps: int) -> Path:
+    from krakenlm.presets import get_preset
+    from krakenlm.train.trainer import TrainConfig, latest_checkpoint, train
+
+    run = out / preset
+    done = latest_checkpoint(run)
+    if done is not None and json.loads((done / "config.json").read_text()).get("train_step") == steps:
+        _say(f"{preset}: trained checkpoint found at {done}")
+        return done
+    cfg = TrainConfig(data=str(data), out=str(run), steps=steps, lr=1e-3, warmup_steps=max(1, steps // 10),
+                      batch_size=8, block_size=256, dtype="bf16", eval_interval=max(1, steps // 5),
+                      eval_windows=20, checkpoint_interval=steps, seed=0)
+    _say(f"training {preset} ({get_preset(preset).num_params() / 1e6:.1f}M params) for {steps} steps")
+    result = train(cfg, get_preset(preset), resume=done is not None)
+    assert result.checkpoint is not None
+    return result.checkpoint
+
+
+def _ttft_worker(payload: dict[str, Any]) -> int:
+    """Every rank: time each model's prefill in interleaved rounds (barrier first, max over ranks)."""
+    from krakenlm.parallel.runtime import Runtime
+
+    variants = [(f"{name}{' (no-comm)' if no_comm else ''}", Runtime({"checkpoint": path}, 2, dtype=DTYPES["bf16"],
+                                                                     no_comm=no_comm, threads=1))
+                for name, path in payload["checkpoints"].items() for no_comm in (False, True)]
+    idx = torch.randint(0, 50257, (1, payload["prompt_len"]), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    hidden: list[float] = []
+    for round_ in range(payload["warmup"] + payload["rounds"]):
+        for name, rt in variants:
+            rt.barrier()
+            rt.comm.timeline.clear()
+            rt.comm.timeline.enabled = name == "kraken"
+            start = time.perf_counter()
+            rt.forward(idx, logits_at="last")
+            elapsed = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if round_ >= payload["warmup"]:
+                times[name].append(float(elapsed))
+                if name == "kraken":
+                    hidden.append(rt.comm.timeline.hidden_fraction())
+    if dist.get_rank() == 0:
+        Path(payload["out"]).write_text(json.dumps({"times": times, "hidden": hidden}))
+    variants[0][1].close()
+    return 0
+
+
+def _measure_ttft(checkpoints: dict[str, str], prompt_len: int, rounds: int, out: Path) -> dict[str, Any]:
+    from krakenlm.parallel.launch import spawn
+
+    payload = {"checkpoints": checkpoints, "prompt_len": prompt_len, "rounds": rounds, "warmup": 2, "out": str(out)}
+    if spawn(_ttft_worker, 2, payload, grace=60) != 0:
+        raise RuntimeError("TTFT measurement failed (see the ranks' messages above)")
+    raw = json.loads(out.read_text())
+    times = raw["times"]
+    ratio = [k / g for k, g in zip(times["kraken"], times["gpt"], strict=True)]
+    return {"median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
+            "kraken_over_gpt": statistics.median(ratio),
+            "kraken_over_gpt_min_max": [min(ratio), max(ratio)],
+            "hidden_fraction": statistics.median(raw["hidden"]), "rounds": rounds}
+
+
+def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
+    from krakenlm.checkpoint import load_config
+    from krakenlm.costmodel.estimator import Workload, estimate
+    from krakenlm.costmodel.hardware import load_hardware
+
+    hw = load_hardware("cpu-gloo")
+    work = Workload(batch=1, prompt=prompt_len, dtype="bf16")
+    out = {}
+    for name, path in checkpoints.items():
+        cfg = load_config(path)
+        layout = "kraken" if cfg.arch == "kraken" else "1d-ws/attn-heads"
+        out[name] = estimate(cfg, hw, work, chips=2, layout=layout).ttft_s * 1e3
+    return out
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from krakenlm.train.data import prepare
+    from krakenlm.train.perplexity import perplexity
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    if not (data / "meta.json").exists():
+        _say("tokenizing the bundled Shakespeare corpus (GPT-2 BPE)")
+        prepare(data, progress=True)
+    checkpoints = {name: str(_train(out, data, preset, args.steps)) for name, preset in MODELS.items()}
+
+    summary: dict[str, Any] = {"checkpoints": checkpoints, "steps": args.steps}
+    summary["val_perplexity"] = {name: perplexity(load_model(path), data, num_windows=40, block_size=256)
+                                 for name, path in checkpoints.items()}
+    _say("validation perplexity: " + ", ".join(f"{n} {p:.1f}" for n, p in summary["val_perplexity"].items()))
+
+    tok = get_tokenizer("gpt2")
+    single = generate(load_model(checkpoints["kraken"]), [tok.encode(PROMPT)], 40).tokens[0]
+    from krakenlm.parallel.launch import generate_tp
+
+    _say("generating with the trained Kraken on 2 tensor-parallel ranks:")
+    tp_args = argparse.Namespace(checkpoint=checkpoints["kraken"], preset=None, config=None, seed=0, tp=2,
+                                 dtype="fp32", no_comm=False, timeout=60.0, prompt=[PROMPT], tokenizer="gpt2",
+                                 max_new_tokens=40, trace=None)
+    from krakenlm.generate import SamplingConfig
+
+    if generate_tp(tp_args, SamplingConfig()) != 0:
+        return 1
+    _say("single-device greedy output for comparison: " + repr(tok.decode(single)))
+
+    _say(f"timing prefill (TTFT) of {args.prompt_len} tokens on 2 gloo ranks over loopback, bf16, "
+         f"{args.rounds} interleaved rounds ...")
+    measured = _measure_ttft(checkpoints, args.prompt_len, args.rounds, out / "ttft_raw.json")
+    predicted = _predict(checkpoints, args.prompt_len)
+    summary.update(measured=measured, predicted_ms=predicted, prompt_len=args.prompt_len)
+    print()
+    print(f"{'model':<20}{'measured TTFT ms':>18}{'no-comm ceiling ms':>20}{'cost model ms':>16}")
+    for name in MODELS:
+        print(f"{name + ' (2 ranks)':<20}{measured['median_ms'][name]:>18.2f}"
+              f"{measured['median_ms'][name + ' (no-comm)']:>20.2f}{predicted[name]:>16.2f}")
+    lo, hi = measured["kraken_over_gpt_min_max"]
+    print(f"Kraken / standard TTFT: measured {measured['kraken_over_gpt']:.2f} (paired per round, min {lo:.2f}, "
+          f"max {hi:.2f}); predicted {predicted['kraken'] / predicted['gpt']:.2f}")
+    print(f"Kraken AllReduce time hidden behind attention: {measured['hidden_fraction']:.0%}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _say(f"wrote {out / 'summary.json'}")
+    return 0
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="end-to-end: train small Kraken + GPT, serve on 2 ranks, TTFT vs prediction")
+    p.add_argument("--out", default=os.environ.get("KRAKENLM_DEMO_DIR", "runs/demo"))
+    p.add_argument("--steps", type=int, default=200, help="training steps per model")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=9)
+    p.set_defaults(func=run_demo)
