@@ -67,6 +67,14 @@ def test_prepare_splits_every_document_and_writes_meta(tmp_path):
     assert on_disk["train_tokens"] == len(train_want) and on_disk["val_tokens"] == len(val_want)
 
 
+def test_prepare_split_by_documents_keeps_documents_whole(tmp_path):
+    text = write_corpus(tmp_path / "text", docs=3, words=20)
+    prepare(tmp_path / "out", [text], tokenizer="bytes", val_fraction=0.34, split_by="documents")
+    docs = [list((text / f"doc{i}.txt").read_bytes()) + [256] for i in range(3)]
+    assert load_tokens(tmp_path / "out", "val").tolist() == docs[0] + docs[2]  # golden-ratio order: 0, .62, .24
+    assert load_tokens(tmp_path / "out", "train").tolist() == docs[1]
+
+
 def test_prepare_gpt2_tokens_and_bad_input(tmp_path):
     (tmp_path / "a.txt").write_text("Hello world")
     prepare(tmp_path / "out", [tmp_path / "a.txt"], tokenizer="gpt2", val_fraction=0.3)

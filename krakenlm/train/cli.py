@@ -37,7 +37,8 @@ _TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     meta = prepare(args.out, args.inputs, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
-                   tokenizer=args.tokenizer, val_fraction=args.val_fraction, progress=not args.no_progress)
+                   tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                   split_by=args.split_by, progress=not args.no_progress)
     summary = {k: v for k, v in meta.items() if k != "sources"} | {"sources": len(meta["sources"]), "out": args.out}
     print(json.dumps(summary))
     return 0
@@ -51,6 +52,8 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="gpt2",
                    help="gpt2 (offline GPT-2 BPE), bytes, or bpe:<vocab> (byte-level BPE trained on the corpus)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction of every document for val")
+    p.add_argument("--split-by", choices=["tail", "documents"], default="tail",
+                   help="val = the tail of every document, or a share of whole documents (many short docs)")
     p.add_argument("--hf-dataset", help="a Hugging Face dataset name, e.g. openwebtext (needs network)")
     p.add_argument("--hf-config", help="the dataset's configuration name, if it has several")
     p.add_argument("--no-progress", action="store_true")

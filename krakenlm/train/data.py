@@ -2,15 +2,17 @@
 windows drawn from them with an explicit generator so a resumed run draws exactly what an
 uninterrupted one would.
 
-Every document is split on its own (the first 1 - val_fraction of its tokens train, the rest
-validate), so with many documents the validation set has the same mix of sources as the training
-set; with one document this is nanoGPT's head/tail split.
+By default every document is split on its own (the first 1 - val_fraction of its tokens train, the
+rest validate), so the validation set has the same mix of sources as the training set; with one
+document this is nanoGPT's head/tail split. Corpora of many short documents split by document.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from krakenlm.tokenizer import Tokenizer, get_tokenizer
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
+SPLIT_BY = ("tail", "documents")
+_GOLDEN = (math.sqrt(5) - 1) / 2
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 BPE_TOKENIZER_FILE = "tokenizer.json"
 
@@ -139,6 +143,16 @@ def _bpe_size(name: str) -> int:
     return size
 
 
+def _split_document(ids: np.ndarray, index: int, val_fraction: float, split_by: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train part, val part) of document number `index`."""
+    if split_by == "tail":
+        cut = int(round(len(ids) * (1 - val_fraction)))
+        return ids[:cut], ids[cut:]
+    # whole documents; the golden-ratio sequence spreads the val share evenly over the corpus order
+    in_val = (index * _GOLDEN) % 1.0 < val_fraction
+    return (ids[:0], ids) if in_val else (ids, ids[:0])
+
+
 def _write_atomic(path: Path, write) -> None:
     """Write through a temp file in the same directory, fsync, then rename over the target."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -154,15 +168,19 @@ def _write_atomic(path: Path, write) -> None:
 
 def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_dataset: str | None = None,
             hf_config: str | None = None, tokenizer: str = "gpt2", val_fraction: float = 0.1,
-            progress: bool = False) -> dict[str, Any]:
+            split_by: str = "tail", progress: bool = False) -> dict[str, Any]:
     """Tokenize a corpus into out_dir/{train,val}.bin (uint16) + meta.json; returns the meta dict.
 
     Sources: text files / directories, a Hugging Face dataset name, or (neither) the Shakespeare
-    plays. Documents are separated by the end-of-text token. meta.json is written last, so a
+    plays. Documents are separated by the end-of-text token. split_by: "tail" (the last val_fraction
+    of every document; suits a few long documents) or "documents" (a val_fraction share of whole
+    documents; suits millions of short ones, e.g. OpenWebText). meta.json is written last, so a
     directory with meta.json is complete.
     """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction: must be in (0, 1), got {val_fraction}")
+    if split_by not in SPLIT_BY:
+        raise ConfigError(f"split_by: must be one of {SPLIT_BY}, got {split_by!r}")
     if inputs and hf_dataset:
         raise InputError("prepare: give text inputs or --hf-dataset, not both")
     if hf_dataset:
@@ -185,32 +203,39 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
         from tqdm import tqdm
 
         texts = tqdm(texts, desc="tokenize", unit="doc", total=len(sources) if not hf_dataset else None)
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    documents = 0
-    for text in texts:
-        ids = np.asarray(tok.encode(text) + [tok.eot_token], dtype=np.uint16)
-        cut = int(round(len(ids) * (1 - val_fraction)))
-        parts["train"].append(ids[:cut])
-        parts["val"].append(ids[cut:])
-        documents += 1
-    if documents == 0:
-        raise InputError("prepare: the corpus has no documents")
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
-    counts = {}
-    for split in SPLITS:
-        arr = np.concatenate(parts[split])
-        counts[split] = int(arr.size)
-        _write_atomic(out / f"{split}.bin", lambda f, arr=arr: f.write(arr.tobytes()))
-    if counts["val"] == 0 or counts["train"] == 0:
-        raise InputError(f"prepare: the corpus is too small for a {val_fraction} validation split ({counts})")
+    tmp = {s: out / f".{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
+    counts = dict.fromkeys(SPLITS, 0)
+    documents = 0
+    try:
+        with contextlib.ExitStack() as stack:  # streamed: a corpus need not fit in memory
+            files = {s: stack.enter_context(open(tmp[s], "wb")) for s in SPLITS}
+            for index, text in enumerate(texts):
+                ids = np.asarray(tok.encode(text) + [tok.eot_token], dtype=np.uint16)
+                for split, part in zip(SPLITS, _split_document(ids, index, val_fraction, split_by), strict=True):
+                    files[split].write(part.tobytes())
+                    counts[split] += part.size
+                documents += 1
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        if documents == 0:
+            raise InputError("prepare: the corpus has no documents")
+        if counts["val"] == 0 or counts["train"] == 0:
+            raise InputError(f"prepare: the corpus is too small for a {val_fraction} validation split ({counts}); "
+                             "try --split-by tail")
+        for split in SPLITS:
+            os.replace(tmp[split], out / f"{split}.bin")
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
     if isinstance(tok, _HFTokenizer):
         tok.save(out / BPE_TOKENIZER_FILE)
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token, "dtype": "uint16",
             "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": documents,
-            "val_fraction": val_fraction, "sources": sources}
+            "val_fraction": val_fraction, "split_by": split_by, "sources": sources}
     _write_atomic(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return meta
 

@@ -526,9 +526,10 @@ class Trainer:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                         records.append(rec)
-                    if bar is not None:
+                    if bar is not None:  # no forced refresh: tqdm throttles redraws of fast steps
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{rec['mfu']:.1%}",
+                                        refresh=False)
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{rec['mfu']:.1%}")
                     if main and (self.step % self.cfg.checkpoint_interval == 0 or done):
                         os.fsync(log.fileno())
                         ckpt = self.save()
