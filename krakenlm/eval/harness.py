@@ -13,6 +13,7 @@ follower ranks and all ranks run the forward pass in lockstep (krakenlm.eval.tp)
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from krakenlm.errors import ConfigError
+from krakenlm.errors import ConfigError, InputError
 from krakenlm.generate import SamplingConfig, left_pad, sample
 from krakenlm.model import LOCAL, Comm, Transformer
 from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
@@ -152,6 +153,7 @@ class Engine(Protocol):
     """Runs jobs: locally, or on rank 0 of a tensor-parallel group with followers in lockstep."""
 
     config: Any
+    device: torch.device
 
     def run(self, job: Job) -> Any: ...
 
@@ -164,12 +166,23 @@ class LocalEngine:
     def __init__(self, model: Transformer) -> None:
         self.model = model
         self.config = model.config
+        self.device = model.wte.weight.device
 
     def run(self, job: Job) -> Any:
         return job.run(self.model, LOCAL)
 
     def close(self) -> None:
         pass
+
+
+def _pick_device(requested: str | None, tp: int) -> str:
+    """lm-eval's CLI asks for 'cuda' by default; like its hf model, fall back to the CPU when there is none."""
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() and tp == 1 else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        print(f"krakenlm: device {requested!r} is not available, using cpu", file=sys.stderr)
+        return "cpu"
+    return requested
 
 
 def load_engine(checkpoint: str, dtype: torch.dtype, device: str = "cpu", tp: int = 1,
@@ -210,7 +223,7 @@ class KrakenLM(TemplateLM):
                 raise ConfigError("krakenlm model_args: checkpoint=PATH is required")
             if int(tp) < 1:
                 raise ConfigError(f"tp: must be >= 1, got {tp}")
-            device = device or "cpu"
+            device = _pick_device(device, int(tp))
             engine = load_engine(str(checkpoint), parse_dtype(dtype), device, int(tp), float(timeout))
         self.engine = engine
         self.config = engine.config
@@ -223,7 +236,7 @@ class KrakenLM(TemplateLM):
                               f"{self.config.vocab_size}; pass the tokenizer the model was trained with")
         self.batch_size = parse_batch_size(batch_size)
         self._rank, self._world_size = 0, 1
-        self._device = torch.device(device or "cpu")
+        self._device = engine.device
 
     # Facts lm-eval asks for ---------------------------------------------------------------------
     @property
@@ -257,8 +270,11 @@ class KrakenLM(TemplateLM):
         rows = []
         for _, context, target in requests:
             if not context or not target:
-                raise ConfigError("loglikelihood: a request has an empty context or continuation after tokenization")
-            rows.append(((context + target)[-(limit + 1):][:-1], target[-limit:]))
+                raise InputError("loglikelihood: a request has an empty context or continuation after tokenization")
+            if len(target) > limit:
+                raise InputError(f"loglikelihood: a continuation of {len(target)} tokens does not fit the model's "
+                                 f"context of {limit} tokens")
+            rows.append(((context + target)[-(limit + 1):][:-1], target))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         bar = tqdm(total=len(rows), disable=disable_tqdm, desc="krakenlm loglikelihood")

@@ -86,6 +86,7 @@ class TensorParallelEngine:
                 else:
                     os.environ[key] = value
         self.config = self.runtime.config
+        self.device = torch.device("cpu")
 
     def run(self, job: Any) -> Any:
         if self.runtime is None:
