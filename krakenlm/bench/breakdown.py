@@ -1,0 +1,103 @@
+"""Where a forward pass spends its time, per category (the paper's Figures 6-7 categories).
+
+One untimed forward runs under torch.profiler with a Comm wrapper that marks collectives
+(``bench::allreduce``: time the compute thread spent issuing or waiting for them) and the window in
+which a Kraken exchange is in flight (``bench::overlap``): GEMMs inside it are "overlapped GEMM".
+Everything is self CPU time on the calling thread, so the categories add up to the profiled wall
+time; what no category claims (elementwise ops, Python) is "other".
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from torch import Tensor
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+from krakenlm.parallel.comm import DistComm
+
+CATEGORIES = ("norm", "GEMM", "overlapped GEMM", "attention", "LM head", "AllReduce", "other")
+_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
+_ALLREDUCE, _OVERLAP = "bench::allreduce", "bench::overlap"
+
+
+class _MarkedPending:
+    def __init__(self, inner, window: record_function | None) -> None:
+        self.inner, self.window = inner, window
+
+    def wait(self) -> Tensor:
+        if self.window is not None:
+            self.window.__exit__(None, None, None)
+            self.window = None
+        with record_function(_ALLREDUCE):
+            return self.inner.wait()
+
+
+class MarkedComm:
+    """A DistComm whose collectives and in-flight windows show up as profiler ranges."""
+
+    def __init__(self, inner: DistComm) -> None:
+        self.inner = inner
+
+    def layer_begin(self, layer: int) -> None:
+        self.inner.layer_begin(layer)
+
+    def agree(self, tokens: Tensor) -> Tensor:
+        return self.inner.agree(tokens)
+
+    def reduce_shard(self, x: Tensor) -> Tensor:
+        with record_function(_ALLREDUCE):
+            return self.inner.reduce_shard(x)
+
+    def reduce_conj(self, x: Tensor) -> Tensor:
+        with record_function(_ALLREDUCE):
+            return self.inner.reduce_conj(x)
+
+    def exchange(self, y: Tensor) -> _MarkedPending:
+        with record_function(_ALLREDUCE):
+            pending = self.inner.exchange(y)
+        in_flight = self.inner.overlap and not self.inner.no_comm and self.inner.exchange_size > 1
+        window = record_function(_OVERLAP) if in_flight else None
+        if window is not None:
+            window.__enter__()
+        return _MarkedPending(pending, window)
+
+
+def _category(name: str, shapes: list, ancestors: set[str], vocab: int) -> str:
+    if _ALLREDUCE in ancestors or name == _ALLREDUCE:
+        return "AllReduce"
+    if name in _GEMMS:
+        if any(vocab in s for s in shapes if isinstance(s, list)):
+            return "LM head"
+        return "overlapped GEMM" if _OVERLAP in ancestors else "GEMM"
+    if "layer_norm" in name:
+        return "norm"
+    if "scaled_dot_product" in name or "attention" in name:
+        return "attention"
+    return "other"
+
+
+def profile_forward(run: Callable[[], object], vocab: int) -> dict[str, float]:
+    """Seconds per category of one call of ``run`` (which must do exactly one forward)."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+    events = prof.events()
+    main = Counter(e.thread for e in events).most_common(1)[0][0] if events else None
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for event in events:
+        if event.thread != main:
+            continue  # gloo's background threads: their work is what AllReduce hides or exposes
+        ancestors, parent = set(), event.cpu_parent
+        while parent is not None:
+            ancestors.add(parent.name)
+            parent = parent.cpu_parent
+        totals[_category(event.name, event.input_shapes or [], ancestors, vocab)] += event.self_cpu_time_total / 1e6
+    claimed = sum(v for k, v in totals.items() if k != "other")
+    totals["other"] = max(0.0, wall - claimed)
+    totals["wall"] = wall
+    return totals

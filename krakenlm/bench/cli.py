@@ -1,0 +1,94 @@
+"""`krakenlm bench`: the latency sweep (TTFT and time per output token) over a grid given as options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from krakenlm.errors import ConfigError
+
+QUICK = dict(shapes=["tiny"], prompts=[32], batches=[1], dtypes=["fp32"], tps=[2], links=[None], rounds=2,
+             max_rounds=3, decode_steps=2, idle_wait_s=2.0, max_other_cores=100.0)
+
+
+def _list(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from err
+    return parse
+
+
+def _links(text: str) -> list[float | None]:
+    """'loopback,1,10' -> [None, 1.0, 10.0] (Gbit/s)."""
+    out: list[float | None] = []
+    for item in filter(None, text.split(",")):
+        if item in ("loopback", "lo"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(item))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"link must be 'loopback' or Gbit/s, got {item!r}") from err
+    return out
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="TTFT / per-token latency sweep: gpt vs parallel vs Kraken, TP over gloo")
+    p.add_argument("--shapes", type=_list(str), help="tiny, 124m, 1.3b, 6.7b, 13b, 65b, 175b; 'NAME:K' keeps K layers "
+                   "(default 124m,1.3b:2)")
+    p.add_argument("--prompts", type=_list(int), help="prompt lengths (default 128,512,2048)")
+    p.add_argument("--batches", type=_list(int), help="batch sizes (default 1,8)")
+    p.add_argument("--dtypes", type=_list(str), help="fp32,bf16 (default both)")
+    p.add_argument("--tp", dest="tps", type=_list(int), help="TP degrees = ranks (default 2; >2 is flagged: "
+                   "oversubscribed on a 2-core machine)")
+    p.add_argument("--links", type=_links, help="loopback and/or Gbit/s of tbf-shaped veth links "
+                   "(default loopback,0.5,1,2.5,10)")
+    p.add_argument("--rounds", type=int, help="clean rounds per cell (default 7)")
+    p.add_argument("--max-rounds", type=int, help="give up on clean rounds after this many (default 21)")
+    p.add_argument("--decode-steps", type=int, help="decode steps timed per sample (default 16; 0 = no decode)")
+    p.add_argument("--no-peer", dest="peer", action="store_false", default=None, help="skip the DTensor peer")
+    p.add_argument("--no-single", dest="single", action="store_false", default=None,
+                   help="skip the single-device models")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false", default=None)
+    p.add_argument("--max-other-cores", type=float, help="drop a round when other processes used more cores on "
+                   "average (default 0.25)")
+    p.add_argument("--idle-wait", dest="idle_wait_s", type=float, help="max seconds to wait for idle before a round")
+    p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds, loopback: a smoke run for tests")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for bench.json/.csv and plots")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from krakenlm.bench import results
+    from krakenlm.bench.sweep import DTYPES, Options, run_sweep
+
+    opts = replace(Options(), **QUICK) if args.quick else Options()
+    given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",
+                                            "max_rounds", "decode_steps", "peer", "single", "breakdown",
+                                            "max_other_cores", "idle_wait_s") if getattr(args, k) is not None}
+    opts = replace(opts, **given)
+    bad = [d for d in opts.dtypes if d not in DTYPES]
+    if bad:
+        raise ConfigError(f"bench: --dtypes {bad}: choose from {sorted(DTYPES)}")
+    if min(opts.prompts + opts.batches + opts.tps) < 1 or opts.rounds < 1 or opts.decode_steps < 0:
+        raise ConfigError("bench: prompts, batches, tp and rounds must be positive")
+    if any(tp > 2 for tp in opts.tps):
+        print("bench: note: tp > 2 oversubscribes a 2-core machine; those cells are not timing claims",
+              file=sys.stderr)
+    sweep = run_sweep(opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    result = results.build(opts, sweep, sys.argv)
+    paths = results.write(result, args.out)
+    if args.plots and result["cells"]:
+        from krakenlm.bench import plots
+
+        paths += plots.write_all(result, args.out)
+    print(results.table(result))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,116 @@
+"""Results on disk: one JSON (environment, grid, cells, cost-model calibration records) and a CSV.
+
+The JSON's ``records`` list is exactly the cost model's calibration format, so
+``krakenlm.costmodel.calibrate.load_records`` reads a results file as it is. Only real
+configurations become records (no-comm ceilings, blocking-exchange runs and the DTensor peer are
+measurements of something the cost model does not describe).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from krakenlm.bench.sweep import Options
+
+RECORD_VARIANTS = ("gpt", "parallel", "kraken", "gpt/single", "kraken/single")
+
+
+def environment() -> dict[str, Any]:
+    """Versions, CPU and commit: what a number came from."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": cpu, "cpu_count": os.cpu_count(),
+            "threads_per_rank": 1, "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def records(cells: list[dict[str, Any]], decode_steps: int) -> list[dict[str, Any]]:
+    """Calibration records (krakenlm.costmodel.calibrate format) for every real configuration."""
+    out = []
+    for cell in cells:
+        for label, v in cell["variants"].items():
+            if label not in RECORD_VARIANTS:
+                continue
+            for phase in ("prefill", "decode"):
+                if phase not in v:
+                    continue
+                rec = {"arch": v["arch"], "tp": v["tp"], "batch": cell["batch"], "prompt_len": cell["prompt_len"],
+                       "dtype": cell["dtype"], "phase": phase,
+                       "link_gbps": None if v["tp"] == 1 else cell["link_gbps"], "seconds": v[phase]["median"]}
+                rec |= {"preset": v["preset"]} if v["preset"] else {"config": v["config"]}
+                if phase == "decode":
+                    rec["generate"] = decode_steps  # context: prompt_len + steps/2 on average
+                out.append(rec)
+    return out
+
+
+def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Contamination over the whole run: how many rounds were dropped and other processes' CPU time."""
+    rounds = [c["rounds"] for c in cells]
+    return {"rounds_kept": sum(r["kept"] for r in rounds), "rounds_dropped": sum(r["dropped"] for r in rounds),
+            "other_cpu_s": sum(sum(r["other_cpu_s"]) for r in rounds),
+            "round_wall_s": sum(sum(r["wall_s"]) for r in rounds),
+            "cells_all_rounds_contaminated": sum(bool(c.get("all_rounds_contaminated")) for c in cells)}
+
+
+def build(opts: Options, sweep: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+    return {"environment": environment(), "argv": argv, "options": asdict(opts), "skipped": sweep["skipped"],
+            "contamination": summary(sweep["cells"]), "cells": sweep["cells"],
+            "records": records(sweep["cells"], opts.decode_steps)}
+
+
+def write(result: dict[str, Any], out_dir: Path, stem: str = "bench") -> list[Path]:
+    """bench.json (everything) and bench.csv (one row per cell, variant and phase)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps(result, indent=1))
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["link_gbps", "tp", "shape", "prompt_len", "batch", "dtype", "variant", "phase", "median_s",
+                    "min_s", "max_s", "rounds", "per_layer_s", "full_depth_estimate_s"])
+        for c in result["cells"]:
+            for label, v in c["variants"].items():
+                for phase in ("prefill", "decode"):
+                    if phase in v:
+                        s = v[phase]
+                        w.writerow([c["link_gbps"] or "loopback", c["tp"], c["shape"], c["prompt_len"], c["batch"],
+                                    c["dtype"], label, phase, s["median"], s["min"], s["max"], s["n"],
+                                    v[f"{phase}_per_layer_s"], v[f"{phase}_full_depth_estimate_s"]])
+    return [json_path, csv_path]
+
+
+def _ratio(cell: dict[str, Any], phase: str, name: str) -> str:
+    r = cell["ratios"].get(phase, {}).get(name)
+    return f"{r['median']:.3f}" if r else "-"
+
+
+def table(result: dict[str, Any]) -> str:
+    """Headline paired ratios per cell (medians over clean rounds), as a Markdown table."""
+    cols = ["kraken/gpt", "kraken/parallel", "kraken/no-comm", "gpt/dtensor", "kraken-single/gpt-single"]
+    head = ["link", "shape", "T", "B", "dtype", "tp"] + [f"TTFT {c}" for c in cols] + ["hidden", "decode kraken/gpt",
+                                                                                       "rounds kept/dropped"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in result["cells"]:
+        hidden = c["hidden_fraction"]["in_place"]
+        row = [f"{c['link_gbps']:g} Gb/s" if c["link_gbps"] else "loopback", c["shape"], str(c["prompt_len"]),
+               str(c["batch"]), c["dtype"], f"{c['tp']}{' (oversubscribed)' if c.get('oversubscribed') else ''}"]
+        row += [_ratio(c, "prefill", k) for k in cols]
+        row += [f"{hidden['median']:.0%}" if hidden else "-", _ratio(c, "decode", "kraken/gpt"),
+                f"{c['rounds']['kept']}/{c['rounds']['dropped']}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

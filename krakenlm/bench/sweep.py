@@ -1,0 +1,431 @@
+"""The benchmark sweep: architectures x shapes x prompt lengths x batch x dtype x TP degree x link.
+
+The coordinator (``run_sweep``) starts one subprocess per rank for every (link, TP degree), inside
+per-rank network namespaces for shaped links, and merges what rank 0 reports. Each rank
+(``run_rank``) measures one cell at a time: every variant of one shape (gpt, parallel, kraken, their
+no-comm ceilings, Kraken with blocking exchange, the DTensor peer, single-device models) is timed
+once per round, round-robin, with a barrier before each forward; a sample is the max over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from krakenlm.bench.breakdown import MarkedComm, profile_forward
+from krakenlm.bench.netns import Links
+from krakenlm.bench.timing import RoundLog, Stats, paired_ratio, process_cpu_seconds, system_busy_seconds, wait_for_idle
+from krakenlm.config import ModelConfig, size_kraken
+from krakenlm.errors import ConfigError, DistributedError
+from krakenlm.model.layers import KVCache
+from krakenlm.model.transformer import LOCAL
+from krakenlm.parallel.comm import DistComm
+from krakenlm.presets import PRESETS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Paired ratios reported per cell: (name, numerator variant, denominator variant).
+RATIOS = [("kraken/gpt", "kraken", "gpt"), ("kraken/parallel", "kraken", "parallel"),
+          ("parallel/gpt", "parallel", "gpt"),
+          ("kraken/no-comm", "kraken", "kraken/no-comm"), ("kraken/blocking", "kraken", "kraken/blocking"),
+          ("gpt/no-comm", "gpt", "gpt/no-comm"), ("parallel/no-comm", "parallel", "parallel/no-comm"),
+          ("gpt/dtensor", "gpt", "gpt/dtensor"), ("kraken-single/gpt-single", "kraken/single", "gpt/single")]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The grid and the timing discipline (JSON-serialisable: it travels to every rank)."""
+
+    shapes: list[str] = field(default_factory=lambda: ["124m", "1.3b:2"])
+    prompts: list[int] = field(default_factory=lambda: [128, 512, 2048])
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    tps: list[int] = field(default_factory=lambda: [2])
+    links: list[float | None] = field(default_factory=lambda: [None, 0.5, 1.0, 2.5, 10.0])  # None = loopback
+    rounds: int = 7
+    max_rounds: int = 21
+    warmup: int = 1
+    decode_steps: int = 16
+    peer: bool = True
+    single: bool = True
+    breakdown: bool = True
+    idle_cores: float = 0.15  # other processes may use this many cores before a round starts
+    max_other_cores: float = 0.25  # ... and on average during a round before it is dropped
+    idle_wait_s: float = 30.0
+    timeout_s: float = 900.0
+    seed: int = 0
+
+
+# Shapes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Model:
+    arch: str
+    config: ModelConfig
+    preset: str | None  # set when config is exactly a preset (calibration records name it)
+    full_layers: int
+
+
+def _tiny(arch: str, tp: int) -> ModelConfig:
+    base = ModelConfig(name=f"tiny-{arch}", arch="gpt" if arch == "kraken" else arch, n_layer=2, n_embd=64,
+                       n_head=4, vocab_size=256, block_size=4096, bias=arch == "gpt")
+    if arch != "kraken":
+        return base
+    sized = size_kraken(12 * 64 * 64, 2, 4, tp, per_layer=True, vocab_size=256, block_size=4096)
+    return base.replace(arch="kraken", n_sub=tp, n_embd=sized.n_embd, n_head=sized.n_head, bias=False)
+
+
+def resolve_shape(spec: str, tp: int) -> dict[str, Model]:
+    """gpt, parallel and Kraken (degree = tp) models of one shape; ``name:k`` truncates to k layers.
+
+    Shapes: tiny (tests), 124m (GPT-2 124M vs the paper's equal-parameter Kraken), and the latency
+    study's 1.3b ... 175b (equal matmul parameters per layer).
+    """
+    name, _, layers = spec.partition(":")
+    if name == "tiny":
+        configs = {arch: (_tiny(arch, tp), None) for arch in ("gpt", "parallel", "kraken")}
+    elif name == "124m":
+        kraken = f"kraken-125m-{tp}way"
+        if kraken not in PRESETS:
+            raise ConfigError(f"bench: no equal-parameter Kraken 124M for tp={tp} (have 2, 4, 6)")
+        gpt = PRESETS["gpt2-124m"]
+        configs = {"gpt": (gpt, "gpt2-124m"), "parallel": (gpt.replace(arch="parallel", name="parallel-124m"), None),
+                   "kraken": (PRESETS[kraken], kraken)}
+    elif f"gpt-{name}" in PRESETS:
+        gpt = PRESETS[f"gpt-{name}"]
+        kraken_name = f"kraken{tp}-{name}"
+        if kraken_name in PRESETS:
+            kraken = PRESETS[kraken_name]
+        else:
+            sized = size_kraken(12 * gpt.n_embd ** 2, gpt.n_layer, gpt.n_head, tp, per_layer=True)
+            kraken = gpt.replace(arch="kraken", n_sub=tp, n_embd=sized.n_embd, n_head=sized.n_head, name=kraken_name)
+        configs = {"gpt": (gpt, gpt.name), "parallel": (PRESETS[f"parallel-{name}"], f"parallel-{name}"),
+                   "kraken": (kraken, kraken.name if kraken_name in PRESETS else None)}
+    else:
+        raise ConfigError(f"bench: unknown shape {name!r}; use tiny, 124m or one of "
+                          + ", ".join(n[4:] for n in PRESETS if n.startswith("gpt-")))
+    out = {}
+    for arch, (cfg, preset) in configs.items():
+        full = cfg.n_layer
+        if layers:
+            if not layers.isdigit() or not 0 < int(layers) <= full:
+                raise ConfigError(f"bench: shape {spec!r}: layers must be 1..{full}")
+            if int(layers) < full:
+                cfg, preset = cfg.replace(n_layer=int(layers), name=f"{cfg.name}-L{layers}"), None
+        out[arch] = Model(arch, cfg, preset, full)
+    return out
+
+
+# One rank ---------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    """One timed configuration: a model, the Comm it runs with, and whether this rank computes."""
+
+    label: str
+    model: Model
+    net: torch.nn.Module
+    comm: Any
+    tp: int
+    active: bool = True
+    peer: bool = False
+    caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)
+
+    def prefill(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        if self.peer:
+            with torch.no_grad():
+                return self.net(idx)
+        with torch.inference_mode():
+            return self.net(idx, cache=cache, logits_at="last", comm=self.comm)
+
+
+def _build_variants(models: dict[str, Model], dtype: torch.dtype, opts: Options, world: int,
+                    rank: int) -> list[Variant]:
+    from krakenlm.parallel.runtime import Runtime
+
+    variants = []
+    for arch, model in models.items():
+        runtime = Runtime({"config": model.config.to_dict(), "seed": opts.seed}, world, dtype=dtype, threads=1,
+                          timeout=opts.timeout_s)
+        variants.append(Variant(arch, model, runtime.model, runtime.comm, world))
+        variants.append(Variant(f"{arch}/no-comm", model, runtime.model, DistComm(runtime.plan, no_comm=True), world))
+        if arch == "kraken":
+            variants.append(Variant("kraken/blocking", model, runtime.model,
+                                    DistComm(runtime.plan, overlap=False), world))
+    if opts.peer and models["gpt"].config.arch == "gpt":
+        from krakenlm.bench.peer import build_peer
+
+        peer = build_peer(models["gpt"].config, opts.seed, dtype, world)
+        variants.append(Variant("gpt/dtensor", models["gpt"], peer, None, world, peer=True))
+    if opts.single:
+        from krakenlm.checkpoint import build_model
+
+        for arch in ("gpt", "kraken"):
+            net = build_model(config=models[arch].config, seed=opts.seed, dtype=dtype) if rank == 0 else None
+            variants.append(Variant(f"{arch}/single", models[arch], net, LOCAL, 1, active=rank == 0))
+    return variants
+
+
+@dataclass(frozen=True)
+class Job:
+    variant: Variant
+    phase: str  # "prefill" | "decode"
+
+
+def _cache(variant: Variant, batch: int, prompt: int, steps: int, idx: Tensor) -> KVCache:
+    """A KV cache holding the prompt, shared by the variants of one model (its contents do not matter
+    for timing, only its length, which every decode measurement resets)."""
+    key = (batch, prompt)
+    if key not in variant.caches:
+        cache = variant.net.new_cache(batch, prompt + steps)
+        variant.prefill(idx, cache)
+        variant.caches[key] = cache
+    return variant.caches[key]
+
+
+def _run_job(job: Job, idx: Tensor, tok: Tensor, steps: int) -> float:
+    """Seconds of one prefill, or of one decode step (mean over ``steps``), on this rank."""
+    v = job.variant
+    dist.barrier()
+    start = time.perf_counter()
+    if v.active:
+        if job.phase == "prefill":
+            v.prefill(idx)
+        else:
+            cache = v.caches[(idx.shape[0], idx.shape[1])]
+            cache.length = idx.shape[1]
+            for _ in range(steps):
+                v.prefill(tok, cache)
+    return (time.perf_counter() - start) / (steps if job.phase == "decode" else 1)
+
+
+def _jobs(variants: list[Variant], batch: int, prompt: int, steps: int, idx: Tensor) -> list[Job]:
+    jobs = [Job(v, "prefill") for v in variants]
+    shared: dict[int, dict[tuple[int, int], KVCache]] = {}
+    for v in variants:
+        if v.peer or steps == 0:
+            continue
+        if v.active:  # variants of one model share its cache (filled by the first, a real-comm run)
+            v.caches = shared.setdefault(id(v.net), v.caches)
+            _cache(v, batch, prompt, steps, idx)
+        jobs.append(Job(v, "decode"))
+    return jobs
+
+
+def measure_cell(variants: list[Variant], batch: int, prompt: int, opts: Options, pids: list[int],
+                 vocab: int) -> dict[str, Any] | None:
+    """Interleaved rounds over every (variant, phase) of one cell; rank 0 returns the results."""
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(opts.seed)
+    idx = torch.randint(0, vocab, (batch, prompt), generator=gen)
+    tok = torch.randint(0, vocab, (batch, 1), generator=gen)
+    jobs = _jobs(variants, batch, prompt, opts.decode_steps, idx)
+    for _ in range(opts.warmup):
+        for job in jobs:
+            _run_job(job, idx, tok, opts.decode_steps)
+    samples: list[list[float]] = [[] for _ in jobs]
+    log, r = RoundLog(), 0
+    while log.n_kept < opts.rounds and r < max(opts.rounds, opts.max_rounds):
+        waited = wait_for_idle(pids, opts.idle_cores, opts.idle_wait_s)[0] if rank == 0 else 0.0
+        dist.barrier()
+        sys0, own0, t0 = system_busy_seconds(), process_cpu_seconds(), time.perf_counter()
+        elapsed = [0.0] * len(jobs)
+        for k in range(len(jobs)):  # rotate the order so no variant always runs first
+            i = (k + r) % len(jobs)
+            elapsed[i] = _run_job(jobs[i], idx, tok, opts.decode_steps)
+        wall, own = time.perf_counter() - t0, process_cpu_seconds() - own0
+        busy = system_busy_seconds() - sys0
+        times = torch.tensor(elapsed, dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        own_all = torch.tensor([own], dtype=torch.float64)
+        dist.all_reduce(own_all)
+        keep = torch.tensor([1.0 if log.add(max(0.0, busy - own_all.item()), wall, waited, opts.max_other_cores)
+                             else 0.0])
+        dist.broadcast(keep, src=0)  # rank 0's view of the machine decides for everyone
+        log.kept[-1] = bool(keep.item())
+        for i, t in enumerate(times.tolist()):
+            samples[i].append(t)
+        r += 1
+    extras = _extras(variants, idx, opts, vocab)
+    if rank != 0:
+        return None
+    # Keep clean rounds only; if none was clean, report them all, flagged, rather than nothing.
+    mask = log.kept if log.n_kept else [True] * len(log.kept)
+    samples = [[t for t, k in zip(s, mask, strict=True) if k] for s in samples]
+    return _summarise(jobs, samples, log, extras) | {"all_rounds_contaminated": log.n_kept == 0}
+
+
+def _extras(variants: list[Variant], idx: Tensor, opts: Options, vocab: int) -> dict[str, Any]:
+    """Untimed runs after the rounds: the exchange timeline, the per-category breakdown, the peer check."""
+    by_label = {v.label: v for v in variants}
+    out: dict[str, Any] = {}
+    kraken = by_label["kraken"]
+    if isinstance(kraken.comm, DistComm) and kraken.tp > 1:
+        kraken.comm.timeline.clear()
+        kraken.comm.timeline.enabled = True
+        kraken.prefill(idx)
+        kraken.comm.timeline.enabled = False
+        out["timeline_hidden_fraction"] = kraken.comm.timeline.hidden_fraction()
+    if opts.breakdown:
+        out["breakdown"] = {}
+        for label in ("gpt", "parallel", "kraken", "kraken/blocking"):
+            v = by_label[label]
+            dist.barrier()
+            marked = Variant(v.label, v.model, v.net, MarkedComm(v.comm), v.tp)
+            out["breakdown"][label] = profile_forward(lambda m=marked: m.prefill(idx), vocab)
+    if "gpt/dtensor" in by_label:
+        ours, peer = by_label["gpt"].prefill(idx).float(), by_label["gpt/dtensor"].prefill(idx).float()
+        diff = (ours - peer).abs().max().item()
+        scale = ours.abs().max().item()
+        out["peer_check"] = {"max_abs_diff": diff, "max_abs_logit": scale,
+                             "ok": diff <= (1e-3 if ours.dtype == torch.float32 else 0.05) * max(1.0, scale)}
+    return out
+
+
+def _summarise(jobs: list[Job], samples: list[list[float]], log: RoundLog, extras: dict[str, Any]) -> dict[str, Any]:
+    variants: dict[str, dict[str, Any]] = {}
+    series: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}}
+    for job, s in zip(jobs, samples, strict=True):
+        v = job.variant
+        entry = variants.setdefault(v.label, {"arch": v.model.arch, "tp": v.tp, "preset": v.model.preset,
+                                              "config": v.model.config.to_dict(), "layers": v.model.config.n_layer,
+                                              "full_layers": v.model.full_layers})
+        entry[job.phase] = asdict(Stats.of(s)) | {"samples": s}
+        entry[f"{job.phase}_per_layer_s"] = entry[job.phase]["median"] / v.model.config.n_layer
+        entry[f"{job.phase}_full_depth_estimate_s"] = entry[f"{job.phase}_per_layer_s"] * v.model.full_layers
+        series[job.phase][v.label] = s
+    ratios: dict[str, dict[str, Any]] = {}
+    for phase, by_label in series.items():
+        ratios[phase] = {name: asdict(paired_ratio(by_label[a], by_label[b])) for name, a, b in RATIOS
+                         if a in by_label and b in by_label}
+    pre = series["prefill"]
+    hidden = None
+    if all(k in pre for k in ("kraken", "kraken/blocking", "kraken/no-comm")):
+        # Share of the blocking exchange's exposed time that overlapping removed, per round.
+        per_round = [(b - o) / (b - n) if b > n else float("nan")
+                     for o, b, n in zip(pre["kraken"], pre["kraken/blocking"], pre["kraken/no-comm"], strict=True)]
+        finite = [x for x in per_round if x == x]
+        hidden = asdict(Stats.of(finite)) if finite else None
+    return {"rounds": log.to_dict(), "variants": variants, "ratios": ratios,
+            "hidden_fraction": {"in_place": hidden, "timeline": extras.pop("timeline_hidden_fraction", None)},
+            **extras}
+
+
+def run_rank(payload: dict[str, Any]) -> int:
+    """Body of one rank: every cell of the grid for this link and TP degree."""
+    opts = Options(**payload["options"])
+    from krakenlm.parallel.runtime import init_distributed
+
+    init_distributed(opts.timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    pids: list[Any] = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    cells = []
+    for dtype in opts.dtypes:
+        for shape in opts.shapes:
+            models = resolve_shape(shape, world)
+            variants = _build_variants(models, DTYPES[dtype], opts, world, rank)
+            for prompt in opts.prompts:
+                for batch in opts.batches:
+                    vocab = models["gpt"].config.vocab_size
+                    result = measure_cell(variants, batch, prompt, opts, pids, vocab)
+                    if rank == 0:
+                        cells.append({"shape": shape, "tp": world, "prompt_len": prompt, "batch": batch,
+                                      "dtype": dtype, "link_gbps": payload["link_gbps"],
+                                      "oversubscribed": world > (os.cpu_count() or 1), **result})
+                        print(f"[bench] tp={world} link={payload['link_gbps'] or 'loopback'} {shape} {dtype} "
+                              f"T={prompt} B={batch}: " + _headline(result), file=sys.stderr, flush=True)
+            del variants
+    if rank == 0:
+        Path(payload["out"]).write_text(json.dumps(cells))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _headline(result: dict[str, Any]) -> str:
+    r = result["ratios"]["prefill"]
+    return ", ".join(f"{k} {r[k]['median']:.3f}" for k in ("kraken/gpt", "kraken/parallel", "kraken/no-comm")
+                     if k in r) + f" ({result['rounds']['kept']} rounds kept, {result['rounds']['dropped']} dropped)"
+
+
+# Coordinator ----------------------------------------------------------------------------------
+def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: float) -> None:
+    """Start ``world`` rank processes (inside namespaces when shaped) and wait; kill the rest if one fails."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(payload, f)
+    port = 29500 + os.getpid() % 20000
+    procs = []
+    try:
+        for rank in range(world):
+            env = {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "MASTER_ADDR": links.addresses[0] if links else "127.0.0.1",
+                   "GLOO_SOCKET_IFNAME": links.interfaces[rank] if links else "lo"}
+            prefix = links.prefix(rank) if links else []
+            procs.append(subprocess.Popen(prefix + [sys.executable, "-m", "krakenlm.bench.sweep", f.name],
+                                          env=os.environ | env))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                raise DistributedError(f"bench: a rank failed (exit codes {[p.returncode for p in procs]})"
+                                       if failed else f"bench: ranks still running after {timeout:.0f}s")
+            time.sleep(0.2)
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            raise DistributedError(f"bench: rank exit codes {codes}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        os.unlink(f.name)
+
+
+def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every (link, TP degree) launch of the grid; returns cells plus the links that were skipped."""
+    for tp in opts.tps:  # bad shapes fail here, in one line, before any process starts
+        for shape in opts.shapes:
+            resolve_shape(shape, tp)
+    cells: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for gbps in opts.links:
+        for tp in opts.tps:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "cells.json"
+                payload = {"options": asdict(opts) | {"links": [], "single": opts.single and gbps is None},
+                           "link_gbps": gbps, "out": str(out)}
+                progress(f"bench: tp={tp} link={'loopback' if gbps is None else f'{gbps:g} Gbit/s'}")
+                if gbps is None:
+                    _launch(payload, tp, None, opts.timeout_s)
+                else:
+                    from krakenlm.bench.netns import NetnsUnavailable
+
+                    try:
+                        with Links(tp, gbps) as links:
+                            _launch(payload, tp, links, opts.timeout_s)
+                    except NetnsUnavailable as err:
+                        progress(f"bench: skipping {gbps:g} Gbit/s: {err}")
+                        skipped.append({"link_gbps": gbps, "tp": tp, "reason": str(err)})
+                        continue
+                cells += json.loads(out.read_text())
+    return {"cells": cells, "skipped": skipped}
+
+
+def main() -> int:
+    payload = json.loads(Path(sys.argv[1]).read_text())
+    return run_rank(payload)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Smoke runs of `krakenlm bench` on tiny models (2 ranks, 2 rounds): structure, never speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from krakenlm.bench import netns
+from krakenlm.cli import main
+from krakenlm.costmodel.calibrate import load_records, parse_record
+
+VARIANTS = {"gpt", "gpt/no-comm", "parallel", "parallel/no-comm", "kraken", "kraken/no-comm", "kraken/blocking",
+            "gpt/dtensor", "gpt/single", "kraken/single"}
+
+
+def _run(tmp_path, *extra: str) -> dict:
+    assert main(["bench", "--quick", "--no-plots", "--out", str(tmp_path), *extra]) == 0
+    return json.loads((tmp_path / "bench.json").read_text())
+
+
+def _check_cell(cell: dict) -> None:
+    assert {"prefill", "decode"} <= set(cell["ratios"])
+    for phase in cell["ratios"].values():
+        for stats in phase.values():
+            assert stats["median"] > 0 and stats["min"] > 0
+    for label, v in cell["variants"].items():
+        assert v["prefill"]["median"] > 0 and v["prefill"]["n"] == len(v["prefill"]["samples"]) >= 1, label
+    assert cell["rounds"]["kept"] + cell["rounds"]["dropped"] >= 2
+    assert set(cell["breakdown"]["kraken"]) >= {"GEMM", "overlapped GEMM", "AllReduce", "wall"}
+
+
+def test_bench_quick_loopback(tmp_path, capsys):
+    result = _run(tmp_path)
+    assert "kraken/gpt" in capsys.readouterr().out
+    (cell,) = result["cells"]
+    assert set(cell["variants"]) == VARIANTS
+    _check_cell(cell)
+    assert cell["peer_check"]["ok"], cell["peer_check"]
+    assert result["environment"]["torch"] and "contamination" in result
+    records = load_records(tmp_path / "bench.json")
+    assert {r["arch"] for r in records} == {"gpt", "parallel", "kraken"}
+    for rec in records:
+        parse_record(rec)  # the cost model's calibration accepts every record as it is
+    assert (tmp_path / "bench.csv").read_text().count("\n") > len(VARIANTS)
+
+
+def test_bench_shaped_link_cleans_up_namespaces(tmp_path):
+    try:
+        with netns.Links(2, 1.0):
+            pass
+    except netns.NetnsUnavailable as err:
+        pytest.skip(f"network namespaces unavailable: {err}")
+    before = set(netns.list_namespaces())
+    result = _run(tmp_path, "--links", "1", "--no-peer", "--no-breakdown", "--decode-steps", "1")
+    (cell,) = result["cells"]
+    assert cell["link_gbps"] == 1.0 and "gpt/dtensor" not in cell["variants"]
+    assert cell["ratios"]["prefill"]["kraken/gpt"]["median"] > 0
+    assert set(netns.list_namespaces()) == before
+
+
+def test_bench_rejects_bad_grid(capsys):
+    assert main(["bench", "--quick", "--shapes", "nope"]) == 2
+    assert "unknown shape" in capsys.readouterr().err
