@@ -78,7 +78,7 @@ def test_rolling_loglikelihood_equals_lm_eval_hf(models: tuple) -> None:
     texts = [" ".join(f"item {i} costs {i * 7 % 13} coins" for i in range(40)), "short"]
     reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     ours, theirs = kr.loglikelihood_rolling(reqs, disable_tqdm=True), hf.loglikelihood_rolling(reqs, disable_tqdm=True)
-    assert ours == pytest.approx(theirs, abs=1e-3)
+    assert ours == pytest.approx(theirs, abs=1e-4)
     assert len(kr.tok_encode(texts[0])) > 2 * BLOCK  # several windows
 
 
