@@ -207,3 +207,23 @@ def test_lm_eval_command_line_finds_the_model(data_dir: Path, kraken_ckpt: str, 
     assert r.returncode == 0, r.stderr[-2000:]
     assert "kraken_boolq" in r.stdout and "acc" in r.stdout
     assert list(out.rglob("results_*.json"))
+
+
+def test_corpus_bpe_from_a_prepared_dir_is_used(tmp_path: Path) -> None:
+    """Models trained on `prepare --tokenizer bpe:N` data are evaluated with that BPE (tokenizer=DATA_DIR)."""
+    from krakenlm.checkpoint import build_model, save_checkpoint
+    from krakenlm.config import ModelConfig
+    from krakenlm.errors import ConfigError
+    from krakenlm.eval.harness import KrakenLM
+    from krakenlm.train.data import load_bpe, prepare
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 30)
+    prepare(tmp_path / "data", [text], tokenizer="bpe:300", val_fraction=0.5)
+    cfg = ModelConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=320, block_size=32)
+    save_checkpoint(tmp_path / "m", build_model(config=cfg, seed=0), cfg)
+    lm = KrakenLM(checkpoint=str(tmp_path / "m"), tokenizer=str(tmp_path / "data"), dtype="auto")
+    assert lm.tok_encode("the cat") == load_bpe(tmp_path / "data").encode("the cat")
+    assert lm.eot_token_id == load_bpe(tmp_path / "data").eot_token
+    with pytest.raises(ConfigError, match="has 50257 tokens but the model only 320"):
+        KrakenLM(checkpoint=str(tmp_path / "m"), tokenizer="gpt2")

@@ -38,10 +38,12 @@ DEFAULT_BATCH_SIZE = 8
 MAX_GEN_TOKS = 256  # lm-eval's default for generate_until requests
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Accept krakenlm's short names and lm-eval's long ones ('bf16' or 'bfloat16')."""
+def parse_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """Accept krakenlm's short names and lm-eval's long ones ('bf16' or 'bfloat16'); 'auto' keeps the stored dtype."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return None
     if name not in DTYPE_NAMES:
         raise ConfigError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, got {name!r}")
     return DTYPE_NAMES[name]
@@ -185,7 +187,7 @@ def _pick_device(requested: str | None, tp: int) -> str:
     return requested
 
 
-def load_engine(checkpoint: str, dtype: torch.dtype, device: str = "cpu", tp: int = 1,
+def load_engine(checkpoint: str, dtype: torch.dtype | None, device: str = "cpu", tp: int = 1,
                 timeout: float = 1800.0) -> Engine:
     """Single-device model, or a tensor-parallel group of `tp` local CPU ranks led by this process."""
     if tp > 1:
@@ -204,10 +206,10 @@ def load_engine(checkpoint: str, dtype: torch.dtype, device: str = "cpu", tp: in
 class KrakenLM(TemplateLM):
     """lm-eval model over a krakenlm checkpoint.
 
-    model_args: checkpoint=PATH (required), dtype=fp32|bf16|fp16, batch_size=N, tp=N (tensor-parallel
+    model_args: checkpoint=PATH (required), dtype=fp32|bf16|fp16|auto, batch_size=N, tp=N (tensor-parallel
     ranks spawned locally), tokenizer=gpt2|bytes|DATA_DIR (a prepared dir with its BPE; default: by
-    vocabulary size), device=cpu|cuda,
-    timeout=SECONDS (how long tensor-parallel ranks wait for each other). `engine` (Python only) runs an
+    vocabulary size), device=cpu|cuda, timeout=SECONDS (how long tensor-parallel ranks wait for each
+    other). lm-eval also passes max_batch_size, which has no use here. `engine` (Python only) runs an
     already loaded model.
     """
 
@@ -218,25 +220,29 @@ class KrakenLM(TemplateLM):
         if unused:
             raise ConfigError(f"krakenlm model_args: unknown argument(s) {sorted(unused)}; known: checkpoint, "
                               "dtype, batch_size, tp, tokenizer, device, timeout")
+        self.batch_size = parse_batch_size(batch_size)
         if engine is None:
             if not checkpoint:
                 raise ConfigError("krakenlm model_args: checkpoint=PATH is required")
             if int(tp) < 1:
                 raise ConfigError(f"tp: must be >= 1, got {tp}")
-            device = _pick_device(device, int(tp))
-            engine = load_engine(str(checkpoint), parse_dtype(dtype), device, int(tp), float(timeout))
+            engine = load_engine(str(checkpoint), parse_dtype(dtype), _pick_device(device, int(tp)), int(tp),
+                                 float(timeout))
         self.engine = engine
         self.config = engine.config
         self.checkpoint = checkpoint
         self.tp = int(tp)
-        self.tokenizer_id = str(tokenizer or default_tokenizer_for(self.config.vocab_size))
-        self.tok: Tokenizer = resolve_tokenizer(self.tokenizer_id)
-        if self.tok.vocab_size > self.config.vocab_size:
-            raise ConfigError(f"tokenizer {self.tok.name!r} has {self.tok.vocab_size} tokens but the model only "
-                              f"{self.config.vocab_size}; pass the tokenizer the model was trained with")
-        self.batch_size = parse_batch_size(batch_size)
         self._rank, self._world_size = 0, 1
         self._device = engine.device
+        self.tokenizer_id = str(tokenizer or default_tokenizer_for(self.config.vocab_size))
+        try:
+            self.tok: Tokenizer = resolve_tokenizer(self.tokenizer_id)
+            if self.tok.vocab_size > self.config.vocab_size:
+                raise ConfigError(f"tokenizer {self.tok.name!r} has {self.tok.vocab_size} tokens but the model only "
+                                  f"{self.config.vocab_size}; pass the tokenizer the model was trained with")
+        except BaseException:
+            engine.close()  # do not leave tensor-parallel followers waiting
+            raise
 
     # Facts lm-eval asks for ---------------------------------------------------------------------
     @property

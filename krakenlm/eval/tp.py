@@ -36,7 +36,7 @@ def _next_job() -> Any:
     return box[0]
 
 
-def _follower(rank: int, world: int, port: int, checkpoint: str, dtype: torch.dtype, timeout: float) -> None:
+def _follower(rank: int, world: int, port: int, checkpoint: str, dtype: torch.dtype | None, timeout: float) -> None:
     """Ranks 1..tp-1: build this rank's shard, then run every job rank 0 broadcasts until told to stop."""
     from krakenlm.parallel.runtime import Runtime
 
@@ -61,7 +61,7 @@ def _follower(rank: int, world: int, port: int, checkpoint: str, dtype: torch.dt
 class TensorParallelEngine:
     """Rank 0 of a local tensor-parallel group; `run(job)` runs a job on all ranks and returns rank 0's result."""
 
-    def __init__(self, checkpoint: str, dtype: torch.dtype, tp: int, timeout: float = 1800.0) -> None:
+    def __init__(self, checkpoint: str, dtype: torch.dtype | None, tp: int, timeout: float = 1800.0) -> None:
         from krakenlm.parallel.runtime import Runtime
 
         if dist.is_initialized():
