@@ -108,6 +108,7 @@ class Evil:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_objects_are_refused(tmp_path, capsys):
     torch.save({"model": {}, "model_args": {}, "payload": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="refused"):
