@@ -186,11 +186,14 @@ def test_cli_tasks_compares_checkpoints_with_perplexity(data_dir: Path, kraken_c
 ])
 def test_cli_tasks_bad_input_is_one_line(extra: list[str], message: str, data_dir: Path, kraken_ckpt: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import torch.distributed as dist
+
     from krakenlm.cli import main
 
     assert main(["eval", "tasks", "--checkpoint", kraken_ckpt, "--data-dir", str(data_dir), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("krakenlm eval: error:") and message in err
+    assert not dist.is_initialized()  # a failed tensor-parallel start leaves no process group behind
 
 
 def test_lm_eval_command_line_finds_the_model(data_dir: Path, kraken_ckpt: str, tmp_path: Path) -> None:

@@ -76,7 +76,9 @@ class TensorParallelEngine:
         os.environ.update(_rank_env(0, tp, port))
         try:
             self.runtime: Any = Runtime({"checkpoint": checkpoint}, tp, dtype=dtype, timeout=timeout)
-        except BaseException:
+        except BaseException:  # e.g. a plan that does not fit: leave no group or follower behind
+            if dist.is_initialized():
+                dist.destroy_process_group()
             self._stop_followers()
             raise
         finally:  # the group is formed: lm-eval and the rest of this process should not see rank variables
