@@ -3,7 +3,7 @@
 Shakespeare corpus -> a small Kraken 2-way and a GPT of equal parameters trained for a few
 minutes -> validation perplexity -> generation on 2 tensor-parallel ranks (checked equal to one
 device) -> Kraken vs standard TP time-to-first-token on 2 gloo ranks, interleaved, with the
-no-comm ceilings -> the cost model's prediction for the same shapes beside the measurement.
+no-comm ceilings (heads zero-padded to multiples of 64, exact) -> the cost model's prediction for the same shapes beside the measurement.
 Every step is skipped when its output already exists, so a rerun is quick.
 """
 
@@ -56,7 +56,7 @@ def _ttft_worker(payload: dict[str, Any]) -> int:
     from krakenlm.parallel.runtime import Runtime
 
     variants = [(f"{name}{' (no-comm)' if no_comm else ''}", Runtime({"checkpoint": path}, 2, dtype=DTYPES["bf16"],
-                                                                     no_comm=no_comm, threads=1))
+                                                                     no_comm=no_comm, threads=1, pad_heads=64))
                 for name, path in payload["checkpoints"].items() for no_comm in (False, True)]
     idx = torch.randint(0, 50257, (1, payload["prompt_len"]), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name, _ in variants}

@@ -11,7 +11,7 @@ VARIANTS = {
     "gpt-mqa-rope-swiglu": tiny("gpt", n_kv_head=1, position="rope", mlp="swiglu"),
     "parallel": tiny("parallel"),
     "kraken2": tiny("kraken"),
-    "kraken4": tiny("kraken", n_sub=4, n_head=1, n_embd=16),
+    "kraken4": tiny("kraken", n_sub=4, n_head=1, n_embd=16),  # head size 16
     "kraken-bias": tiny("kraken", bias=True),
 }
 
@@ -111,3 +111,17 @@ def test_seeded_sampling_generation_is_reproducible(rng):
     model = model_for(VARIANTS["gpt"])
     cfg = SamplingConfig(temperature=0.9, top_k=50, top_p=0.9, seed=3)
     assert generate(model, [[1, 2, 3]], 10, cfg).tokens == generate(model, [[1, 2, 3]], 10, cfg).tokens
+
+
+@pytest.mark.parametrize("name", ["gpt-gqa", "kraken-bias", "kraken4"])
+def test_padding_heads_is_exact(name, rng):
+    model = model_for(VARIANTS[name])
+    idx = torch.randint(0, 257, (2, 20), generator=rng)
+    with torch.no_grad():
+        want = model(idx)
+        model.pad_heads(64)
+        assert model.attention_shape.stored_size == 64
+        assert (model(idx) - want).abs().max() < 1e-5
+        cache = model.new_cache(2, 20)
+        steps = [model(idx[:, :12], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    assert (torch.cat(steps, 1) - want).abs().max() < 1e-5

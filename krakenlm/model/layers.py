@@ -45,6 +45,11 @@ class AttentionShape:
     n_head: int
     n_kv_head: int
     head_size: int
+    padded_size: int | None = None  # heads zero-padded to this size for faster kernels (exact)
+
+    @property
+    def stored_size(self) -> int:
+        return self.padded_size or self.head_size
 
 
 class KVCache:
@@ -56,7 +61,7 @@ class KVCache:
 
     def __init__(self, n_layer: int, streams: int, batch: int, shape: AttentionShape, max_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        size = (streams, batch, shape.n_kv_head, max_len, shape.head_size)
+        size = (streams, batch, shape.n_kv_head, max_len, shape.stored_size)
         self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(n_layer)]
         self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(n_layer)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -102,7 +107,8 @@ class StackedAttention(nn.Module):
                 cache: KVCache | None, layer: int, mask: Tensor | None) -> Tensor:
         s, m, _ = x.shape
         t = m // batch
-        h, hkv, hs = self.shape.n_head, self.shape.n_kv_head, self.shape.head_size
+        h, hkv, hs = self.shape.n_head, self.shape.n_kv_head, self.shape.stored_size
+        scale = self.shape.head_size ** -0.5  # the true head size, also when heads are padded
         qkv = stacked_linear(x, self.qkv_weight, self.qkv_bias).view(s * batch, t, h + 2 * hkv, hs)
         q, k, v = qkv.transpose(1, 2).split([h, hkv, hkv], dim=1)  # [S*B, heads, T, hs]
         if rope is not None:
@@ -116,11 +122,30 @@ class StackedAttention(nn.Module):
             v = vbuf[..., :end, :].reshape(s * batch, hkv, end, hs)
         if mask is None:
             causal = k.shape[2] == t and t > 1
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != h)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=hkv != h)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(s, 1, 1, 1), enable_gqa=hkv != h)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(s, 1, 1, 1), scale=scale,
+                                                 enable_gqa=hkv != h)
         out = out.transpose(1, 2).reshape(s, m, h * hs)
         return stacked_linear(out, self.proj_weight)
+
+
+    @torch.no_grad()
+    def pad_heads(self, size: int) -> None:
+        """Zero-pad every q/k/v head to ``size`` dims: padded dims of q.k and of the output are exactly
+        zero and the softmax scale stays 1/sqrt(true head size), so results do not change."""
+        shape = self.shape
+        extra = size - shape.head_size
+        heads = shape.n_head + 2 * shape.n_kv_head
+        s, _, dim = self.qkv_weight.shape
+        w = self.qkv_weight.view(s, heads, shape.head_size, dim)
+        self.qkv_weight = nn.Parameter(F.pad(w, (0, 0, 0, extra)).reshape(s, heads * size, dim))
+        if self.qkv_bias is not None:
+            b = self.qkv_bias.view(s, heads, shape.head_size)
+            self.qkv_bias = nn.Parameter(F.pad(b, (0, extra)).reshape(s, heads * size))
+        p = self.proj_weight.view(s, dim, shape.n_head, shape.head_size)
+        self.proj_weight = nn.Parameter(F.pad(p, (0, extra)).reshape(s, dim, shape.n_head * size))
+        self.shape = AttentionShape(shape.n_head, shape.n_kv_head, shape.head_size, size)
 
 
 class StackedMLP(nn.Module):

@@ -34,7 +34,6 @@ from krakenlm.model.layers import (
     attention_mask,
     init_std,
     rope_tables,
-    stacked_linear,
 )
 
 
@@ -161,7 +160,20 @@ class Transformer(nn.Module):
 
     @property
     def attention_shape(self) -> AttentionShape:
-        return self.shard.attention(self.config)
+        return self.layers[0].attn.shape
+
+    def pad_heads(self, multiple: int) -> Transformer:
+        """Round every head up to a multiple of ``multiple`` with zeros (exact; an inference-time
+        kernel choice, checkpoints keep the true shapes). Head size 113 -> 128, 60 -> 64."""
+        if multiple < 1:
+            raise ConfigError(f"pad_heads: multiple must be >= 1, got {multiple}")
+        size = -(-self.config.head_size // multiple) * multiple
+        if size != self.config.head_size:
+            if self.config.position == "rope":
+                raise ConfigError("pad_heads: not supported with rope (rotation pairs would move)")
+            for layer in self.layers:
+                layer.attn.pad_heads(size)
+        return self
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """The paper's init (N(0, 0.02), residual projections N(0, 0.02/sqrt(2LN)), norms 1, biases 0)."""

@@ -65,14 +65,15 @@ class Runtime:
 
     def __init__(self, source: dict[str, Any], tp: int, *, dtype: torch.dtype = torch.float32,
                  no_comm: bool = False, overlap: bool = True, timeout: float = 60.0,
-                 threads: int | None = None, agree_on: Any = None) -> None:
+                 threads: int | None = None, pad_heads: int | None = None, agree_on: Any = None) -> None:
         init_distributed(timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // self.world))
         # Agree on everything before any work: a mismatch must fail here, naming what differs.
         config = source_config(source)
         facts = {"world_size": self.world, "tp": tp, "config": config.to_dict(), "source": _fingerprint_source(source),
-                 "dtype": str(dtype), "no_comm": no_comm, "overlap": overlap, "request": agree_on}
+                 "dtype": str(dtype), "no_comm": no_comm, "overlap": overlap, "pad_heads": pad_heads,
+                 "request": agree_on}
         self._agree(facts)
         if tp != self.world:
             raise DistributedError(f"tp={tp} but {self.world} ranks were launched; they must be equal")
@@ -82,6 +83,8 @@ class Runtime:
             self.model = build_model(checkpoint=source["checkpoint"], shard=self.shard, dtype=dtype)
         else:
             self.model = build_model(config=config, seed=source.get("seed", 0), shard=self.shard, dtype=dtype)
+        if pad_heads:
+            self.model.pad_heads(pad_heads)
         self.comm = DistComm(self.plan, no_comm=no_comm, overlap=overlap)
 
     @property
