@@ -3,7 +3,8 @@
 Shakespeare corpus -> a small Kraken 2-way and a GPT of equal parameters trained for a few
 minutes -> validation perplexity -> generation on 2 tensor-parallel ranks (checked equal to one
 device) -> Kraken vs standard TP time-to-first-token on 2 gloo ranks, interleaved, with the
-no-comm ceilings (heads zero-padded to multiples of 64, exact) -> the cost model's prediction for the same shapes beside the measurement.
+no-comm ceilings (heads zero-padded to multiples of 64, exact) -> the cost model's prediction for
+the same shapes beside the measurement.
 Every step is skipped when its output already exists, so a rerun is quick.
 """
 
