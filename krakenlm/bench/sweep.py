@@ -255,7 +255,7 @@ def measure_cell(variants: list[Variant], batch: int, prompt: int, opts: Options
         for i, t in enumerate(times.tolist()):
             samples[i].append(t)
         r += 1
-    extras = _extras(variants, idx, opts, vocab)
+    extras = _extras(variants, idx, opts)
     if rank != 0:
         return None
     # Keep clean rounds only; if none was clean, report them all, flagged, rather than nothing.
@@ -264,7 +264,7 @@ def measure_cell(variants: list[Variant], batch: int, prompt: int, opts: Options
     return _summarise(jobs, samples, log, extras) | {"all_rounds_contaminated": log.n_kept == 0}
 
 
-def _extras(variants: list[Variant], idx: Tensor, opts: Options, vocab: int) -> dict[str, Any]:
+def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, Any]:
     """Untimed runs after the rounds: the exchange timeline, the per-category breakdown, the peer check."""
     by_label = {v.label: v for v in variants}
     out: dict[str, Any] = {}
@@ -281,7 +281,7 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options, vocab: int) -> 
             v = by_label[label]
             dist.barrier()
             marked = Variant(v.label, v.model, v.net, MarkedComm(v.comm), v.tp)
-            out["breakdown"][label] = profile_forward(lambda m=marked: m.prefill(idx), vocab)
+            out["breakdown"][label] = profile_forward(lambda m=marked: m.prefill(idx), v.model.config.vocab_size)
     if "gpt/dtensor" in by_label:
         ours, peer = by_label["gpt"].prefill(idx).float(), by_label["gpt/dtensor"].prefill(idx).float()
         diff = (ours - peer).abs().max().item()
