@@ -62,3 +62,13 @@ def test_bench_shaped_link_cleans_up_namespaces(tmp_path):
 def test_bench_rejects_bad_grid(capsys):
     assert main(["bench", "--quick", "--shapes", "nope"]) == 2
     assert "unknown shape" in capsys.readouterr().err
+
+
+def test_round_log_drops_rounds_where_others_used_the_cpu():
+    from krakenlm.bench.timing import RoundLog, paired_ratio
+
+    log = RoundLog()
+    assert log.add(other_cpu_s=0.0, wall_s=1.0, idle_wait_s=0.0, max_other_cores=0.25)
+    assert not log.add(other_cpu_s=0.9, wall_s=1.0, idle_wait_s=0.0, max_other_cores=0.25)
+    assert log.to_dict()["kept"] == 1 and log.to_dict()["dropped"] == 1
+    assert paired_ratio([1.0, 4.0, 3.0], [2.0, 2.0, 3.0]).median == 1.0  # ratio per round, then the median

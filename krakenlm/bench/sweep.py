@@ -140,7 +140,8 @@ class Variant:
     peer: bool = False
     caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)
 
-    def prefill(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits at the last position; with a cache this is a prefill into it or a decode step."""
         if self.peer:
             with torch.no_grad():
                 return self.net(idx)
@@ -187,7 +188,7 @@ def _cache(variant: Variant, batch: int, prompt: int, steps: int, idx: Tensor) -
     key = (batch, prompt)
     if key not in variant.caches:
         cache = variant.net.new_cache(batch, prompt + steps)
-        variant.prefill(idx, cache)
+        variant.forward(idx, cache)
         variant.caches[key] = cache
     return variant.caches[key]
 
@@ -199,12 +200,12 @@ def _run_job(job: Job, idx: Tensor, tok: Tensor, steps: int) -> float:
     start = time.perf_counter()
     if v.active:
         if job.phase == "prefill":
-            v.prefill(idx)
+            v.forward(idx)
         else:
             cache = v.caches[(idx.shape[0], idx.shape[1])]
             cache.length = idx.shape[1]
             for _ in range(steps):
-                v.prefill(tok, cache)
+                v.forward(tok, cache)
     return (time.perf_counter() - start) / (steps if job.phase == "decode" else 1)
 
 
@@ -272,7 +273,7 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, An
     if isinstance(kraken.comm, DistComm) and kraken.tp > 1:
         kraken.comm.timeline.clear()
         kraken.comm.timeline.enabled = True
-        kraken.prefill(idx)
+        kraken.forward(idx)
         kraken.comm.timeline.enabled = False
         out["timeline_hidden_fraction"] = kraken.comm.timeline.hidden_fraction()
     if opts.breakdown:
@@ -281,9 +282,9 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, An
             v = by_label[label]
             dist.barrier()
             marked = Variant(v.label, v.model, v.net, MarkedComm(v.comm), v.tp)
-            out["breakdown"][label] = profile_forward(lambda m=marked: m.prefill(idx), v.model.config.vocab_size)
+            out["breakdown"][label] = profile_forward(lambda m=marked: m.forward(idx), v.model.config.vocab_size)
     if "gpt/dtensor" in by_label:
-        ours, peer = by_label["gpt"].prefill(idx).float(), by_label["gpt/dtensor"].prefill(idx).float()
+        ours, peer = by_label["gpt"].forward(idx).float(), by_label["gpt/dtensor"].forward(idx).float()
         diff = (ours - peer).abs().max().item()
         scale = ours.abs().max().item()
         out["peer_check"] = {"max_abs_diff": diff, "max_abs_logit": scale,
