@@ -32,6 +32,7 @@ from krakenlm.errors import ConfigError, DistributedError
 from krakenlm.model.layers import KVCache
 from krakenlm.model.transformer import LOCAL
 from krakenlm.parallel.comm import DistComm
+from krakenlm.parallel.launch import free_port
 from krakenlm.presets import PRESETS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -365,7 +366,7 @@ def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: f
     """Start ``world`` rank processes (inside namespaces when shaped) and wait; kill the rest if one fails."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(payload, f)
-    port = 29500 + os.getpid() % 20000
+    port = free_port() if links is None else 29500  # each namespace has its own port space
     procs = []
     try:
         for rank in range(world):
