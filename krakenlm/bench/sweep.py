@@ -139,7 +139,7 @@ class Variant:
     tp: int
     active: bool = True
     peer: bool = False
-    caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)
+    cache: KVCache | None = None  # for decode jobs; replaced every cell
 
     def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits at the last position; with a cache this is a prefill into it or a decode step."""
@@ -183,17 +183,6 @@ class Job:
     phase: str  # "prefill" | "decode"
 
 
-def _cache(variant: Variant, batch: int, prompt: int, steps: int, idx: Tensor) -> KVCache:
-    """A KV cache holding the prompt, shared by the variants of one model (its contents do not matter
-    for timing, only its length, which every decode measurement resets)."""
-    key = (batch, prompt)
-    if key not in variant.caches:
-        cache = variant.net.new_cache(batch, prompt + steps)
-        variant.forward(idx, cache)
-        variant.caches[key] = cache
-    return variant.caches[key]
-
-
 def _run_job(job: Job, idx: Tensor, tok: Tensor, steps: int) -> float:
     """Seconds of one prefill, or of one decode step (mean over ``steps``), on this rank."""
     v = job.variant
@@ -203,22 +192,25 @@ def _run_job(job: Job, idx: Tensor, tok: Tensor, steps: int) -> float:
         if job.phase == "prefill":
             v.forward(idx)
         else:
-            cache = v.caches[(idx.shape[0], idx.shape[1])]
-            cache.length = idx.shape[1]
+            v.cache.length = idx.shape[1]
             for _ in range(steps):
-                v.forward(tok, cache)
+                v.forward(tok, v.cache)
     return (time.perf_counter() - start) / (steps if job.phase == "decode" else 1)
 
 
 def _jobs(variants: list[Variant], batch: int, prompt: int, steps: int, idx: Tensor) -> list[Job]:
+    """Prefill and decode jobs of every variant. The variants of one model share one KV cache holding
+    the prompt: its contents do not matter for timing, only its length, reset before every sample."""
     jobs = [Job(v, "prefill") for v in variants]
-    shared: dict[int, dict[tuple[int, int], KVCache]] = {}
+    caches: dict[int, KVCache] = {}
     for v in variants:
         if v.peer or steps == 0:
             continue
-        if v.active:  # variants of one model share its cache (filled by the first, a real-comm run)
-            v.caches = shared.setdefault(id(v.net), v.caches)
-            _cache(v, batch, prompt, steps, idx)
+        if v.active:
+            if id(v.net) not in caches:
+                caches[id(v.net)] = v.net.new_cache(batch, prompt + steps)
+                v.forward(idx, caches[id(v.net)])
+            v.cache = caches[id(v.net)]
         jobs.append(Job(v, "decode"))
     return jobs
 
