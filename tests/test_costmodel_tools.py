@@ -1,3 +1,5 @@
+from pathlib import Path
+
 """Cost model tools: Kraken latency study, planner, calibration, CLI and plots."""
 
 from __future__ import annotations
@@ -162,3 +164,17 @@ def test_make_plots(tmp_path) -> None:
     assert len(paths) == 5
     for p in paths:
         assert p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_cli_on_shipped_bench_results(tmp_path, capsys):
+    from krakenlm.cli import main
+
+    fitted = tmp_path / "fitted.json"
+    records = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-124m-t512.json"
+    assert main(["calibrate", "--records", str(records), "--save", str(fitted)]) == 0
+    out = capsys.readouterr().out
+    before, after = (float(x) for x in out.split("median |error|: ")[1].split("% before, ")[0:1]
+                     + out.split("% before, ")[1].split("% after")[0:1])
+    assert after < before and fitted.exists()
+    assert main(["calibrate", "--records", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read records" in capsys.readouterr().err

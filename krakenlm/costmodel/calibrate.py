@@ -114,7 +114,10 @@ def parse_record(rec: dict[str, Any]) -> Point:
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Records from a JSON file: a list, {"records": [...]}, or JSON lines."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"calibration: cannot read records {path}: {err.strerror}") from err
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

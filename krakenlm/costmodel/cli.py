@@ -10,6 +10,7 @@ import argparse
 import json
 
 from krakenlm.config import ModelConfig
+from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, load_records
 from krakenlm.costmodel.estimator import OVERLAP, Estimate, PhaseEstimate, Workload, estimate
 from krakenlm.costmodel.hardware import DTYPES, load_hardware
 from krakenlm.costmodel.planner import OBJECTIVES, plan
@@ -128,4 +129,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'rank':>4} {'total ms':>11} {'chip-s/token':>13}  candidate")
     for i, c in enumerate(result.ranked[: args.top], 1):
         print(f"{i:>4} {c.estimate.total_s * 1e3:>11.3f} {c.estimate.chip_seconds_per_token:>13.4g}  {c.label}")
+    return 0
+
+
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`krakenlm calibrate`: fit a hardware spec's efficiency factors to `krakenlm bench` records."""
+    p = subparsers.add_parser("calibrate", help="fit a hardware spec to measured benchmark records")
+    p.add_argument("--hardware", default="cpu-gloo", help="preset name or JSON spec to start from")
+    p.add_argument("--records", required=True, nargs="+", help="bench.json files (or record lists)")
+    p.add_argument("--fields", default=",".join(FIT_FIELDS), help=f"comma-separated subset of {FIT_FIELDS}")
+    p.add_argument("--save", help="write the fitted spec as JSON here")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    records = [r for path in args.records for r in load_records(path)]
+    fit = calibrate(load_hardware(args.hardware), records, fields=tuple(args.fields.split(",")))
+    print(fit.table())
+    if args.save:
+        fit.hardware.save(args.save)
     return 0
