@@ -1,11 +1,10 @@
-from pathlib import Path
-
 """Cost model tools: Kraken latency study, planner, calibration, CLI and plots."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
