@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from krakenlm.checkpoint import load_model
 from krakenlm.cli import DTYPES
-from krakenlm.generate import generate
+from krakenlm.generate import SamplingConfig, generate
+from krakenlm.parallel.launch import generate_tp, spawn
 from krakenlm.tokenizer import get_tokenizer
 
 MODELS = {"kraken": "mini-kraken-2way", "gpt": "mini-gpt"}
@@ -82,8 +83,6 @@ def _ttft_worker(payload: dict[str, Any]) -> int:
 
 
 def _measure_ttft(checkpoints: dict[str, str], prompt_len: int, rounds: int, out: Path) -> dict[str, Any]:
-    from krakenlm.parallel.launch import spawn
-
     payload = {"checkpoints": checkpoints, "prompt_len": prompt_len, "rounds": rounds, "warmup": 2, "out": str(out)}
     if spawn(_ttft_worker, 2, payload, grace=60) != 0:
         raise RuntimeError("TTFT measurement failed (see the ranks' messages above)")
@@ -130,14 +129,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     tok = get_tokenizer("gpt2")
     single = generate(load_model(checkpoints["kraken"]), [tok.encode(PROMPT)], 40).tokens[0]
-    from krakenlm.parallel.launch import generate_tp
-
     _say("generating with the trained Kraken on 2 tensor-parallel ranks:")
     tp_args = argparse.Namespace(checkpoint=checkpoints["kraken"], preset=None, config=None, seed=0, tp=2,
                                  dtype="fp32", no_comm=False, timeout=60.0, prompt=[PROMPT], tokenizer="gpt2",
                                  max_new_tokens=40, trace=None)
-    from krakenlm.generate import SamplingConfig
-
     if generate_tp(tp_args, SamplingConfig()) != 0:
         return 1
     _say("single-device greedy output for comparison: " + repr(tok.decode(single)))

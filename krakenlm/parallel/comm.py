@@ -106,6 +106,7 @@ class DistComm:
         self.shard_size = len(plan.shard_group(rank))
         self.exchange_size = len(plan.exchange_group(rank))
         self.timeline = Timeline()
+        self._layer = -1  # the layer now running, for labelling collectives
 
     @staticmethod
     def _my_group(groups: list[list[int]], rank: int):
@@ -133,8 +134,6 @@ class DistComm:
             event.end = time.perf_counter()
             event.exposed = event.end - event.start
         return x
-
-    _layer = -1
 
     def layer_begin(self, layer: int) -> None:
         self._layer = layer
