@@ -2,17 +2,19 @@
 
 Composition of one layer on one chip (all times per forward):
 
-    compute  C = (2 * matmul params * tokens + 4 * tokens * context * q_width) / chips
-                 / (peak[dtype] * matmul_eff)                      # attention FLOPs included here
+    compute  C = 2 * matmul params * tokens / chips / (peak[dtype] * matmul_eff)
+               + 4 * tokens * context * q_width / chips / (peak[dtype] * matmul_eff * attention_eff)
     memory   M = (weight bytes read + KV bytes read/written) / (memory_bw * memory_eff)
     comm     X = sum of the layout's collectives (collectives.py; link_bw * comm_eff)
+    (matmul_eff, attention_eff and memory_eff may be per dtype; attention_eff is 1 unless calibrated)
     overlap "none":  layer = max(C, M) + X + layer_overhead_s       (default)
     overlap "full":  layer = max(C, M, X) + layer_overhead_s
     Kraken:  layer = max(max(C_attn, M_attn), X_overlapped) + max(C_ffn, M_ffn) + X_blocking + overhead
              (the previous layer's all-reduce runs under this layer's attention; layer 0 has none)
 
 A phase is n_layer layers plus the LM head (2*V*E FLOPs per sequence, prefill: only the last
-position is projected) and, for Kraken, the conjunction (local matmul + one all-reduce of B*d).
+position is projected; split over the chips, or whole on each with ``Layout(head="replicated")``)
+and, for Kraken, the conjunction (local matmul + one all-reduce of B*d).
 Prefill processes B*prompt tokens with causal attention (mean context (prompt+1)/2); a decode step
 processes B tokens at the mean context prompt + generate/2; decode time = generate * step.
 MFU = 2 * num_params * tokens / (chips * peak * time) (the paper's definition; attention excluded).
@@ -47,6 +49,7 @@ PHASES = ("prefill", "decode")
 OVERLAP = ("none", "full")
 PREFILL_LAYOUTS = FFN_LAYOUTS
 DECODE_LAYOUTS = ("1d-ws", "2d-ws")  # the paper always decodes weight-stationary
+LM_HEAD = ("sharded", "replicated")
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,18 @@ class Workload:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a phase is partitioned: FFN layout (or "kraken"), attention sharding, number of chips."""
+    """How a phase is partitioned: FFN layout (or "kraken"), attention sharding, number of chips, and
+    whether the LM head is split over the vocabulary ("sharded", usual for tensor parallelism) or
+    computed whole on every chip ("replicated", what the krakenlm runtime does)."""
 
     ffn: str
     attention: str = "heads"
     chips: int = 1
+    head: str = "sharded"
 
     def __post_init__(self) -> None:
+        if self.head not in LM_HEAD:
+            raise ConfigError(f"layout: head must be one of {LM_HEAD}, got {self.head!r}")
         if self.ffn not in FFN_LAYOUTS + (KRAKEN_LAYOUT,):
             raise ConfigError(f"layout: must be one of {FFN_LAYOUTS + (KRAKEN_LAYOUT,)}, got {self.ffn!r}")
         if self.attention not in ATTENTION:
@@ -194,8 +202,8 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
     context = (workload.prompt + 1) / 2 if phase == "prefill" else workload.prompt + workload.generate / 2
     tokens = b * seq_len
     w_bytes, a_bytes = BYTES[workload.dtype], workload.act_bytes
-    flop_rate = hw.peak(workload.dtype) * hw.matmul_eff
-    mem_rate = hw.memory_bw * hw.memory_eff
+    flop_rate, attn_rate = hw.flop_rate(workload.dtype), hw.attention_rate(workload.dtype)
+    mem_rate = hw.memory_rate(workload.dtype)
     q_width = config.n_head * config.head_size * config.n_sub
     attn_p, ffn_p = _attn_ffn_params(config)
     attn_p, ffn_p = attn_p * config.n_sub, ffn_p * config.n_sub
@@ -218,7 +226,7 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
             ops += [CommOp("all_to_all", tokens * qkv / n, everyone),
                     CommOp("all_to_all", tokens * config.n_head * config.head_size / n, everyone)]
     blocking, overlapped = _ops_time(ops, hw, a_bytes, w_bytes)
-    c_attn = (2 * tokens * attn_p / n + attn_flops) / flop_rate
+    c_attn = 2 * tokens * attn_p / n / flop_rate + attn_flops / attn_rate
     c_ffn = 2 * tokens * ffn_p / n / flop_rate
     m_attn = (attn_p * fraction * w_bytes + kv_rw) / mem_rate
     m_ffn = ffn_p * fraction * w_bytes / mem_rate
@@ -235,16 +243,17 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
     else:
         layers = config.n_layer * (max(compute, memory) + blocking + overlapped)
     # Head: LM head on the last position of each sequence (plus Kraken's conjunction).
-    head_p = config.vocab_size * config.n_embd + (config.n_sub * config.n_embd ** 2 if kraken else 0)
-    c_head = 2 * b * head_p / n / flop_rate
-    m_head = head_p * w_bytes / n / mem_rate
+    vocab_p = config.vocab_size * config.n_embd / (n if layout.head == "sharded" else 1)
+    head_p = vocab_p + (config.n_sub * config.n_embd ** 2 / n if kraken else 0)
+    c_head = 2 * b * head_p / flop_rate
+    m_head = head_p * w_bytes / mem_rate
     x_head = collective_time("all_reduce", b * config.n_embd * a_bytes, Group((n,)), hw) if kraken else 0.0
     overhead = config.n_layer * hw.layer_overhead_s
     time_s = layers + max(c_head, m_head) + x_head + overhead
     n_comm_layers = config.n_layer - 1 if kraken else config.n_layer
     comm = config.n_layer * blocking + n_comm_layers * overlapped + x_head
     exposed = time_s - overhead - config.n_layer * max(compute, memory) - max(c_head, m_head)
-    flops = config.n_layer * (compute * flop_rate) + c_head * flop_rate
+    flops = config.n_layer * (2 * tokens * (attn_p + ffn_p) / n + attn_flops) + c_head * flop_rate
     mfu = 2 * config.num_params() * tokens / (n * hw.peak(workload.dtype) * time_s)
     return PhaseEstimate(
         phase=phase, layout=str(layout), tokens=tokens, time_s=time_s,

@@ -58,8 +58,7 @@ def plot_roofline(path: str | Path, hw: Hardware | None = None, model: str = "pa
     hw = hw or load_hardware("tpu-v4")
     cfg = get_preset(model)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    peak = hw.peak("bf16") * hw.matmul_eff
-    bw = hw.memory_bw * hw.memory_eff
+    peak, bw = hw.flop_rate("bf16"), hw.memory_rate("bf16")
     xs = [2 ** i for i in range(-2, 20)]
     ax.loglog(xs, [min(peak, x * bw) for x in xs], "k-", label="roofline")
     for phase, marker in (("prefill", "o"), ("decode", "s")):
