@@ -3,10 +3,16 @@
 krakenlm stores Kraken's N sub-layers as stacked weights [N, ...] and runs them as batched matmuls;
 the authors' code (nanoGPT-derived) holds N separate sub-layer modules and calls them in a Python
 loop. Both models here get the same weights and the same batch; the script first checks that they
-give the same loss, then times full training steps (forward, loss, backward, AdamW), interleaving the
-two implementations so machine noise hits both alike, in fp32 and with bf16 autocast.
+give the same loss, then times full training steps (forward, loss, backward, clip, AdamW), interleaving
+the implementations so machine noise hits all alike, in fp32 and with bf16 autocast:
 
-    python benchmarks/train_step_speed.py [--preset kraken-125m-2way] [--batch 4] [--seq 256] [--steps 3]
+- krakenlm: the stacked model with the trainer's optimizer (`make_optimizer`, fused AdamW);
+- reference: the authors' structure with their optimizer (nanoGPT: fused AdamW on CUDA only);
+- reference+fused: the authors' structure with krakenlm's optimizer, which isolates the model layout.
+
+On CPU it also profiles one reference step and reports its GEMM time, the floor no layout can remove.
+
+    python benchmarks/train_step_speed.py [--preset kraken-125m-2way] [--batch 4] [--seq 256] [--steps 5]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 from krakenlm.checkpoint import build_model
 from krakenlm.config import ModelConfig
 from krakenlm.model import Transformer
+from krakenlm.train import make_optimizer
 
 
 class RefBlock(nn.Module):
@@ -105,10 +113,22 @@ def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
 
 
-def make_step(model: nn.Module, x: Tensor, y: Tensor, autocast: torch.dtype | None, device: torch.device):
+def nanogpt_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """The authors' (nanoGPT's) optimizer: decay on >=2-D tensors, fused AdamW only on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def fused_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """The reference structure with krakenlm's optimizer: isolates what the model layout alone buys."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+
+def make_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, autocast: torch.dtype | None,
+              device: torch.device) -> Callable[[], float]:
     """A closure running one training step (forward, backward, clip, AdamW) and returning its seconds."""
-    # decay on every tensor: which tensors decay does not change the cost of a step
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step() -> float:
         if device.type == "cuda":
@@ -128,12 +148,23 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor, autocast: torch.dtype | No
     return step
 
 
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul")
+
+
+def gemm_seconds(step: Callable[[], float]) -> tuple[float, float]:
+    """(GEMM seconds, step seconds) of one profiled step: the GEMMs are a floor no layout can remove."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        total = step()
+    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
+    return gemm, total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="kraken-125m-2way")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation and dtype")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation and dtype")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results here")
@@ -160,8 +191,13 @@ def main() -> None:
                "torch": torch.__version__, "loss": {"krakenlm": ours_loss, "reference": ref_loss}, "dtypes": {}}
     dtypes = {"fp32": None, "bf16": torch.bfloat16}
     for name in args.dtypes.split(","):
-        steps = {"krakenlm": make_step(ours, x, y, dtypes[name], device),
-                 "reference": make_step(ref, x, y, dtypes[name], device)}
+        # ours and the reference each own their weights; the two reference optimizers share the reference's
+        # weights, which is harmless for timing (the loss check above ran before any step)
+        steps = {
+            "krakenlm": make_step(ours, make_optimizer(ours, 1e-4, (0.9, 0.95), 0.1), x, y, dtypes[name], device),
+            "reference": make_step(ref, nanogpt_optimizer(ref, device), x, y, dtypes[name], device),
+            "reference+fused": make_step(ref, fused_optimizer(ref, device), x, y, dtypes[name], device),
+        }
         for step in steps.values():  # warm-up: allocator, kernels, optimizer state
             step()
         times: dict[str, list[float]] = {k: [] for k in steps}
@@ -170,11 +206,17 @@ def main() -> None:
             for impl in order:
                 times[impl].append(steps[impl]())
         med = {k: statistics.median(v) for k, v in times.items()}
-        speedup = med["reference"] / med["krakenlm"]
-        results["dtypes"][name] = {"seconds": times, "median": med, "speedup": speedup}
-        print(f"{name}: krakenlm {med['krakenlm'] * 1e3:8.1f} ms/step   reference {med['reference'] * 1e3:8.1f} "
-              f"ms/step   speedup x{speedup:.2f}   (steps: " + ", ".join(
-                  f"{k} " + " ".join(f"{t * 1e3:.0f}" for t in v) for k, v in times.items()) + ")")
+        ratios = {k: statistics.median(r / o for r, o in zip(times[k], times["krakenlm"], strict=True))
+                  for k in ("reference", "reference+fused")}
+        gemm, profiled = gemm_seconds(steps["reference"]) if device.type == "cpu" else (float("nan"), float("nan"))
+        results["dtypes"][name] = {"seconds": times, "median": med, "speedup": ratios["reference"],
+                                   "speedup_same_optimizer": ratios["reference+fused"],
+                                   "reference_gemm_seconds": gemm, "reference_profiled_step": profiled}
+        print(f"{name}: " + "   ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items())
+              + f"   speedup x{ratios['reference']:.2f} (same optimizer x{ratios['reference+fused']:.2f})")
+        if device.type == "cpu":
+            print(f"  reference step profiled: GEMMs {gemm * 1e3:.0f} of {profiled * 1e3:.0f} ms; a layout that "
+                  f"removed all other work would be at most x{med['reference'] / gemm:.2f} faster")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -18,7 +18,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, InputError
 from krakenlm.generate import generate
 from krakenlm.model import Transformer
-from krakenlm.train import TrainConfig, lr_at, param_groups, perplexity, prepare, train
+from krakenlm.train import TrainConfig, lr_at, make_optimizer, param_groups, perplexity, prepare, train
 from krakenlm.train.data import gather_windows, load_tokens, window_starts
 from krakenlm.train.trainer import LATEST, MANIFEST, METRICS_FILE, read_metrics
 
@@ -116,6 +116,24 @@ def test_weight_decay_only_on_matrices(arch, bias):
     want = {"wte.weight", "wpe.weight", "layers.0.attn.qkv_weight", "layers.1.mlp.down_weight"}
     assert want <= names and (("conj_weight" in names) == (arch == "kraken"))
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_fused_optimizer_steps_like_the_unfused_one():
+    """make_optimizer's fused AdamW (one pass per step) must update weights as the foreach AdamW does."""
+    cfg = ModelConfig(**(TINY | dict(arch="kraken", n_sub=2)))
+    models = [Transformer(cfg), Transformer(cfg)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], 1e-2, (0.9, 0.95), 0.1)
+    plain = torch.optim.AdamW(param_groups(models[1], 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
+    idx = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, opt in zip(models, (fused, plain), strict=True):
+            F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # checkpoints ---------------------------------------------------------------------------------------

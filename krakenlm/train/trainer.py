@@ -170,6 +170,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, fused into one kernel per step on CPU and CUDA.
+
+    The unfused (foreach) AdamW makes ~10 passes over every fp32 parameter-sized tensor; the fused one
+    makes one, which is 0.2-0.25 s of a 1.8 s Kraken-125M training step on a 2-core CPU.
+    """
+    params = param_groups(model, weight_decay)
+    device = next(model.parameters()).device
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, fused=fused)
+
+
 # Checkpoint files ---------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -413,8 +425,7 @@ class Trainer:
         else:
             self.model.reset_parameters(cfg.seed)
         self.model.to(self.dist.device).train()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        self.optimizer = make_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.sampler = WindowSampler(load_tokens(cfg.data, "train"), self.block, cfg.batch_size, self.accum,
                                      self.dist.world, self.dist.rank, cfg.seed)
         self.val_tokens = load_tokens(cfg.data, "val")
