@@ -17,9 +17,14 @@ Record format (one JSON object per measurement; a list of them, or {"records": [
     generate    decode steps the mean was taken over (context = prompt_len + generate/2); default 0
     layout      e.g. "1d-ws" or "2d-ws/attn-batch"; default "kraken" for Kraken models, else "1d-ws"
                 (Megatron tensor parallelism, what the krakenlm runtime does)
+    lm_head     "replicated" (default: the krakenlm runtime computes the whole LM head on every rank)
+                or "sharded" (split over the vocabulary, as Megatron and the TPU system do)
 
 The fit is Levenberg-Marquardt on log(predicted) - log(measured) over the log of each fitted field,
-so every point weighs by its relative error.
+so every point weighs by its relative error. ``matmul_eff``, ``attention_eff`` and ``memory_eff``
+are fitted once per dtype when the records hold several (bf16 and fp32 kernels are different code).
+Held-out error: ``leave_one_out`` refits without each point in turn; ``evaluate`` scores a fitted spec
+on other records.
 """
 
 from __future__ import annotations
@@ -33,13 +38,17 @@ from typing import Any
 import numpy as np
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.estimator import Layout, Workload, phase_estimate
-from krakenlm.costmodel.hardware import Hardware
+from krakenlm.costmodel.estimator import LM_HEAD, Layout, Workload, phase_estimate
+from krakenlm.costmodel.hardware import PER_DTYPE, Hardware, compute_dtype
 from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 
-FIT_FIELDS = ("matmul_eff", "memory_eff", "comm_eff", "alpha", "layer_overhead_s")
+FIT_FIELDS = ("matmul_eff", "attention_eff", "memory_eff", "comm_eff", "alpha", "layer_overhead_s", "link_bw")
+# Bounds of log(field): efficiencies cannot exceed 1 and latencies stay below a second, so a field no
+# point is bound by cannot run away; link_bw (a loopback's bandwidth is not known beforehand) 1 MB/s-10 TB/s.
+_LOG_BOUNDS = {"link_bw": (math.log(1e6), math.log(1e13))}
+_DEFAULT_BOUNDS = (-25.0, 0.0)
 REQUIRED = ("arch", "tp", "batch", "prompt_len", "dtype", "phase", "link_gbps", "seconds")
 
 
@@ -58,21 +67,25 @@ class Point:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The fitted spec and how well it explains the measurements."""
+    """The fitted spec and how well it explains the measurements it was fitted to."""
 
     hardware: Hardware
-    fitted: dict[str, float]
-    rows: list[dict[str, Any]]  # label, measured, predicted_before, predicted_after, error_pct
+    fitted: dict[str, float]  # "matmul_eff" or, fitted per dtype, "matmul_eff[bf16]" -> value
+    rows: list[dict[str, Any]]  # label, measured, predicted_before, predicted (after the fit), error_pct
     mdape_before: float  # median absolute percentage error, %
     mdape_after: float
 
+    def factors(self) -> str:
+        """The fitted values on one line."""
+        return ", ".join(f"{k}={v:.4g}" for k, v in self.fitted.items())
+
     def table(self) -> str:
-        lines = [f"{'point':<48} {'measured':>11} {'before':>11} {'after':>11} {'err %':>7}"]
+        lines = [f"{'point':<52} {'measured':>11} {'before':>11} {'after':>11} {'err %':>7}"]
         for r in self.rows:
-            lines.append(f"{r['label']:<48} {r['measured']:>11.4g} {r['predicted_before']:>11.4g} "
-                         f"{r['predicted_after']:>11.4g} {r['error_pct']:>7.1f}")
+            lines.append(f"{r['label']:<52} {r['measured']:>11.4g} {r['predicted_before']:>11.4g} "
+                         f"{r['predicted']:>11.4g} {r['error_pct']:>7.1f}")
         lines.append(f"median |error|: {self.mdape_before:.1f}% before, {self.mdape_after:.1f}% after; "
-                     + ", ".join(f"{k}={v:.4g}" for k, v in self.fitted.items()))
+                     + self.factors())
         return "\n".join(lines)
 
 
@@ -99,21 +112,29 @@ def parse_record(rec: dict[str, Any]) -> Point:
     gbps = rec["link_gbps"]
     if gbps is not None and (not isinstance(gbps, (int, float)) or gbps <= 0):
         raise ConfigError(f"calibration record: link_gbps must be positive or null, got {gbps!r}")
+    head = rec.get("lm_head", "replicated")
+    if head not in LM_HEAD:
+        raise ConfigError(f"calibration record: lm_head must be one of {LM_HEAD}, got {head!r}")
     tp = rec["tp"]
     default = KRAKEN_LAYOUT if config.arch == "kraken" else "1d-ws"
     ffn, _, attn = str(rec.get("layout", default)).partition("/")
-    layout = Layout(ffn, attn.removeprefix("attn-") or "heads", tp)
+    layout = Layout(ffn, attn.removeprefix("attn-") or "heads", tp, head)
     workload = Workload(batch=rec["batch"], prompt=rec["prompt_len"], generate=rec.get("generate", 0),
                         dtype=rec["dtype"])
     name = rec.get("preset") or config.name or config.arch
-    label = f"{name} tp{tp} b{rec['batch']} L{rec['prompt_len']} {rec['phase']}" + (
+    label = f"{name} tp{tp} b{rec['batch']} L{rec['prompt_len']} {rec['dtype']} {rec['phase']}" + (
         f" {gbps:g}Gb/s" if gbps else "")
     return Point(config, workload, rec["phase"], layout, None if gbps is None else gbps * 1e9 / 8, float(seconds),
                  label)
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records from a JSON file: a list, {"records": [...]}, or JSON lines."""
+def load_records(path: str | Path, clean_only: bool = False) -> list[dict[str, Any]]:
+    """Records from a JSON file: a list, {"records": [...]}, or JSON lines.
+
+    ``clean_only`` drops the records of a `krakenlm bench` file's cells flagged
+    ``all_rounds_contaminated`` (no round ran without other processes' load, so the time measures
+    them as much as the model).
+    """
     try:
         text = Path(path).read_text()
     except OSError as err:
@@ -125,9 +146,16 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as err:
             raise ConfigError(f"calibration: {path} is neither JSON nor JSON lines: {err}") from err
-    if isinstance(data, dict):
-        data = data.get("records", [data])
-    return data
+    if not isinstance(data, dict):
+        return data
+    records = data.get("records", [data])
+    if clean_only:
+        # A record carries its cell's median, so (dtype, phase, seconds) identifies the cell it came from.
+        dirty = {(cell["dtype"], phase, v[phase]["median"]) for cell in data.get("cells", [])
+                 if cell.get("all_rounds_contaminated") for v in cell["variants"].values()
+                 for phase in ("prefill", "decode") if phase in v}
+        records = [r for r in records if (r.get("dtype"), r.get("phase"), r.get("seconds")) not in dirty]
+    return records
 
 
 def predict_point(point: Point, hw: Hardware) -> float:
@@ -137,8 +165,65 @@ def predict_point(point: Point, hw: Hardware) -> float:
     return phase_estimate(point.config, hw, point.workload, point.phase, point.layout).time_s
 
 
+def _parameters(hw: Hardware, fields: tuple[str, ...], points: list[Point],
+                per_dtype: bool) -> list[tuple[str, str | None]]:
+    """(field, dtype or None) for every fitted number: a PER_DTYPE field once per measured dtype when
+    ``per_dtype`` and the records hold several dtypes (or the spec already has a per-dtype mapping)."""
+    dtypes = sorted({compute_dtype(p.workload.dtype) for p in points})
+    out: list[tuple[str, str | None]] = []
+    for f in fields:
+        split = f in PER_DTYPE and (isinstance(getattr(hw, f), dict) or (per_dtype and len(dtypes) > 1))
+        out += [(f, d) for d in dtypes] if split else [(f, None)]
+    return out
+
+
+def _with_values(hw: Hardware, params: list[tuple[str, str | None]], values: list[float]) -> Hardware:
+    changes: dict[str, Any] = {}
+    for (f, d), v in zip(params, values, strict=True):
+        if d is None:
+            changes[f] = v
+        else:
+            changes.setdefault(f, {k: hw.eff(f, k) for k in hw.peak_flops})[d] = v
+    return hw.with_factors(**changes)
+
+
+def mdape(rows: list[dict[str, Any]]) -> float:
+    """Median absolute percentage error of rows with ``error_pct``."""
+    return float(np.median([abs(r["error_pct"]) for r in rows]))
+
+
+def markdown(rows: list[dict[str, Any]], held_out: list[dict[str, Any]] | None = None) -> str:
+    """Predicted vs measured per point as a markdown table (ms), with each point's held-out prediction
+    (e.g. ``leave_one_out``, same order) beside it when given, and the median |error| of each column."""
+    head = "| point | measured ms | predicted ms | error |"
+    rule = "|---|---:|---:|---:|"
+    if held_out is not None:
+        head += " held-out ms | held-out error |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    for i, r in enumerate(rows):
+        line = f"| {r['label']} | {r['measured'] * 1e3:.1f} | {r['predicted'] * 1e3:.1f} | {r['error_pct']:+.1f}% |"
+        if held_out is not None:
+            h = held_out[i]
+            line += f" {h['predicted'] * 1e3:.1f} | {h['error_pct']:+.1f}% |"
+        lines.append(line)
+    summary = f"| median \\|error\\| | | | {mdape(rows):.1f}% |"
+    lines.append(summary + (f" | {mdape(held_out):.1f}% |" if held_out is not None else ""))
+    return "\n".join(lines)
+
+
+def evaluate(hw: Hardware, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score ``hw`` on records it was not fitted to: label, measured, predicted, error_pct per point."""
+    rows = []
+    for p in (parse_record(r) for r in records):
+        pred = predict_point(p, hw)
+        rows.append({"label": p.label, "measured": p.seconds, "predicted": pred,
+                     "error_pct": 100 * (pred - p.seconds) / p.seconds})
+    return rows
+
+
 def calibrate(hw: Hardware, records: list[dict[str, Any]],
-              fields: tuple[str, ...] = ("matmul_eff", "memory_eff", "comm_eff"),
+              fields: tuple[str, ...] = ("matmul_eff", "memory_eff", "comm_eff"), per_dtype: bool = True,
               iterations: int = 200) -> Calibration:
     """Fit ``fields`` of ``hw`` so predictions match ``records`` (least squares in log space).
 
@@ -152,14 +237,15 @@ def calibrate(hw: Hardware, records: list[dict[str, Any]],
     points = [parse_record(r) for r in records]
     if not points:
         raise ConfigError("calibration: no records to fit")
+    params = _parameters(hw, fields, points, per_dtype)
     measured = np.log([p.seconds for p in points])
     floor = {"alpha": 1e-7, "layer_overhead_s": 1e-7}
-    theta = np.clip(np.log([max(getattr(hw, f), floor.get(f, 1e-6)) for f in fields]), -25.0, 0.0)
+    lo, hi = np.array([_LOG_BOUNDS.get(f, _DEFAULT_BOUNDS) for f, _ in params]).T
+    start = [getattr(hw, f) if d is None else hw.eff(f, d) for f, d in params]
+    theta = np.clip(np.log([max(v, floor.get(f, 1e-6)) for (f, _), v in zip(params, start, strict=True)]), lo, hi)
 
     def spec(th: np.ndarray) -> Hardware:
-        # Efficiencies cannot exceed 1 and latencies stay below a second: bounds keep an
-        # unidentifiable field (one no point is bound by) from running away.
-        return hw.with_factors(**{f: float(math.exp(min(max(v, -25.0), 0.0))) for f, v in zip(fields, th, strict=True)})
+        return _with_values(hw, params, [float(v) for v in np.exp(np.clip(th, lo, hi))])
 
     def residual(th: np.ndarray) -> np.ndarray:
         s = spec(th)
@@ -168,17 +254,17 @@ def calibrate(hw: Hardware, records: list[dict[str, Any]],
     r = residual(theta)
     cost, lam = float(r @ r), 1e-3
     for _ in range(iterations):
-        jac = np.empty((len(points), len(fields)))
-        for j in range(len(fields)):
-            step = np.zeros(len(fields))
+        jac = np.empty((len(points), len(params)))
+        for j in range(len(params)):
+            step = np.zeros(len(params))
             step[j] = 1e-5
             jac[:, j] = (r - residual(theta - step)) / 1e-5  # backward: theta may sit on the upper bound
         jtj = jac.T @ jac
         grad = jac.T @ r
-        improved = False
+        improved = done = False
         while lam < 1e10:
             delta = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), -grad)
-            cand = np.clip(theta + delta, -25.0, 0.0)
+            cand = np.clip(theta + delta, lo, hi)
             r_new = residual(cand)
             c_new = float(r_new @ r_new)
             if c_new < cost:
@@ -193,9 +279,21 @@ def calibrate(hw: Hardware, records: list[dict[str, Any]],
     fitted_hw = spec(theta)
     before = [predict_point(p, hw) for p in points]
     after = [predict_point(p, fitted_hw) for p in points]
-    rows = [{"label": p.label, "measured": p.seconds, "predicted_before": b, "predicted_after": a,
+    rows = [{"label": p.label, "measured": p.seconds, "predicted_before": b, "predicted": a,
              "error_pct": 100 * (a - p.seconds) / p.seconds} for p, b, a in zip(points, before, after, strict=True)]
+    fitted = {f if d is None else f"{f}[{d}]": (getattr(fitted_hw, f) if d is None else fitted_hw.eff(f, d))
+              for f, d in params}
     return Calibration(
-        hardware=fitted_hw, fitted={f: getattr(fitted_hw, f) for f in fields}, rows=rows,
+        hardware=fitted_hw, fitted=fitted, rows=rows,
         mdape_before=float(np.median([abs(r["predicted_before"] - r["measured"]) / r["measured"] * 100 for r in rows])),
-        mdape_after=float(np.median([abs(r["error_pct"]) for r in rows])))
+        mdape_after=mdape(rows))
+
+
+def leave_one_out(hw: Hardware, records: list[dict[str, Any]], **fit_options: Any) -> list[dict[str, Any]]:
+    """Each point predicted by a spec fitted to all the others (held-out error without a second data set);
+    ``fit_options`` go to ``calibrate``."""
+    rows = []
+    for i, rec in enumerate(records):
+        fit = calibrate(hw, records[:i] + records[i + 1:], **fit_options)
+        rows += evaluate(fit.hardware, [rec])
+    return rows

@@ -1,16 +1,17 @@
-"""`krakenlm predict` and `krakenlm plan`: argument parsing and printing for the cost model.
+"""`krakenlm predict`, `plan` and `calibrate`: argument parsing and printing for the cost model.
 
-The main CLI (krakenlm/cli.py) calls ``add_predict_parser`` and ``add_plan_parser``; handlers
-return an exit code and raise ConfigError for bad input (the main CLI prints it as one line).
+The main CLI (krakenlm/cli.py) calls the ``add_*_parser`` functions; handlers return an exit code
+and raise ConfigError for bad input (the main CLI prints it as one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, load_records
+from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, evaluate, leave_one_out, load_records, markdown, mdape
 from krakenlm.costmodel.estimator import OVERLAP, Estimate, PhaseEstimate, Workload, estimate
 from krakenlm.costmodel.hardware import DTYPES, load_hardware
 from krakenlm.costmodel.planner import OBJECTIVES, plan
@@ -135,17 +136,48 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     """`krakenlm calibrate`: fit a hardware spec's efficiency factors to `krakenlm bench` records."""
     p = subparsers.add_parser("calibrate", help="fit a hardware spec to measured benchmark records")
-    p.add_argument("--hardware", default="cpu-gloo", help="preset name or JSON spec to start from")
-    p.add_argument("--records", required=True, nargs="+", help="bench.json files (or record lists)")
+    p.add_argument("--hardware", default="cpu-gloo-nominal", help="preset name or JSON spec to start from")
+    p.add_argument("--records", required=True, nargs="+", help="bench.json files (or record lists) to fit")
     p.add_argument("--fields", default=",".join(FIT_FIELDS), help=f"comma-separated subset of {FIT_FIELDS}")
-    p.add_argument("--save", help="write the fitted spec as JSON here")
+    p.add_argument("--shared-eff", action="store_true",
+                   help="one matmul/attention/memory efficiency for all dtypes (default: one per dtype)")
+    p.add_argument("--validate", nargs="+", default=[], help="records to score the fitted spec on (held out)")
+    p.add_argument("--loo", action="store_true", help="also report leave-one-out (each point refitted without it)")
+    p.add_argument("--keep-contaminated", action="store_true",
+                   help="keep records of bench cells that had no clean round (dropped by default)")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables (ms) instead of the text table")
+    p.add_argument("--save", help="write the fitted spec as JSON here (named after the file)")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    records = [r for path in args.records for r in load_records(path)]
-    fit = calibrate(load_hardware(args.hardware), records, fields=tuple(args.fields.split(",")))
-    print(fit.table())
+    def records(paths: list[str]) -> list[dict]:
+        out = [r for path in paths for r in load_records(path, clean_only=not args.keep_contaminated)]
+        if paths and not out:
+            raise ConfigError(f"calibration: no usable records in {', '.join(paths)} "
+                              "(records of cells without a clean round are dropped unless --keep-contaminated)")
+        return out
+
+    fit_records, hw = records(args.records), load_hardware(args.hardware)
+    options = {"fields": tuple(args.fields.split(",")), "per_dtype": not args.shared_eff}
+    fit = calibrate(hw, fit_records, **options)
+    loo = leave_one_out(hw, fit_records, **options) if args.loo else None
+    held = evaluate(fit.hardware, records(args.validate)) if args.validate else None
+    if args.markdown:
+        print(markdown(fit.rows, loo))
+        print(f"\nFitted: {fit.factors()}")
+        if held:
+            print("\nHeld out (" + ", ".join(args.validate) + "):\n\n" + markdown(held))
+    else:
+        print(fit.table())
+        if loo:
+            print(f"leave-one-out median |error|: {mdape(loo):.1f}%")
+        if held:
+            print(f"held-out median |error| on {len(held)} records: {mdape(held):.1f}%")
     if args.save:
-        fit.hardware.save(args.save)
+        note = (f" Fitted by `krakenlm calibrate` from {hw.name} on {', '.join(args.records)} ({len(fit_records)} "
+                f"records): median |error| {fit.mdape_after:.1f}%"
+                + (f", leave-one-out {mdape(loo):.1f}%" if loo else "")
+                + (f", held out on {', '.join(args.validate)} {mdape(held):.1f}%" if held else "") + ".")
+        fit.hardware.with_factors(name=Path(args.save).stem, description=hw.description + note).save(args.save)
     return 0
