@@ -1,15 +1,36 @@
-"""Reproductions of published numbers: Pope et al. Tables 1-2, the layout switch points, and the
-Kraken paper's A100 TTFT study (20 configurations). Tests and docs/costmodel.md use these."""
+"""Reproductions of published numbers: Pope et al. Tables 1-2, the layout switch points, parameter
+counts, the Kraken paper's A100 TTFT study (20 configurations), and the calibration of this machine
+against our own benchmark records. Tests use the numbers; the ``*_markdown`` functions render the
+tables of docs/costmodel.md and the README (``python -m krakenlm.costmodel.studies`` prints them all),
+so the documentation is regenerated, never typed."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from krakenlm.config import ModelConfig
+from krakenlm.costmodel.calibrate import (
+    FIT_FIELDS,
+    Calibration,
+    calibrate,
+    evaluate,
+    leave_one_out,
+    load_records,
+    markdown,
+    mdape,
+)
 from krakenlm.costmodel.estimator import Workload, estimate, max_context
 from krakenlm.costmodel.hardware import Hardware, load_hardware
-from krakenlm.costmodel.layouts import MatPair, make_mesh, switch_points
+from krakenlm.costmodel.layouts import (
+    MatPair,
+    comm_elements,
+    continuous_ws_elements,
+    make_mesh,
+    pair_ops,
+    switch_points,
+)
 from krakenlm.presets import get_preset
 
 PAPER_KRAKEN_SPEEDUP = 0.356  # Kraken paper: geometric-mean TTFT improvement over standard TP
@@ -29,6 +50,9 @@ TABLE2 = {
     "high-throughput decode": (512 * 64, 6.0, 33),
 }
 KRAKEN_SIZES = ("1.3b", "6.7b", "13b", "65b", "175b")
+PAPER_SWITCH_POINTS = (18_432, 73_728, 1_179_648)  # Pope: 2D-WS -> WG-X -> WG-XY -> WG-XYZ, tokens
+PAPER_PARAMS = {"palm-8b": 8.6e9, "palm-62b": 62.5e9, "palm-540b": 540e9, "mt-nlg-530b": 530e9}
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"  # the shipped benchmark records
 
 
 def table1_variant(name: str) -> tuple[ModelConfig, str]:
@@ -129,3 +153,171 @@ def table2_records() -> list[dict]:
         dict(base, batch=512, prompt_len=1984, generate=64, dtype="bf16", phase="decode", seconds=6.0 / 64,
              layout="2d-ws/attn-batch"),
     ]
+
+
+# Markdown renderings ------------------------------------------------------------------------------
+def _pct(ours: float, paper: float) -> str:
+    return f"{100 * (ours - paper) / paper:+.1f}%"
+
+
+def table1_markdown() -> str:
+    """Pope Table 1 (max context, PaLM 540B, 64 chips, 30% of HBM for KV): ours vs paper."""
+    lines = ["| variant | B=128 ours | paper | diff | B=512 ours | paper | diff |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, ours in table1().items():
+        cells = [f"{o:,} | {p:,} | {_pct(o, p)}" for o, p in zip(ours, TABLE1[name], strict=True)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table2_markdown() -> str:
+    """Pope Table 2's MFU recomputed from its printed latencies (N = 540e9) vs the printed MFU."""
+    lines = ["| column | tokens | latency | MFU recomputed | paper |", "|---|---:|---:|---:|---:|"]
+    for name, mfu in table2_mfu().items():
+        tokens, seconds, paper = TABLE2[name]
+        lines.append(f"| {name} | {tokens:,} | {seconds:g} s | {mfu:.2f}% | {paper}% |")
+    return "\n".join(lines)
+
+
+def crossover_chips(f_over_e: float, e: int = 18432) -> float:
+    """Chips at which 2D weight-stationary traffic (continuous optimum X) falls to 1D's, by bisection."""
+    f = f_over_e * e
+
+    def gap(n: float) -> float:
+        return continuous_ws_elements("2d-ws", e, f, n, 1.0) - continuous_ws_elements("1d-ws", e, f, n, 1.0)
+
+    lo, hi = 1.0, 1e6
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
+    return hi
+
+
+def crossover_markdown() -> str:
+    """Where 2D beats 1D weight-stationary: the continuous crossover vs the paper's n = 4F/E, and the
+    per-token traffic of an F = 4E pair on discrete meshes."""
+    lines = ["| F/E | 2D = 1D at n (ours) | paper 4F/E |", "|---:|---:|---:|"]
+    lines += [f"| {r} | {crossover_chips(r):.2f} | {4 * r} |" for r in (3, 4, 8)]
+    lines += ["", "| chips | mesh | 1D elements/token | 2D elements/token | 2D / 1D |", "|---:|---|---:|---:|---:|"]
+    pair = MatPair(4096, 16384, 16384)
+    for n in (8, 16, 64):
+        mesh = make_mesh(n, (4, 4, 4) if n == 64 else ())
+        one, two = (comm_elements(pair_ops(lay, pair, 1.0, mesh)) for lay in ("1d-ws", "2d-ws"))
+        lines.append(f"| {n} | {'x'.join(map(str, mesh))} | {one:,.0f} | {two:,.0f} | {two / one:.2f} |")
+    return "\n".join(lines)
+
+
+def switch_points_markdown() -> str:
+    """Pope's weight-gathered switch points (PaLM 540B FFN, 4x4x4): ours vs paper, in tokens per batch."""
+    lines = ["| switch | tokens (ours) | paper |", "|---|---:|---:|"]
+    for (tokens, a, b), paper in zip(palm_switch_points(), PAPER_SWITCH_POINTS, strict=True):
+        lines.append(f"| {a} -> {b} | {tokens:,.0f} | {paper:,} |")
+    return "\n".join(lines)
+
+
+def palm_param_formula(config: ModelConfig) -> int:
+    """Pope's PaLM count: n_layers*(3EF + 2E*H*d_head + 2E*d_head) + 256000*E (norms excluded)."""
+    e, f, hd = config.n_embd, config.ffn_size, config.head_size
+    return config.n_layer * (3 * e * f + 2 * e * config.n_head * hd + 2 * e * hd) + 256000 * e
+
+
+def param_counts_markdown() -> str:
+    """ModelConfig.num_params for the paper's models vs Pope's formula (PaLM) and the published sizes."""
+    lines = ["| model | num_params (ours) | Pope formula | published | diff |", "|---|---:|---:|---:|---:|"]
+    for name, paper in PAPER_PARAMS.items():
+        config = get_preset(name)
+        n = config.num_params()
+        formula = f"{palm_param_formula(config) / 1e9:.2f}e9" if name.startswith("palm") else "-"
+        lines.append(f"| {name} | {n / 1e9:.2f}e9 | {formula} | {paper / 1e9:g}e9 | {_pct(n, paper)} |")
+    return "\n".join(lines)
+
+
+def kraken_study_markdown(rows: list[KrakenRow] | None = None) -> str:
+    """The 20 A100 configurations: predicted TTFT per architecture and speedups, with geometric means."""
+    rows = rows or kraken_study()
+    lines = ["| size | prompt | TP | standard ms | parallel ms | Kraken ms | parallel speedup | Kraken speedup |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.size} | {r.prompt} | {r.tp} | {r.standard * 1e3:.3f} | {r.parallel * 1e3:.3f} | "
+              f"{r.kraken * 1e3:.3f} | {r.parallel_speedup:.3f}x | {r.speedup:.3f}x |" for r in rows]
+    lines.append(f"| geometric mean | | | | | | {geomean([r.parallel_speedup for r in rows]):.3f}x | "
+                 f"{geomean([r.speedup for r in rows]):.3f}x (paper {1 + PAPER_KRAKEN_SPEEDUP:.3f}x) |")
+    return "\n".join(lines)
+
+
+def kraken_speedup_grid_markdown(rows: list[KrakenRow] | None = None) -> str:
+    """Predicted Kraken TTFT speedups as a size x (prompt, TP) grid; the paper's per-configuration values
+    are only in its figures (reference/kraken.md gives the geometric mean), so that is the comparison."""
+    rows = rows or kraken_study()
+    cols = [(p, t) for p in (128, 2048) for t in (4, 8)]
+    by = {(r.size, r.prompt, r.tp): r.speedup for r in rows}
+    lines = ["| size | " + " | ".join(f"L{p} TP{t}" for p, t in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {s} | " + " | ".join(f"{by[(s, p, t)]:.2f}x" for p, t in cols) + " |" for s in KRAKEN_SIZES]
+    lines.append(f"\nGeometric mean {geomean(list(by.values())):.3f}x; paper (measured, TensorRT-LLM): "
+                 f"{1 + PAPER_KRAKEN_SPEEDUP:.3f}x.")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A fit to one part of the records scored on the rest, which it never saw."""
+
+    name: str
+    fit: Calibration
+    rows: list[dict]
+
+
+@dataclass(frozen=True)
+class CpuCalibration:
+    """This machine's calibration: ``fit`` is cpu-gloo-nominal fitted to the merged records
+    (bench-124m-t512.json; the bundled cpu-gloo spec), ``loo`` each of its points predicted by a fit
+    without it, ``held_out`` fits to part of the data predicting another part."""
+
+    fit: Calibration
+    loo: list[dict]
+    held_out: list[HeldOut]
+
+    def markdown(self) -> str:
+        parts = [markdown(self.fit.rows, self.loo), "",
+                 f"In-sample median |error| {self.fit.mdape_after:.1f}% (the nominal spec before fitting: "
+                 f"{self.fit.mdape_before:.1f}%), leave-one-out {mdape(self.loo):.1f}%. "
+                 f"Fitted: {self.fit.factors()}."]
+        for h in self.held_out:
+            parts += ["", f"Held out, {h.name} (fit in-sample {h.fit.mdape_after:.1f}%, held out "
+                      f"{mdape(h.rows):.1f}%):", "", markdown(h.rows)]
+        return "\n".join(parts)
+
+
+def cpu_calibration(results: Path = RESULTS) -> CpuCalibration:
+    """Fit and validate the cpu-gloo spec on the shipped records (records of cells without a clean round
+    dropped). Held out: (1) the loopback run (run2) predicting run1's 1 Gbit/s cells, comm_eff left at 1
+    since loopback alone cannot tell link bandwidth from link efficiency; (2) gpt and parallel points
+    predicting every Kraken point."""
+    nominal = load_hardware("cpu-gloo-nominal")
+    merged = load_records(results / "bench-124m-t512.json", clean_only=True)
+    loopback = load_records(results / "bench-124m-t512-run2-loopback.json", clean_only=True)
+    shaped = [r for r in load_records(results / "bench-124m-t512-run1.json", clean_only=True) if r["link_gbps"]]
+    held = []
+    for name, train, test, fields in (
+            ("fitted to the loopback run, predicting the 1 Gbit/s cells", loopback, shaped,
+             tuple(f for f in FIT_FIELDS if f != "comm_eff")),
+            ("fitted to gpt and parallel, predicting Kraken", [r for r in merged if r["arch"] != "kraken"],
+             [r for r in merged if r["arch"] == "kraken"], FIT_FIELDS)):
+        fit = calibrate(nominal, train, fields=fields)
+        held.append(HeldOut(name, fit, evaluate(fit.hardware, test)))
+    return CpuCalibration(calibrate(nominal, merged, fields=FIT_FIELDS),
+                          leave_one_out(nominal, merged, fields=FIT_FIELDS), held)
+
+
+def all_markdown() -> str:
+    """Every generated table, under the headings docs/costmodel.md uses."""
+    return "\n\n".join([
+        "### Pope Table 1\n\n" + table1_markdown(), "### Pope Table 2 MFU\n\n" + table2_markdown(),
+        "### 2D vs 1D weight-stationary\n\n" + crossover_markdown(),
+        "### Weight-gathered switch points\n\n" + switch_points_markdown(),
+        "### Parameter counts\n\n" + param_counts_markdown(),
+        "### Kraken A100 TTFT study\n\n" + kraken_study_markdown() + "\n\n" + kraken_speedup_grid_markdown(),
+        "### Calibration on this CPU\n\n" + cpu_calibration().markdown()])
+
+
+if __name__ == "__main__":
+    print(all_markdown())
