@@ -17,7 +17,16 @@ from krakenlm.costmodel.layouts import (
     make_mesh,
     pair_ops,
 )
-from krakenlm.costmodel.studies import TABLE1, TABLE2, palm_switch_points, table1, table2_mfu
+from krakenlm.costmodel.studies import (
+    PAPER_SWITCH_POINTS,
+    TABLE1,
+    TABLE2,
+    crossover_chips,
+    palm_param_formula,
+    palm_switch_points,
+    table1,
+    table2_mfu,
+)
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 
@@ -60,6 +69,7 @@ def test_weight_gathered_switch_points_match_paper() -> None:
     points = palm_switch_points()
     assert [(round(t), a, b) for t, a, b in points] == [
         (18_432, "2d-ws", "wg-x"), (73_728, "wg-x", "wg-xy"), (1_179_648, "wg-xy", "wg-xyz")]
+    assert tuple(round(t) for t, _, _ in points) == PAPER_SWITCH_POINTS
 
 
 @pytest.mark.parametrize("ratio", [4, 3, 8])
@@ -70,6 +80,7 @@ def test_2d_beats_1d_exactly_above_4f_over_e_chips(ratio: int) -> None:
     assert two == pytest.approx(one)
     assert continuous_ws_elements("2d-ws", e, f, n0 + 1, 1000) < continuous_ws_elements("1d-ws", e, f, n0 + 1, 1000)
     assert continuous_ws_elements("2d-ws", e, f, n0 - 1, 1000) > continuous_ws_elements("1d-ws", e, f, n0 - 1, 1000)
+    assert crossover_chips(ratio) == pytest.approx(n0, rel=1e-6)
 
 
 def test_2d_vs_1d_on_discrete_meshes() -> None:
@@ -81,16 +92,10 @@ def test_2d_vs_1d_on_discrete_meshes() -> None:
     assert vol[64]["2d-ws"] == pytest.approx(vol[64]["1d-ws"] / 2)  # 8BLE/(sqrt(n)) vs 2BLE
 
 
-def _palm_formula(name: str) -> int:
-    c = get_preset(name)
-    e, f = c.n_embd, c.ffn_size
-    return c.n_layer * (3 * e * f + 2 * e * c.n_head * c.head_size + 2 * e * c.head_size) + 256000 * e
-
-
 @pytest.mark.parametrize("name,paper", [("palm-8b", 8.6e9), ("palm-62b", 62.5e9), ("palm-540b", 540e9)])
 def test_palm_param_counts(name: str, paper: float) -> None:
     n = get_preset(name).num_params()
-    assert abs(n - _palm_formula(name)) / n < 0.005
+    assert abs(n - palm_param_formula(get_preset(name))) / n < 0.005
     assert abs(n - paper) / paper < 0.01
 
 
@@ -162,6 +167,18 @@ def test_hardware_errors(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
         load_hardware(tmp_path / "bad.json")
+
+
+def test_per_dtype_efficiency_factors() -> None:
+    hw = A100.with_factors(matmul_eff={"bf16": 0.8, "fp16": 0.8, "tf32": 0.5, "fp32": 0.4})
+    assert hw.flop_rate("bf16") == pytest.approx(312e12 * 0.8)
+    assert hw.flop_rate("fp32") == pytest.approx(19.5e12 * 0.4)
+    assert hw.flop_rate("int8") == hw.flop_rate("bf16")  # weight-only int8 computes in bf16
+    assert hw.memory_rate("fp32") == pytest.approx(1.555e12 * 0.8)  # memory_eff stays one number
+    with pytest.raises(ConfigError, match="per-dtype matmul_eff"):
+        A100.with_factors(matmul_eff={"bf16": 0.8})  # every peak_flops dtype needs its factor
+    with pytest.raises(ConfigError, match="attention_eff"):
+        A100.with_factors(attention_eff=0)
 
 
 # KV cache and memory ------------------------------------------------------------------------------
@@ -255,3 +272,27 @@ def test_kraken_degree_mappings_all_estimate() -> None:
     times = {t: estimate(cfg, A100, Workload(prompt=512), t).ttft_s for t in (1, 2, 4, 8)}
     assert times[1] > times[2] > times[4] > times[8]
     assert math.isfinite(times[8])
+
+
+@pytest.mark.parametrize("name,layout", [("gpt-1.3b", "1d-ws"), ("parallel-1.3b", "2d-ws"), ("kraken4-1.3b", "kraken")])
+def test_attention_flops_are_in_compute_time_for_every_layout(name: str, layout: str) -> None:
+    cfg = get_preset(name)
+    wl = Workload(batch=2, prompt=1024)
+    lay = Layout(layout, chips=4)
+    base = phase_estimate(cfg, A100, wl, "prefill", lay)
+    slow = phase_estimate(cfg, A100.with_factors(attention_eff=0.5), wl, "prefill", lay)
+    # QK^T and AV: 4 * tokens * context * (total query width) per layer, causal mean context (L+1)/2.
+    attn = cfg.n_layer * 4 * wl.batch * wl.prompt * (wl.prompt + 1) / 2 * cfg.n_head * cfg.head_size * cfg.n_sub
+    assert slow.compute_s - base.compute_s == pytest.approx(attn / 4 / A100.flop_rate("bf16"), rel=1e-9)
+    assert slow.mfu < base.mfu  # MFU counts 2N per token only, so slower attention lowers it
+
+
+def test_replicated_lm_head_costs_every_chip_the_whole_vocabulary() -> None:
+    cfg = get_preset("gpt2-124m")
+    wl = Workload(batch=1, prompt=512, generate=8)
+    sharded = phase_estimate(cfg, A100, wl, "decode", Layout("1d-ws", chips=2))
+    whole = phase_estimate(cfg, A100, wl, "decode", Layout("1d-ws", chips=2, head="replicated"))
+    extra = cfg.vocab_size * cfg.n_embd / 2 * 2  # the other half of V*E, bf16
+    assert whole.time_s - sharded.time_s == pytest.approx(extra / A100.memory_rate("bf16"), rel=1e-9)
+    with pytest.raises(ConfigError, match="head"):
+        Layout("1d-ws", head="split")

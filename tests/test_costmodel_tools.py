@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 
-from krakenlm.costmodel.calibrate import calibrate, load_records, parse_record, predict_point
+from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, load_records, mdape, parse_record, predict_point
 from krakenlm.costmodel.cli import add_plan_parser, add_predict_parser
 from krakenlm.costmodel.estimator import Workload
 from krakenlm.costmodel.hardware import load_hardware
 from krakenlm.costmodel.planner import kraken_variants, plan
 from krakenlm.costmodel.plots import make_plots
-from krakenlm.costmodel.studies import PAPER_KRAKEN_SPEEDUP, geomean, kraken_study, table2_records
+from krakenlm.costmodel.studies import (
+    PAPER_KRAKEN_SPEEDUP,
+    RESULTS,
+    CpuCalibration,
+    cpu_calibration,
+    geomean,
+    kraken_speedup_grid_markdown,
+    kraken_study,
+    table1_markdown,
+    table2_records,
+)
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 
 A100 = load_hardware("a100-40gb-nvswitch")
-CPU = load_hardware("cpu-gloo")
+CPU = load_hardware("cpu-gloo-nominal")
 
 
 # Kraken latency study -----------------------------------------------------------------------------
@@ -82,16 +91,17 @@ def test_plan_reports_when_nothing_fits() -> None:
 
 
 # Calibration ----------------------------------------------------------------------------------------
-def _synthetic(truth) -> list[dict]:
+def _synthetic(truth, dtypes: tuple[str, ...] = ("bf16",)) -> list[dict]:
     recs = []
     for preset, arch, tp in [("gpt2-124m", "gpt", 2), ("mini-kraken-2way", "kraken", 2), ("gpt2-350m", "gpt", 2),
                              ("mini-gpt", "gpt", 1)]:
         for phase, batch, prompt in [("prefill", 1, 512), ("prefill", 4, 256), ("decode", 1, 128), ("decode", 8, 256)]:
             for gbps in (None, 1.0):
-                rec = {"arch": arch, "preset": preset, "tp": tp, "batch": batch, "prompt_len": prompt,
-                       "dtype": "bf16", "phase": phase, "link_gbps": gbps, "seconds": 1.0}
-                rec["seconds"] = predict_point(parse_record(rec), truth)
-                recs.append(rec)
+                for dtype in dtypes:
+                    rec = {"arch": arch, "preset": preset, "tp": tp, "batch": batch, "prompt_len": prompt,
+                           "dtype": dtype, "phase": phase, "link_gbps": gbps, "seconds": 1.0}
+                    rec["seconds"] = predict_point(parse_record(rec), truth)
+                    recs.append(rec)
     return recs
 
 
@@ -104,6 +114,19 @@ def test_calibration_recovers_known_factors(tmp_path) -> None:
         assert result.fitted[key] == pytest.approx(getattr(truth, key), rel=0.01)
     assert result.mdape_before > 10 and result.mdape_after < 0.1
     assert "median |error|" in result.table()
+
+
+def test_calibration_fits_one_efficiency_per_dtype() -> None:
+    truth = CPU.with_factors(matmul_eff={"bf16": 0.9, "fp32": 0.45}, memory_eff={"bf16": 0.4, "fp32": 0.65},
+                             comm_eff=0.5)
+    records = _synthetic(truth, ("bf16", "fp32"))
+    result = calibrate(CPU, records)
+    for key in ("matmul_eff", "memory_eff"):
+        for dtype in ("bf16", "fp32"):
+            assert result.fitted[f"{key}[{dtype}]"] == pytest.approx(truth.eff(key, dtype), rel=0.01)
+    assert result.mdape_after < 0.1
+    shared = calibrate(CPU, records, per_dtype=False)  # one factor cannot serve both kernels
+    assert "matmul_eff" in shared.fitted and shared.mdape_after > 10
 
 
 def test_calibration_fits_pope_table2() -> None:
@@ -169,11 +192,63 @@ def test_calibrate_cli_on_shipped_bench_results(tmp_path, capsys):
     from krakenlm.cli import main
 
     fitted = tmp_path / "fitted.json"
-    records = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-124m-t512.json"
+    records = RESULTS / "bench-124m-t512.json"
     assert main(["calibrate", "--records", str(records), "--save", str(fitted)]) == 0
     out = capsys.readouterr().out
     before, after = (float(x) for x in out.split("median |error|: ")[1].split("% before, ")[0:1]
                      + out.split("% before, ")[1].split("% after")[0:1])
-    assert after < before and fitted.exists()
+    assert after < 10 < before
+    spec = load_hardware(fitted)
+    assert spec.name == "fitted" and "bench-124m-t512.json (32 records)" in spec.description
+    assert main(["calibrate", "--records", str(RESULTS / "bench-124m-t512-run2-loopback.json"), "--markdown",
+                 "--fields", "matmul_eff,attention_eff,memory_eff,alpha,layer_overhead_s,link_bw",
+                 "--validate", str(RESULTS / "bench-124m-t512-run1.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| point | measured ms |" in out and "Held out" in out and out.count(" 1Gb/s |") == 12
     assert main(["calibrate", "--records", str(tmp_path / "missing.json")]) == 2
     assert "cannot read records" in capsys.readouterr().err
+
+
+def test_contaminated_cells_are_dropped_on_request() -> None:
+    run1 = RESULTS / "bench-124m-t512-run1.json"
+    everything, clean = load_records(run1), load_records(run1, clean_only=True)
+    assert len(everything) == 32  # run1's loopback cells had no clean round
+    assert len(clean) == 12 and all(r["link_gbps"] == 1.0 for r in clean if r["tp"] == 2)
+
+
+@pytest.fixture(scope="module")
+def cpu() -> CpuCalibration:
+    return cpu_calibration()
+
+
+def test_shipped_records_calibrate_within_10_percent_held_out(cpu) -> None:
+    assert cpu.fit.mdape_before > 30  # the nominal spec is far off
+    assert cpu.fit.mdape_after <= 10
+    assert mdape(cpu.loo) <= 10
+    for held in cpu.held_out:
+        assert mdape(held.rows) <= 10, held.name
+    assert "median \\|error\\|" in cpu.markdown()
+
+
+def test_shipped_records_need_per_dtype_efficiencies(cpu) -> None:
+    fitted = cpu.fit.fitted
+    # bf16 GEMMs (avx512_bf16) run at over twice the fp32 fraction of peak on this CPU.
+    assert fitted["matmul_eff[bf16]"] > 1.5 * fitted["matmul_eff[fp32]"]
+    assert all(0 < fitted[f"attention_eff[{d}]"] < 0.5 for d in ("bf16", "fp32"))  # attention < GEMM rate
+    shared = calibrate(CPU, load_records(RESULTS / "bench-124m-t512.json"), fields=FIT_FIELDS, per_dtype=False)
+    assert shared.mdape_after > 2 * cpu.fit.mdape_after
+
+
+def test_bundled_cpu_gloo_is_the_shipped_fit(cpu) -> None:
+    bundled = load_hardware("cpu-gloo")
+    for key, value in cpu.fit.fitted.items():
+        field, _, dtype = key.rstrip("]").partition("[")
+        got = bundled.eff(field, dtype) if dtype else getattr(bundled, field)
+        assert got == pytest.approx(value, rel=1e-6), key
+
+
+def test_validation_tables_render() -> None:
+    t1 = table1_markdown()
+    assert "| multiquery-batch | 42,653 | 43,000 | -0.8% |" in t1
+    grid = kraken_speedup_grid_markdown()
+    assert grid.count("\n| ") == 5 and "paper (measured, TensorRT-LLM): 1.356x" in grid
