@@ -2,7 +2,9 @@
 
 Native: a directory with ``config.json`` ({"format": "krakenlm", "config": {...}}) and
 ``model.safetensors`` holding the full, single-device state dict. A tensor-parallel rank reads only
-its slice of each tensor (safetensors slicing, krakenlm.model.sharding).
+its slice of each tensor (safetensors slicing, krakenlm.model.sharding). A directory may also carry
+``manifest.json`` (size and SHA-256 of every file; the trainer writes one per checkpoint): when it is
+there, loading verifies it, so a corrupt or modified checkpoint is never loaded silently.
 
 Imported: (a) the Kraken authors' nanoGPT-derived torch.save files, (b) nanoGPT GPT files, both
 loaded with ``torch.load(weights_only=True)`` so nothing but tensors and plain containers is ever
@@ -11,11 +13,12 @@ unpickled; (c) Hugging Face GPT-2 directories (config.json + model.safetensors).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
 FORMAT = "krakenlm"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
 
 # GPT-2 / nanoGPT / Kraken-authors per-block names -> native per-layer names (stacked over sub-layers).
 _BLOCK_KEYS = {
@@ -75,7 +79,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module
     check_state(state, config, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # created with the user's umask (mkdtemp would leave the checkpoint private, 0700)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         doc = {"format": FORMAT, "format_version": 1, "config": config.to_dict(), **(metadata or {})}
@@ -91,6 +96,60 @@ def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new entry in `path` durable (a crash after return cannot undo it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None:
+    """fsync every file in `directory` and record its size and SHA-256 in manifest.json, written last."""
+    files = {}
+    for file in sorted(directory.iterdir()):
+        if file.name == MANIFEST_FILE:
+            continue
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
+    (directory / MANIFEST_FILE).write_text(json.dumps({**(extra or {}), "files": files}, indent=2))
+    fsync_dir(directory)
+
+
+def verify_manifest(directory: str | Path, required: bool = False) -> dict[str, Any] | None:
+    """Check every file manifest.json lists (CheckpointError on any mismatch); None if there is none."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.exists():
+        if required:
+            raise CheckpointError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was never finished")
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        checks = [(name, int(want["bytes"]), str(want["sha256"])) for name, want in files.items()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+            AttributeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from err
+    for name, size, sha256 in checks:
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        if file.stat().st_size != size or _sha256(file) != sha256:
+            raise CheckpointError(f"{directory}: {name} does not match its checksum (corrupt or modified)")
+    return manifest
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -142,6 +201,7 @@ def load_state(path: str | Path, shard: Shard | None = None) -> tuple[ModelConfi
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "native":
+        verify_manifest(path)
         config = _native_config(path)
         return config, _read_native(path, config, shard or Shard.full(config))
     if fmt == "hf-gpt2":

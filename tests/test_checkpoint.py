@@ -1,5 +1,7 @@
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -167,3 +169,15 @@ def test_save_refuses_state_not_matching_config(tmp_path):
 def test_nonexistent_path():
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_model("/nonexistent/ckpt")
+
+
+def test_saved_checkpoint_directory_follows_the_umask(tmp_path):
+    """Checkpoints are shared artefacts: the atomic temp directory must not leave them private (0700)."""
+    old = os.umask(0o022)
+    try:
+        model = build_model(config=tiny("gpt"), seed=0)
+        path = save_checkpoint(tmp_path / "ck", model, model.config)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left behind

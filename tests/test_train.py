@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from krakenlm.checkpoint import load_model
+from krakenlm.checkpoint import MANIFEST_FILE, load_model
 from krakenlm.cli import main as cli_main
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, InputError
@@ -20,7 +20,7 @@ from krakenlm.generate import generate
 from krakenlm.model import Transformer
 from krakenlm.train import TrainConfig, lr_at, make_optimizer, param_groups, perplexity, prepare, train
 from krakenlm.train.data import gather_windows, load_tokens, window_starts
-from krakenlm.train.trainer import LATEST, MANIFEST, METRICS_FILE, read_metrics
+from krakenlm.train.trainer import LATEST, METRICS_FILE, read_metrics
 
 WORDS = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "fool", "speak", "thou", "doth"]
 TINY = dict(arch="kraken", n_layer=2, n_embd=32, n_head=2, n_sub=2, vocab_size=257, block_size=32)
@@ -164,10 +164,12 @@ def test_corrupt_or_incomplete_checkpoint_is_refused(data_dir, tmp_path, capsys)
     more = cfg.replace(steps=4)
     with pytest.raises(CheckpointError, match="checksum"):
         train(more, None, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="checksum"):  # nor served: generate / eval load it the same way
+        load_model(ckpt)
     argv = ["train", "--out", str(out), "--resume", "--steps", "4", "--no-progress"]
     assert cli_main(argv) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    (ckpt / MANIFEST).unlink()
+    (ckpt / MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         train(more, None, resume=True, progress=False)
     with pytest.raises(ConfigError, match="already holds a run"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from krakenlm.checkpoint import load_state, save_checkpoint
+from krakenlm.checkpoint import fsync_dir, load_state, save_checkpoint, verify_manifest, write_manifest
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.model import Transformer
@@ -47,7 +46,6 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-MANIFEST = "manifest.json"
 TRAINER_TENSORS = "trainer.pt"
 TRAINER_STATE = "trainer_state.json"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,42 +181,6 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
 
 
 # Checkpoint files ---------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Refuse (CheckpointError) a training checkpoint that is incomplete or whose files changed."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        raise CheckpointError(f"{path}: incomplete training checkpoint (no {MANIFEST}); it was never finished")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from err
-    for name, want in files.items():
-        file = path / name
-        if not file.exists():
-            raise CheckpointError(f"{path}: {name} is missing")
-        if file.stat().st_size != want["bytes"] or _sha256(file) != want["sha256"]:
-            raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt or modified)")
-    return manifest
-
-
 def latest_checkpoint(out: str | Path) -> Path | None:
     """The checkpoint `out/latest` points to, or None if the run has none yet."""
     link = Path(out) / LATEST
@@ -243,13 +205,7 @@ def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch
     torch.save(tensors, tmp / TRAINER_TENSORS)
     state = {"step": step, "data_drawn": sampler.drawn, "train_config": cfg.to_dict(), **extra}
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-    files = {}
-    for file in sorted(tmp.iterdir()):
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-        files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
-    _fsync_dir(tmp)
+    write_manifest(tmp, {"step": step})
     if final.exists():  # left by a run killed between this rename and the `latest` swap
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -257,7 +213,7 @@ def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch
     link_tmp.unlink(missing_ok=True)
     os.symlink(final.relative_to(out), link_tmp)
     os.replace(link_tmp, out / LATEST)
-    _fsync_dir(out)
+    fsync_dir(out)
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -398,7 +354,7 @@ class Trainer:
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose a new --out")
         state: dict[str, Any] = {}
         if ckpt is not None:
-            verify_checkpoint(ckpt)
+            verify_manifest(ckpt, required=True)
             state = json.loads((ckpt / TRAINER_STATE).read_text())
             stored_config, weights = load_state(ckpt)
             if model_config is not None and model_config.replace(name="") != stored_config.replace(name=""):
