@@ -19,29 +19,9 @@ import torch
 
 from krakenlm.presets import get_preset
 from krakenlm.train.data import META_FILE, prepare
-from krakenlm.train.trainer import METRICS_FILE, TrainConfig, read_metrics, train
+from krakenlm.train.trainer import METRICS_FILE, TrainConfig, plot_losses, read_metrics, train
 
 MODELS = ("mini-kraken-2way", "mini-kraken-4way", "mini-gpt")
-
-
-def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, records in curves.items():
-        val = [r for r in records if "val_loss" in r]
-        ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", ms=3, label=name)
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("val cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -87,8 +67,9 @@ def main() -> None:
               f"after {summary[name]['tokens']:,} tokens, {seconds:.0f} s")
     meta = {"train": base.to_dict(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     (out / "quality.json").write_text(json.dumps({"config": meta, "models": summary}, indent=2))
-    plot(curves, out / "quality.png", f"Shakespeare, GPT-2 BPE, {steps * args.batch * args.block / 1e6:.2f}M tokens, "
-         f"equal params")
+    millions = steps * args.batch * args.block / 1e6
+    plot_losses(curves, out / "quality.png", f"Shakespeare, GPT-2 BPE, {millions:.2f}M tokens, equal params",
+                x="tokens")
     print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
 
 

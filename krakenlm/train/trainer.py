@@ -248,19 +248,30 @@ def read_metrics(path: str | Path, upto: int | None = None) -> list[dict[str, An
     return records
 
 
-def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Train loss per step and val loss at eval steps, one PNG (matplotlib Agg, no display needed)."""
+def plot_losses(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "",
+                x: str = "step") -> None:
+    """Loss curves of one or more runs in one PNG (matplotlib Agg, no display needed).
+
+    Per run: train loss per step (thin line) and val loss at eval steps (dots); `x` is "step" or "tokens".
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scale = 1e6 if x == "tokens" else 1
+
+    def xs(records: list[dict[str, Any]]) -> list[float]:
+        return [r[x] / scale for r in records]
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, alpha=0.7, label="train")
-    val = [r for r in records if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
-    ax.set_xlabel("step")
+    for name, records in runs.items():
+        prefix = f"{name} " if name else ""
+        line, = ax.plot(xs(records), [r["loss"] for r in records], lw=0.8, alpha=0.5, label=f"{prefix}train")
+        val = [r for r in records if "val_loss" in r]
+        if val:
+            ax.plot(xs(val), [r["val_loss"] for r in val], "o-", ms=3, color=line.get_color(), label=f"{prefix}val")
+    ax.set_xlabel("training tokens (M)" if x == "tokens" else "step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -500,7 +511,7 @@ class Trainer:
                     if main and (self.step % self.cfg.checkpoint_interval == 0 or done):
                         os.fsync(log.fileno())
                         ckpt = self.save()
-                        plot_losses(records, self.out / PLOT_FILE, f"{self.model_config.name or 'model'} "
+                        plot_losses({"": records}, self.out / PLOT_FILE, f"{self.model_config.name or 'model'} "
                                     f"({self.model_config.arch}, {self.params / 1e6:.1f}M params)")
         finally:
             if bar is not None:
