@@ -14,10 +14,13 @@ from krakenlm.costmodel.hardware import load_hardware
 from krakenlm.costmodel.planner import kraken_variants, plan
 from krakenlm.costmodel.plots import make_plots
 from krakenlm.costmodel.studies import (
+    DOCS,
     PAPER_KRAKEN_SPEEDUP,
     RESULTS,
     CpuCalibration,
     cpu_calibration,
+    doc_blocks,
+    fill_blocks,
     geomean,
     kraken_speedup_grid_markdown,
     kraken_study,
@@ -228,7 +231,7 @@ def test_shipped_records_calibrate_within_10_percent_held_out(cpu) -> None:
     assert mdape(cpu.loo) <= 10
     for held in cpu.held_out:
         assert mdape(held.rows) <= 10, held.name
-    assert "median \\|error\\|" in cpu.markdown()
+    assert "median \\|error\\|" in cpu.fit_markdown() and "Held out" in cpu.held_out_markdown()
 
 
 def test_shipped_records_need_per_dtype_efficiencies(cpu) -> None:
@@ -253,3 +256,11 @@ def test_validation_tables_render() -> None:
     assert "| multiquery-batch | 42,653 | 43,000 | -0.8% |" in t1
     grid = kraken_speedup_grid_markdown()
     assert grid.count("\n| ") == 5 and "paper (measured, TensorRT-LLM): 1.356x" in grid
+
+
+def test_generated_doc_tables_are_current(cpu) -> None:
+    blocks = doc_blocks(cpu)
+    for path in DOCS:
+        text = path.read_text()
+        assert fill_blocks(text, blocks) == text, f"stale: python -m krakenlm.costmodel.studies --write ({path})"
+    assert all(f"<!-- costmodel:{name} -->" in DOCS[0].read_text() for name in blocks)

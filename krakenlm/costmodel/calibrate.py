@@ -192,13 +192,14 @@ def mdape(rows: list[dict[str, Any]]) -> float:
     return float(np.median([abs(r["error_pct"]) for r in rows]))
 
 
-def markdown(rows: list[dict[str, Any]], held_out: list[dict[str, Any]] | None = None) -> str:
+def markdown(rows: list[dict[str, Any]], held_out: list[dict[str, Any]] | None = None,
+             held_out_label: str = "held-out") -> str:
     """Predicted vs measured per point as a markdown table (ms), with each point's held-out prediction
     (e.g. ``leave_one_out``, same order) beside it when given, and the median |error| of each column."""
     head = "| point | measured ms | predicted ms | error |"
     rule = "|---|---:|---:|---:|"
     if held_out is not None:
-        head += " held-out ms | held-out error |"
+        head += f" {held_out_label} ms | {held_out_label} error |"
         rule += "---:|---:|"
     lines = [head, rule]
     for i, r in enumerate(rows):

@@ -164,7 +164,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     loo = leave_one_out(hw, fit_records, **options) if args.loo else None
     held = evaluate(fit.hardware, records(args.validate)) if args.validate else None
     if args.markdown:
-        print(markdown(fit.rows, loo))
+        print(markdown(fit.rows, loo, "leave-one-out"))
         print(f"\nFitted: {fit.factors()}")
         if held:
             print("\nHeld out (" + ", ".join(args.validate) + "):\n\n" + markdown(held))

@@ -1,12 +1,14 @@
 """Reproductions of published numbers: Pope et al. Tables 1-2, the layout switch points, parameter
 counts, the Kraken paper's A100 TTFT study (20 configurations), and the calibration of this machine
 against our own benchmark records. Tests use the numbers; the ``*_markdown`` functions render the
-tables of docs/costmodel.md and the README (``python -m krakenlm.costmodel.studies`` prints them all),
-so the documentation is regenerated, never typed."""
+tables of docs/costmodel.md and the README between ``<!-- costmodel:NAME -->`` markers
+(``python -m krakenlm.costmodel.studies --write`` refreshes them), so the numbers are generated, never typed."""
 
 from __future__ import annotations
 
+import argparse
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +54,9 @@ TABLE2 = {
 KRAKEN_SIZES = ("1.3b", "6.7b", "13b", "65b", "175b")
 PAPER_SWITCH_POINTS = (18_432, 73_728, 1_179_648)  # Pope: 2D-WS -> WG-X -> WG-XY -> WG-XYZ, tokens
 PAPER_PARAMS = {"palm-8b": 8.6e9, "palm-62b": 62.5e9, "palm-540b": 540e9, "mt-nlg-530b": 530e9}
-RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"  # the shipped benchmark records
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "results"  # the shipped benchmark records
+DOCS = (ROOT / "docs" / "costmodel.md", ROOT / "README.md")  # files with generated blocks (see fill_blocks)
 
 
 def table1_variant(name: str) -> tuple[ModelConfig, str]:
@@ -175,7 +179,7 @@ def table2_markdown() -> str:
     lines = ["| column | tokens | latency | MFU recomputed | paper |", "|---|---:|---:|---:|---:|"]
     for name, mfu in table2_mfu().items():
         tokens, seconds, paper = TABLE2[name]
-        lines.append(f"| {name} | {tokens:,} | {seconds:g} s | {mfu:.2f}% | {paper}% |")
+        lines.append(f"| {name} | {tokens:,} | {seconds} s | {mfu:.2f}% | {paper}% |")
     return "\n".join(lines)
 
 
@@ -232,6 +236,13 @@ def param_counts_markdown() -> str:
     return "\n".join(lines)
 
 
+def table2_fit_markdown() -> str:
+    """tpu-v4 (ideal factors) fitted to Table 2's four latencies: per point and the fitted factors."""
+    fit = calibrate(load_hardware("tpu-v4"), table2_records())
+    return (markdown(fit.rows) + f"\n\nMedian |error| {fit.mdape_before:.1f}% with the ideal spec, "
+            f"{fit.mdape_after:.1f}% fitted: {fit.factors()}.")
+
+
 def kraken_study_markdown(rows: list[KrakenRow] | None = None) -> str:
     """The 20 A100 configurations: predicted TTFT per architecture and speedups, with geometric means."""
     rows = rows or kraken_study()
@@ -276,15 +287,18 @@ class CpuCalibration:
     loo: list[dict]
     held_out: list[HeldOut]
 
-    def markdown(self) -> str:
-        parts = [markdown(self.fit.rows, self.loo), "",
-                 f"In-sample median |error| {self.fit.mdape_after:.1f}% (the nominal spec before fitting: "
-                 f"{self.fit.mdape_before:.1f}%), leave-one-out {mdape(self.loo):.1f}%. "
-                 f"Fitted: {self.fit.factors()}."]
-        for h in self.held_out:
-            parts += ["", f"Held out, {h.name} (fit in-sample {h.fit.mdape_after:.1f}%, held out "
-                      f"{mdape(h.rows):.1f}%):", "", markdown(h.rows)]
-        return "\n".join(parts)
+    def fit_markdown(self) -> str:
+        """Per point: measured, fitted and leave-one-out ms, then the medians and fitted factors."""
+        return (markdown(self.fit.rows, self.loo, "leave-one-out") + "\n\n"
+                + f"Median |error|: {self.fit.mdape_after:.1f}% in-sample (the nominal spec before fitting: "
+                  f"{self.fit.mdape_before:.1f}%), {mdape(self.loo):.1f}% leave-one-out; held out: "
+                + "; ".join(f"{h.name} {mdape(h.rows):.1f}%" for h in self.held_out)
+                + f". Fitted: {self.fit.factors()}.")
+
+    def held_out_markdown(self) -> str:
+        """One table per held-out split."""
+        return "\n\n".join(f"Held out, {h.name} (in-sample {h.fit.mdape_after:.1f}%, held out "
+                             f"{mdape(h.rows):.1f}%):\n\n{markdown(h.rows)}" for h in self.held_out)
 
 
 def cpu_calibration(results: Path = RESULTS) -> CpuCalibration:
@@ -308,16 +322,44 @@ def cpu_calibration(results: Path = RESULTS) -> CpuCalibration:
                           leave_one_out(nominal, merged, fields=FIT_FIELDS), held)
 
 
-def all_markdown() -> str:
-    """Every generated table, under the headings docs/costmodel.md uses."""
-    return "\n\n".join([
-        "### Pope Table 1\n\n" + table1_markdown(), "### Pope Table 2 MFU\n\n" + table2_markdown(),
-        "### 2D vs 1D weight-stationary\n\n" + crossover_markdown(),
-        "### Weight-gathered switch points\n\n" + switch_points_markdown(),
-        "### Parameter counts\n\n" + param_counts_markdown(),
-        "### Kraken A100 TTFT study\n\n" + kraken_study_markdown() + "\n\n" + kraken_speedup_grid_markdown(),
-        "### Calibration on this CPU\n\n" + cpu_calibration().markdown()])
+def doc_blocks(cpu: CpuCalibration | None = None) -> dict[str, str]:
+    """Every generated table, by the marker name that delimits it in docs/costmodel.md and README.md
+    (``cpu``: an already computed cpu_calibration())."""
+    cpu, rows = cpu or cpu_calibration(), kraken_study()
+    return {"table1": table1_markdown(), "table2": table2_markdown(), "crossover": crossover_markdown(),
+            "switch-points": switch_points_markdown(), "param-counts": param_counts_markdown(),
+            "tpu-table2-fit": table2_fit_markdown(),
+            "kraken-study": kraken_study_markdown(rows), "kraken-grid": kraken_speedup_grid_markdown(rows),
+            "cpu-fit": cpu.fit_markdown(), "cpu-held-out": cpu.held_out_markdown()}
+
+
+def fill_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with everything between ``<!-- costmodel:NAME -->`` and ``<!-- /costmodel:NAME -->``
+    replaced by ``blocks[NAME]`` (text outside the markers is never touched)."""
+    for name, body in blocks.items():
+        tag = re.escape(name)
+        pattern = re.compile(rf"(<!-- costmodel:{tag} -->\n)(?:.*?\n)?(<!-- /costmodel:{tag} -->)", re.DOTALL)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the generated tables, or (--write) refresh them inside docs/costmodel.md and README.md."""
+    parser = argparse.ArgumentParser(prog="python -m krakenlm.costmodel.studies", description=main.__doc__)
+    parser.add_argument("--write", action="store_true", help="update the marked blocks of the docs in place")
+    args = parser.parse_args(argv)
+    blocks = doc_blocks()
+    if not args.write:
+        print("\n\n".join(f"<!-- costmodel:{k} -->\n{v}\n<!-- /costmodel:{k} -->" for k, v in blocks.items()))
+        return 0
+    for path in DOCS:
+        text = path.read_text()
+        new = fill_blocks(text, blocks)
+        if new != text:
+            path.write_text(new)
+            print(f"updated {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    print(all_markdown())
+    raise SystemExit(main())
