@@ -80,6 +80,7 @@ class Calibration:
         return ", ".join(f"{k}={v:.4g}" for k, v in self.fitted.items())
 
     def table(self) -> str:
+        """Plain-text per-point table (seconds) for the terminal, with the fitted values."""
         lines = [f"{'point':<52} {'measured':>11} {'before':>11} {'after':>11} {'err %':>7}"]
         for r in self.rows:
             lines.append(f"{r['label']:<52} {r['measured']:>11.4g} {r['predicted_before']:>11.4g} "
