@@ -13,18 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from krakenlm.checkpoint import load_model
-from krakenlm.cli import DTYPES
 from krakenlm.generate import SamplingConfig, generate
-from krakenlm.parallel.launch import generate_tp, spawn
+from krakenlm.parallel.launch import generate_tp
 from krakenlm.tokenizer import get_tokenizer
 
 MODELS = {"kraken": "mini-kraken-2way", "gpt": "mini-gpt"}
@@ -53,46 +47,21 @@ def _train(out: Path, data: Path, preset: str, steps: int) -> Path:
     return result.checkpoint
 
 
-def _ttft_worker(payload: dict[str, Any]) -> int:
-    """Every rank: time each model's prefill in interleaved rounds (barrier first, max over ranks)."""
-    from krakenlm.parallel.runtime import Runtime
+def _measure_ttft(checkpoints: dict[str, str], prompt_len: int, rounds: int) -> dict[str, Any]:
+    """The benchmark sweep on the trained checkpoints: one loopback cell, interleaved rounds, idle waits."""
+    from krakenlm.bench.sweep import Options, run_sweep
 
-    variants = [(f"{name}{' (no-comm)' if no_comm else ''}", Runtime({"checkpoint": path}, 2, dtype=DTYPES["bf16"],
-                                                                     no_comm=no_comm, threads=1, pad_heads=64))
-                for name, path in payload["checkpoints"].items() for no_comm in (False, True)]
-    idx = torch.randint(0, 50257, (1, payload["prompt_len"]), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name, _ in variants}
-    hidden: list[float] = []
-    for round_ in range(payload["warmup"] + payload["rounds"]):
-        for name, rt in variants:
-            rt.barrier()
-            rt.comm.timeline.clear()
-            rt.comm.timeline.enabled = name == "kraken"
-            start = time.perf_counter()
-            rt.forward(idx, logits_at="last")
-            elapsed = torch.tensor([time.perf_counter() - start])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if round_ >= payload["warmup"]:
-                times[name].append(float(elapsed))
-                if name == "kraken":
-                    hidden.append(rt.comm.timeline.hidden_fraction())
-    if dist.get_rank() == 0:
-        Path(payload["out"]).write_text(json.dumps({"times": times, "hidden": hidden}))
-    variants[0][1].close()
-    return 0
-
-
-def _measure_ttft(checkpoints: dict[str, str], prompt_len: int, rounds: int, out: Path) -> dict[str, Any]:
-    payload = {"checkpoints": checkpoints, "prompt_len": prompt_len, "rounds": rounds, "warmup": 2, "out": str(out)}
-    if spawn(_ttft_worker, 2, payload, grace=60) != 0:
-        raise RuntimeError("TTFT measurement failed (see the ranks' messages above)")
-    raw = json.loads(out.read_text())
-    times = raw["times"]
-    ratio = [k / g for k, g in zip(times["kraken"], times["gpt"], strict=True)]
-    return {"median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
-            "kraken_over_gpt": statistics.median(ratio),
-            "kraken_over_gpt_min_max": [min(ratio), max(ratio)],
-            "hidden_fraction": statistics.median(raw["hidden"]), "rounds": rounds}
+    opts = Options(shapes=["checkpoints"], checkpoints=checkpoints, prompts=[prompt_len], batches=[1],
+                   dtypes=["bf16"], tps=[2], links=[None], rounds=rounds, max_rounds=2 * rounds, decode_steps=0,
+                   peer=False, single=False, breakdown=False, idle_wait_s=5.0, pad_heads=64)
+    cell = run_sweep(opts, progress=_say)["cells"][0]
+    ratio = cell["ratios"]["prefill"]["kraken/gpt"]
+    in_place = cell["hidden_fraction"]["in_place"]
+    return {"median_ms": {label: v["prefill"]["median"] * 1e3 for label, v in cell["variants"].items()},
+            "kraken_over_gpt": ratio["median"], "kraken_over_gpt_min_max": [ratio["min"], ratio["max"]],
+            "hidden_fraction": {"timeline": cell["hidden_fraction"]["timeline"],
+                                "in_place": in_place["median"] if in_place else None},
+            "rounds": cell["rounds"]}
 
 
 def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
@@ -139,18 +108,21 @@ def run_demo(args: argparse.Namespace) -> int:
 
     _say(f"timing prefill (TTFT) of {args.prompt_len} tokens on 2 gloo ranks over loopback, bf16, "
          f"{args.rounds} interleaved rounds ...")
-    measured = _measure_ttft(checkpoints, args.prompt_len, args.rounds, out / "ttft_raw.json")
+    measured = _measure_ttft(checkpoints, args.prompt_len, args.rounds)
     predicted = _predict(checkpoints, args.prompt_len)
     summary.update(measured=measured, predicted_ms=predicted, prompt_len=args.prompt_len)
     print()
     print(f"{'model':<20}{'measured TTFT ms':>18}{'no-comm ceiling ms':>20}{'cost model ms':>16}")
     for name in MODELS:
         print(f"{name + ' (2 ranks)':<20}{measured['median_ms'][name]:>18.2f}"
-              f"{measured['median_ms'][name + ' (no-comm)']:>20.2f}{predicted[name]:>16.2f}")
+              f"{measured['median_ms'][name + '/no-comm']:>20.2f}{predicted[name]:>16.2f}")
     lo, hi = measured["kraken_over_gpt_min_max"]
     print(f"Kraken / standard TTFT: measured {measured['kraken_over_gpt']:.2f} (paired per round, min {lo:.2f}, "
           f"max {hi:.2f}); predicted {predicted['kraken'] / predicted['gpt']:.2f}")
-    print(f"Kraken AllReduce time hidden behind attention: {measured['hidden_fraction']:.0%}")
+    hidden = measured["hidden_fraction"]
+    print(f"Kraken AllReduce time hidden behind attention: {hidden['timeline']:.0%} of the exchange's duration"
+          + (f"; {hidden['in_place']:.0%} of blocking mode's exposed time removed" if hidden["in_place"] is not None
+             else ""))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _say(f"wrote {out / 'summary.json'}")
     return 0

@@ -64,6 +64,21 @@ def test_bench_rejects_bad_grid(capsys):
     assert "unknown shape" in capsys.readouterr().err
 
 
+def test_bench_checkpoint_sources_are_checked_before_any_rank_starts(tmp_path, capsys):
+    from krakenlm.checkpoint import build_model, save_checkpoint
+    from tests.conftest import tiny
+
+    for name, cfg in (("k4", tiny("kraken", n_sub=4)), ("g", tiny("gpt"))):
+        save_checkpoint(tmp_path / name, build_model(config=cfg, seed=0), cfg)
+    assert main(["bench", "--quick", "--checkpoints", f"kraken={tmp_path / 'k4'}"]) == 2
+    assert "needs tp=4" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--checkpoints", f"kraken={tmp_path / 'g'}"]) == 2
+    assert "holds a gpt model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", "--checkpoints", f"llama={tmp_path / 'g'}"])
+    assert "expected gpt=DIR" in capsys.readouterr().err
+
+
 def test_round_log_drops_rounds_where_others_used_the_cpu():
     from krakenlm.bench.timing import RoundLog, paired_ratio
 

@@ -13,7 +13,8 @@ def test_demo_end_to_end_smoke(tmp_path, capfd):
     assert set(summary["val_perplexity"]) == {"kraken", "gpt"}
     assert all(1 < p < 60000 for p in summary["val_perplexity"].values())
     measured = summary["measured"]["median_ms"]
-    assert set(measured) == {"kraken", "kraken (no-comm)", "gpt", "gpt (no-comm)"}
+    assert set(measured) == {"kraken", "kraken/no-comm", "kraken/blocking", "gpt", "gpt/no-comm"}
+    assert 0 <= summary["measured"]["hidden_fraction"]["timeline"] <= 1
     assert all(t > 0 for t in measured.values()) and summary["measured"]["kraken_over_gpt"] > 0
     assert all(t > 0 for t in summary["predicted_ms"].values())
     out = capfd.readouterr().out

@@ -37,10 +37,24 @@ def _links(text: str) -> list[float | None]:
     return out
 
 
+def _checkpoints(text: str) -> dict[str, str]:
+    """'gpt=runs/a/latest,kraken=runs/b/latest' -> {"gpt": ..., "kraken": ...}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        arch, sep, path = item.partition("=")
+        if not sep or arch not in ("gpt", "parallel", "kraken") or not path:
+            raise argparse.ArgumentTypeError(f"expected gpt=DIR, parallel=DIR or kraken=DIR, got {item!r}")
+        out[arch] = path
+    return out
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="TTFT / per-token latency sweep: gpt vs parallel vs Kraken, TP over gloo")
     p.add_argument("--shapes", type=_list(str), help="tiny, 124m, 1.3b, 6.7b, 13b, 65b, 175b; 'NAME:K' keeps K layers "
                    "(default 124m,1.3b:2)")
+    p.add_argument("--checkpoints", type=_checkpoints, help="time trained models instead of a shape: "
+                   "gpt=DIR,kraken=DIR (a Kraken N-way needs --tp N)")
+    p.add_argument("--pad-heads", type=int, help="zero-pad heads to this multiple (exact; e.g. 64)")
     p.add_argument("--prompts", type=_list(int), help="prompt lengths (default 128,512,2048)")
     p.add_argument("--batches", type=_list(int), help="batch sizes (default 1,8)")
     p.add_argument("--dtypes", type=_list(str), help="fp32,bf16 (default both)")
@@ -71,7 +85,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     opts = replace(Options(), **QUICK) if args.quick else Options()
     given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",
                                             "max_rounds", "decode_steps", "peer", "single", "breakdown",
-                                            "max_other_cores", "idle_wait_s") if getattr(args, k) is not None}
+                                            "max_other_cores", "idle_wait_s", "checkpoints", "pad_heads")
+             if getattr(args, k) is not None}
+    if args.checkpoints:
+        given["shapes"] = ["checkpoints"]
     opts = replace(opts, **given)
     bad = [d for d in opts.dtypes if d not in DTYPES]
     if bad:

@@ -33,6 +33,8 @@ def speedup(result: dict[str, Any], path: Path) -> Path:
         cells = [c for c in result["cells"] if _link(c) == link]
         labels = [_cell_label(c) for c in cells] + ["geomean"]
         for k, (name, ratio) in enumerate([("parallel", "parallel/gpt"), ("kraken", "kraken/gpt")]):
+            if not all(ratio in c["ratios"]["prefill"] for c in cells):  # e.g. a sweep of trained checkpoints
+                continue
             values = [1 / c["ratios"]["prefill"][ratio]["median"] for c in cells]
             values.append(geometric_mean(values))
             ax.bar([i + 0.38 * (k - 0.5) for i in range(len(values))], values, width=0.38, label=name)
@@ -77,6 +79,8 @@ def bandwidth(result: dict[str, Any], path: Path) -> Path | None:
         cells = sorted([c for c in result["cells"] if (c["shape"], c["prompt_len"], c["batch"], c["dtype"], c["tp"])
                         == key], key=lambda c: c["link_gbps"] or float("inf"))
         for k, arch in enumerate(("gpt", "parallel", "kraken", "kraken/no-comm")):
+            if not all(arch in c["variants"] for c in cells):
+                continue
             pts = [(c["link_gbps"], c["variants"][arch]["prefill"]["median"] * 1e3) for c in cells if c["link_gbps"]]
             line = ax.plot(*zip(*pts, strict=True), marker="o", label=arch, color=f"C{k}")[0]
             for c in cells:

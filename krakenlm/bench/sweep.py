@@ -66,6 +66,9 @@ class Options:
     idle_wait_s: float = 30.0
     timeout_s: float = 900.0
     seed: int = 0
+    # arch -> checkpoint directory: time these trained models (shape "checkpoints") instead of random weights
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    pad_heads: int | None = None  # zero-pad every model's heads to this multiple (exact; better kernel shapes)
 
 
 # Shapes ---------------------------------------------------------------------------------------
@@ -75,6 +78,7 @@ class Model:
     config: ModelConfig
     preset: str | None  # set when config is exactly a preset (calibration records name it)
     full_layers: int
+    checkpoint: str | None = None  # weights to load; random weights (seeded) when None
 
 
 def _tiny(arch: str, tp: int) -> ModelConfig:
@@ -86,13 +90,16 @@ def _tiny(arch: str, tp: int) -> ModelConfig:
     return base.replace(arch="kraken", n_sub=tp, n_embd=sized.n_embd, n_head=sized.n_head, bias=False)
 
 
-def resolve_shape(spec: str, tp: int) -> dict[str, Model]:
+def resolve_shape(spec: str, tp: int, checkpoints: dict[str, str] | None = None) -> dict[str, Model]:
     """gpt, parallel and Kraken (degree = tp) models of one shape; ``name:k`` truncates to k layers.
 
-    Shapes: tiny (tests), 124m (GPT-2 124M vs the paper's equal-parameter Kraken), and the latency
-    study's 1.3b ... 175b (equal matmul parameters per layer).
+    Shapes: tiny (tests), 124m (GPT-2 124M vs the paper's equal-parameter Kraken), the latency
+    study's 1.3b ... 175b (equal matmul parameters per layer), and "checkpoints": the trained models
+    given as {arch: directory} (at least a gpt or a Kraken; a Kraken's degree must equal tp).
     """
     name, _, layers = spec.partition(":")
+    if name == "checkpoints":
+        return _checkpoint_models(checkpoints or {}, tp)
     if name == "tiny":
         configs = {arch: (_tiny(arch, tp), None) for arch in ("gpt", "parallel", "kraken")}
     elif name == "124m":
@@ -127,6 +134,22 @@ def resolve_shape(spec: str, tp: int) -> dict[str, Model]:
     return out
 
 
+def _checkpoint_models(checkpoints: dict[str, str], tp: int) -> dict[str, Model]:
+    from krakenlm.checkpoint import load_config
+
+    if not checkpoints or set(checkpoints) - {"gpt", "parallel", "kraken"}:
+        raise ConfigError(f"bench: checkpoints must map gpt / parallel / kraken to directories, got {checkpoints}")
+    out = {}
+    for arch, path in checkpoints.items():
+        cfg = load_config(path)
+        if cfg.arch != arch:
+            raise ConfigError(f"bench: {path} holds a {cfg.arch} model, given as {arch}")
+        if arch == "kraken" and cfg.n_sub != tp:
+            raise ConfigError(f"bench: {path} is a Kraken {cfg.n_sub}-way model; it needs tp={cfg.n_sub}, not {tp}")
+        out[arch] = Model(arch, cfg, None, cfg.n_layer, checkpoint=str(path))
+    return out
+
+
 # One rank ---------------------------------------------------------------------------------------
 @dataclass
 class Variant:
@@ -156,23 +179,33 @@ def _build_variants(models: dict[str, Model], dtype: torch.dtype, opts: Options,
 
     variants = []
     for arch, model in models.items():
-        runtime = Runtime({"config": model.config.to_dict(), "seed": opts.seed}, world, dtype=dtype, threads=1,
-                          timeout=opts.timeout_s)
+        source = ({"checkpoint": model.checkpoint} if model.checkpoint
+                  else {"config": model.config.to_dict(), "seed": opts.seed})
+        runtime = Runtime(source, world, dtype=dtype, threads=1, timeout=opts.timeout_s, pad_heads=opts.pad_heads)
         variants.append(Variant(arch, model, runtime.model, runtime.comm, world))
         variants.append(Variant(f"{arch}/no-comm", model, runtime.model, DistComm(runtime.plan, no_comm=True), world))
         if arch == "kraken":
             variants.append(Variant("kraken/blocking", model, runtime.model,
                                     DistComm(runtime.plan, overlap=False), world))
-    if opts.peer and models["gpt"].config.arch == "gpt":
+    gpt = models.get("gpt")
+    if opts.peer and gpt is not None and gpt.checkpoint is None:  # the peer builds its own seeded weights
         from krakenlm.bench.peer import build_peer
 
-        peer = build_peer(models["gpt"].config, opts.seed, dtype, world)
-        variants.append(Variant("gpt/dtensor", models["gpt"], peer, None, world, peer=True))
+        peer = build_peer(gpt.config, opts.seed, dtype, world)
+        variants.append(Variant("gpt/dtensor", gpt, peer, None, world, peer=True))
     if opts.single:
         from krakenlm.checkpoint import build_model
 
         for arch in ("gpt", "kraken"):
-            net = build_model(config=models[arch].config, seed=opts.seed, dtype=dtype) if rank == 0 else None
+            if arch not in models:
+                continue
+            net = None
+            if rank == 0:
+                model = models[arch]
+                net = (build_model(checkpoint=model.checkpoint, dtype=dtype) if model.checkpoint
+                       else build_model(config=model.config, seed=opts.seed, dtype=dtype))
+                if opts.pad_heads:
+                    net.pad_heads(opts.pad_heads)
             variants.append(Variant(f"{arch}/single", models[arch], net, LOCAL, 1, active=rank == 0))
     return variants
 
@@ -262,8 +295,8 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, An
     """Untimed runs after the rounds: the exchange timeline, the per-category breakdown, the peer check."""
     by_label = {v.label: v for v in variants}
     out: dict[str, Any] = {}
-    kraken = by_label["kraken"]
-    if isinstance(kraken.comm, DistComm) and kraken.tp > 1:
+    kraken = by_label.get("kraken")
+    if kraken is not None and isinstance(kraken.comm, DistComm) and kraken.tp > 1:
         kraken.comm.timeline.clear()
         kraken.comm.timeline.enabled = True
         kraken.forward(idx)
@@ -272,6 +305,8 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, An
     if opts.breakdown:
         out["breakdown"] = {}
         for label in ("gpt", "parallel", "kraken", "kraken/blocking"):
+            if label not in by_label:
+                continue
             v = by_label[label]
             dist.barrier()
             marked = Variant(v.label, v.model, v.net, MarkedComm(v.comm), v.tp)
@@ -327,11 +362,11 @@ def run_rank(payload: dict[str, Any]) -> int:
     cells = []
     for dtype in opts.dtypes:
         for shape in opts.shapes:
-            models = resolve_shape(shape, world)
+            models = resolve_shape(shape, world, opts.checkpoints)
             variants = _build_variants(models, DTYPES[dtype], opts, world, rank)
             for prompt in opts.prompts:
                 for batch in opts.batches:
-                    vocab = models["gpt"].config.vocab_size
+                    vocab = min(m.config.vocab_size for m in models.values())
                     result = measure_cell(variants, batch, prompt, opts, pids, vocab)
                     if rank == 0:
                         cells.append({"shape": shape, "tp": world, "prompt_len": prompt, "batch": batch,
@@ -390,7 +425,7 @@ def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[st
     """Every (link, TP degree) launch of the grid; returns cells plus the links that were skipped."""
     for tp in opts.tps:  # bad shapes fail here, in one line, before any process starts
         for shape in opts.shapes:
-            resolve_shape(shape, tp)
+            resolve_shape(shape, tp, opts.checkpoints)
     cells: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for gbps in opts.links:
