@@ -22,6 +22,7 @@ from krakenlm.parallel.launch import generate_tp
 from krakenlm.tokenizer import get_tokenizer
 
 MODELS = {"kraken": "mini-kraken-2way", "gpt": "mini-gpt"}
+PAD_HEADS = 64  # served heads are zero-padded to this multiple (exact): friendlier kernel shapes
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
 
@@ -53,7 +54,7 @@ def _measure_ttft(checkpoints: dict[str, str], prompt_len: int, rounds: int) -> 
 
     opts = Options(shapes=["checkpoints"], checkpoints=checkpoints, prompts=[prompt_len], batches=[1],
                    dtypes=["bf16"], tps=[2], links=[None], rounds=rounds, max_rounds=2 * rounds, decode_steps=0,
-                   peer=False, single=False, breakdown=False, idle_wait_s=5.0, pad_heads=64)
+                   peer=False, single=False, breakdown=False, idle_wait_s=5.0, pad_heads=PAD_HEADS)
     cell = run_sweep(opts, progress=_say)["cells"][0]
     ratio = cell["ratios"]["prefill"]["kraken/gpt"]
     in_place = cell["hidden_fraction"]["in_place"]
@@ -65,8 +66,10 @@ def _measure_ttft(checkpoints: dict[str, str], prompt_len: int, rounds: int) -> 
 
 
 def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
+    """The calibrated CPU/gloo cost model for exactly what is measured: heads padded as served, the LM
+    head computed whole on each rank (as the runtime does), 2 chips."""
     from krakenlm.checkpoint import load_config
-    from krakenlm.costmodel.estimator import Workload, estimate
+    from krakenlm.costmodel.estimator import Layout, Workload, estimate
     from krakenlm.costmodel.hardware import load_hardware
 
     hw = load_hardware("cpu-gloo")
@@ -74,7 +77,8 @@ def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
     out = {}
     for name, path in checkpoints.items():
         cfg = load_config(path)
-        layout = "kraken" if cfg.arch == "kraken" else "1d-ws/attn-heads"
+        cfg = cfg.replace(head_dim=-(-cfg.head_size // PAD_HEADS) * PAD_HEADS)
+        layout = Layout("kraken" if cfg.arch == "kraken" else "1d-ws", "heads", 2, head="replicated")
         out[name] = estimate(cfg, hw, work, chips=2, layout=layout).ttft_s * 1e3
     return out
 
