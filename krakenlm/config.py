@@ -23,6 +23,23 @@ MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 
 
+def dataclass_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
+    """`data` checked to hold only `cls`'s fields and all its required ones, so a typo in a JSON file
+    is named instead of surfacing as a TypeError (or being ignored)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    missing = sorted(f.name for f in fields if f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING and f.name not in data)
+    if missing:
+        raise ConfigError(f"{what}: missing field(s) {missing}")
+    return data
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and wiring of a model. Every invalid field raises ConfigError naming it.
@@ -127,13 +144,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return cls(**dataclass_fields(cls, data, "config"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:

@@ -32,7 +32,7 @@ def test_bad_fields_name_themselves(field, value):
 
 
 def test_unknown_field_rejected():
-    with pytest.raises(ConfigError, match="unknown config field"):
+    with pytest.raises(ConfigError, match="config: unknown field"):
         ModelConfig.from_dict({"n_layers": 12})
 
 

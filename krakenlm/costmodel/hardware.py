@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from krakenlm.config import dataclass_fields
 from krakenlm.errors import ConfigError
 
 SPEC_DIR = Path(__file__).with_name("hardware")
@@ -136,15 +137,7 @@ class Hardware:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hardware:
         """Parse a spec, naming unknown or missing fields instead of failing on a TypeError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"hardware: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in data)
-        if missing:
-            raise ConfigError(f"hardware: missing field(s) {missing}")
-        return cls(**data)
+        return cls(**dataclass_fields(cls, data, "hardware"))
 
     def save(self, path: str | Path) -> None:
         """Write the spec as JSON (e.g. after calibration) so it loads by path."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krakenlm.checkpoint import fsync_dir, load_state, save_checkpoint, verify_manifest, write_manifest
-from krakenlm.config import ModelConfig
+from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.model import Transformer
 from krakenlm.train.data import WindowSampler, load_tokens, read_meta
@@ -113,11 +113,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**dataclass_fields(cls, data, "training config"))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
