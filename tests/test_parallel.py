@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from krakenlm.checkpoint import build_model, save_checkpoint
 from krakenlm.errors import ConfigError
 from krakenlm.parallel.launch import spawn
 from krakenlm.parallel.plan import ParallelPlan
@@ -73,6 +74,17 @@ def test_ranks_with_different_weights_refuse_to_start(capfd):
     payload = {"config": tiny("gpt").to_dict(), "timeout": 20, "seeds": [0, 1]}
     assert spawn(tp_workers.failing, 2, payload, grace=10) == 2
     assert "ranks disagree on 'source'" in capfd.readouterr().err
+
+
+def test_rank_that_cannot_load_its_model_fails_its_peers_at_once(tmp_path, capfd):
+    cfg = tiny("kraken")
+    save_checkpoint(tmp_path / "ck", build_model(config=cfg, seed=0), cfg)
+    payload = {"timeout": 60, "sources": [{"checkpoint": str(tmp_path / "ck")}, {"checkpoint": str(tmp_path / "no")}]}
+    start = time.monotonic()
+    assert spawn(tp_workers.failing, 2, payload, grace=10) != 0
+    assert time.monotonic() - start < 30  # well inside the 60 s collective timeout
+    err = capfd.readouterr().err
+    assert "rank 1 could not load the model" in err and "no such checkpoint" in err
 
 
 def test_world_size_must_equal_tp(capfd):

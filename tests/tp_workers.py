@@ -82,7 +82,8 @@ def no_comm(payload: dict) -> int:
 def failing(payload: dict) -> int:
     """Rank 1 dies (or stalls) at a chosen point; rank 0 must exit with a clear error."""
     rank = int(os.environ["RANK"])
-    source = {"config": payload["config"], "seed": payload.get("seeds", [0, 0])[rank]}
+    source = payload["sources"][rank] if "sources" in payload else {"config": payload["config"],
+                                                                   "seed": payload.get("seeds", [0, 0])[rank]}
     rt = Runtime(source, int(os.environ["WORLD_SIZE"]) if "tp" not in payload else payload["tp"],
                  timeout=payload["timeout"])
     if rank == 1 and payload.get("when"):

@@ -7,6 +7,7 @@ stalled peer turns into a DistributedError on the others instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from krakenlm.checkpoint import build_model, load_config
 from krakenlm.config import ModelConfig
-from krakenlm.errors import DistributedError
+from krakenlm.errors import CheckpointError, ConfigError, DistributedError
 from krakenlm.generate import GenerationResult, SamplingConfig, generate
 from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.plan import ParallelPlan
@@ -66,14 +67,33 @@ class Runtime:
     def __init__(self, source: dict[str, Any], tp: int, *, dtype: torch.dtype = torch.float32,
                  no_comm: bool = False, overlap: bool = True, timeout: float = 60.0,
                  threads: int | None = None, pad_heads: int | None = None, agree_on: Any = None) -> None:
+        joined = not dist.is_initialized()
         init_distributed(timeout)
+        try:
+            self._start(source, tp, dtype, no_comm, overlap, threads, pad_heads, agree_on)
+        except BaseException:
+            if joined:  # leave no process group behind a failed start (a library caller may retry)
+                dist.destroy_process_group()
+            raise
+
+    def _start(self, source: dict[str, Any], tp: int, dtype: torch.dtype, no_comm: bool, overlap: bool,
+               threads: int | None, pad_heads: int | None, agree_on: Any) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // self.world))
-        # Agree on everything before any work: a mismatch must fail here, naming what differs.
-        config = source_config(source)
-        facts = {"world_size": self.world, "tp": tp, "config": config.to_dict(), "source": _fingerprint_source(source),
+        # Agree on everything before any work: a mismatch must fail here, naming what differs. A rank
+        # that cannot read its model still joins the agreement, so its peers fail at once, not at a timeout.
+        try:
+            config, load_error = source_config(source), None
+        except (ConfigError, CheckpointError) as err:
+            config, load_error = None, err
+        facts = {"load_error": None if load_error is None else str(load_error), "world_size": self.world, "tp": tp,
+                 "config": None if config is None else config.to_dict(), "source": _fingerprint_source(source),
                  "dtype": str(dtype), "no_comm": no_comm, "overlap": overlap, "pad_heads": pad_heads,
                  "request": agree_on}
+        if load_error is not None:
+            with contextlib.suppress(DistributedError):
+                self._agree(facts)  # tells the peers, which raise naming this rank
+            raise load_error
         self._agree(facts)
         if tp != self.world:
             raise DistributedError(f"tp={tp} but {self.world} ranks were launched; they must be equal")
@@ -98,6 +118,8 @@ class Runtime:
         except (RuntimeError, dist.DistBackendError) as err:
             raise DistributedError(f"rank {dist.get_rank()}: start-up check failed: a peer died ({err})") from err
         for rank, other in enumerate(gathered):
+            if other.get("load_error"):
+                raise DistributedError(f"rank {rank} could not load the model: {other['load_error']}")
             for key in facts:
                 if other.get(key) != gathered[0].get(key):
                     detail = _digest(other.get(key)) + " vs " + _digest(gathered[0].get(key))
