@@ -51,7 +51,11 @@ TRAINER_STATE = "trainer_state.json"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Peak dense FLOP/s per device for the MFU estimate when --peak-tflops is not given: one Sapphire
 # Rapids core (AMX bf16 ~1.4 TFLOP/s measured, fp32 ~0.17) times threads; an H100 SXM on CUDA.
-CPU_PEAK_PER_THREAD = {"bf16": 1.4e12, "fp16": 1.4e12, "fp32": 0.17e12}
+# Per-thread peak FLOP/s by the CPU's best matrix ISA: AMX measured on Sapphire Rapids; AVX-512 BF16
+# nominal for Zen 5 at 4 GHz (two 512-bit pipes); AVX2 FMA nominal at 3 GHz (bf16 runs as fp32 there).
+CPU_PEAK_PER_THREAD = {"amx_bf16": {"bf16": 1.4e12, "fp16": 1.4e12, "fp32": 0.17e12},
+                       "avx512_bf16": {"bf16": 512e9, "fp16": 256e9, "fp32": 256e9},
+                       "avx2": {"bf16": 96e9, "fp16": 96e9, "fp32": 96e9}}
 CUDA_PEAK = {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}
 # Fields that fix which windows each step sees; a resume must not change them.
 DATA_LAYOUT_FIELDS = ("batch_size", "grad_accum", "block_size", "seed", "tokens_per_step")
@@ -334,7 +338,18 @@ def _peak_flops(cfg: TrainConfig, device: torch.device) -> float:
         return cfg.peak_tflops * 1e12
     if device.type == "cuda":
         return CUDA_PEAK[cfg.dtype]
-    return CPU_PEAK_PER_THREAD[cfg.dtype] * torch.get_num_threads()
+    return cpu_peak_per_thread(cfg.dtype) * torch.get_num_threads()
+
+
+def cpu_peak_per_thread(dtype: str) -> float:
+    """The MFU denominator on CPU, from the ISA flags in /proc/cpuinfo (AVX2 if unreadable)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    isa = next((name for name in ("amx_bf16", "avx512_bf16") if name in flags), "avx2")
+    return CPU_PEAK_PER_THREAD[isa][dtype]
 
 
 def _check_resume(stored: TrainConfig, cfg: TrainConfig, stored_world: int, world: int) -> None:
