@@ -69,7 +69,7 @@ def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
     """The calibrated CPU/gloo cost model for exactly what is measured: heads padded as served, the LM
     head computed whole on each rank (as the runtime does), 2 chips."""
     from krakenlm.checkpoint import load_config
-    from krakenlm.costmodel.estimator import Layout, Workload, estimate
+    from krakenlm.costmodel.estimator import Workload, estimate
     from krakenlm.costmodel.hardware import load_hardware
 
     hw = load_hardware("cpu-gloo")
@@ -78,8 +78,8 @@ def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
     for name, path in checkpoints.items():
         cfg = load_config(path)
         cfg = cfg.replace(head_dim=-(-cfg.head_size // PAD_HEADS) * PAD_HEADS)
-        layout = Layout("kraken" if cfg.arch == "kraken" else "1d-ws", "heads", 2, head="replicated")
-        out[name] = estimate(cfg, hw, work, chips=2, layout=layout).ttft_s * 1e3
+        layout = "kraken" if cfg.arch == "kraken" else "1d-ws"
+        out[name] = estimate(cfg, hw, work, chips=2, layout=layout, lm_head="replicated").ttft_s * 1e3
     return out
 
 

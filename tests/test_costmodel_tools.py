@@ -172,6 +172,12 @@ def test_cli_predict_json_and_table(capsys) -> None:
     assert _run(["predict", "--model", "kraken4-1.3b", "--chips", "4", "--layout", "kraken"]) == 0
     out = capsys.readouterr().out
     assert "TTFT" in out and "kraken" in out
+    ttft = {}
+    for head in ("sharded", "replicated"):  # the whole LM head on each rank can only cost more
+        assert _run(["predict", "--model", "gpt2-124m", "--hardware", "cpu-gloo", "--chips", "2", "--prompt", "512",
+                     "--lm-head", head, "--json"]) == 0
+        ttft[head] = json.loads(capsys.readouterr().out)["ttft_s"]
+    assert ttft["replicated"] > ttft["sharded"]
 
 
 def test_cli_plan(capsys, tmp_path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, evaluate, leave_one_out, load_records, markdown, mdape
-from krakenlm.costmodel.estimator import OVERLAP, Estimate, PhaseEstimate, Workload, estimate
+from krakenlm.costmodel.estimator import LM_HEAD, OVERLAP, Estimate, PhaseEstimate, Workload, estimate
 from krakenlm.costmodel.hardware import DTYPES, load_hardware
 from krakenlm.costmodel.planner import OBJECTIVES, plan
 from krakenlm.errors import ConfigError
@@ -42,6 +42,8 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", default="auto",
                    help="auto (fastest per phase), kraken, or FFN[/attn-heads|/attn-batch] with FFN one of "
                         "1d-ws, 2d-ws, wg-x, wg-xy, wg-xyz; 'PREFILL,DECODE' sets each phase")
+    p.add_argument("--lm-head", choices=LM_HEAD, default="sharded",
+                   help="LM head split over the vocabulary (usual TP) or whole on every chip (the krakenlm runtime)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -106,7 +108,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if layout and "," in layout:
         pre, dec = layout.split(",", 1)
         layout = (None if pre == "auto" else pre, None if dec == "auto" else dec)
-    est = estimate(config, hw, _workload(args), args.chips, layout=layout, overlap=args.overlap)
+    est = estimate(config, hw, _workload(args), args.chips, layout=layout, overlap=args.overlap,
+                   lm_head=args.lm_head)
     print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est))
     return 0
 

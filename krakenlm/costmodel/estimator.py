@@ -23,7 +23,7 @@ MFU = 2 * num_params * tokens / (chips * peak * time) (the paper's definition; a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from krakenlm.config import ModelConfig
@@ -296,18 +296,19 @@ def candidate_layouts(config: ModelConfig, chips: int, phase: str) -> list[Layou
     return [Layout(f, a, chips) for f in names for a in ATTENTION]
 
 
-def _as_layout(layout: Layout | str | None, config: ModelConfig, chips: int) -> Layout | None:
+def _as_layout(layout: Layout | str | None, config: ModelConfig, chips: int, lm_head: str) -> Layout | None:
     if layout is None or isinstance(layout, Layout):
         return layout
     ffn, _, attn = layout.partition("/")
-    return Layout(ffn, attn.removeprefix("attn-") or "heads", chips)
+    return Layout(ffn, attn.removeprefix("attn-") or "heads", chips, lm_head)
 
 
 def best_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, chips: int,
-               overlap: str = "none") -> PhaseEstimate:
+               overlap: str = "none", lm_head: str = "sharded") -> PhaseEstimate:
     """The fastest candidate layout for ``phase`` (the decode choice also weighs KV memory fit)."""
     best = None
     for lay in candidate_layouts(config, chips, phase):
+        lay = replace(lay, head=lm_head)
         est = phase_estimate(config, hw, workload, phase, lay, overlap)
         if best is None or est.time_s < best[0].time_s:
             best = (est, lay)
@@ -317,17 +318,18 @@ def best_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: str
 
 def estimate(config: ModelConfig, hw: Hardware, workload: Workload, chips: int = 1,
              layout: Layout | str | tuple[Layout | str | None, Layout | str | None] | None = None,
-             overlap: str = "none") -> Estimate:
+             overlap: str = "none", lm_head: str = "sharded") -> Estimate:
     """Predict one request shape. ``layout`` is one layout for both phases, a (prefill, decode) pair,
-    or None to pick the fastest per phase. Strings look like ``2d-ws/attn-batch`` or ``kraken``."""
+    or None to pick the fastest per phase. Strings look like ``2d-ws/attn-batch`` or ``kraken``;
+    ``lm_head`` applies to string and searched layouts ("replicated" = the krakenlm runtime)."""
     pre, dec = layout if isinstance(layout, tuple) else (layout, layout)
-    pre_l, dec_l = _as_layout(pre, config, chips), _as_layout(dec, config, chips)
+    pre_l, dec_l = _as_layout(pre, config, chips, lm_head), _as_layout(dec, config, chips, lm_head)
     prefill = (phase_estimate(config, hw, workload, "prefill", pre_l, overlap) if pre_l
-               else best_phase(config, hw, workload, "prefill", chips, overlap))
+               else best_phase(config, hw, workload, "prefill", chips, overlap, lm_head))
     decode = None
     if workload.generate:
         decode = (phase_estimate(config, hw, workload, "decode", dec_l, overlap) if dec_l
-                  else best_phase(config, hw, workload, "decode", chips, overlap))
+                  else best_phase(config, hw, workload, "decode", chips, overlap, lm_head))
     per_token = decode.time_s if decode else 0.0
     total = prefill.time_s + workload.generate * per_token
     tokens_all = workload.batch * (workload.prompt + workload.generate)
