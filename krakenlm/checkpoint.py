@@ -4,7 +4,7 @@ Native: a directory with ``config.json`` ({"format": "krakenlm", "config": {...}
 ``model.safetensors`` holding the full, single-device state dict. A tensor-parallel rank reads only
 its slice of each tensor (safetensors slicing, krakenlm.model.sharding). A directory may also carry
 ``manifest.json`` (size and SHA-256 of every file; the trainer writes one per checkpoint): when it is
-there, loading verifies it, so a corrupt or modified checkpoint is never loaded silently.
+there, loading verifies the files it reads, so a corrupt or modified checkpoint is never loaded silently.
 
 Imported: (a) the Kraken authors' nanoGPT-derived torch.save files, (b) nanoGPT GPT files, both
 loaded with ``torch.load(weights_only=True)`` so nothing but tensors and plain containers is ever
@@ -128,20 +128,24 @@ def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None
     fsync_dir(directory)
 
 
-def verify_manifest(directory: str | Path, required: bool = False) -> dict[str, Any] | None:
-    """Check every file manifest.json lists (CheckpointError on any mismatch); None if there is none."""
+def verify_manifest(directory: str | Path, names: tuple[str, ...], required: bool = False) -> None:
+    """Check the files `names` of `directory` against its manifest.json (CheckpointError on any mismatch).
+
+    Only the files a reader is about to use are hashed: serving a trained checkpoint must not read
+    its optimizer state. Without a manifest this passes unless `required`.
+    """
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.exists():
         if required:
             raise CheckpointError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was never finished")
-        return None
+        return
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        checks = [(name, int(want["bytes"]), str(want["sha256"])) for name, want in files.items()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
-            AttributeError) as err:
+        files = json.loads(manifest_path.read_text())["files"]
+        checks = [(name, int(files[name]["bytes"]), str(files[name]["sha256"])) for name in names]
+    except KeyError as err:
+        raise CheckpointError(f"{manifest_path}: does not cover {err}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from err
     for name, size, sha256 in checks:
         file = directory / name
@@ -149,7 +153,6 @@ def verify_manifest(directory: str | Path, required: bool = False) -> dict[str, 
             raise CheckpointError(f"{directory}: {name} is missing")
         if file.stat().st_size != size or _sha256(file) != sha256:
             raise CheckpointError(f"{directory}: {name} does not match its checksum (corrupt or modified)")
-    return manifest
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -201,7 +204,7 @@ def load_state(path: str | Path, shard: Shard | None = None) -> tuple[ModelConfi
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "native":
-        verify_manifest(path)
+        verify_manifest(path, (CONFIG_FILE, WEIGHTS_FILE))
         config = _native_config(path)
         return config, _read_native(path, config, shard or Shard.full(config))
     if fmt == "hf-gpt2":

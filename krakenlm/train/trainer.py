@@ -376,9 +376,9 @@ class Trainer:
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose a new --out")
         state: dict[str, Any] = {}
         if ckpt is not None:
-            verify_manifest(ckpt, required=True)
+            verify_manifest(ckpt, (TRAINER_STATE, TRAINER_TENSORS), required=True)
             state = json.loads((ckpt / TRAINER_STATE).read_text())
-            stored_config, weights = load_state(ckpt)
+            stored_config, weights = load_state(ckpt)  # verifies the model files
             if model_config is not None and model_config.replace(name="") != stored_config.replace(name=""):
                 raise ConfigError(f"resume: the model config differs from the checkpoint's ({ckpt})")
             model_config = stored_config
