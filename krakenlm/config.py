@@ -98,6 +98,10 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
 
+    def padded_head_size(self, multiple: int) -> int:
+        """Head size rounded up to `multiple`: the shape `Transformer.pad_heads` serves (zeros, exact)."""
+        return -(-self.head_size // multiple) * multiple
+
     @property
     def ffn_size(self) -> int:
         """FFN hidden width: 4d for GPT-style blocks, 2d for Kraken (paper default)."""

@@ -77,7 +77,7 @@ def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
     out = {}
     for name, path in checkpoints.items():
         cfg = load_config(path)
-        cfg = cfg.replace(head_dim=-(-cfg.head_size // PAD_HEADS) * PAD_HEADS)
+        cfg = cfg.replace(head_dim=cfg.padded_head_size(PAD_HEADS))
         layout = "kraken" if cfg.arch == "kraken" else "1d-ws"
         out[name] = estimate(cfg, hw, work, chips=2, layout=layout, lm_head="replicated").ttft_s * 1e3
     return out

@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         kernel choice, checkpoints keep the true shapes). Head size 113 -> 128, 60 -> 64."""
         if multiple < 1:
             raise ConfigError(f"pad_heads: multiple must be >= 1, got {multiple}")
-        size = -(-self.config.head_size // multiple) * multiple
+        size = self.config.padded_head_size(multiple)
         if size != self.config.head_size:
             if self.config.position == "rope":
                 raise ConfigError("pad_heads: not supported with rope (rotation pairs would move)")
