@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from krakenlm.data import META_FILE, prepare
 from krakenlm.presets import get_preset
-from krakenlm.train.data import META_FILE, prepare
 from krakenlm.train.trainer import METRICS_FILE, TrainConfig, plot_losses, read_metrics, train
 
 MODELS = ("mini-kraken-2way", "mini-kraken-4way", "mini-gpt")

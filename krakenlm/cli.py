@@ -11,11 +11,8 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-import torch
-
+from krakenlm.dtypes import DTYPES
 from krakenlm.errors import KrakenError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

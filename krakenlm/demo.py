@@ -84,8 +84,8 @@ def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from krakenlm.train.data import prepare
-    from krakenlm.train.perplexity import perplexity
+    from krakenlm.data import prepare
+    from krakenlm.eval.perplexity import perplexity
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

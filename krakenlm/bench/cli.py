@@ -80,7 +80,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from krakenlm.bench import results
-    from krakenlm.bench.sweep import DTYPES, Options, run_sweep
+    from krakenlm.bench.sweep import Options, run_sweep
+    from krakenlm.dtypes import DTYPES
 
     opts = replace(Options(), **QUICK) if args.quick else Options()
     given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",

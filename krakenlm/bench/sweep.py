@@ -28,6 +28,7 @@ from krakenlm.bench.breakdown import MarkedComm, profile_forward
 from krakenlm.bench.netns import Links
 from krakenlm.bench.timing import RoundLog, Stats, paired_ratio, process_cpu_seconds, system_busy_seconds, wait_for_idle
 from krakenlm.config import ModelConfig, size_kraken
+from krakenlm.dtypes import DTYPES
 from krakenlm.errors import ConfigError, DistributedError
 from krakenlm.model.layers import KVCache
 from krakenlm.model.transformer import LOCAL
@@ -35,7 +36,6 @@ from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.launch import free_port
 from krakenlm.presets import PRESETS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Paired ratios reported per cell: (name, numerator variant, denominator variant).
 RATIOS = [("kraken/gpt", "kraken", "gpt"), ("kraken/parallel", "kraken", "parallel"),
           ("parallel/gpt", "parallel", "gpt"),

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from krakenlm.dtypes import DTYPES
 from krakenlm.errors import InputError
-
-DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
 
 
 def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
@@ -32,8 +31,8 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
 
 def _perplexity(checkpoint: str, data: str, args: argparse.Namespace) -> float:
     from krakenlm.checkpoint import load_model
-    from krakenlm.eval.harness import parse_dtype
-    from krakenlm.train.perplexity import perplexity
+    from krakenlm.dtypes import parse_dtype
+    from krakenlm.eval.perplexity import perplexity
 
     model = load_model(checkpoint, dtype=parse_dtype(args.dtype)).to(args.device)
     return perplexity(model, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
@@ -83,7 +82,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda (tensor-parallel runs are CPU only)")
     p.add_argument("--split", default="val", help="perplexity split of the prepared data dir (val.bin)")

@@ -12,10 +12,8 @@ follower ranks and all ranks run the forward pass in lockstep (krakenlm.eval.tp)
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models before ours, see registry.get_model)
@@ -27,38 +25,19 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from krakenlm.dtypes import parse_dtype
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.generate import SamplingConfig, left_pad, sample
 from krakenlm.model import LOCAL, Comm, Transformer
-from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
+from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, load_tokenizer
 
-DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-               "fp16": torch.float16, "float16": torch.float16}
 DEFAULT_BATCH_SIZE = 8
 MAX_GEN_TOKS = 256  # lm-eval's default for generate_until requests
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype | None:
-    """Accept krakenlm's short names and lm-eval's long ones ('bf16' or 'bfloat16'); 'auto' keeps the stored dtype."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return None
-    if name not in DTYPE_NAMES:
-        raise ConfigError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, got {name!r}")
-    return DTYPE_NAMES[name]
-
-
-@functools.cache
-def resolve_tokenizer(spec: str) -> Tokenizer:
-    """'gpt2', 'bytes', or a data dir prepared with a corpus-trained BPE (`krakenlm prepare --tokenizer bpe:N`)."""
-    if spec in ("gpt2", "bytes"):
-        return get_tokenizer(spec)
-    if not Path(spec).is_dir():
-        raise ConfigError(f"tokenizer: expected 'gpt2', 'bytes' or a prepared data dir holding a BPE, got {spec!r}")
-    from krakenlm.train.data import load_bpe
-
-    return load_bpe(spec)
+def parse_model_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """krakenlm's and lm-eval's dtype names; lm-eval's 'auto' keeps the checkpoint's stored dtype."""
+    return None if name == "auto" else parse_dtype(name)
 
 
 def parse_batch_size(value: int | str | None) -> int:
@@ -118,7 +97,7 @@ class GenerateJob:
 
     @torch.inference_mode()
     def run(self, model: Transformer, comm: Comm) -> list[list[int]]:
-        tok = resolve_tokenizer(self.tokenizer)
+        tok = load_tokenizer(self.tokenizer)
         device = model.wte.weight.device
         idx, valid, positions = left_pad(self.contexts, device)
         batch, width = idx.shape
@@ -226,7 +205,7 @@ class KrakenLM(TemplateLM):
                 raise ConfigError("krakenlm model_args: checkpoint=PATH is required")
             if int(tp) < 1:
                 raise ConfigError(f"tp: must be >= 1, got {tp}")
-            engine = load_engine(str(checkpoint), parse_dtype(dtype), _pick_device(device, int(tp)), int(tp),
+            engine = load_engine(str(checkpoint), parse_model_dtype(dtype), _pick_device(device, int(tp)), int(tp),
                                  float(timeout))
         self.engine = engine
         self.config = engine.config
@@ -236,7 +215,7 @@ class KrakenLM(TemplateLM):
         self._device = engine.device
         self.tokenizer_id = str(tokenizer or default_tokenizer_for(self.config.vocab_size))
         try:
-            self.tok: Tokenizer = resolve_tokenizer(self.tokenizer_id)
+            self.tok: Tokenizer = load_tokenizer(self.tokenizer_id)
             if self.tok.vocab_size > self.config.vocab_size:
                 raise ConfigError(f"tokenizer {self.tok.name!r} has {self.tok.vocab_size} tokens but the model only "
                                   f"{self.config.vocab_size}; pass the tokenizer the model was trained with")

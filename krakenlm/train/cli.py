@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from krakenlm.config import ModelConfig
+from krakenlm.data import prepare
 from krakenlm.errors import CheckpointError
-from krakenlm.train.data import prepare
 from krakenlm.train.trainer import TRAINER_STATE, TrainConfig, get_recipe, latest_checkpoint, recipes, train
 
 _HELP = {

@@ -37,10 +37,11 @@ from torch import nn
 
 from krakenlm.checkpoint import fsync_dir, load_state, save_checkpoint, verify_manifest, write_manifest
 from krakenlm.config import ModelConfig, dataclass_fields
+from krakenlm.data import WindowSampler, load_tokens, read_meta
+from krakenlm.dtypes import DTYPES
 from krakenlm.errors import CheckpointError, ConfigError
+from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
-from krakenlm.train.data import WindowSampler, load_tokens, read_meta
-from krakenlm.train.perplexity import mean_cross_entropy
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -48,7 +49,6 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TRAINER_TENSORS = "trainer.pt"
 TRAINER_STATE = "trainer_state.json"
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Peak dense FLOP/s per device for the MFU estimate when --peak-tflops is not given: one Sapphire
 # Rapids core (AMX bf16 ~1.4 TFLOP/s measured, fp32 ~0.17) times threads; an H100 SXM on CUDA.
 # Per-thread peak FLOP/s by the CPU's best matrix ISA: AMX measured on Sapphire Rapids; AVX-512 BF16
@@ -426,7 +426,7 @@ class Trainer:
             cuda = self.dist.device.type == "cuda"
             forward = self.ddp = DistributedDataParallel(forward, device_ids=[self.dist.device] if cuda else None)
         self.forward = torch.compile(forward) if cfg.compile else forward
-        self.autocast_dtype = DTYPES[cfg.dtype]
+        self.autocast_dtype = None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]
         self.peak = _peak_flops(cfg, self.dist.device) * self.dist.world
         self.params = model_config.num_params()
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from krakenlm.data import gather_windows, load_tokens, window_starts
 from krakenlm.errors import InputError
 from krakenlm.model import Transformer
-from krakenlm.train.data import gather_windows, load_tokens, window_starts
 
 TokenSource = str | Path | np.ndarray | Tensor | Sequence[int]
 

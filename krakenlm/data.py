@@ -1,6 +1,6 @@
-"""Training data: text -> token ids in uint16 memmaps (train.bin / val.bin + meta.json), and random
-windows drawn from them with an explicit generator so a resumed run draws exactly what an
-uninterrupted one would.
+"""Prepared data, shared by training and evaluation: text -> token ids in uint16 memmaps (train.bin /
+val.bin + meta.json), and random windows drawn from them with an explicit generator so a resumed run
+draws exactly what an uninterrupted one would.
 
 By default every document is split on its own (the first 1 - val_fraction of its tokens train, the
 rest validate), so the validation set has the same mix of sources as the training set; with one
@@ -24,14 +24,13 @@ import torch
 from torch import Tensor
 
 from krakenlm.errors import ConfigError, InputError
-from krakenlm.tokenizer import Tokenizer, get_tokenizer
+from krakenlm.tokenizer import BPE_TOKENIZER_FILE, BPETokenizer, Tokenizer, get_tokenizer, train_bpe
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 SPLIT_BY = ("tail", "documents")
 _GOLDEN = (math.sqrt(5) - 1) / 2
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
-BPE_TOKENIZER_FILE = "tokenizer.json"
 
 
 def shakespeare_files() -> list[Path]:
@@ -90,47 +89,6 @@ def hf_dataset_texts(name: str, *, config: str | None = None, split: str = "trai
         raise InputError(f"prepare: dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
     for row in ds:
         yield row[text_field]
-
-
-class _HFTokenizer:
-    """A byte-level BPE trained on the corpus with HF `tokenizers`; saved as tokenizer.json."""
-
-    def __init__(self, tok: Any, name: str) -> None:
-        self._tok = tok
-        self.name = name
-        self.vocab_size = tok.get_vocab_size()
-        self.eot_token = tok.token_to_id("<|endoftext|>")
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
-
-    def save(self, path: Path) -> None:
-        self._tok.save(str(path))
-
-
-def train_bpe(texts: list[str], vocab_size: int) -> _HFTokenizer:
-    """Byte-level BPE fitted to the corpus (smaller vocabulary, so small models train faster)."""
-    try:
-        from tokenizers import ByteLevelBPETokenizer
-    except ModuleNotFoundError as err:
-        raise ConfigError("tokenizer: 'bpe:<vocab>' needs the `tokenizers` package (pip install tokenizers)") from err
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
-    return _HFTokenizer(tok, f"bpe:{vocab_size}")
-
-
-def load_bpe(data_dir: str | Path) -> _HFTokenizer:
-    """The corpus-trained BPE saved next to prepared data (to decode or encode prompts)."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    path = Path(data_dir) / BPE_TOKENIZER_FILE
-    if not path.exists():
-        raise InputError(f"{data_dir}: no {BPE_TOKENIZER_FILE} (data was not prepared with a bpe:<vocab> tokenizer)")
-    tok = HFTokenizer.from_file(str(path))
-    return _HFTokenizer(tok, f"bpe:{tok.get_vocab_size()}")
 
 
 def _bpe_size(name: str) -> int:
@@ -231,7 +189,7 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    if isinstance(tok, _HFTokenizer):
+    if isinstance(tok, BPETokenizer):
         tok.save(out / BPE_TOKENIZER_FILE)
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token, "dtype": "uint16",
             "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": documents,
