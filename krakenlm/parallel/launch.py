@@ -85,9 +85,8 @@ def run_ranks(worker: Callable[[Any], int], world: int, payload: Any, grace: flo
 
 
 def _generate_worker(payload: dict[str, Any]) -> int:
-    from krakenlm.cli import DTYPES
+    from krakenlm.cli import DTYPES, print_result
     from krakenlm.parallel.runtime import Runtime
-    from krakenlm.serve import print_result
     from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
 
     runtime = Runtime(payload["source"], payload["tp"], dtype=DTYPES[payload["dtype"]], no_comm=payload["no_comm"],
@@ -115,10 +114,10 @@ def _generate_worker(payload: dict[str, Any]) -> int:
 
 def generate_tp(args: argparse.Namespace, sampling) -> int:
     """Check everything that can be checked before spawning (plan, prompts), then run the ranks."""
+    from krakenlm.cli import model_source
     from krakenlm.generate import validate_prompts
     from krakenlm.parallel.plan import ParallelPlan
     from krakenlm.parallel.runtime import source_config
-    from krakenlm.serve import model_source
     from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
 
     config = source_config(model_source(args))
