@@ -165,31 +165,63 @@ def _read_json(path: Path) -> dict[str, Any]:
     return doc
 
 
+class Checkpoint:
+    """A checkpoint opened once: format detected, config read and, for torch files, the file loaded
+    once (a tensor-parallel rank used to torch.load an authors' .pt four times)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._torch: dict[str, Any] | None = None
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such checkpoint")
+        if self.path.is_dir():
+            if not (self.path / CONFIG_FILE).exists():
+                raise CheckpointError(f"{self.path}: directory has no {CONFIG_FILE}")
+            doc = _read_json(self.path / CONFIG_FILE)
+            if doc.get("format") == FORMAT:
+                self.format, self.config = "native", _native_config(self.path)
+            elif doc.get("model_type") == "gpt2":
+                self.format, self.config = "hf-gpt2", _hf_config(doc)
+            else:
+                raise CheckpointError(f"{self.path}: config.json is neither a krakenlm nor a GPT-2 config")
+        else:
+            self._torch = _torch_load(self.path)
+            self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
+            self.config = _nanogpt_config(self._torch, self.format)
+
+    def state(self, shard: Shard | None = None) -> dict[str, Tensor]:
+        """The native state dict, or only ``shard``'s slices of it (native files are read sliced)."""
+        if self.format == "native":
+            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE))
+            return _read_native(self.path, self.config, shard or Shard.full(self.config))
+        if self.format == "hf-gpt2":
+            state = _import_hf(self.path, self.config)
+        else:
+            assert self._torch is not None
+            state = _import_nanogpt(self._torch, self.config, self.format)
+        check_state(state, self.config, str(self.path))
+        return state if shard is None else shard_state_dict(state, self.config, shard)
+
+    def model(self, shard: Shard | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Transformer:
+        """A ready-to-run model (eval mode) on ``device``."""
+        with torch.device("meta"):
+            model = Transformer(self.config, shard, init=False)
+        model.load_state_dict(self.state(shard), assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def release(self) -> None:
+        """Drop the loaded torch file (once the model is built it is not needed)."""
+        self._torch = None
+
+
 def detect_format(path: str | Path) -> str:
     """'native', 'hf-gpt2', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if path.is_dir():
-        if not (path / CONFIG_FILE).exists():
-            raise CheckpointError(f"{path}: directory has no {CONFIG_FILE}")
-        doc = _read_json(path / CONFIG_FILE)
-        if doc.get("format") == FORMAT:
-            return "native"
-        if doc.get("model_type") == "gpt2":
-            return "hf-gpt2"
-        raise CheckpointError(f"{path}: config.json is neither a krakenlm nor a GPT-2 config")
-    args = _torch_load(path).get("model_args", {})
-    return "kraken-authors" if "n_heads_in_split" in args else "nanogpt"
+    return Checkpoint(path).format
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    fmt = detect_format(path)
-    if fmt == "native":
-        return _native_config(Path(path))
-    if fmt == "hf-gpt2":
-        return _hf_config(_read_json(Path(path) / CONFIG_FILE))
-    return _nanogpt_config(_torch_load(Path(path)), fmt)
+    return Checkpoint(path).config
 
 
 def _native_config(path: Path) -> ModelConfig:
@@ -201,20 +233,8 @@ def _native_config(path: Path) -> ModelConfig:
 
 def load_state(path: str | Path, shard: Shard | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Config and (sharded) native state dict from a checkpoint of any supported format."""
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "native":
-        verify_manifest(path, (CONFIG_FILE, WEIGHTS_FILE))
-        config = _native_config(path)
-        return config, _read_native(path, config, shard or Shard.full(config))
-    if fmt == "hf-gpt2":
-        config, state = _import_hf(path)
-    else:
-        ckpt = _torch_load(path)
-        config = _nanogpt_config(ckpt, fmt)
-        state = _import_nanogpt(ckpt, config, fmt)
-    check_state(state, config, str(path))
-    return config, state if shard is None else shard_state_dict(state, config, shard)
+    ckpt = Checkpoint(path)
+    return ckpt.config, ckpt.state(shard)
 
 
 def _read_native(path: Path, config: ModelConfig, shard: Shard) -> dict[str, Tensor]:
@@ -238,15 +258,10 @@ def _read_native(path: Path, config: ModelConfig, shard: Shard) -> dict[str, Ten
     return state
 
 
-def load_model(path: str | Path, shard: Shard | None = None, dtype: torch.dtype | None = None) -> Transformer:
+def load_model(path: str | Path, shard: Shard | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> Transformer:
     """A ready-to-run model (eval mode) from any supported checkpoint."""
-    config, state = load_state(path, shard)
-    with torch.device("meta"):
-        model = Transformer(config, shard, init=False)
-    model.load_state_dict(state, assign=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    return Checkpoint(path).model(shard, dtype, device)
 
 
 # Imports from other code bases ------------------------------------------------------------------------
@@ -332,8 +347,7 @@ def _hf_config(doc: dict[str, Any]) -> ModelConfig:
         raise CheckpointError(f"HF GPT-2 config.json: missing or bad field {err}") from err
 
 
-def _import_hf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    config = _hf_config(_read_json(path / CONFIG_FILE))
+def _import_hf(path: Path, config: ModelConfig) -> dict[str, Tensor]:
     file = path / WEIGHTS_FILE
     if not file.exists():
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE} (only safetensors HF checkpoints are read; "
@@ -343,7 +357,7 @@ def _import_hf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from err
-    return config, _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
+    return _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
 
 
 def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
@@ -374,28 +388,3 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
     return path
-
-
-def build_model(*, checkpoint: str | Path | None = None, preset: str | None = None,
-                config: ModelConfig | str | Path | None = None, seed: int = 0, shard: Shard | None = None,
-                dtype: torch.dtype | None = None) -> Transformer:
-    """A model from exactly one source: a checkpoint, or a preset / config with seeded random weights
-    (every rank building the same seed gets slices of the same full model)."""
-    if sum(x is not None for x in (checkpoint, preset, config)) != 1:
-        raise ConfigError("model: give exactly one of checkpoint, preset or config")
-    if checkpoint is not None:
-        return load_model(checkpoint, shard, dtype)
-    if preset is not None:
-        from krakenlm.presets import get_preset
-
-        cfg = get_preset(preset)
-    else:
-        cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_json(config)
-    full = Transformer(cfg, init=False)
-    full.reset_parameters(seed)
-    if shard is None or shard == Shard.full(cfg):
-        model = full
-    else:
-        model = Transformer(cfg, shard, init=False)
-        model.load_state_dict(shard_state_dict(full.state_dict(), cfg, shard))
-    return (model if dtype is None else model.to(dtype)).eval()
