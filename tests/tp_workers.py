@@ -110,3 +110,39 @@ def failing(payload: dict) -> int:
     engine.generate(PROMPTS, 8)
     engine.close()
     return 0
+
+
+def capture_decode(engine: Engine, backend: str):
+    """The engine's decode step (functional collectives) compiled with fullgraph=True: a graph break fails."""
+    comm = engine.comm.variant(functional=True) if engine.world > 1 else engine.comm
+    model = engine.model
+
+    def step(tokens, slots, positions, cache):
+        return model.decode(tokens, slots, positions, cache, comm=comm)
+
+    return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+
+
+def compiled_decode(payload: dict) -> int:
+    """Per case: fullgraph capture of the decode step equals eager; the engine's compiled generation
+    (inductor) gives the eager tokens, token for token."""
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for name, case in payload["cases"].items():
+        engine = engine_for({"config": case["config"], "seed": 0}, world, timeout=300)
+        eager = engine.generate(PROMPTS, 12).tokens
+        with torch.inference_mode():
+            cache_a, cache_b = engine.new_cache(2, 40), engine.new_cache(2, 40)
+            idx, valid, pos = left_pad(PROMPTS)
+            engine.forward(idx, cache=cache_a, valid=valid, positions=pos)
+            engine.forward(idx, cache=cache_b, valid=valid, positions=pos)
+            token, slots, next_pos = torch.tensor([7, 9]), torch.full((2,), idx.shape[1]), pos[:, -1] + 1
+            captured = capture_decode(engine, case["backend"])(token, slots, next_pos, cache_a)
+            plain = engine.decode_step(token, slots, next_pos, cache_b)
+        results[name] = {"capture_diff": (captured - plain).abs().max().item()}
+        if case.get("inductor"):
+            results[name]["compiled_equal"] = engine.variant(compile=True).generate(PROMPTS, 12).tokens == eager
+    if int(os.environ["RANK"]) == 0:
+        Path(payload["out"]).write_text(json.dumps(results))
+    engine.close()
+    return 0
