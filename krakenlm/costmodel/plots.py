@@ -64,7 +64,7 @@ def plot_roofline(path: str | Path, hw: Hardware | None = None, model: str = "pa
     for phase, marker in (("prefill", "o"), ("decode", "s")):
         pts = []
         for b in (1, 4, 16, 64, 256):
-            wl = Workload(batch=b, prompt=2048 if phase == "prefill" else 512, generate=64)
+            wl = Workload(batch=b, prompt=1984 if phase == "prefill" else 512, generate=64)
             est = phase_estimate(cfg, hw, wl, phase, Layout("2d-ws", "batch", chips))
             pts.append((est.flops_per_chip / est.bytes_per_chip, est.flops_per_chip / est.time_s))
         ax.loglog(*zip(*pts, strict=True), marker=marker, ls="--", label=f"{phase} (B = 1..256)")
@@ -78,14 +78,15 @@ def plot_roofline(path: str | Path, hw: Hardware | None = None, model: str = "pa
 
 
 def plot_latency_vs_chips(path: str | Path, hw: Hardware | None = None, model: str = "palm-540b") -> None:
-    """Per-layout latency against chip count, prefill (B=1, 2048 tokens) and a decode step (B=64)."""
+    """Per-layout latency against chip count, prefill (B=1, 2048 tokens) and a decode step (B=64, context
+    1984-2048); chip counts that split PaLM's 48 heads whole or pad them to one per chip."""
     hw = hw or load_hardware("tpu-v4")
     cfg = get_preset(model)
-    chips = [16, 32, 64, 128, 256]
+    chips = [16, 48, 64, 128, 256]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, phase, layouts, wl in (
             (axes[0], "prefill", PREFILL_LAYOUTS, Workload(batch=1, prompt=2048, dtype="int8")),
-            (axes[1], "decode", DECODE_LAYOUTS, Workload(batch=64, prompt=2048, generate=64, dtype="int8"))):
+            (axes[1], "decode", DECODE_LAYOUTS, Workload(batch=64, prompt=1984, generate=64, dtype="int8"))):
         for lay in layouts:
             ys = [phase_estimate(cfg, hw, wl, phase, Layout(lay, "batch", n)).time_s * 1e3 for n in chips]
             ax.loglog(chips, ys, marker="o", label=lay)

@@ -126,14 +126,15 @@ def kraken_study(hw: Hardware | None = None, dtype: str = "fp16", phase: str = "
     """Predicted TTFT for the Kraken paper's 20 configurations (5 sizes x prompt 128/2048 x TP 4/8),
     batch 1, Kraken degree = TP degree, equal parameters per layer (presets gpt-/parallel-/krakenN-).
 
-    ``phase="decode"`` gives the per-token decode latency after the prompt instead (not studied in
-    the paper)."""
+    ``phase="decode"`` gives the per-token decode latency at that context instead (not studied in the
+    paper): the step after prompt - 1 tokens, so the context stays within the models' 2048."""
     hw = hw or load_hardware("a100-40gb-nvswitch")
     rows = []
     for size in KRAKEN_SIZES:
         for prompt in (128, 2048):
             for tp in (4, 8):
-                wl = Workload(batch=1, prompt=prompt, generate=0 if phase == "prefill" else 1, dtype=dtype)
+                wl = (Workload(batch=1, prompt=prompt, dtype=dtype) if phase == "prefill"
+                      else Workload(batch=1, prompt=prompt - 1, generate=1, dtype=dtype))
                 ests = [estimate(get_preset(f"{a}-{size}"), hw, wl, tp) for a in ("gpt", "parallel", f"kraken{tp}")]
                 rows.append(KrakenRow(size, prompt, tp, *(e.ttft_s if phase == "prefill" else e.per_token_s
                                                           for e in ests)))
