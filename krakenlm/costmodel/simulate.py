@@ -63,9 +63,13 @@ class Lengths:
         """``"128"`` (fixed) or ``"64-512"`` (uniform)."""
         low, sep, high = str(text).partition("-")
         try:
-            return cls(int(low), int(high) if sep else int(low))
+            values = int(low), int(high) if sep else int(low)
         except ValueError:
             raise ConfigError(f"{what}: expected N or LOW-HIGH tokens, got {text!r}") from None
+        try:
+            return cls(*values)
+        except ConfigError as err:
+            raise ConfigError(f"{what}: {err}") from None
 
     def sample(self, rng: random.Random) -> int:
         return self.low if self.low == self.high else rng.randint(self.low, self.high)
