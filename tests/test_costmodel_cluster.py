@@ -312,3 +312,22 @@ def test_chips_beyond_the_width_and_head_splits() -> None:
     with pytest.raises(ConfigError, match="tile nodes"):
         check_split(get_preset("gpt-1.3b"), 4, stages=3, chips_per_node=8)
     check_split(get_preset("gpt-1.3b"), 4, stages=2, chips_per_node=8)  # 8 chips, one node
+
+
+# The issue-16 study -------------------------------------------------------------------------------
+def test_cluster_study_where_kraken_pays() -> None:
+    from krakenlm.costmodel.studies import cluster_study
+
+    rows = {(r.size, r.prompt, r.nodes): r for r in cluster_study()}
+    assert len(rows) == 20
+    assert rows[("13b", 128, 2)].standard["across"] is None  # 40 heads do not split over 16 chips
+    assert rows[("13b", 128, 2)].speedup(8, "across") is None and rows[("13b", 128, 2)].speedup(8, "inside") > 1
+    small, large = rows[("1.3b", 128, 2)], rows[("65b", 2048, 2)]
+    assert small.speedup(8, "inside") > small.speedup(8, "across")  # latency-bound: the paper's regime
+    assert large.speedup(8, "across") > large.speedup(8, "inside")  # the network exchange hidden under attention
+    for size in ("1.3b", "6.7b"):  # small models: TP across nodes only adds latency-bound network all-reduces
+        for nodes in (2, 4):
+            r = rows[(size, 128, nodes)]
+            assert r.standard["across"] > r.standard["inside"]
+    big = rows[("175b", 128, 2)]  # the 175B model's compute is worth splitting over 16 chips
+    assert big.standard["across"] < big.standard["inside"]

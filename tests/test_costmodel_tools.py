@@ -194,7 +194,7 @@ def test_cli_plan(capsys, tmp_path) -> None:
 
 def test_make_plots(tmp_path) -> None:
     paths = make_plots(tmp_path)
-    assert len(paths) == 5
+    assert len(paths) == 6
     for p in paths:
         assert p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG"
 

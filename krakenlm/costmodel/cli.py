@@ -137,9 +137,12 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}") from None
+        values = ()
+    if not values:
+        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}")
+    return values
 
 
 def _pair(text: str, what: str, auto: bool = False) -> tuple[int, int | None]:

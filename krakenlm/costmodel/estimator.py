@@ -481,6 +481,16 @@ def best_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: str
     return best
 
 
+def tp_degree(chips: int, stages: int) -> int:
+    """Chips per pipeline stage: ``chips`` must split into ``stages`` equal stages."""
+    if not isinstance(chips, int) or isinstance(chips, bool) or chips < 1:
+        raise ConfigError(f"chips: must be a positive integer, got {chips!r}")
+    Pipeline(stages=stages)  # validates the stage count
+    if chips % stages:
+        raise ConfigError(f"chips: {chips} chips do not split into {stages} equal pipeline stages")
+    return chips // stages
+
+
 def _as_pipeline(pipeline: Pipeline | int | None) -> Pipeline:
     if pipeline is None:
         return Pipeline()
@@ -495,11 +505,7 @@ def estimate(config: ModelConfig, hw: Hardware, workload: Workload, chips: int =
     phase. Strings look like ``2d-ws/attn-batch`` or ``kraken``; ``lm_head`` applies to string and
     searched layouts ("replicated" = the krakenlm runtime)."""
     pipe = _as_pipeline(pipeline)
-    if not isinstance(chips, int) or isinstance(chips, bool) or chips < 1:
-        raise ConfigError(f"chips: must be a positive integer, got {chips!r}")
-    if chips % pipe.stages:
-        raise ConfigError(f"chips: {chips} chips do not split into {pipe.stages} equal pipeline stages")
-    tp = chips // pipe.stages
+    tp = tp_degree(chips, pipe.stages)
     check_context(config, workload)
     check_split(config, tp, pipe.stages, hw.chips_per_node)
     pre, dec = layout if isinstance(layout, tuple) else (layout, layout)

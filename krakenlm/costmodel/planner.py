@@ -124,6 +124,9 @@ def plan(config: ModelConfig, hw: Hardware, workload: Workload, chips: int, targ
     "latency" total latency, "throughput" maximises tokens/s of all the replicas the budget holds.
     """
     _check_plan_args(chips, objective, target_latency, memory_limit)
+    for key, values in (("batches", batches), ("stages", stages), ("kraken degrees", kraken_degrees)):
+        if values is not None and not values:
+            raise ConfigError(f"{key}: give at least one value to try (or None for the default)")
     limit = memory_limit or hw.memory_bytes
     feasible: list[Candidate] = []
     rejected = {"split": 0, "memory": 0, "latency": 0}
@@ -146,10 +149,11 @@ def plan(config: ModelConfig, hw: Hardware, workload: Workload, chips: int, targ
                 else:
                     feasible.append(Candidate(variant, est, replicas=chips // n))
     if not feasible:
+        why = ", ".join(f"{n} {reason}" for reason, n in (("out of memory", rejected["memory"]), (
+            f"over the latency target {target_latency} s", rejected["latency"]), ("not a valid split",
+                                                                                  rejected["split"])) if n)
         raise ConfigError(f"plan: nothing fits on up to {chips} x {hw.name} within {format_bytes(limit)} per chip "
-                          f"({rejected['memory']} candidates out of memory, {rejected['latency']} over the "
-                          f"latency target {target_latency}, {rejected['split']} not a valid split); allow more "
-                          f"chips, int8 weights or a looser target")
+                          f"({why or 'no candidate'}); allow more chips, int8 weights or a looser target")
 
     def key(c: Candidate) -> tuple[float, float]:
         e = c.estimate

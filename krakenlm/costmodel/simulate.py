@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.estimator import Workload, best_phase, check_context, estimate, format_bytes
+from krakenlm.costmodel.estimator import Workload, best_phase, check_context, estimate, format_bytes, tp_degree
 from krakenlm.costmodel.hardware import Hardware
 from krakenlm.costmodel.layouts import check_split
 from krakenlm.costmodel.pipeline import Pipeline
@@ -155,9 +155,7 @@ class CostModelTimes:
 
     def __init__(self, config: ModelConfig, hw: Hardware, chips: int, stages: int = 1, dtype: str = "bf16",
                  overlap: str = "none", lm_head: str = "sharded") -> None:
-        if chips % stages:
-            raise ConfigError(f"chips: {chips} chips do not split into {stages} equal pipeline stages")
-        check_split(config, chips // stages, stages, hw.chips_per_node)
+        check_split(config, tp_degree(chips, stages), stages, hw.chips_per_node)
         self.config, self.hw, self.tp, self.dtype = config, hw, chips // stages, dtype
         self.pipe, self.overlap, self.lm_head = Pipeline(stages=stages), overlap, lm_head
         self._prefill = lru_cache(maxsize=None)(self._prefill_uncached)
