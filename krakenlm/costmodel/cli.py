@@ -252,9 +252,9 @@ def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memor
     """`plan --slo`: the fewest chips whose simulated load meets the targets."""
     targets = parse_slo_targets(args.slo)
     wl = _workload(args)
-    if not wl.generate:
+    if args.arrivals in ARRIVALS and not wl.generate:
         raise ConfigError("generate: --slo plans need --generate >= 1 (output tokens per request)")
-    load = _load(args, Lengths(wl.prompt, wl.prompt), Lengths(wl.generate, wl.generate))
+    load = _load(args, Lengths(wl.prompt, wl.prompt), Lengths(max(wl.generate, 1), max(wl.generate, 1)))
     result = plan_slo(config, hw, load, args.chips, targets, rate=args.rate, dtype=wl.dtype,
                       batches=_ints(args.batches, "--batches"), kraken_degrees=_ints(args.kraken_degrees,
                                                                                      "--kraken-degrees"),

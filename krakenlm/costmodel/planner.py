@@ -37,8 +37,12 @@ class Candidate:
         e, wl = self.estimate, self.estimate.workload
         batch = f"{wl.batch}" if wl.decode_batch is None else f"{wl.batch}/{wl.decode_batch}"
         dec = f", decode {e.decode.layout}" if e.decode else ""
-        return (f"{self.config.name or self.config.arch} on {e.chips} chip(s) (TP {e.tp} x PP {e.stages}), "
-                f"batch {batch}: prefill {e.prefill.layout}{dec}")
+        return f"{deployment_label(self.config, e.chips, e.stages)}, batch {batch}: prefill {e.prefill.layout}{dec}"
+
+
+def deployment_label(config: ModelConfig, chips: int, stages: int) -> str:
+    """``name on N chip(s) (TP t x PP s)``."""
+    return f"{config.name or config.arch} on {chips} chip(s) (TP {chips // stages} x PP {stages})"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,22 @@ def splits(config: ModelConfig, chips: int, stages: tuple[int, ...] | None = Non
     return out
 
 
+def deployments(config: ModelConfig, hw: Hardware, chips: int, kraken_degrees: tuple[int, ...] | None = None,
+                stages: tuple[int, ...] | None = None) -> tuple[list[tuple[ModelConfig, int, int]], int]:
+    """Every (model variant, chips, stages) of ``kraken_variants`` x ``splits`` that is a valid split on
+    ``hw`` (layouts.check_split), and how many were not."""
+    valid, invalid = [], 0
+    for variant in kraken_variants(config, kraken_degrees):
+        for n, s in splits(variant, chips, stages):
+            try:
+                check_split(variant, n // s, s, hw.chips_per_node)
+            except ConfigError:
+                invalid += 1
+                continue
+            valid.append((variant, n, s))
+    return valid, invalid
+
+
 def _workloads(workload: Workload, batches: tuple[int, ...] | None) -> list[Workload]:
     """The workload at each batch limit: both phases' batch, or only the decode batch when it is set."""
     if not batches:
@@ -133,21 +153,17 @@ def plan(config: ModelConfig, hw: Hardware, workload: Workload, chips: int, targ
     loads = _workloads(workload, batches)
     for wl in loads:
         check_context(config, wl)
-    for variant in kraken_variants(config, kraken_degrees):
-        for n, s in splits(variant, chips, stages):
-            try:
-                check_split(variant, n // s, s, hw.chips_per_node)
-            except ConfigError:
-                rejected["split"] += len(loads)
-                continue
-            for wl in loads:
-                est = estimate(variant, hw, wl, n, overlap=overlap, pipeline=Pipeline(stages=s))
-                if est.memory_per_chip_bytes > limit:
-                    rejected["memory"] += 1
-                elif target_latency is not None and est.total_s > target_latency:
-                    rejected["latency"] += 1
-                else:
-                    feasible.append(Candidate(variant, est, replicas=chips // n))
+    valid, invalid = deployments(config, hw, chips, kraken_degrees, stages)
+    rejected["split"] = invalid * len(loads)
+    for variant, n, s in valid:
+        for wl in loads:
+            est = estimate(variant, hw, wl, n, overlap=overlap, pipeline=Pipeline(stages=s))
+            if est.memory_per_chip_bytes > limit:
+                rejected["memory"] += 1
+            elif target_latency is not None and est.total_s > target_latency:
+                rejected["latency"] += 1
+            else:
+                feasible.append(Candidate(variant, est, replicas=chips // n))
     if not feasible:
         why = ", ".join(f"{n} {reason}" for reason, n in (("out of memory", rejected["memory"]), (
             f"over the latency target {target_latency} s", rejected["latency"]), ("not a valid split",

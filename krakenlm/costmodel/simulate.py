@@ -30,7 +30,7 @@ from krakenlm.costmodel.estimator import Workload, best_phase, check_context, es
 from krakenlm.costmodel.hardware import Hardware
 from krakenlm.costmodel.layouts import check_split
 from krakenlm.costmodel.pipeline import Pipeline
-from krakenlm.costmodel.planner import kraken_variants, splits
+from krakenlm.costmodel.planner import deployment_label, deployments
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.serve.report import RequestRecord, SloTarget, summarize
 from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler
@@ -265,8 +265,7 @@ class SloCandidate:
 
     @property
     def label(self) -> str:
-        return (f"{self.config.name or self.config.arch} on {self.chips} chip(s) (TP {self.chips // self.stages} x "
-                f"PP {self.stages}), max_batch {self.max_batch}")
+        return f"{deployment_label(self.config, self.chips, self.stages)}, max_batch {self.max_batch}"
 
 
 @dataclass(frozen=True)
@@ -276,20 +275,6 @@ class SloPlan:
     best: SloCandidate
     tried: list[SloCandidate]
     explanation: str
-
-
-def _slo_candidates(config: ModelConfig, hw: Hardware, chips: int, kraken_degrees: tuple[int, ...] | None,
-                    stages: tuple[int, ...] | None) -> dict[int, list[tuple[ModelConfig, int, int]]]:
-    """Valid (variant, chips, stages) by total chips."""
-    by_chips: dict[int, list[tuple[ModelConfig, int, int]]] = {}
-    for variant in kraken_variants(config, kraken_degrees):
-        for n, s in splits(variant, chips, stages):
-            try:
-                check_split(variant, n // s, s, hw.chips_per_node)
-            except ConfigError:
-                continue
-            by_chips.setdefault(n, []).append((variant, n, s))
-    return by_chips
 
 
 def plan_slo(config: ModelConfig, hw: Hardware, load: Sequence[Arrival], chips: int, targets: list[SloTarget],
@@ -307,8 +292,11 @@ def plan_slo(config: ModelConfig, hw: Hardware, load: Sequence[Arrival], chips: 
     check_context(config, Workload(prompt=longest_prompt, generate=need - longest_prompt, dtype=dtype))
     limit = memory_limit or hw.memory_bytes
     tried: list[SloCandidate] = []
-    for n, group in sorted(_slo_candidates(config, hw, chips, kraken_degrees, stages).items()):
-        for variant, _, s in group:
+    by_chips: dict[int, list[tuple[ModelConfig, int]]] = {}
+    for variant, n, s in deployments(config, hw, chips, kraken_degrees, stages)[0]:
+        by_chips.setdefault(n, []).append((variant, s))
+    for n, group in sorted(by_chips.items()):
+        for variant, s in group:
             times = CostModelTimes(variant, hw, n, s, dtype, overlap)
             for b in batches or DEFAULT_BATCH_LIMITS:
                 wl = Workload(1, longest_prompt, need - longest_prompt, dtype, decode_batch=b)
@@ -333,7 +321,8 @@ def _explain_slo(best: SloCandidate, tried: list[SloCandidate], targets: list[Sl
     got = ", ".join(f"{t} (predicted {t.value(r) * 1e3:.1f} ms)" for t in targets)  # type: ignore[operator]
     return "\n".join([
         f"Chosen: {best.label}, the fewest chips meeting {got}.",
-        f"Simulated {r['requests']} requests at {r['rate']} req/s: throughput {r['throughput_rps']:.3g} req/s, "
+        f"Simulated {r['requests']} requests" + (f" at {r['rate']:g} req/s" if r["rate"] else " of the trace")
+        + f": throughput {r['throughput_rps']:.3g} req/s, "
         f"p50 TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms, p50 TPOT "
         + (f"{r['tpot_s']['p50'] * 1e3:.2f} ms" if r["tpot_s"]["p50"] is not None else "n/a")
         + f", {format_bytes(best.memory_per_chip_bytes)} per chip.",
