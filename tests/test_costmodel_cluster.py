@@ -198,6 +198,13 @@ def test_pipeline_memory_per_stage() -> None:
     assert est.weights_per_chip_bytes == pytest.approx(max(stage_params(cfg, 2)) * 2 / 8)
 
 
+def test_a_layout_object_must_match_the_chips_per_stage() -> None:
+    cfg, wl = get_preset("gpt-13b"), Workload(batch=1, prompt=256)
+    assert estimate(cfg, H100, wl, 16, layout=Layout("1d-ws", chips=8), pipeline=2).tp == 8
+    with pytest.raises(ConfigError, match="chips per stage"):
+        estimate(cfg, H100, wl, 16, layout=Layout("1d-ws", chips=4), pipeline=2)
+
+
 def test_pipeline_across_nodes_pays_the_network() -> None:
     cfg, wl = get_preset("gpt-13b"), Workload(batch=1, prompt=2048)
     tp8_pp2 = estimate(cfg, H100, wl, 16, pipeline=2)

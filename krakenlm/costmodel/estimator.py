@@ -510,6 +510,10 @@ def estimate(config: ModelConfig, hw: Hardware, workload: Workload, chips: int =
     check_split(config, tp, pipe.stages, hw.chips_per_node)
     pre, dec = layout if isinstance(layout, tuple) else (layout, layout)
     pre_l, dec_l = _as_layout(pre, config, tp, lm_head), _as_layout(dec, config, tp, lm_head)
+    for lay in (pre_l, dec_l):
+        if lay is not None and lay.chips != tp:
+            raise ConfigError(f"layout: {lay} is for {lay.chips} chips per stage, the estimate has {tp} "
+                              f"({chips} chips in {pipe.stages} stage(s))")
     prefill = (phase_estimate(config, hw, workload, "prefill", pre_l, overlap, pipe) if pre_l
                else best_phase(config, hw, workload, "prefill", tp, overlap, lm_head, pipe))
     decode = None
