@@ -161,7 +161,8 @@ class Hardware:
         if c == 0:
             _check_number(self.name, "inter_node_bw", self.inter_node_bw, 0.0, RATE_RANGE[1], lo_open=False)
             return
-        _check_number(self.name, "inter_node_bw", self.inter_node_bw, *RATE_RANGE)
+        _check_number(self.name, f"inter_node_bw (the network between nodes of chips_per_node={c})",
+                      self.inter_node_bw, *RATE_RANGE)
         if self.topology == "torus":
             raise ConfigError(f"hardware {self.name}: chips_per_node applies to ring/switch fabrics; a torus is "
                               f"one fabric (set chips_per_node to 0)")
