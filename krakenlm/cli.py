@@ -143,7 +143,8 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     registrars: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate_parser, _add_demo_parser,
                                                                        _add_doctor_parser]
     for module, names in [
-        ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_calibrate_parser"]),
+        ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_simulate_parser",
+                                    "add_calibrate_parser"]),
         ("krakenlm.train.cli", ["add_prepare_parser", "add_train_parser"]),
         ("krakenlm.eval.cli", ["add_eval_parser"]),
         ("krakenlm.bench.cli", ["add_bench_parser"]),
