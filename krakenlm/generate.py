@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded into one batch: positions count only real tokens and
 pad keys are masked, so every sequence gets exactly the tokens it would get alone. The loop keeps
-tokens on the device: sampling (temperature, top-k, top-p, seeded noise) needs no host reads, and
+tokens on the device: sampling (temperature, top-k, top-p, a seeded draw) needs no host reads, and
 the host looks at the tokens only every ``check_every`` steps to stop early, and once at the end.
 """
 
@@ -73,21 +73,22 @@ class RowSampler:
         if self.all_greedy:
             return best
         ordered, order = (logits / self.temperature.unsqueeze(1)).sort(dim=-1, descending=True)
-        rank = torch.arange(ordered.shape[-1], device=logits.device).unsqueeze(0)
-        drop = (self.top_k.unsqueeze(1) > 0) & (rank >= self.top_k.unsqueeze(1))
-        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop |= probs.cumsum(dim=-1) - probs >= self.top_p.unsqueeze(1)
-        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        choice = (probs / self._noise(probs)).argmax(dim=-1)  # exponential race: a draw from probs
-        drawn = order.gather(1, choice.unsqueeze(1)).squeeze(1)
+        # top-k keeps every logit >= the k-th largest (ties included); k = 0 keeps all
+        kth = ordered.gather(1, (self.top_k.clamp(min=1) - 1).unsqueeze(1))
+        drop = (self.top_k.unsqueeze(1) > 0) & (ordered < kth)
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        # top-p drops a token when the tokens before it already reach top_p (the first always stays)
+        probs = ordered.softmax(dim=-1)
+        ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs >= self.top_p.unsqueeze(1), float("-inf"))
+        probs = torch.full_like(logits, float("-inf")).scatter(1, order, ordered).softmax(dim=-1)
+        drawn = self._draw(probs)
         return torch.where(self.greedy, best, drawn)
 
-    def _noise(self, probs: Tensor) -> Tensor:
+    def _draw(self, probs: Tensor) -> Tensor:
         if len(self.generators) == 1:
-            return torch.empty_like(probs).exponential_(generator=self.generators[0])
-        return torch.stack([torch.empty_like(row).exponential_(generator=g)
-                            for row, g in zip(probs, self.generators, strict=True)])
+            return torch.multinomial(probs, 1, generator=self.generators[0]).squeeze(1)
+        return torch.cat([torch.multinomial(row.unsqueeze(0), 1, generator=g).squeeze(1)
+                          for row, g in zip(probs, self.generators, strict=True)])
 
 
 @dataclass(frozen=True)
