@@ -42,6 +42,7 @@ from krakenlm.dtypes import DTYPES
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
+from krakenlm.validation import check_float, check_int
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -93,24 +94,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "checkpoint_interval",
                      "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), name)
         for name in ("warmup_steps", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be a non-negative integer, got {getattr(self, name)!r}")
+            check_int(getattr(self, name), name, minimum=0)
         for name in ("decay_steps", "tokens_per_step", "block_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}: must be a positive integer or null, got {value!r}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"lr: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("weight_decay, grad_clip must be >= 0 and betas in [0, 1)")
+            check_int(getattr(self, name), name, optional=True)
+        check_float(self.lr, "lr", minimum=0, exclusive=True)
+        check_float(self.min_lr_ratio, "min_lr_ratio", minimum=0, maximum=1)
+        check_float(self.weight_decay, "weight_decay", minimum=0)
+        check_float(self.grad_clip, "grad_clip", minimum=0)
+        for name in ("beta1", "beta2"):
+            check_float(getattr(self, name), name, minimum=0, maximum=1)
+            if getattr(self, name) == 1:
+                raise ConfigError(f"{name}: must be < 1 (AdamW's moment would never decay), got 1")
+        check_float(self.peak_tflops, "peak_tflops", minimum=0, exclusive=True, optional=True)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("data", "out"):
+            if isinstance(getattr(self, name), Path):
+                object.__setattr__(self, name, str(getattr(self, name)))  # stored as JSON with the checkpoint
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: must be a path string, got {getattr(self, name)!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile: must be true or false, got {self.compile!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

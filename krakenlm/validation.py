@@ -1,0 +1,54 @@
+"""Shared value checks for config dataclasses and CLI verbs, so every number is validated the same way:
+a bool is not an int, NaN and Infinity are never a valid float, and the error names the field."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from krakenlm.errors import ConfigError
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = 1, maximum: int | None = None,
+              optional: bool = False) -> int | None:
+    """`value` if it is an int (not a bool) in [minimum, maximum]; ConfigError naming `name` otherwise."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        raise ConfigError(f"{name}: must be {_describe('an integer', minimum, maximum, optional)}, got {value!r}")
+    return value
+
+
+def check_float(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None,
+                exclusive: bool = False, optional: bool = False) -> float | None:
+    """`value` as a float if it is a finite number in the range (open at `minimum` when `exclusive`)."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if exclusive else value >= minimum
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        low = None if minimum is None else (f"> {minimum}" if exclusive else f">= {minimum}")
+        raise ConfigError(f"{name}: must be {_describe('a finite number', low, maximum, optional)}, got {value!r}")
+    return float(value)
+
+
+def _describe(kind: str, minimum: Any, maximum: Any, optional: bool) -> str:
+    parts = [kind]
+    if minimum is not None:
+        parts.append(minimum if isinstance(minimum, str) else f">= {minimum}")
+    if maximum is not None:
+        parts.append(f"<= {maximum}")
+    return " ".join(parts) + (" or null" if optional else "")
+
+
+def check_output_dir(path: str | Path, name: str) -> Path:
+    """An output directory path that is not an existing file (creating it is left to the writer)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}: {path} exists and is not a directory")
+    return path
