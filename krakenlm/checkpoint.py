@@ -94,7 +94,7 @@ def regular_file(path: str | Path) -> Path:
     return path
 
 
-def _one_line(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     """A library's error message as one plain line (no terminal escape codes, no stack of hints)."""
     text = _ANSI.sub("", str(err))
     hit = re.search(r"(?:WeightsUnpickler error|enforce fail[^\]]*\])[:\s]*([^\n]+)", text)
@@ -113,7 +113,7 @@ def _reading(path: Path, what: str) -> Iterator[None]:
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied (this user cannot read it)") from None
     except Exception as err:  # noqa: BLE001  (see the docstring: any parser failure means "corrupt file")
-        raise CheckpointError(f"{path}: unreadable or truncated {what} ({_one_line(err)})") from err
+        raise CheckpointError(f"{path}: unreadable or truncated {what} ({describe_error(err)})") from err
 
 
 def _save_safetensors(tensors: dict[str, Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
@@ -138,10 +138,15 @@ def _check_tensors(state: dict[str, Any], source: str) -> dict[str, Tensor]:
     for value in state.values():
         common = torch.promote_types(common, value.dtype)
     common = torch.float32 if common == torch.float64 else common
+    refuse_non_finite(state, source)
+    return {name: value.to(common) for name, value in state.items()}
+
+
+def refuse_non_finite(state: dict[str, Tensor], source: str) -> None:
+    """CheckpointError naming the first tensor holding NaN or Inf: such weights are never saved or loaded."""
     for name, value in state.items():
         if not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values; refusing a broken checkpoint")
-    return {name: value.to(common) for name, value in state.items()}
 
 
 # Native format -------------------------------------------------------------------------------------
@@ -170,6 +175,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     check_state(state, config, str(path))
+    refuse_non_finite(state, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -409,20 +415,27 @@ def _check_zip(path: Path) -> None:
         raise CheckpointError(f"{path}: record {bad} fails its CRC-32 check (the file is corrupt)")
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
-    _check_zip(regular_file(path))
+def load_tensors(path: str | Path) -> Any:
+    """torch.load(weights_only=True) of a regular, CRC-checked file, numpy scalars allowed; any failure is a
+    one-line CheckpointError naming the file (and, for a refused pickle, the global that blocked it)."""
+    path = regular_file(path)
+    _check_zip(path)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = _ANSI.sub("", str(err))
         blocked = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"but got <class '([\w.]+)'>", text)
         if blocked:
             raise CheckpointError(f"{path}: refused: it needs {blocked.group(1)}, which is not a tensor, plain "
                                   "container or numpy scalar (krakenlm never unpickles arbitrary objects)") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(err)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({describe_error(err)})") from None
     except Exception as err:  # noqa: BLE001  (torch.load of a corrupt file raises KeyError, IndexError, ...)
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(err)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({describe_error(err)})") from None
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    ckpt = load_tensors(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("model_args"), dict)):
         raise CheckpointError(f"{path}: expected a nanoGPT-style dict with 'model' and 'model_args'")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.tokenizer import BPE_TOKENIZER_FILE, BPETokenizer, Tokenizer, get_tokenizer, train_bpe
+from krakenlm.validation import check_float, check_output_dir
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -135,12 +136,13 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
     documents; suits millions of short ones, e.g. OpenWebText). meta.json is written last, so a
     directory with meta.json is complete.
     """
-    if not 0 < val_fraction < 1:
+    if check_float(val_fraction, "val_fraction", minimum=0, maximum=1, exclusive=True) == 1:
         raise ConfigError(f"val_fraction: must be in (0, 1), got {val_fraction}")
     if split_by not in SPLIT_BY:
         raise ConfigError(f"split_by: must be one of {SPLIT_BY}, got {split_by!r}")
     if inputs and hf_dataset:
         raise InputError("prepare: give text inputs or --hf-dataset, not both")
+    check_output_dir(out_dir, "out")
     if hf_dataset:
         sources = [f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "")]
         texts: Iterable[str] = hf_dataset_texts(hf_dataset, config=hf_config)

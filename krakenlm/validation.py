@@ -46,9 +46,29 @@ def _describe(kind: str, minimum: Any, maximum: Any, optional: bool) -> str:
     return " ".join(parts) + (" or null" if optional else "")
 
 
+def _check_ancestors(path: Path, name: str) -> None:
+    """The nearest existing folder above `path` must be a folder (a file there makes mkdir fail)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{name}: {parent} is a file, so {path} cannot be created")
+            return
+
+
 def check_output_dir(path: str | Path, name: str) -> Path:
-    """An output directory path that is not an existing file (creating it is left to the writer)."""
+    """An output directory path that is not an existing file and can be created (creating it is the writer's)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name}: {path} exists and is not a directory")
+    _check_ancestors(path, name)
+    return path
+
+
+def check_output_file(path: str | Path, name: str) -> Path:
+    """An output file path that is not an existing directory and can be created: checked before long work,
+    so its result is not lost at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{name}: {path} is a directory; give a file path")
+    _check_ancestors(path, name)
     return path

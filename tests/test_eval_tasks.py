@@ -183,6 +183,7 @@ def test_cli_tasks_compares_checkpoints_with_perplexity(data_dir: Path, kraken_c
     (["--tasks", "boolq,nope"], "unknown task"),
     (["--tasks", "boolq", "--name", "A", "--name", "B"], "--name given 2 times"),
     (["--tasks", "boolq", "--tp", "3"], "tp"),
+    (["--tasks", "boolq", "--out", "/"], "--out: / is a directory"),  # refused before the evaluation runs
 ])
 def test_cli_tasks_bad_input_is_one_line(extra: list[str], message: str, data_dir: Path, kraken_ckpt: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
