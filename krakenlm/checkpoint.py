@@ -44,6 +44,7 @@ from krakenlm.errors import CheckpointError, ConfigError, KrakenError
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
 from krakenlm.resources import model_bytes, require_memory
+from krakenlm.validation import regular_file as check_regular_file
 
 FORMAT = "krakenlm"
 CONFIG_FILE = "config.json"
@@ -81,17 +82,7 @@ def _stat(path: Path) -> os.stat_result | None:
 
 def regular_file(path: str | Path) -> Path:
     """`path` if it is a readable regular file (checked before opening: a FIFO would block the reader)."""
-    path = Path(path)
-    st = _stat(path)
-    if st is None:
-        raise CheckpointError(f"{path}: no such file")
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
-            "a socket" if stat.S_ISSOCK(st.st_mode) else "a device or special file"
-        raise CheckpointError(f"{path}: is {kind}, not a regular file; refusing to read it")
-    if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
-        raise CheckpointError(f"{path}: permission denied (this user cannot read it)")
-    return path
+    return check_regular_file(path, CheckpointError)
 
 
 def describe_error(err: BaseException) -> str:
@@ -322,8 +313,8 @@ def load_config(path: str | Path) -> ModelConfig:
     if fmt == "native":
         return _native_config(path, doc)
     if fmt == "hf-gpt2":
-        return _hf_config(doc)
-    return _nanogpt_config(doc, fmt)
+        return _hf_config(doc, str(path))
+    return _nanogpt_config(doc, fmt, str(path))
 
 
 def _native_config(path: Path, doc: dict[str, Any]) -> ModelConfig:
@@ -354,7 +345,7 @@ def load_state(path: str | Path, shard: Shard | None = None) -> tuple[ModelConfi
     if fmt == "hf-gpt2":
         config, state = _import_hf(path, doc)
     else:
-        config = _nanogpt_config(doc, fmt)
+        config = _nanogpt_config(doc, fmt, str(path))
         _require_model_memory(config, None, str(path))
         state = _import_nanogpt(doc, config, fmt, str(path))
     check_state(state, config, str(path))
@@ -442,37 +433,37 @@ def _torch_load(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _arg(args: dict[str, Any], name: str, default: Any = None) -> int:
+def _arg(args: dict[str, Any], name: str, source: str, default: Any = None) -> int:
     """An integer model_args field: an int or numpy integer, never a float silently truncated."""
     value = args.get(name, default)
     if value is None:
-        raise CheckpointError(f"model_args: missing field {name!r}")
+        raise CheckpointError(f"{source}: model_args: missing field {name!r}")
     try:
         if isinstance(value, bool) or hasattr(value, "dtype") and value.dtype.kind == "b":
             raise TypeError
         return operator.index(value)
     except TypeError:
-        raise CheckpointError(f"model_args: {name} must be an integer, got {value!r}") from None
+        raise CheckpointError(f"{source}: model_args: {name} must be an integer, got {value!r}") from None
 
 
-def _nanogpt_config(ckpt: dict[str, Any], fmt: str) -> ModelConfig:
+def _nanogpt_config(ckpt: dict[str, Any], fmt: str, source: str) -> ModelConfig:
     args = ckpt["model_args"]
     bias = args.get("bias", False)
     if not isinstance(bias, bool) and not (hasattr(bias, "dtype") and bias.dtype.kind == "b"):
-        raise CheckpointError(f"model_args: bias must be true or false, got {bias!r}")
-    fields = dict(n_layer=_arg(args, "n_layer"), n_embd=_arg(args, "n_embd"), vocab_size=_arg(args, "vocab_size"),
-                  block_size=_arg(args, "block_size"), bias=bool(bias))
+        raise CheckpointError(f"{source}: model_args: bias must be true or false, got {bias!r}")
+    fields = {name: _arg(args, name, source) for name in ("n_layer", "n_embd", "vocab_size", "block_size")}
+    fields["bias"] = bool(bias)
     try:
         if fmt == "kraken-authors":
-            per_sub, total = _arg(args, "n_heads_in_split"), _arg(args, "n_head")
+            per_sub, total = _arg(args, "n_heads_in_split", source), _arg(args, "n_head", source)
             if per_sub < 1 or total % per_sub:
-                raise CheckpointError(f"model_args: n_heads_in_split={per_sub} must be a positive divisor of "
+                raise CheckpointError(f"{source}: model_args: n_heads_in_split={per_sub} must be a positive divisor of "
                                       f"n_head={total}")
             return ModelConfig(arch="kraken", n_head=per_sub, n_sub=total // per_sub,
-                               ffn_hidden=_arg(args, "ffn_expansion", 2) * fields["n_embd"], **fields)
-        return ModelConfig(arch="gpt", n_head=_arg(args, "n_head"), **fields)
+                               ffn_hidden=_arg(args, "ffn_expansion", source, 2) * fields["n_embd"], **fields)
+        return ModelConfig(arch="gpt", n_head=_arg(args, "n_head", source), **fields)
     except ConfigError as err:
-        raise CheckpointError(f"model_args: {err}") from err
+        raise CheckpointError(f"{source}: model_args: {err}") from err
 
 
 def _strip(state: dict[str, Any], source: str) -> dict[str, Any]:
@@ -522,21 +513,22 @@ def _import_nanogpt(ckpt: dict[str, Any], config: ModelConfig, fmt: str, source:
     return _gather(state, config, lambda layer, sub: f"h.{layer}", False, source)
 
 
-def _hf_config(doc: dict[str, Any]) -> ModelConfig:
+def _hf_config(doc: dict[str, Any], source: str) -> ModelConfig:
     act = doc.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"HF GPT-2 activation_function={act!r} is not supported (krakenlm uses GELU-tanh)")
+        raise CheckpointError(f"{source}: HF GPT-2 activation_function={act!r} is not supported "
+                              "(krakenlm uses GELU-tanh)")
     try:
         return ModelConfig(arch="gpt", n_layer=doc["n_layer"], n_embd=doc["n_embd"], n_head=doc["n_head"],
                            ffn_hidden=doc.get("n_inner"), vocab_size=doc["vocab_size"],
                            block_size=doc.get("n_positions", 1024), bias=True,
                            norm_eps=doc.get("layer_norm_epsilon", 1e-5))
     except (KeyError, ConfigError) as err:
-        raise CheckpointError(f"HF GPT-2 config.json: missing or bad field {err}") from err
+        raise CheckpointError(f"{source}: HF GPT-2 config.json: missing or bad field {err}") from err
 
 
 def _import_hf(path: Path, doc: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor]]:
-    config = _hf_config(doc)
+    config = _hf_config(doc, str(path))
     file = path / WEIGHTS_FILE
     if _stat(file) is None:
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE} (only safetensors HF checkpoints are read; "

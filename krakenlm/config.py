@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
-from krakenlm.validation import check_float, check_int
+from krakenlm.validation import check_float, check_int, regular_file
 
 ARCHS = ("gpt", "parallel", "kraken")
 MLPS = ("gelu", "swiglu")
@@ -155,7 +155,7 @@ class ModelConfig:
     def from_json(cls, path: str | Path) -> ModelConfig:
         """A user's config file: it must state the size fields (n_layer, n_embd, n_head, vocab_size, block_size)."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(regular_file(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
         return cls.from_dict(data, SIZE_FIELDS)

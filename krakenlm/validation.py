@@ -4,10 +4,14 @@ a bool is not an int, NaN and Infinity are never a valid float, and the error na
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from krakenlm.errors import ConfigError
+import torch
+
+from krakenlm.errors import ConfigError, KrakenError
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = 1, maximum: int | None = None,
@@ -71,4 +75,43 @@ def check_output_file(path: str | Path, name: str) -> Path:
     if path.is_dir():
         raise ConfigError(f"{name}: {path} is a directory; give a file path")
     _check_ancestors(path, name)
+    return path
+
+
+def check_device(name: Any, field: str = "device") -> torch.device:
+    """A torch device that exists on this machine ('cpu', 'cuda', 'cuda:1', ...); ConfigError otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{field}: {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    module = getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    if available is None or not available():
+        raise ConfigError(f"{field}: {name!r} is not available on this machine")
+    count = getattr(module, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"{field}: {name!r} does not exist ({count} {device.type} device(s))")
+    return device
+
+
+def regular_file(path: str | Path, error: type[KrakenError] = ConfigError) -> Path:
+    """`path` if it is a regular file this user can read, checked before opening it (a FIFO would block the
+    reader forever, a device would stream without end); `error` naming the path otherwise."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise error(f"{path}: no such file") from None
+    except PermissionError:
+        raise error(f"{path}: permission denied (this user cannot enter a folder on its path)") from None
+    except OSError as err:
+        raise error(f"{path}: cannot access ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+        raise error(f"{path}: is {kind}, not a regular file; refusing to read it")
+    if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise error(f"{path}: permission denied (this user cannot read it)")
     return path

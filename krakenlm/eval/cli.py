@@ -10,7 +10,7 @@ from typing import Any
 
 from krakenlm.dtypes import DTYPES
 from krakenlm.errors import InputError
-from krakenlm.validation import check_output_file
+from krakenlm.validation import check_device, check_output_file
 
 
 def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
@@ -35,7 +35,8 @@ def _perplexity(checkpoint: str, data: str, args: argparse.Namespace) -> float:
     from krakenlm.dtypes import parse_dtype
     from krakenlm.eval.perplexity import perplexity
 
-    model = load_model(checkpoint, dtype=parse_dtype(args.dtype)).to(args.device)
+    device = check_device(args.device, "--device")
+    model = load_model(checkpoint, dtype=parse_dtype(args.dtype)).to(device)
     return perplexity(model, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
                       seed=args.ppl_seed)
 
