@@ -526,6 +526,7 @@ class Trainer:
         """Refuse a model or batch the device cannot hold, before allocating any of it."""
         dtype = self.autocast_dtype or torch.float32
         windows = self.accum * self.cfg.batch_size * (self.block + 1) * 8  # one step's int64 windows
+        windows += 8 * self.cfg.eval_windows  # the evaluation's window starts
         need = training_bytes(self.model_config, self.cfg.batch_size, self.block, dtype) + windows
         require_memory(need, f"training {self.model_config.name or 'the model'} "
                        f"({self.model_config.num_params():,} parameters, batch_size={self.cfg.batch_size} x "
