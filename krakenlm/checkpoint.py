@@ -506,7 +506,9 @@ def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[
     return out
 
 
-def _import_nanogpt(ckpt: dict[str, Any], config: ModelConfig, fmt: str, source: str) -> dict[str, Tensor]:
+def _import_nanogpt(ckpt: dict[str, Any], config: ModelConfig, fmt: str,
+                    source: str | None = None) -> dict[str, Tensor]:
+    source = source or fmt
     state = _check_tensors(_strip(ckpt["model"], source), source)
     if fmt == "kraken-authors":
         return _gather(state, config, lambda layer, sub: f"h.{sub}.{layer}", False, source)
