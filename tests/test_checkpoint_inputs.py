@@ -316,3 +316,13 @@ def test_refusal_is_one_line_through_the_cli(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "x.pt"), "--prompt", "a"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "x.pt" in err and "\x1b" not in err
+
+
+def test_format_1_checkpoint_without_manifest_loads_with_a_warning(tmp_path):
+    """Checkpoints written before manifests were part of the format still load, saying they cannot be verified."""
+    path = native(tmp_path)
+    doc = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(doc | {"format_version": 1}))
+    (path / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="without checksums"):
+        assert load_model(path).config == tiny("gpt")
