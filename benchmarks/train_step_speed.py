@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from krakenlm.checkpoint import build_model
 from krakenlm.config import ModelConfig
 from krakenlm.model import Transformer
+from krakenlm.source import build_model
 from krakenlm.train import make_optimizer
 
 

@@ -289,32 +289,69 @@ def _locate(path: Path) -> Path:
     raise CheckpointError(f"{path}: directory has no {CONFIG_FILE} (nor a .pt checkpoint file)")
 
 
-def _inspect(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
-    """(the path to read, its format, its JSON config or loaded torch checkpoint)."""
-    path = _locate(Path(path))
-    if _stat(path / CONFIG_FILE) is None:
-        ckpt = _torch_load(path)
-        return path, "kraken-authors" if "n_heads_in_split" in ckpt["model_args"] else "nanogpt", ckpt
-    doc = _read_json(path / CONFIG_FILE)
-    if doc.get("format") == FORMAT:
-        return path, "native", doc
-    if doc.get("model_type") == "gpt2":
-        return path, "hf-gpt2", doc
-    raise CheckpointError(f"{path}: config.json is neither a krakenlm nor a GPT-2 config")
+class Checkpoint:
+    """A checkpoint opened once: format detected, config read and, for torch files, the file loaded
+    once (a tensor-parallel rank used to torch.load an authors' .pt four times). A run directory that
+    holds exactly one .pt file (the authors' out_dir with its ckpt.pt) opens that file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = _locate(Path(path))
+        self._torch: dict[str, Any] | None = None
+        self._doc: dict[str, Any] = {}
+        if _stat(self.path / CONFIG_FILE) is None:
+            self._torch = _torch_load(self.path)
+            self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
+            self.config = _nanogpt_config(self._torch, self.format, str(self.path))
+            return
+        self._doc = _read_json(self.path / CONFIG_FILE)
+        if self._doc.get("format") == FORMAT:
+            self.format, self.config = "native", _native_config(self.path, self._doc)
+        elif self._doc.get("model_type") == "gpt2":
+            self.format, self.config = "hf-gpt2", _hf_config(self._doc, str(self.path))
+        else:
+            raise CheckpointError(f"{self.path}: config.json is neither a krakenlm nor a GPT-2 config")
+
+    def state(self, shard: Shard | None = None) -> dict[str, Tensor]:
+        """The native state dict, or only ``shard``'s slices of it (native files are read sliced); every
+        tensor checked (floating point, finite) and given one dtype."""
+        source = str(self.path)
+        if self.format == "native":
+            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE), required=self._doc.get("format_version", 1) != 1)
+            if _stat(self.path / MANIFEST_FILE) is None:
+                warnings.warn(f"{source}: written by an older krakenlm without checksums; corruption cannot be "
+                              "detected (load and save it again to add them)", stacklevel=3)
+            _require_model_memory(self.config, shard, source)
+            return _check_tensors(_read_native(self.path, self.config, shard or Shard.full(self.config)), source)
+        _require_model_memory(self.config, None, source)
+        if self.format == "hf-gpt2":
+            state = _import_hf(self.path, self.config)
+        else:
+            assert self._torch is not None
+            state = _import_nanogpt(self._torch, self.config, self.format, source)
+        check_state(state, self.config, source)
+        return state if shard is None else shard_state_dict(state, self.config, shard)
+
+    def model(self, shard: Shard | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Transformer:
+        """A ready-to-run model (eval mode) on ``device``."""
+        state = self.state(shard)
+        with torch.device("meta"):
+            model = Transformer(self.config, shard, init=False)
+        model.load_state_dict(state, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def release(self) -> None:
+        """Drop the loaded torch file (once the model is built it is not needed)."""
+        self._torch = None
 
 
 def detect_format(path: str | Path) -> str:
     """'native', 'hf-gpt2', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
-    return _inspect(path)[1]
+    return Checkpoint(path).format
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    path, fmt, doc = _inspect(path)
-    if fmt == "native":
-        return _native_config(path, doc)
-    if fmt == "hf-gpt2":
-        return _hf_config(doc, str(path))
-    return _nanogpt_config(doc, fmt, str(path))
+    return Checkpoint(path).config
 
 
 def _native_config(path: Path, doc: dict[str, Any]) -> ModelConfig:
@@ -333,23 +370,8 @@ def _require_model_memory(config: ModelConfig, shard: Shard | None, source: str)
 
 def load_state(path: str | Path, shard: Shard | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Config and (sharded) native state dict from a checkpoint of any supported format."""
-    path, fmt, doc = _inspect(path)
-    if fmt == "native":
-        verify_manifest(path, (CONFIG_FILE, WEIGHTS_FILE), required=doc.get("format_version", 1) != 1)
-        if _stat(path / MANIFEST_FILE) is None:
-            warnings.warn(f"{path}: written by an older krakenlm without checksums; corruption cannot be detected "
-                          "(load and save it again to add them)", stacklevel=2)
-        config = _native_config(path, doc)
-        _require_model_memory(config, shard, str(path))
-        return config, _check_tensors(_read_native(path, config, shard or Shard.full(config)), str(path))
-    if fmt == "hf-gpt2":
-        config, state = _import_hf(path, doc)
-    else:
-        config = _nanogpt_config(doc, fmt, str(path))
-        _require_model_memory(config, None, str(path))
-        state = _import_nanogpt(doc, config, fmt, str(path))
-    check_state(state, config, str(path))
-    return config, state if shard is None else shard_state_dict(state, config, shard)
+    ckpt = Checkpoint(path)
+    return ckpt.config, ckpt.state(shard)
 
 
 def _read_native(path: Path, config: ModelConfig, shard: Shard) -> dict[str, Tensor]:
@@ -370,15 +392,10 @@ def _read_native(path: Path, config: ModelConfig, shard: Shard) -> dict[str, Ten
     return state
 
 
-def load_model(path: str | Path, shard: Shard | None = None, dtype: torch.dtype | None = None) -> Transformer:
+def load_model(path: str | Path, shard: Shard | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> Transformer:
     """A ready-to-run model (eval mode) from any supported checkpoint."""
-    config, state = load_state(path, shard)
-    with torch.device("meta"):
-        model = Transformer(config, shard, init=False)
-    model.load_state_dict(state, assign=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    return Checkpoint(path).model(shard, dtype, device)
 
 
 # Imports from other code bases ------------------------------------------------------------------------
@@ -529,17 +546,15 @@ def _hf_config(doc: dict[str, Any], source: str) -> ModelConfig:
         raise CheckpointError(f"{source}: HF GPT-2 config.json: missing or bad field {err}") from err
 
 
-def _import_hf(path: Path, doc: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor]]:
-    config = _hf_config(doc, str(path))
+def _import_hf(path: Path, config: ModelConfig) -> dict[str, Tensor]:
     file = path / WEIGHTS_FILE
     if _stat(file) is None:
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE} (only safetensors HF checkpoints are read; "
                               "pickled pytorch_model.bin files are refused)")
-    _require_model_memory(config, None, str(path))
     with _reading(regular_file(file), "safetensors file"), safe_open(str(file), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     state = _check_tensors(_strip(state, str(file)), str(file))
-    return config, _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
+    return _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
 
 
 def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
@@ -570,29 +585,3 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
     return path
-
-
-def build_model(*, checkpoint: str | Path | None = None, preset: str | None = None,
-                config: ModelConfig | str | Path | None = None, seed: int = 0, shard: Shard | None = None,
-                dtype: torch.dtype | None = None) -> Transformer:
-    """A model from exactly one source: a checkpoint, or a preset / config with seeded random weights
-    (every rank building the same seed gets slices of the same full model)."""
-    if sum(x is not None for x in (checkpoint, preset, config)) != 1:
-        raise ConfigError("model: give exactly one of checkpoint, preset or config")
-    if checkpoint is not None:
-        return load_model(checkpoint, shard, dtype)
-    if preset is not None:
-        from krakenlm.presets import get_preset
-
-        cfg = get_preset(preset)
-    else:
-        cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_json(config)
-    require_memory(model_bytes(cfg), f"building {cfg.name or 'the model'} ({cfg.num_params():,} parameters)")
-    full = Transformer(cfg, init=False)
-    full.reset_parameters(seed)
-    if shard is None or shard == Shard.full(cfg):
-        model = full
-    else:
-        model = Transformer(cfg, shard, init=False)
-        model.load_state_dict(shard_state_dict(full.state_dict(), cfg, shard))
-    return (model if dtype is None else model.to(dtype)).eval()

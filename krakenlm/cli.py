@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from krakenlm.checkpoint import build_model
 from krakenlm.dtypes import DTYPES
+from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import KrakenError
-from krakenlm.generate import GenerationResult, SamplingConfig, generate
-from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
+from krakenlm.generate import GenerationResult, SamplingConfig, Stop
+from krakenlm.source import ModelSource
+from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +26,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="native dir, HF GPT-2 dir, nanoGPT or Kraken-authors .pt file")
     src.add_argument("--preset", help="named configuration (random weights); see `krakenlm presets`")
     src.add_argument("--config", help="ModelConfig JSON file (random weights)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--seed", type=int, default=0, help="init seed for --preset/--config, and sampling seed")
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, tp_help: str = "tensor-parallel degree") -> None:
+    """How a model runs: device, dtype, TP degree and the engine's switches (every verb that runs one)."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--tp", type=int, default=1, help=tp_help + " (local ranks, or the torchrun world)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a stalled rank aborts the run")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    parser.add_argument("--pad-heads", type=int, help="zero-pad heads to this multiple (exact; e.g. 64)")
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    return ModelSource.of(checkpoint=args.checkpoint, preset=args.preset, config=args.config, seed=args.seed)
+
+
+def engine_options(args: argparse.Namespace, **overrides: object) -> EngineOptions:
+    given = {k: getattr(args, k) for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads")}
+    return EngineOptions(**given | {"no_comm": getattr(args, "no_comm", False)} | overrides)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -51,57 +71,83 @@ def _cmd_size(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_source(args: argparse.Namespace) -> dict:
-    return {"checkpoint": args.checkpoint, "preset": args.preset, "config": args.config, "seed": args.seed}
-
-
-def print_result(result: GenerationResult, prompts: list[str], tokenizer, tp: int) -> None:
+def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokenizer, tp: int) -> None:
     for text, tokens in zip(prompts, result.tokens, strict=True):
         print(text + tokenizer.decode(tokens))
         print("---")
     print(f"[tp={tp}] prompt tokens {result.prompt_tokens}, TTFT {result.prefill_seconds * 1e3:.1f} ms, "
           f"decode {result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    if result.exchange_hidden is not None:
+        print(f"[tp={tp}] Kraken AllReduce time hidden behind attention: {result.exchange_hidden:.0%}", file=sys.stderr)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.tp > 1:
-        from krakenlm.parallel.launch import generate_tp
-
-        return generate_tp(args, sampling)
-    model = build_model(**model_source(args), dtype=DTYPES[args.dtype])
-    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer_for(model.config.vocab_size))
-    ids = [tokenizer.encode(p) for p in args.prompt]
-    result = generate(model, ids, args.max_new_tokens, sampling, stop_token=tokenizer.eot_token)
-    print_result(result, args.prompt, tokenizer, 1)
+    with Engine.launch(model_source(args), engine_options(args)) as engine:
+        if not engine.is_driver:  # a torchrun rank >= 1: it followed rank 0, which prints
+            return 0
+        tokenizer = get_tokenizer(args.tokenizer or default_tokenizer_for(engine.config.vocab_size))
+        ids = [tokenizer.encode(p) for p in args.prompt]
+        result = engine.generate(ids, args.max_new_tokens, sampling, Stop((tokenizer.eot_token,)),
+                                 vocab_limit=tokenizer.vocab_size, trace=args.trace)
+        print_result(result, args.prompt, tokenizer, engine.world)
     return 0
 
 
 def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text on one device or tensor-parallel (--tp N)")
     add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"], help="default: by vocabulary size")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (spawns local gloo ranks)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a stalled rank aborts the run")
     p.add_argument("--no-comm", action="store_true", help="skip every collective (wrong output, right timing)")
-    p.add_argument("--trace", metavar="DIR", help="with --tp: write each rank's prefill timeline as a chrome trace")
+    p.add_argument("--trace", metavar="DIR", help="with --tp: write each rank's timeline as a chrome trace")
     p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from krakenlm.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(args.out, args.steps, args.prompt_len, args.rounds, args.device))
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="end-to-end: train small Kraken + GPT, serve on 2 ranks, TTFT vs prediction")
+    p.add_argument("--out", default=os.environ.get("KRAKENLM_DEMO_DIR", "runs/demo"))
+    p.add_argument("--steps", type=int, default=200, help="training steps per model")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--device", default="auto", help="where the 2-rank generation runs: cpu, cuda or auto")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from krakenlm.doctor import run_doctor
+
+    return run_doctor(args.out, timings=args.timings)
+
+
+def _add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="GPU check: CUDA vs CPU, 2 ranks on the GPU(s), CUDA graphs, calibration records")
+    p.add_argument("--out", default="doctor-results", help="directory for doctor.json and the calibration records")
+    p.add_argument("--no-timings", dest="timings", action="store_false", help="skip the 1.3B-shape timings")
+    p.set_defaults(func=_cmd_doctor)
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Verbs of every subsystem; a subsystem that fails to import must not break the others."""
-    registrars: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate_parser]
+    registrars: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate_parser, _add_demo_parser,
+                                                                       _add_doctor_parser]
     for module, names in [
-        ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_calibrate_parser"]),
+        ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_simulate_parser",
+                                    "add_calibrate_parser"]),
         ("krakenlm.train.cli", ["add_prepare_parser", "add_train_parser"]),
         ("krakenlm.eval.cli", ["add_eval_parser"]),
         ("krakenlm.bench.cli", ["add_bench_parser"]),
-        ("krakenlm.demo", ["add_demo_parser"]),
     ]:
         try:
             mod = __import__(module, fromlist=names)

@@ -201,6 +201,11 @@ def size_kraken(
     head size is ``head_dim`` (a multiple of 64): odd widths like d=678 / head size 113 make slow
     matmul and attention kernels on real hardware.
     """
+    for name, value in (("budget", budget), ("n_layer", n_layer), ("total_heads", total_heads), ("n_sub", n_sub),
+                        ("vocab_size", vocab_size), ("block_size", block_size), ("ffn_mult", ffn_mult),
+                        ("head_dim", head_dim)):
+        _check(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 50, name,
+               f"must be a positive integer (at most 2**50), got {value!r}")
     if total_heads % n_sub:
         raise ConfigError(f"n_sub: total_heads={total_heads} is not divisible by n_sub={n_sub}")
     heads = total_heads // n_sub
@@ -211,6 +216,15 @@ def size_kraken(
         a = n_layer * n_sub * w + n_sub
         b = n_layer * n_sub * 2 + 1 + vocab_size + block_size
         exact = (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+    step = head_dim if hardware_friendly else heads
+    if round(exact / step) < 1:  # the nearest width would be 0: the budget cannot buy one head per sub-layer
+        smallest = ModelConfig(arch="kraken", n_layer=n_layer, n_embd=step, n_head=step // head_dim if
+                               hardware_friendly else heads, n_sub=n_sub, ffn_hidden=ffn_mult * step,
+                               vocab_size=vocab_size, block_size=block_size)
+        size = n_sub * w * step ** 2 if per_layer else smallest.num_params()
+        raise ConfigError(f"budget: {budget} parameters{' per layer' if per_layer else ''} is too small for a "
+                          f"{n_sub}-way Kraken model with {n_layer} layers and {total_heads} heads: its smallest "
+                          f"width (d = {step}) already has {size} parameters{' per layer' if per_layer else ''}")
     if hardware_friendly:
         if head_dim % 64:
             raise ConfigError(f"head_dim: hardware-friendly sizing needs a multiple of 64, got {head_dim}")

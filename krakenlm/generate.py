@@ -1,19 +1,27 @@
-"""Prefill + decode with a KV cache and sampling; the same loop on one device and on N ranks.
+"""Sampling on the device and the prefill + decode loop; the same loop on one device and on N ranks.
 
 Prompts of different lengths are left-padded into one batch: positions count only real tokens and
-pad keys are masked, so every sequence gets exactly the tokens it would get alone.
+pad keys are masked, so every sequence gets exactly the tokens it would get alone. The loop keeps
+tokens on the device: sampling (temperature, top-k, top-p, seeded noise) needs no host reads, and
+the host looks at the tokens only every ``check_every`` steps to stop early, and once at the end.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from krakenlm.errors import ConfigError, InputError
-from krakenlm.model import LOCAL, Comm, Transformer
+from krakenlm.model import LOCAL, Comm, KVCache, Transformer
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -26,29 +34,69 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k: must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not _number(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 1):
+            raise ConfigError(f"top_k: must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not _number(self.top_p) or not 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p: must be a number in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
-def sample(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Next token per row of logits [B, V]."""
-    if config.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / config.temperature
-    if config.top_k is not None:
-        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+class RowSampler:
+    """Per-row sampling parameters as device tensors: one batch may mix greedy and sampled rows with
+    their own seeds (a server's requests), or share one config and generator (a batch generate)."""
+
+    def __init__(self, configs: Sequence[SamplingConfig], device: torch.device, vocab_limit: int | None = None,
+                 *, shared_seed: bool = False) -> None:
+        self.vocab_limit = vocab_limit
+        self.all_greedy = all(c.greedy for c in configs)
+        self.greedy = torch.tensor([c.greedy for c in configs], device=device)
+        self.temperature = torch.tensor([c.temperature or 1.0 for c in configs], device=device)
+        self.top_k = torch.tensor([c.top_k or 0 for c in configs], device=device)
+        self.top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
+        seeds = configs[:1] if shared_seed else configs
+        self.generators = [torch.Generator(device=device).manual_seed(c.seed) for c in seeds]
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """Next token per row of logits [B, V] (ids >= vocab_limit are never chosen)."""
+        logits = logits.float()
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit:] = float("-inf")
+        best = logits.argmax(dim=-1)
+        if self.all_greedy:
+            return best
+        ordered, order = (logits / self.temperature.unsqueeze(1)).sort(dim=-1, descending=True)
+        rank = torch.arange(ordered.shape[-1], device=logits.device).unsqueeze(0)
+        drop = (self.top_k.unsqueeze(1) > 0) & (rank >= self.top_k.unsqueeze(1))
+        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = probs.cumsum(dim=-1) - probs >= config.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        drop |= probs.cumsum(dim=-1) - probs >= self.top_p.unsqueeze(1)
+        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        choice = (probs / self._noise(probs)).argmax(dim=-1)  # exponential race: a draw from probs
+        drawn = order.gather(1, choice.unsqueeze(1)).squeeze(1)
+        return torch.where(self.greedy, best, drawn)
+
+    def _noise(self, probs: Tensor) -> Tensor:
+        if len(self.generators) == 1:
+            return torch.empty_like(probs).exponential_(generator=self.generators[0])
+        return torch.stack([torch.empty_like(row).exponential_(generator=g)
+                            for row, g in zip(probs, self.generators, strict=True)])
+
+
+@dataclass(frozen=True)
+class Stop:
+    """When a row is finished: one of ``tokens`` was produced (not part of the output) or, checked on
+    rank 0 only, the decoded text contains one of ``strings``."""
+
+    tokens: tuple[int, ...] = ()
+    strings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -59,6 +107,7 @@ class GenerationResult:
     decode_steps: int
     prompt_tokens: int
     step_seconds: list[float] = field(default_factory=list)
+    exchange_hidden: float | None = None  # Kraken TP, eager: share of the exchange hidden behind compute
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -66,71 +115,120 @@ class GenerationResult:
         return generated / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def validate_prompts(prompts: list[list[int]], vocab_size: int, context: int, max_new_tokens: int) -> None:
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int, max_new_tokens: int) -> None:
+    """Refuse what the model cannot serve, before any rank does work."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
     if not prompts:
         raise InputError("no prompts given")
     for i, p in enumerate(prompts):
         if not p:
             raise InputError(f"prompt {i} is empty")
-        bad = [t for t in p if not 0 <= int(t) < vocab_size]
+        bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
         if bad:
-            raise InputError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
+            raise InputError(f"prompt {i} has token ids {bad[:5]} that are not integers in 0..{vocab_size - 1}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > context:
         raise InputError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
                          f"context of {context} tokens")
 
 
-def left_pad(prompts: list[list[int]], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
     """Token ids, valid mask and position ids [B, T] for a left-padded batch."""
     width = max(len(p) for p in prompts)
-    idx = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+    idx = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
     for row, p in enumerate(prompts):
         idx[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[row, width - len(p):] = True
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-    return idx, valid, positions
+    return idx.to(device), valid.to(device), positions.to(device)
 
 
-@torch.inference_mode()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+DecodeStep = Callable[[Tensor, Tensor, Tensor, KVCache], Tensor]
+
+
+@dataclass
+class Generation:
+    """One batch generation on one rank; every rank of a group runs it in lockstep.
+
+    ``decode`` is the (possibly compiled) one-token step; ``new_cache(batch, max_len)`` makes the
+    static KV cache; ``synchronize`` waits for the device so
+    timings are the device's; ``decide`` makes rank 0's stop decision everyone's; ``text`` (rank 0
+    only) decodes token ids for stop strings.
+    """
+
+    model: Transformer
+    decode: DecodeStep
+    new_cache: Callable[[int, int], KVCache]
+    comm: Comm = LOCAL
+    synchronize: Callable[[], None] = lambda: None  # noqa: E731
+    text: Callable[[list[int]], str] | None = None
+    check_every: int = 8
+    timed_steps: bool = False
+
+    @torch.inference_mode()
+    def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: RowSampler,
+            stop: Stop | None = None) -> GenerationResult:
+        stop = stop or Stop()
+        device = self.model.wte.weight.device
+        idx, valid, positions = left_pad(prompts, device)
+        batch, width = idx.shape
+        if max_new_tokens == 0:
+            return GenerationResult([[] for _ in prompts], 0.0, 0.0, 0, int(valid.sum()))
+        cache = self.new_cache(batch, width + max_new_tokens)
+        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+        self.synchronize()
+        start = time.perf_counter()
+        logits = self.model(idx, cache=cache, valid=None if len({len(p) for p in prompts}) == 1 else valid,
+                            positions=positions, logits_at="last", comm=self.comm)
+        token = self.comm.agree(sampler(logits[:, -1]))
+        out[:, 0] = token
+        self.synchronize()
+        prefill = time.perf_counter() - start
+        slots = torch.full((batch,), width, dtype=torch.long, device=device)
+        pos = positions[:, -1] + 1
+        steps, step_seconds, produced = 0, [], 1
+        for step in range(1, max_new_tokens):
+            if step % (1 if stop.strings else self.check_every) == 0 and self._finished(out[:, :step], stop):
+                break
+            t0 = time.perf_counter()
+            token = self.comm.agree(sampler(self.decode(token, slots, pos, cache)))
+            out[:, step] = token
+            slots += 1
+            pos += 1
+            steps, produced = steps + 1, step + 1
+            if self.timed_steps:
+                self.synchronize()
+                step_seconds.append(time.perf_counter() - t0)
+        self.synchronize()
+        decode = time.perf_counter() - start - prefill
+        rows = [_cut(row, stop.tokens) for row in out[:, :produced].tolist()]
+        return GenerationResult(rows, prefill, decode, steps, int(valid.sum()), step_seconds)
+
+    def _finished(self, produced: Tensor, stop: Stop) -> bool:
+        """Whether every row has stopped (one host read); rank 0's answer is everyone's."""
+        rows = [_cut(row, stop.tokens) for row in produced.tolist()]
+        done = [len(row) < produced.shape[1] for row in rows]
+        if stop.strings and self.text is not None:
+            done = [d or any(s in self.text(row) for s in stop.strings) for d, row in zip(done, rows, strict=True)]
+        flag = torch.tensor([all(done)], device=produced.device)
+        return bool(self.comm.agree(flag).item())
+
+
+def _cut(row: list[int], stop_tokens: tuple[int, ...]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in stop_tokens:
+            return row[:i]
+    return row
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingConfig | None = None, *, stop_token: int | None = None,
-             comm: Comm = LOCAL) -> GenerationResult:
-    """Generate up to max_new_tokens per prompt. On N ranks every rank calls this with the same
-    arguments; ``comm.agree`` makes rank 0's sampled tokens everyone's."""
+             vocab_limit: int | None = None) -> GenerationResult:
+    """Single-device convenience: up to max_new_tokens per prompt (eager; the Engine adds TP and compile)."""
     sampling = sampling or SamplingConfig()
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     validate_prompts(prompts, model.config.vocab_size, model.config.block_size, max_new_tokens)
-    device = model.wte.weight.device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    idx, valid, positions = left_pad(prompts, device)
-    batch, width = idx.shape
-    cache = model.new_cache(batch, width + max_new_tokens)
-    padded = not bool(valid.all())
-
-    start = time.perf_counter()
-    logits = model(idx, cache=cache, valid=valid if padded else None, positions=positions,
-                   logits_at="last", comm=comm)
-    token = comm.agree(sample(logits[:, -1], sampling, generator))
-    prefill = time.perf_counter() - start
-
-    out: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    next_pos = positions[:, -1] + 1
-    steps: list[float] = []
-    for step in range(max_new_tokens):
-        for row in range(batch):
-            if not done[row]:
-                out[row].append(int(token[row]))
-        if stop_token is not None:
-            done |= token == stop_token
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        t0 = time.perf_counter()
-        logits = model(token.unsqueeze(1), cache=cache, positions=(next_pos + step).unsqueeze(1),
-                       logits_at="last", comm=comm)
-        token = comm.agree(sample(logits[:, -1], sampling, generator))
-        steps.append(time.perf_counter() - t0)
-    return GenerationResult(out, prefill, sum(steps), len(steps), int(valid.sum()), steps)
+    sampler = RowSampler([sampling] * len(prompts), model.wte.weight.device, vocab_limit, shared_seed=True)
+    loop = Generation(model, lambda t, s, p, c: model.decode(t, s, p, c), model.new_cache)
+    return loop.run(prompts, max_new_tokens, sampler, Stop(() if stop_token is None else (stop_token,)))

@@ -9,8 +9,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from krakenlm.errors import ConfigError, KrakenError
 
 
@@ -76,24 +74,6 @@ def check_output_file(path: str | Path, name: str) -> Path:
         raise ConfigError(f"{name}: {path} is a directory; give a file path")
     _check_ancestors(path, name)
     return path
-
-
-def check_device(name: Any, field: str = "device") -> torch.device:
-    """A torch device that exists on this machine ('cpu', 'cuda', 'cuda:1', ...); ConfigError otherwise."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"{field}: {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type in ("cpu", "meta"):
-        return device
-    module = getattr(torch, device.type, None)
-    available = getattr(module, "is_available", None)
-    if available is None or not available():
-        raise ConfigError(f"{field}: {name!r} is not available on this machine")
-    count = getattr(module, "device_count", lambda: 1)()
-    if device.index is not None and device.index >= count:
-        raise ConfigError(f"{field}: {name!r} does not exist ({count} {device.type} device(s))")
-    return device
 
 
 def regular_file(path: str | Path, error: type[KrakenError] = ConfigError) -> Path:

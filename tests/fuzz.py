@@ -71,9 +71,10 @@ TINY = dict(arch="kraken", n_layer=2, n_embd=32, n_head=2, n_sub=2, vocab_size=2
 
 
 def make_workspace(root: Path) -> Workspace:
-    from krakenlm.checkpoint import build_model, save_checkpoint
+    from krakenlm.checkpoint import save_checkpoint
     from krakenlm.config import ModelConfig
     from krakenlm.data import prepare
+    from krakenlm.source import build_model
     from tests.reference_kraken import ReferenceKraken
 
     root.mkdir(parents=True, exist_ok=True)
@@ -95,9 +96,9 @@ def make_workspace(root: Path) -> Workspace:
 
 # Model configs -----------------------------------------------------------------------------------------------
 def config_case(rng: random.Random, ws: Workspace) -> Case:
-    from krakenlm.checkpoint import build_model
     from krakenlm.config import ModelConfig
     from krakenlm.resources import model_bytes, require_memory
+    from krakenlm.source import build_model
 
     data: dict[str, Any] = dict(TINY)
     changed = rng.sample(sorted(ModelConfig.__dataclass_fields__), rng.randint(1, 3))

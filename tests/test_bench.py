@@ -65,7 +65,8 @@ def test_bench_rejects_bad_grid(capsys):
 
 
 def test_bench_checkpoint_sources_are_checked_before_any_rank_starts(tmp_path, capsys):
-    from krakenlm.checkpoint import build_model, save_checkpoint
+    from krakenlm.checkpoint import save_checkpoint
+    from krakenlm.source import build_model
     from tests.conftest import tiny
 
     for name, cfg in (("k4", tiny("kraken", n_sub=4)), ("g", tiny("gpt"))):

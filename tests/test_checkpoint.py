@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import save_file
 
 from krakenlm.checkpoint import (
-    build_model,
     detect_format,
     export_hf_gpt2,
     load_model,
@@ -19,6 +18,7 @@ from krakenlm.checkpoint import (
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_state_dict
+from krakenlm.source import build_model
 from tests.conftest import tiny
 
 transformers = pytest.importorskip("transformers")

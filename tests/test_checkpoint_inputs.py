@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from krakenlm.checkpoint import build_model, detect_format, load_config, load_model, save_checkpoint, write_manifest
+from krakenlm.checkpoint import detect_format, load_config, load_model, save_checkpoint, write_manifest
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, ResourceError
+from krakenlm.source import build_model
 from tests.conftest import tiny
 from tests.reference_kraken import ReferenceKraken
 

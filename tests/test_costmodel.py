@@ -202,10 +202,12 @@ def test_multihead_kv_at_b512_is_about_3tb() -> None:
 # Estimator behaviour ------------------------------------------------------------------------------
 def test_mfu_bounded_and_prefill_beats_decode() -> None:
     palm = get_preset("palm-540b")
-    est = estimate(palm, TPU, Workload(batch=512, prompt=2048, generate=64), 64)
-    assert 0 < est.decode.mfu < est.prefill.mfu <= 1.0
+    est = estimate(palm, TPU, Workload(batch=512, prompt=1984, generate=64), 64)
+    assert 0 < est.decode.mfu < est.mfu < est.prefill.mfu <= 1.0
     assert est.total_s == pytest.approx(est.ttft_s + 64 * est.per_token_s)
-    assert est.chip_seconds_per_token == pytest.approx(64 * est.total_s / (512 * (2048 + 64)))
+    assert est.chip_seconds_per_token == pytest.approx(64 * est.total_s / (512 * (1984 + 64)))
+    # Whole-request MFU: 2N per token over the chip-seconds each token costs.
+    assert est.mfu == pytest.approx(2 * palm.num_params() / (TPU.peak("bf16") * est.chip_seconds_per_token))
 
 
 def test_int8_weights_speed_up_memory_bound_decode() -> None:

@@ -1,13 +1,12 @@
 """The README's main command, shrunk: every stage runs and the summary is coherent."""
 
-import argparse
 import json
 
-from krakenlm.demo import run_demo
+from krakenlm.demo import DemoConfig, run_demo
 
 
 def test_demo_end_to_end_smoke(tmp_path, capfd):
-    args = argparse.Namespace(out=str(tmp_path / "demo"), steps=3, prompt_len=64, rounds=2)
+    args = DemoConfig(out=str(tmp_path / "demo"), steps=3, prompt_len=64, rounds=2, device="cpu")
     assert run_demo(args) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["val_perplexity"]) == {"kraken", "gpt"}

@@ -60,8 +60,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def kraken_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny 2-way Kraken model with a byte-level vocabulary, saved natively."""
-    from krakenlm.checkpoint import build_model, save_checkpoint
+    from krakenlm.checkpoint import save_checkpoint
     from krakenlm.config import ModelConfig
+    from krakenlm.source import build_model
 
     cfg = ModelConfig(arch="kraken", n_layer=2, n_embd=32, n_head=2, n_sub=2, vocab_size=257, block_size=256)
     path = tmp_path_factory.mktemp("ckpt") / "kraken-2way"
@@ -218,11 +219,12 @@ def test_lm_eval_command_line_finds_the_model(data_dir: Path, kraken_ckpt: str, 
 
 def test_corpus_bpe_from_a_prepared_dir_is_used(tmp_path: Path) -> None:
     """Models trained on `prepare --tokenizer bpe:N` data are evaluated with that BPE (tokenizer=DATA_DIR)."""
-    from krakenlm.checkpoint import build_model, save_checkpoint
+    from krakenlm.checkpoint import save_checkpoint
     from krakenlm.config import ModelConfig
     from krakenlm.data import prepare
     from krakenlm.errors import ConfigError
     from krakenlm.eval.harness import KrakenLM
+    from krakenlm.source import build_model
     from krakenlm.tokenizer import load_bpe
 
     text = tmp_path / "corpus.txt"

@@ -10,9 +10,10 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from krakenlm.checkpoint import build_model, save_checkpoint  # noqa: E402
+from krakenlm.checkpoint import save_checkpoint  # noqa: E402
 from krakenlm.config import ModelConfig  # noqa: E402
 from krakenlm.eval.harness import KrakenLM  # noqa: E402
+from krakenlm.source import build_model
 
 PAIRS = [("The cat sat on the", " mat"), ("Question: is it true?\nAnswer:", " yes"), ("x" * 80, " long tail"),
          ("", "abc")]

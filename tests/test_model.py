@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
 
-from krakenlm.generate import SamplingConfig, generate, left_pad, sample
+from krakenlm.errors import ConfigError
+from krakenlm.generate import RowSampler, SamplingConfig, generate, left_pad
 from krakenlm.model import Transformer
 from tests.conftest import tiny
 
@@ -22,17 +25,46 @@ def model_for(cfg, seed=0):
     return m.eval()
 
 
+def cached_steps(model, idx, prefill, chunk=None):
+    """Logits of idx [B, T] through a static KV cache: a prefill, an optional chunked prefill after the
+    cached prefix, then one decode step per remaining token (slots and positions as device tensors)."""
+    batch, total = idx.shape
+    cache = model.new_cache(batch, total)
+    out = [model(idx[:, :prefill], cache=cache)]
+    done = prefill
+    if chunk:
+        out.append(model(idx[:, prefill:chunk], cache=cache, start=prefill))
+        done = chunk
+    for t in range(done, total):
+        slots = torch.full((batch,), t)
+        out.append(model.decode(idx[:, t], slots, slots, cache).unsqueeze(1))
+    return torch.cat(out, 1)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cached_decode_equals_full_recompute(name, rng):
     model = model_for(VARIANTS[name])
     idx = torch.randint(0, 257, (2, 40), generator=rng)
     with torch.no_grad():
         full = model(idx)
+        stepped = cached_steps(model, idx, 24, chunk=30)
+    assert (stepped - full).abs().max() < 1e-5
+
+
+def test_a_reused_cache_row_forgets_its_previous_sequence(rng):
+    """A server reuses KV rows: prefilling a new, shorter sequence into a row must hide the old keys."""
+    model = model_for(VARIANTS["gpt"])
+    old, new = torch.randint(0, 257, (1, 30), generator=rng), torch.randint(0, 257, (1, 12), generator=rng)
+    with torch.no_grad():
         cache = model.new_cache(2, 40)
-        chunks = [model(idx[:, :24], cache=cache)]  # prefill
-        chunks.append(model(idx[:, 24:30], cache=cache))  # chunked prefill after a cached prefix
-        chunks += [model(idx[:, t:t + 1], cache=cache) for t in range(30, 40)]  # decode
-    assert (torch.cat(chunks, 1) - full).abs().max() < 1e-5
+        model(old.repeat(2, 1), cache=cache)
+        model(new, cache=cache.rows(1, 2))  # row 1 starts afresh; row 0 keeps its state
+        slots = torch.tensor([30, 12])
+        stepped = model.decode(torch.tensor([5, 5]), slots, slots, cache)
+        want_new = model(torch.cat([new, torch.tensor([[5]])], 1))[0, -1]
+        want_old = model(torch.cat([old, torch.tensor([[5]])], 1))[0, -1]
+    assert (stepped[1] - want_new).abs().max() < 1e-5
+    assert (stepped[0] - want_old).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("name", ["gpt", "kraken4", "gpt-mqa-rope-swiglu"])
@@ -95,16 +127,45 @@ def test_kraken_init_scales_residual_projections():
     assert abs(model.layers[0].attn.qkv_weight.std().item() - 0.02) < 0.001
 
 
+def sample(logits, config, rows=None, vocab_limit=None):
+    return RowSampler([config] * (rows or logits.shape[0]), torch.device("cpu"), vocab_limit, shared_seed=True)(logits)
+
+
 def test_sampling_top_k_top_p_and_seed():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0]]).repeat(200, 1)
     assert set(sample(logits, SamplingConfig(temperature=1.0, top_k=1)).tolist()) == {4}
     spread = torch.tensor([[1.0, 1.0, 1.0, 1.0]]).log().repeat(400, 1)
-    picked = sample(spread, SamplingConfig(temperature=1.0, top_p=0.5), torch.Generator().manual_seed(0))
+    picked = sample(spread, SamplingConfig(temperature=1.0, top_p=0.5, seed=0))
     assert len(set(picked.tolist())) == 2  # two of four equally likely tokens reach p = 0.5
-    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    a = sample(spread, SamplingConfig(temperature=1.0), g1)
-    assert torch.equal(a, sample(spread, SamplingConfig(temperature=1.0), g2))
+    a = sample(spread, SamplingConfig(temperature=1.0, seed=7))
+    assert torch.equal(a, sample(spread, SamplingConfig(temperature=1.0, seed=7)))
     assert len(set(a.tolist())) == 4
+    counts = torch.bincount(sample(torch.tensor([[0.0, 2.0]]).repeat(4000, 1), SamplingConfig(temperature=1.0)))
+    assert abs(counts[1].item() / 4000 - 1 / (1 + math.exp(-2.0))) < 0.03  # draws follow softmax(logits)
+
+
+def test_sampling_never_picks_ids_the_tokenizer_cannot_decode():
+    logits = torch.zeros(300, 10)
+    logits[:, 8:] = 5.0  # the two padded ids are the most likely
+    assert sample(logits, SamplingConfig(), vocab_limit=8).max() < 8  # greedy
+    assert sample(logits, SamplingConfig(temperature=2.0), vocab_limit=8).max() < 8
+
+
+def test_rows_with_their_own_sampling_parameters():
+    """A server batch mixes greedy and seeded rows; each row samples as it would alone."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    configs = [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5, seed=1),
+               SamplingConfig(temperature=1.3, seed=2)]
+    mixed = RowSampler(configs, torch.device("cpu"))(logits)
+    for row, config in enumerate(configs):
+        assert mixed[row] == RowSampler([config], torch.device("cpu"))(logits[row:row + 1])[0]
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=2.5), dict(temperature="1"), dict(temperature=float("nan")),
+                                 dict(top_p=0.0), dict(top_k=True), dict(seed=1.5)])
+def test_bad_sampling_parameters_are_refused_with_the_field_named(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        SamplingConfig(**bad)
 
 
 def test_seeded_sampling_generation_is_reproducible(rng):
@@ -122,6 +183,4 @@ def test_padding_heads_is_exact(name, rng):
         model.pad_heads(64)
         assert model.attention_shape.stored_size == 64
         assert (model(idx) - want).abs().max() < 1e-5
-        cache = model.new_cache(2, 20)
-        steps = [model(idx[:, :12], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(12, 20)]
-    assert (torch.cat(steps, 1) - want).abs().max() < 1e-5
+        assert (cached_steps(model, idx, 12) - want).abs().max() < 1e-5

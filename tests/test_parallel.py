@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from krakenlm.checkpoint import build_model, save_checkpoint
+from krakenlm.checkpoint import save_checkpoint
 from krakenlm.errors import ConfigError
-from krakenlm.parallel.launch import spawn
+from krakenlm.parallel.launch import run_ranks
 from krakenlm.parallel.plan import ParallelPlan
-from tests import tp_workers
+from krakenlm.source import build_model
 from tests.conftest import tiny
 
 CASES = {
@@ -28,7 +28,7 @@ CASES = {
 def test_tensor_parallel_equals_single_device(world, tmp_path):
     payload = {"out": str(tmp_path), "decode_steps": 32, "timeline": world == 2,
                "cases": {k: v.to_dict() for k, v in CASES[world].items()}}
-    assert spawn(tp_workers.equivalence, world, payload, grace=30) == 0
+    assert run_ranks("tests.tp_workers:equivalence", world, payload, grace=30) == 0
     results = json.loads((tmp_path / f"results-{world}.json").read_text())
     assert results.keys() == CASES[world].keys()
     for name, r in results.items():
@@ -46,7 +46,7 @@ def test_tensor_parallel_equals_single_device(world, tmp_path):
 
 def test_no_comm_ceiling_runs_with_right_shapes_and_wrong_numbers(tmp_path):
     out = tmp_path / "r.json"
-    assert spawn(tp_workers.no_comm, 2, {"config": tiny("kraken").to_dict(), "out": str(out)}) == 0
+    assert run_ranks("tests.tp_workers:no_comm", 2, {"config": tiny("kraken").to_dict(), "out": str(out)}) == 0
     r = json.loads(out.read_text())
     assert r["shape_ok"] and r["diff"] > 1e-3
 
@@ -55,7 +55,7 @@ def test_no_comm_ceiling_runs_with_right_shapes_and_wrong_numbers(tmp_path):
 def test_dead_rank_makes_the_others_exit_with_a_message(when, capfd):
     payload = {"config": tiny("kraken", n_layer=4).to_dict(), "timeout": 20, "when": when, "how": "die"}
     start = time.monotonic()
-    code = spawn(tp_workers.failing, 2, payload, grace=20)
+    code = run_ranks("tests.tp_workers:failing", 2, payload, grace=20)
     elapsed = time.monotonic() - start
     err = capfd.readouterr().err
     assert code != 0 and elapsed < 40
@@ -65,14 +65,14 @@ def test_dead_rank_makes_the_others_exit_with_a_message(when, capfd):
 def test_stalled_rank_times_out(capfd):
     payload = {"config": tiny("kraken", n_layer=4).to_dict(), "timeout": 4, "when": ("prefill", 2), "how": "stall"}
     start = time.monotonic()
-    code = spawn(tp_workers.failing, 2, payload, grace=4)
+    code = run_ranks("tests.tp_workers:failing", 2, payload, grace=4)
     assert code != 0 and time.monotonic() - start < 30
     assert "peer rank died or stalled" in capfd.readouterr().err
 
 
 def test_ranks_with_different_weights_refuse_to_start(capfd):
     payload = {"config": tiny("gpt").to_dict(), "timeout": 20, "seeds": [0, 1]}
-    assert spawn(tp_workers.failing, 2, payload, grace=10) == 2
+    assert run_ranks("tests.tp_workers:failing", 2, payload, grace=10) == 2
     assert "ranks disagree on 'source'" in capfd.readouterr().err
 
 
@@ -81,7 +81,7 @@ def test_rank_that_cannot_load_its_model_fails_its_peers_at_once(tmp_path, capfd
     save_checkpoint(tmp_path / "ck", build_model(config=cfg, seed=0), cfg)
     payload = {"timeout": 60, "sources": [{"checkpoint": str(tmp_path / "ck")}, {"checkpoint": str(tmp_path / "no")}]}
     start = time.monotonic()
-    assert spawn(tp_workers.failing, 2, payload, grace=10) != 0
+    assert run_ranks("tests.tp_workers:failing", 2, payload, grace=10) != 0
     assert time.monotonic() - start < 30  # well inside the 60 s collective timeout
     err = capfd.readouterr().err
     assert "rank 1 could not load the model" in err and "no such checkpoint" in err
@@ -89,7 +89,7 @@ def test_rank_that_cannot_load_its_model_fails_its_peers_at_once(tmp_path, capfd
 
 def test_world_size_must_equal_tp(capfd):
     payload = {"config": tiny("gpt").to_dict(), "timeout": 20, "tp": 2, "seeds": [0, 0, 0]}
-    assert spawn(tp_workers.failing, 3, payload, grace=10) == 2
+    assert run_ranks("tests.tp_workers:failing", 3, payload, grace=10) == 2
     assert "tp=2 but 3 ranks" in capfd.readouterr().err
 
 

@@ -138,7 +138,8 @@ def test_absurd_batch_is_refused_with_the_numbers_before_allocating(data_dir, tm
                                               ("--batch-size", "0", "batch_size"),
                                               ("--windows", str(10**12), "GiB")])
 def test_eval_ppl_bad_counts_are_one_line(data_dir, tmp_path, capsys, flag, value, field):
-    from krakenlm.checkpoint import build_model, save_checkpoint
+    from krakenlm.checkpoint import save_checkpoint
+    from krakenlm.source import build_model
 
     cfg = ModelConfig(**TINY)
     save_checkpoint(tmp_path / "m", build_model(config=cfg, seed=0), cfg)
@@ -147,7 +148,7 @@ def test_eval_ppl_bad_counts_are_one_line(data_dir, tmp_path, capsys, flag, valu
 
 
 def test_perplexity_of_one_window_is_finite(data_dir):
-    from krakenlm.checkpoint import build_model
+    from krakenlm.source import build_model
 
     model = build_model(config=ModelConfig(**TINY), seed=0)
     assert 1 < perplexity(model, data_dir, num_windows=1, batch_size=8) < 1e3

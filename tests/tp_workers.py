@@ -1,4 +1,4 @@
-"""Rank programs for the tensor-parallel tests (importable, so spawned ranks can run them)."""
+"""Rank programs for the tensor-parallel tests (importable, so launched ranks can run them)."""
 
 import json
 import os
@@ -7,31 +7,37 @@ from pathlib import Path
 
 import torch
 
-from krakenlm.checkpoint import build_model
 from krakenlm.config import ModelConfig
+from krakenlm.engine import Engine, EngineOptions
 from krakenlm.generate import generate, left_pad
-from krakenlm.parallel.runtime import Runtime
+from krakenlm.source import ModelSource, build_model
 
 PROMPTS = [list(range(3, 23)), list(range(40, 53))]  # different lengths: the left-padding path too
 
 
-def _compare(rt: Runtime, cfg: ModelConfig, decode_steps: int) -> dict:
+def engine_for(source: dict, tp: int, timeout: float = 60, **options) -> Engine:
+    return Engine(ModelSource.from_dict(source), EngineOptions(tp=tp, device="cpu", timeout=timeout, **options))
+
+
+def compare(engine: Engine, cfg: ModelConfig, decode_steps: int) -> dict:
+    """Max |logit difference| against the single-device model in prefill and in decode, and greedy text."""
     ref = build_model(config=cfg, seed=0)
     idx, valid, pos = left_pad(PROMPTS)
     with torch.inference_mode():
-        c_tp, c_ref = rt.model.new_cache(2, 64), ref.new_cache(2, 64)
-        a = rt.forward(idx, cache=c_tp, valid=valid, positions=pos)
+        c_tp, c_ref = engine.new_cache(2, 64), ref.new_cache(2, 64)
+        a = engine.forward(idx, cache=c_tp, valid=valid, positions=pos)
         b = ref(idx, cache=c_ref, valid=valid, positions=pos)
         prefill = (a - b).abs().max().item()
         decode = 0.0
         token, next_pos = b[:, -1].argmax(-1), pos[:, -1] + 1
-        for step in range(decode_steps):
-            p = (next_pos + step).unsqueeze(1)
-            a = rt.forward(token.unsqueeze(1), cache=c_tp, positions=p)
-            b = ref(token.unsqueeze(1), cache=c_ref, positions=p)
+        slots = torch.full((2,), idx.shape[1])
+        for _ in range(decode_steps):
+            a = engine.decode_step(token, slots, next_pos, c_tp)
+            b = ref.decode(token, slots, next_pos, c_ref)
             decode = max(decode, (a - b).abs().max().item())
-            token = b[:, -1].argmax(-1)
-    greedy = rt.generate(PROMPTS, 16).tokens == generate(ref, PROMPTS, 16).tokens
+            token = b.argmax(-1)
+            slots, next_pos = slots + 1, next_pos + 1
+    greedy = engine.generate(PROMPTS, 16).tokens == generate(ref, PROMPTS, 16).tokens
     return {"prefill": prefill, "decode": decode, "greedy_equal": greedy}
 
 
@@ -40,42 +46,43 @@ def equivalence(payload: dict) -> int:
     world = int(os.environ["WORLD_SIZE"])
     results = {}
     for name, cfg_dict in cases.items():
-        rt = Runtime({"config": cfg_dict, "seed": 0}, world, timeout=60)
-        results[name] = _compare(rt, ModelConfig.from_dict(cfg_dict), payload["decode_steps"])
-        if payload.get("timeline") and rt.config.arch == "kraken":
-            results[name]["timeline"] = _timeline(rt, out)
-    if rt.rank == 0:
+        engine = engine_for({"config": cfg_dict, "seed": 0}, world, **payload.get("options", {}))
+        results[name] = compare(engine, ModelConfig.from_dict(cfg_dict), payload["decode_steps"])
+        if payload.get("timeline") and engine.config.arch == "kraken":
+            results[name]["timeline"] = _timeline(engine, out)
+    if engine.rank == 0:
         (out / f"results-{world}.json").write_text(json.dumps(results))
-    rt.barrier()
-    rt.close()
+    engine.barrier()
+    engine.close()
     return 0
 
 
-def _timeline(rt: Runtime, out: Path) -> dict:
-    idx = torch.randint(0, rt.config.vocab_size, (1, 96))
-    rt.forward(idx, logits_at="last")  # warm-up
-    rt.comm.timeline.clear()
-    rt.comm.timeline.enabled = True
-    rt.forward(idx, logits_at="last")
-    tl = rt.comm.timeline
+def _timeline(engine: Engine, out: Path) -> dict:
+    idx = torch.randint(0, engine.config.vocab_size, (1, 96))
+    engine.forward(idx, logits_at="last")  # warm-up
+    tl = engine.comm.timeline
+    tl.clear()
+    tl.enabled = True
+    engine.forward(idx, logits_at="last")
     tl.enabled = False
-    begins = dict(tl.layers)
+    begins = {layer: mark for layer, mark in tl.layers}
     exchanges = [e for e in tl.collectives if e.name == "exchange"]
     ordered = all(e.start < begins[e.layer + 1] for e in exchanges)  # issued before the next layer starts
-    tl.chrome_trace(out / f"trace-rank{rt.rank}.json", rt.rank)
+    tl.chrome_trace(out / f"trace-rank{engine.rank}.json", engine.rank)
     return {"exchanges": len(exchanges), "issued_before_next_layer": ordered,
-            "completed": all(e.end >= e.start for e in exchanges), "hidden": tl.hidden_fraction()}
+            "completed": all(e.duration is not None and e.duration >= 0 for e in exchanges),
+            "hidden": tl.hidden_fraction()}
 
 
 def no_comm(payload: dict) -> int:
-    rt = Runtime({"config": payload["config"], "seed": 0}, int(os.environ["WORLD_SIZE"]), no_comm=True)
+    engine = engine_for({"config": payload["config"], "seed": 0}, int(os.environ["WORLD_SIZE"]), no_comm=True)
     idx, valid, pos = left_pad(PROMPTS)
-    logits = rt.forward(idx, valid=valid, positions=pos)
+    logits = engine.forward(idx, valid=valid, positions=pos)
     ref = build_model(config=ModelConfig.from_dict(payload["config"]), seed=0)(idx, valid=valid, positions=pos)
-    if rt.rank == 0:
+    if engine.rank == 0:
         Path(payload["out"]).write_text(json.dumps({"shape_ok": logits.shape == ref.shape,
                                                     "diff": (logits - ref).abs().max().item()}))
-    rt.close()
+    engine.close()
     return 0
 
 
@@ -84,12 +91,11 @@ def failing(payload: dict) -> int:
     rank = int(os.environ["RANK"])
     source = payload["sources"][rank] if "sources" in payload else {"config": payload["config"],
                                                                    "seed": payload.get("seeds", [0, 0])[rank]}
-    rt = Runtime(source, int(os.environ["WORLD_SIZE"]) if "tp" not in payload else payload["tp"],
-                 timeout=payload["timeout"])
+    engine = engine_for(source, payload.get("tp", int(os.environ["WORLD_SIZE"])), payload["timeout"])
     if rank == 1 and payload.get("when"):
         phase, count = payload["when"]
         hook = "layer_begin" if phase == "prefill" else "agree"
-        original = getattr(rt.comm, hook)
+        original = getattr(engine.comm, hook)
         calls = {"n": 0}
 
         def trap(*args):
@@ -100,7 +106,43 @@ def failing(payload: dict) -> int:
                 time.sleep(3600)
             return original(*args)
 
-        setattr(rt.comm, hook, trap)
-    rt.generate(PROMPTS, 8)
-    rt.close()
+        setattr(engine.comm, hook, trap)
+    engine.generate(PROMPTS, 8)
+    engine.close()
+    return 0
+
+
+def capture_decode(engine: Engine, backend: str):
+    """The engine's decode step (functional collectives) compiled with fullgraph=True: a graph break fails."""
+    comm = engine.comm.variant(functional=True) if engine.world > 1 else engine.comm
+    model = engine.model
+
+    def step(tokens, slots, positions, cache):
+        return model.decode(tokens, slots, positions, cache, comm=comm)
+
+    return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+
+
+def compiled_decode(payload: dict) -> int:
+    """Per case: fullgraph capture of the decode step equals eager; the engine's compiled generation
+    (inductor) gives the eager tokens, token for token."""
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for name, case in payload["cases"].items():
+        engine = engine_for({"config": case["config"], "seed": 0}, world, timeout=300)
+        eager = engine.generate(PROMPTS, 12).tokens
+        with torch.inference_mode():
+            cache_a, cache_b = engine.new_cache(2, 40), engine.new_cache(2, 40)
+            idx, valid, pos = left_pad(PROMPTS)
+            engine.forward(idx, cache=cache_a, valid=valid, positions=pos)
+            engine.forward(idx, cache=cache_b, valid=valid, positions=pos)
+            token, slots, next_pos = torch.tensor([7, 9]), torch.full((2,), idx.shape[1]), pos[:, -1] + 1
+            captured = capture_decode(engine, case["backend"])(token, slots, next_pos, cache_a)
+            plain = engine.decode_step(token, slots, next_pos, cache_b)
+        results[name] = {"capture_diff": (captured - plain).abs().max().item()}
+        if case.get("inductor"):
+            results[name]["compiled_equal"] = engine.variant(compile=True).generate(PROMPTS, 12).tokens == eager
+    if int(os.environ["RANK"]) == 0:
+        Path(payload["out"]).write_text(json.dumps(results))
+    engine.close()
     return 0

@@ -57,6 +57,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", type=_checkpoints, help="time trained models instead of a shape: "
                    "gpt=DIR,kraken=DIR (a Kraken N-way needs --tp N)")
     p.add_argument("--pad-heads", type=int, help="zero-pad heads to this multiple (exact; e.g. 64)")
+    p.add_argument("--device", help="cpu, cuda or auto (default auto: CUDA when there is one)")
+    p.add_argument("--compile", action="store_true", default=None, help="also time torch.compile'd decode steps")
     p.add_argument("--prompts", type=_list(int), help="prompt lengths (default 128,512,2048)")
     p.add_argument("--batches", type=_list(int), help="batch sizes (default 1,8)")
     p.add_argument("--dtypes", type=_list(str), help="fp32,bf16 (default both)")
@@ -105,7 +107,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     opts = replace(Options(), **QUICK) if args.quick else Options()
     given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",
                                             "max_rounds", "decode_steps", "peer", "single", "breakdown",
-                                            "max_other_cores", "idle_wait_s", "checkpoints", "pad_heads")
+                                            "max_other_cores", "idle_wait_s", "checkpoints", "pad_heads", "device",
+                                            "compile")
              if getattr(args, k) is not None}
     if args.checkpoints:
         given["shapes"] = ["checkpoints"]

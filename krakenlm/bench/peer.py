@@ -93,17 +93,17 @@ def _copy_linear(dst: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
         dst.bias.copy_(bias[0])
 
 
-def build_peer(config: ModelConfig, seed: int, dtype: torch.dtype, world: int) -> PeerGPT:
+def build_peer(config: ModelConfig, seed: int, dtype: torch.dtype, world: int, device: torch.device) -> PeerGPT:
     """The peer with our seeded weights, Megatron-sharded over all ranks by parallelize_module."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from krakenlm.checkpoint import build_model
+    from krakenlm.source import build_model
 
     if config.n_head % world or config.ffn_size % world:
         raise ConfigError(f"peer: heads ({config.n_head}) and FFN width must divide over {world} ranks")
-    peer = PeerGPT(config).load_from(build_model(config=config, seed=seed)).to(dtype).eval()
-    mesh = init_device_mesh("cpu", (world,))
+    peer = PeerGPT(config).load_from(build_model(config=config, seed=seed)).to(device=device, dtype=dtype).eval()
+    mesh = init_device_mesh(device.type, (world,))
     plan = {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(), "attn_proj": RowwiseParallel(),
             "c_fc": ColwiseParallel(), "mlp_proj": RowwiseParallel()}
     for block in peer.blocks:

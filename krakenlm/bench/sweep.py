@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,20 +27,24 @@ from krakenlm.bench.breakdown import MarkedComm, profile_forward
 from krakenlm.bench.netns import Links
 from krakenlm.bench.timing import RoundLog, Stats, paired_ratio, process_cpu_seconds, system_busy_seconds, wait_for_idle
 from krakenlm.config import ModelConfig, size_kraken
-from krakenlm.dtypes import DTYPES
+from krakenlm.dtypes import parse_dtype
+from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError, DistributedError
 from krakenlm.model.layers import KVCache
-from krakenlm.model.transformer import LOCAL
 from krakenlm.parallel.comm import DistComm
-from krakenlm.parallel.launch import free_port
+from krakenlm.parallel.group import init_distributed, resolve_device
+from krakenlm.parallel.launch import run_ranks
 from krakenlm.presets import PRESETS
+from krakenlm.source import ModelSource
 
 # Paired ratios reported per cell: (name, numerator variant, denominator variant).
 RATIOS = [("kraken/gpt", "kraken", "gpt"), ("kraken/parallel", "kraken", "parallel"),
           ("parallel/gpt", "parallel", "gpt"),
           ("kraken/no-comm", "kraken", "kraken/no-comm"), ("kraken/blocking", "kraken", "kraken/blocking"),
           ("gpt/no-comm", "gpt", "gpt/no-comm"), ("parallel/no-comm", "parallel", "parallel/no-comm"),
-          ("gpt/dtensor", "gpt", "gpt/dtensor"), ("kraken-single/gpt-single", "kraken/single", "gpt/single")]
+          ("gpt/dtensor", "gpt", "gpt/dtensor"), ("kraken-single/gpt-single", "kraken/single", "gpt/single"),
+          ("kraken-compiled/gpt-compiled", "kraken/compiled", "gpt/compiled"),
+          ("gpt-compiled/gpt", "gpt/compiled", "gpt"), ("kraken-compiled/kraken", "kraken/compiled", "kraken")]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Options:
     # arch -> checkpoint directory: time these trained models (shape "checkpoints") instead of random weights
     checkpoints: dict[str, str] = field(default_factory=dict)
     pad_heads: int | None = None  # zero-pad every model's heads to this multiple (exact; better kernel shapes)
+    device: str = "auto"  # cpu | cuda | auto: where every rank runs
+    compile: bool = False  # also time compiled decode steps (variants "<arch>/compiled")
 
 
 # Shapes ---------------------------------------------------------------------------------------
@@ -153,60 +158,78 @@ def _checkpoint_models(checkpoints: dict[str, str], tp: int) -> dict[str, Model]
 # One rank ---------------------------------------------------------------------------------------
 @dataclass
 class Variant:
-    """One timed configuration: a model, the Comm it runs with, and whether this rank computes."""
+    """One timed configuration: an engine (or the DTensor peer) and the phases it is timed in.
+    ``engine`` None: this rank sits the variant out (single-device models run on rank 0 only)."""
 
     label: str
     model: Model
-    net: torch.nn.Module
-    comm: Any
+    engine: Engine | None
     tp: int
-    active: bool = True
-    peer: bool = False
+    peer: torch.nn.Module | None = None
+    phases: tuple[str, ...] = ("prefill", "decode")
     cache: KVCache | None = None  # for decode jobs; replaced every cell
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits at the last position; with a cache this is a prefill into it or a decode step."""
-        if self.peer:
+    @property
+    def active(self) -> bool:
+        return self.engine is not None or self.peer is not None
+
+    def prefill(self, idx: Tensor) -> Tensor:
+        """Logits at the last position of a full forward (no cache): time to first token."""
+        if self.peer is not None:
             with torch.no_grad():
-                return self.net(idx)
+                return self.peer(idx)
+        assert self.engine is not None
+        return self.engine.forward(idx, logits_at="last")
+
+    def decode(self, tokens: Tensor, prompt: int, steps: int) -> None:
+        """``steps`` decode steps after a ``prompt``-token prefix (the cache's contents do not matter for
+        timing, only its length)."""
+        assert self.engine is not None and self.cache is not None
+        slots = torch.full((tokens.shape[0],), prompt, dtype=torch.long, device=self.engine.device)
+        positions = slots.clone()
+        step = self.engine.decode_step
         with torch.inference_mode():
-            return self.net(idx, cache=cache, logits_at="last", comm=self.comm)
+            for _ in range(steps):
+                step(tokens, slots, positions, self.cache)
+                slots += 1
+                positions += 1
+
+    def synchronize(self) -> None:
+        if self.engine is not None:
+            self.engine.synchronize()
 
 
-def _build_variants(models: dict[str, Model], dtype: torch.dtype, opts: Options, world: int,
-                    rank: int) -> list[Variant]:
-    from krakenlm.parallel.runtime import Runtime
+def _options(opts: Options, dtype: str, tp: int, **changes: Any) -> EngineOptions:
+    return EngineOptions(device=opts.device, dtype=dtype, tp=tp, threads=1, timeout=opts.timeout_s,
+                         pad_heads=opts.pad_heads, **changes)
 
+
+def _source(model: Model, seed: int) -> ModelSource:
+    return ModelSource(checkpoint=model.checkpoint) if model.checkpoint else ModelSource(config=model.config, seed=seed)
+
+
+def _build_variants(models: dict[str, Model], dtype: str, opts: Options, world: int, rank: int) -> list[Variant]:
     variants = []
     for arch, model in models.items():
-        source = ({"checkpoint": model.checkpoint} if model.checkpoint
-                  else {"config": model.config.to_dict(), "seed": opts.seed})
-        runtime = Runtime(source, world, dtype=dtype, threads=1, timeout=opts.timeout_s, pad_heads=opts.pad_heads)
-        variants.append(Variant(arch, model, runtime.model, runtime.comm, world))
-        variants.append(Variant(f"{arch}/no-comm", model, runtime.model, DistComm(runtime.plan, no_comm=True), world))
+        engine = Engine(_source(model, opts.seed), _options(opts, dtype, world))
+        variants.append(Variant(arch, model, engine, world))
+        variants.append(Variant(f"{arch}/no-comm", model, engine.variant(no_comm=True), world))
         if arch == "kraken":
-            variants.append(Variant("kraken/blocking", model, runtime.model,
-                                    DistComm(runtime.plan, overlap=False), world))
+            variants.append(Variant("kraken/blocking", model, engine.variant(overlap=False), world))
+        if opts.compile:
+            variants.append(Variant(f"{arch}/compiled", model, engine.variant(compile=True), world, phases=("decode",)))
     gpt = models.get("gpt")
     if opts.peer and gpt is not None and gpt.checkpoint is None:  # the peer builds its own seeded weights
         from krakenlm.bench.peer import build_peer
 
-        peer = build_peer(gpt.config, opts.seed, dtype, world)
-        variants.append(Variant("gpt/dtensor", gpt, peer, None, world, peer=True))
+        peer = build_peer(gpt.config, opts.seed, parse_dtype(dtype), world, variants[0].engine.device)
+        variants.append(Variant("gpt/dtensor", gpt, None, world, peer=peer, phases=("prefill",)))
     if opts.single:
-        from krakenlm.checkpoint import build_model
-
         for arch in ("gpt", "kraken"):
-            if arch not in models:
-                continue
-            net = None
-            if rank == 0:
-                model = models[arch]
-                net = (build_model(checkpoint=model.checkpoint, dtype=dtype) if model.checkpoint
-                       else build_model(config=model.config, seed=opts.seed, dtype=dtype))
-                if opts.pad_heads:
-                    net.pad_heads(opts.pad_heads)
-            variants.append(Variant(f"{arch}/single", models[arch], net, LOCAL, 1, active=rank == 0))
+            if arch in models:
+                engine = (Engine(_source(models[arch], opts.seed), _options(opts, dtype, 1), local=True)
+                          if rank == 0 else None)
+                variants.append(Variant(f"{arch}/single", models[arch], engine, 1))
     return variants
 
 
@@ -223,27 +246,27 @@ def _run_job(job: Job, idx: Tensor, tok: Tensor, steps: int) -> float:
     start = time.perf_counter()
     if v.active:
         if job.phase == "prefill":
-            v.forward(idx)
+            v.prefill(idx)
         else:
-            v.cache.length = idx.shape[1]
-            for _ in range(steps):
-                v.forward(tok, v.cache)
+            v.decode(tok, idx.shape[1], steps)
+        v.synchronize()
     return (time.perf_counter() - start) / (steps if job.phase == "decode" else 1)
 
 
 def _jobs(variants: list[Variant], batch: int, prompt: int, steps: int, idx: Tensor) -> list[Job]:
     """Prefill and decode jobs of every variant. The variants of one model share one KV cache holding
-    the prompt: its contents do not matter for timing, only its length, reset before every sample."""
-    jobs = [Job(v, "prefill") for v in variants]
+    the prompt."""
+    jobs = [Job(v, "prefill") for v in variants if "prefill" in v.phases]
     caches: dict[int, KVCache] = {}
     for v in variants:
-        if v.peer or steps == 0:
+        if "decode" not in v.phases or steps == 0:
             continue
-        if v.active:
-            if id(v.net) not in caches:
-                caches[id(v.net)] = v.net.new_cache(batch, prompt + steps)
-                v.forward(idx, caches[id(v.net)])
-            v.cache = caches[id(v.net)]
+        if v.engine is not None:
+            key = id(v.engine.model)
+            if key not in caches:
+                caches[key] = v.engine.new_cache(batch, prompt + steps)
+                v.engine.forward(idx, cache=caches[key], logits_at="last")
+            v.cache = caches[key]
         jobs.append(Job(v, "decode"))
     return jobs
 
@@ -253,8 +276,9 @@ def measure_cell(variants: list[Variant], batch: int, prompt: int, opts: Options
     """Interleaved rounds over every (variant, phase) of one cell; rank 0 returns the results."""
     rank = dist.get_rank()
     gen = torch.Generator().manual_seed(opts.seed)
-    idx = torch.randint(0, vocab, (batch, prompt), generator=gen)
-    tok = torch.randint(0, vocab, (batch, 1), generator=gen)
+    device = next(v.engine.device for v in variants if v.engine is not None)
+    idx = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
+    tok = torch.randint(0, vocab, (batch,), generator=gen).to(device)
     jobs = _jobs(variants, batch, prompt, opts.decode_steps, idx)
     for _ in range(opts.warmup):
         for job in jobs:
@@ -296,23 +320,30 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, An
     by_label = {v.label: v for v in variants}
     out: dict[str, Any] = {}
     kraken = by_label.get("kraken")
-    if kraken is not None and isinstance(kraken.comm, DistComm) and kraken.tp > 1:
-        kraken.comm.timeline.clear()
-        kraken.comm.timeline.enabled = True
-        kraken.forward(idx)
-        kraken.comm.timeline.enabled = False
-        out["timeline_hidden_fraction"] = kraken.comm.timeline.hidden_fraction()
+    if kraken is not None and kraken.engine is not None and isinstance(kraken.engine.comm, DistComm):
+        timeline = kraken.engine.comm.timeline
+        timeline.clear()
+        timeline.enabled = True
+        kraken.prefill(idx)
+        timeline.enabled = False
+        out["timeline_hidden_fraction"] = timeline.hidden_fraction()
     if opts.breakdown:
         out["breakdown"] = {}
         for label in ("gpt", "parallel", "kraken", "kraken/blocking"):
             if label not in by_label:
                 continue
-            v = by_label[label]
+            engine = by_label[label].engine
+            assert engine is not None
             dist.barrier()
-            marked = Variant(v.label, v.model, v.net, MarkedComm(v.comm), v.tp)
-            out["breakdown"][label] = profile_forward(lambda m=marked: m.forward(idx), v.model.config.vocab_size)
+            comm = MarkedComm(engine.comm)
+
+            def forward(e: Engine = engine, c: MarkedComm = comm) -> Tensor:
+                return e.model(idx, logits_at="last", comm=c)
+
+            with torch.inference_mode():
+                out["breakdown"][label] = profile_forward(forward, engine.config.vocab_size)
     if "gpt/dtensor" in by_label:
-        ours, peer = by_label["gpt"].forward(idx).float(), by_label["gpt/dtensor"].forward(idx).float()
+        ours, peer = by_label["gpt"].prefill(idx).float(), by_label["gpt/dtensor"].prefill(idx).float()
         diff = (ours - peer).abs().max().item()
         scale = ours.abs().max().item()
         out["peer_check"] = {"max_abs_diff": diff, "max_abs_logit": scale,
@@ -352,9 +383,7 @@ def _summarise(jobs: list[Job], samples: list[list[float]], log: RoundLog, extra
 def run_rank(payload: dict[str, Any]) -> int:
     """Body of one rank: every cell of the grid for this link and TP degree."""
     opts = Options(**payload["options"])
-    from krakenlm.parallel.runtime import init_distributed
-
-    init_distributed(opts.timeout_s)
+    init_distributed(opts.timeout_s, resolve_device(opts.device))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     pids: list[Any] = [None] * world
@@ -363,7 +392,7 @@ def run_rank(payload: dict[str, Any]) -> int:
     for dtype in opts.dtypes:
         for shape in opts.shapes:
             models = resolve_shape(shape, world, opts.checkpoints)
-            variants = _build_variants(models, DTYPES[dtype], opts, world, rank)
+            variants = _build_variants(models, dtype, opts, world, rank)
             for prompt in opts.prompts:
                 for batch in opts.batches:
                     vocab = min(m.config.vocab_size for m in models.values())
@@ -390,35 +419,15 @@ def _headline(result: dict[str, Any]) -> str:
 
 # Coordinator ----------------------------------------------------------------------------------
 def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: float) -> None:
-    """Start ``world`` rank processes (inside namespaces when shaped) and wait; kill the rest if one fails."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(payload, f)
-    port = free_port() if links is None else 29500  # each namespace has its own port space
-    procs = []
-    try:
-        for rank in range(world):
-            env = {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                   "MASTER_ADDR": links.addresses[0] if links else "127.0.0.1",
-                   "GLOO_SOCKET_IFNAME": links.interfaces[rank] if links else "lo"}
-            prefix = links.prefix(rank) if links else []
-            procs.append(subprocess.Popen(prefix + [sys.executable, "-m", "krakenlm.bench.sweep", f.name],
-                                          env=os.environ | env))
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                raise DistributedError(f"bench: a rank failed (exit codes {[p.returncode for p in procs]})"
-                                       if failed else f"bench: ranks still running after {timeout:.0f}s")
-            time.sleep(0.2)
-        codes = [p.returncode for p in procs]
-        if any(codes):
-            raise DistributedError(f"bench: rank exit codes {codes}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        os.unlink(f.name)
+    """Run every rank (inside its network namespace when links are shaped) through the one launcher."""
+    env = {"OMP_NUM_THREADS": "1"}
+    code = run_ranks("krakenlm.bench.sweep:run_rank", world, payload, timeout=timeout, grace=10.0,
+                     master_addr=links.addresses[0] if links else "127.0.0.1",
+                     port=29500 if links else None,  # each namespace has its own port space
+                     prefix=links.prefix if links else None,
+                     env=lambda rank: env | {"GLOO_SOCKET_IFNAME": links.interfaces[rank] if links else "lo"})
+    if code:
+        raise DistributedError(f"bench: a rank failed (exit code {code})")
 
 
 def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -449,12 +458,3 @@ def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[st
                         continue
                 cells += json.loads(out.read_text())
     return {"cells": cells, "skipped": skipped}
-
-
-def main() -> int:
-    payload = json.loads(Path(sys.argv[1]).read_text())
-    return run_rank(payload)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ from typing import Any
 
 from krakenlm.dtypes import DTYPES
 from krakenlm.errors import InputError
-from krakenlm.validation import check_device, check_output_file
+from krakenlm.validation import check_output_file
 
 
 def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
@@ -34,9 +34,9 @@ def _perplexity(checkpoint: str, data: str, args: argparse.Namespace) -> float:
     from krakenlm.checkpoint import load_model
     from krakenlm.dtypes import parse_dtype
     from krakenlm.eval.perplexity import perplexity
+    from krakenlm.parallel.group import resolve_device
 
-    device = check_device(args.device, "--device")
-    model = load_model(checkpoint, dtype=parse_dtype(args.dtype)).to(device)
+    model = load_model(checkpoint, dtype=parse_dtype(args.dtype), device=resolve_device(args.device))
     return perplexity(model, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
                       seed=args.ppl_seed)
 
@@ -88,7 +88,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (tensor-parallel runs are CPU only)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
     p.add_argument("--split", default="val", help="perplexity split of the prepared data dir (val.bin)")
     p.add_argument("--windows", type=int, default=200, help="perplexity: number of seeded random windows")
     p.add_argument("--ppl-seed", type=int, default=1234, help="perplexity: window seed (same windows for every model)")
@@ -106,7 +106,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--tasks", default="all", help="comma-separated: boolq,cb,copa,multirc,record,rte,wic,wsc or all")
     t.add_argument("--data-dir", required=True, help="directory with <task>.jsonl files (HF super_glue fields)")
     t.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
-    t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (local gloo ranks)")
+    t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (local ranks: gloo on CPU, NCCL on GPUs)")
     t.add_argument("--timeout", type=float, default=1800.0, help="seconds tensor-parallel ranks wait for each other")
     t.add_argument("--tokenizer", help="gpt2, bytes or a prepared data dir with its BPE (default: by vocabulary size)")
     t.add_argument("--ppl-data", help="prepared data dir: add a validation-perplexity column")

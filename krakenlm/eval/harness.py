@@ -5,39 +5,45 @@ Any krakenlm checkpoint (native, Kraken authors', nanoGPT, HF GPT-2) is scored t
 context/continuation split, the same left truncation to the block size (keep the last block_size
 tokens of context + continuation), the same rolling windows, the same stop-sequence handling.
 
-The work is cut into *jobs* (one padded batch each) that run through an *engine*: on one device the
-engine just runs the job; with tp > 1 rank 0 (the process running lm-eval) broadcasts every job to
-follower ranks and all ranks run the forward pass in lockstep (krakenlm.eval.tp).
+Every batch runs through krakenlm's Engine: on one device it runs in this process; with tp > 1 this
+process (the one running lm-eval) is rank 0 and drives follower ranks in lockstep, so scores equal
+the single-device ones.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models before ours, see registry.get_model)
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from krakenlm.dtypes import parse_dtype
+from krakenlm.dtypes import dtype_name, parse_dtype
+from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError, InputError
-from krakenlm.generate import SamplingConfig, left_pad, sample
-from krakenlm.model import LOCAL, Comm, Transformer
+from krakenlm.generate import SamplingConfig, Stop
+from krakenlm.source import ModelSource
 from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, load_tokenizer
 
 DEFAULT_BATCH_SIZE = 8
 MAX_GEN_TOKS = 256  # lm-eval's default for generate_until requests
 
 
-def parse_model_dtype(name: str | torch.dtype) -> torch.dtype | None:
-    """krakenlm's and lm-eval's dtype names; lm-eval's 'auto' keeps the checkpoint's stored dtype."""
-    return None if name == "auto" else parse_dtype(name)
+def parse_model_dtype(name: str | torch.dtype) -> str:
+    """krakenlm's and lm-eval's dtype names; lm-eval's 'auto' means the checkpoints' stored fp32."""
+    return "fp32" if name == "auto" else dtype_name(parse_dtype(name))
+
+
+def _int(value: int | str, field: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{field}: expected an integer, got {value!r}") from err
 
 
 def parse_batch_size(value: int | str | None) -> int:
@@ -53,131 +59,14 @@ def parse_batch_size(value: int | str | None) -> int:
     return size
 
 
-# Jobs: pure functions of (model shard, comm) so every rank can run the same one --------------------------
-@dataclass(frozen=True)
-class ScoreJob:
-    """Sum of log-probabilities of each target and whether greedy decoding would produce it.
-
-    inputs[i] is the model input (context + target without its last token, already truncated);
-    targets[i] are the tokens predicted by its last len(targets[i]) positions. Rows are right-padded:
-    causal attention never lets a real position see the padding after it, so no mask is needed.
-    """
-
-    inputs: list[list[int]]
-    targets: list[list[int]]
-
-    @torch.inference_mode()
-    def run(self, model: Transformer, comm: Comm) -> list[tuple[float, bool]]:
-        device = model.wte.weight.device
-        width = max(len(row) for row in self.inputs)
-        idx = torch.zeros(len(self.inputs), width, dtype=torch.long, device=device)
-        for i, row in enumerate(self.inputs):
-            idx[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        logits = model(idx, comm=comm)
-        results = []
-        for i, (row, target) in enumerate(zip(self.inputs, self.targets, strict=True)):
-            logp = F.log_softmax(logits[i, len(row) - len(target):len(row)].float(), dim=-1)
-            want = torch.tensor(target, dtype=torch.long, device=device)
-            results.append((float(logp.gather(1, want.unsqueeze(1)).sum()), bool((logp.argmax(-1) == want).all())))
-        return results
-
-
-@dataclass(frozen=True)
-class GenerateJob:
-    """Continuations of left-padded contexts until a stop string, end of text or max_new_tokens.
-
-    Every rank decides to stop from the same agreed tokens, so ranks stay in lockstep.
-    """
-
-    contexts: list[list[int]]
-    max_new_tokens: int
-    sampling: SamplingConfig
-    until: list[str]
-    tokenizer: str
-
-    @torch.inference_mode()
-    def run(self, model: Transformer, comm: Comm) -> list[list[int]]:
-        tok = load_tokenizer(self.tokenizer)
-        device = model.wte.weight.device
-        idx, valid, positions = left_pad(self.contexts, device)
-        batch, width = idx.shape
-        cache = model.new_cache(batch, width + self.max_new_tokens)
-        generator = torch.Generator(device=device).manual_seed(self.sampling.seed)
-        logits = model(idx, cache=cache, valid=None if bool(valid.all()) else valid, positions=positions,
-                       logits_at="last", comm=comm)
-        out: list[list[int]] = [[] for _ in self.contexts]
-        done = [False] * batch
-        next_pos = positions[:, -1] + 1
-        for step in range(self.max_new_tokens):
-            token = comm.agree(sample(logits[:, -1], self.sampling, generator))
-            for row in range(batch):
-                if done[row]:
-                    continue
-                if int(token[row]) == tok.eot_token:
-                    done[row] = True
-                    continue
-                out[row].append(int(token[row]))
-                text = tok.decode(out[row])
-                done[row] = any(stop and stop in text for stop in self.until)
-            if all(done) or step == self.max_new_tokens - 1:
-                break
-            logits = model(token.unsqueeze(1), cache=cache, positions=(next_pos + step).unsqueeze(1),
-                           logits_at="last", comm=comm)
-        return out
-
-
-class Job(Protocol):
-    def run(self, model: Transformer, comm: Comm) -> Any: ...
-
-
-class Engine(Protocol):
-    """Runs jobs: locally, or on rank 0 of a tensor-parallel group with followers in lockstep."""
-
-    config: Any
-    device: torch.device
-
-    def run(self, job: Job) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-class LocalEngine:
-    """One device, one process."""
-
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-        self.config = model.config
-        self.device = model.wte.weight.device
-
-    def run(self, job: Job) -> Any:
-        return job.run(self.model, LOCAL)
-
-    def close(self) -> None:
-        pass
-
-
-def _pick_device(requested: str | None, tp: int) -> str:
+def _pick_device(requested: str | None) -> str:
     """lm-eval's CLI asks for 'cuda' by default; like its hf model, fall back to the CPU when there is none."""
     if requested is None:
-        return "cuda" if torch.cuda.is_available() and tp == 1 else "cpu"
+        return "auto"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         print(f"krakenlm: device {requested!r} is not available, using cpu", file=sys.stderr)
         return "cpu"
     return requested
-
-
-def load_engine(checkpoint: str, dtype: torch.dtype | None, device: str = "cpu", tp: int = 1,
-                timeout: float = 1800.0) -> Engine:
-    """Single-device model, or a tensor-parallel group of `tp` local CPU ranks led by this process."""
-    if tp > 1:
-        from krakenlm.eval.tp import TensorParallelEngine
-
-        if device != "cpu":
-            raise ConfigError(f"tp={tp}: tensor-parallel evaluation runs on local CPU ranks (gloo); use device=cpu")
-        return TensorParallelEngine(checkpoint, dtype, tp, timeout)
-    from krakenlm.checkpoint import load_model
-
-    return LocalEngine(load_model(checkpoint, dtype=dtype).to(device))
 
 
 # The lm-eval model class --------------------------------------------------------------------------------
@@ -208,14 +97,13 @@ class KrakenLM(TemplateLM):
         if engine is None:
             if not checkpoint:
                 raise ConfigError("krakenlm model_args: checkpoint=PATH is required")
-            if int(tp) < 1:
-                raise ConfigError(f"tp: must be >= 1, got {tp}")
-            engine = load_engine(str(checkpoint), parse_model_dtype(dtype), _pick_device(device, int(tp)), int(tp),
-                                 float(timeout))
+            options = EngineOptions(device=_pick_device(device), dtype=parse_model_dtype(dtype), tp=_int(tp, "tp"),
+                                    timeout=float(timeout))
+            engine = Engine.launch(ModelSource(checkpoint=str(checkpoint)), options)
         self.engine = engine
         self.config = engine.config
         self.checkpoint = checkpoint
-        self.tp = int(tp)
+        self.tp = engine.world
         self._rank, self._world_size = 0, 1
         self._device = engine.device
         self.tokenizer_id = str(tokenizer or default_tokenizer_for(self.config.vocab_size))
@@ -270,7 +158,7 @@ class KrakenLM(TemplateLM):
         bar = tqdm(total=len(rows), disable=disable_tqdm, desc="krakenlm loglikelihood")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            scores = self.engine.run(ScoreJob([rows[i][0] for i in chunk], [rows[i][1] for i in chunk]))
+            scores = self.engine.score([rows[i][0] for i in chunk], [rows[i][1] for i in chunk])
             for i, score in zip(chunk, scores, strict=True):
                 results[i] = score
                 if requests[i][0] is not None:
@@ -309,6 +197,7 @@ class KrakenLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             new_tokens = int(kwargs.pop("max_gen_toks"))
             sampling = self._sampling(kwargs)
+            stop = Stop((self.eot_token_id,), tuple(s for s in until if s))
             max_context = self.max_length - new_tokens
             if max_context <= 0:
                 raise ConfigError(f"generate_until: max_gen_toks={new_tokens} leaves no room for a context in "
@@ -318,7 +207,8 @@ class KrakenLM(TemplateLM):
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 contexts = [encoded[i] or [self.prefix_token_id] for i in chunk]
-                outputs = self.engine.run(GenerateJob(contexts, new_tokens, sampling, until, self.tokenizer_id))
+                outputs = self.engine.generate(contexts, new_tokens, sampling, stop, vocab_limit=self.tok.vocab_size,
+                                               text=self.tok.decode).tokens
                 for i, tokens in zip(chunk, outputs, strict=True):
                     results[i] = postprocess_generated_text(self.tok.decode(tokens), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])

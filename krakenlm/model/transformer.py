@@ -27,13 +27,17 @@ from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.model.layers import (
     AttentionShape,
+    AttentionStep,
     KVCache,
     StackedAttention,
     StackedLayerNorm,
     StackedMLP,
     attention_mask,
+    decode_mask,
     init_std,
     rope_tables,
+    row_linear,
+    single_row,
 )
 
 
@@ -198,36 +202,50 @@ class Transformer(nn.Module):
         return KVCache(self.config.n_layer, self.shard.sub_count, batch, self.attention_shape,
                        max_len or self.config.block_size, param.dtype, param.device)
 
-    def forward(self, idx: Tensor, *, cache: KVCache | None = None, valid: Tensor | None = None,
-                positions: Tensor | None = None, logits_at: str | Tensor = "all",
+    def forward(self, idx: Tensor, *, positions: Tensor | None = None, valid: Tensor | None = None,
+                cache: KVCache | None = None, start: int = 0, logits_at: str | Tensor = "all",
                 comm: Comm = LOCAL) -> Tensor:
-        """Logits for token ids idx [B, T].
+        """Logits for token ids idx [B, T] (a full forward, or a prefill into a KV cache).
 
-        cache: KV cache to read and extend (prefill then decode); valid [B, T]: False at left-padding;
-        positions [B, T]: position ids (default: consecutive after the cache); logits_at: "all",
-        "last", or an index tensor [B] of the position per sequence whose logits are wanted.
+        positions [B, T]: position ids (default start, start+1, ...); valid [B, T]: False at left
+        padding; cache: written at slots [start, start + T) of every row, attention reads slots
+        [0, start + T) (start = 0 starts the rows afresh); logits_at: "all", "last", or an index
+        tensor [B] of the position per sequence whose logits are wanted.
         """
+        batch, t = idx.shape
+        limit = self.config.block_size if cache is None else min(cache.max_len, self.config.block_size)
+        if start + t > limit:
+            raise InputError(f"sequence of {start + t} tokens exceeds the context of {limit}")
+        if positions is None:
+            positions = torch.arange(start, start + t, device=idx.device).expand(batch, t)
+        streams = self.shard.sub_count
+        mask = None
+        if cache is not None:
+            cache.valid[:, start:start + t] = True if valid is None else valid
+            if start == 0:
+                cache.valid[:, t:] = False  # a reused row forgets its previous sequence
+            if start > 0 or valid is not None:
+                mask = attention_mask(cache.valid, t, start, streams)
+        elif valid is not None:
+            mask = attention_mask(valid, t, 0, streams)
+        step = AttentionStep(cache, start, None, start + t, mask)
+        return self._run(idx, positions, step, logits_at, comm)
+
+    def decode(self, tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache, *, keys: int | None = None,
+               comm: Comm = LOCAL) -> Tensor:
+        """One decode step: row b's token [B] is written at cache slot slots[b] with position id
+        positions[b]; returns logits [B, vocab]. Everything stays on the device (no host reads), and
+        shapes depend only on the cache, so the step compiles once and replays as a CUDA graph.
+        Attention reads slots [0, keys) (default: the whole cache)."""
+        keys = cache.max_len if keys is None else keys
+        cache.valid.scatter_(1, slots.unsqueeze(1), True)
+        step = AttentionStep(cache, 0, slots, keys, decode_mask(cache.valid, keys, self.shard.sub_count))
+        return self._run(tokens.unsqueeze(1), positions.unsqueeze(1), step, "all", comm)[:, 0]
+
+    def _run(self, idx: Tensor, positions: Tensor, step: AttentionStep, logits_at: str | Tensor,
+             comm: Comm) -> Tensor:
         cfg = self.config
         batch, t = idx.shape
-        past = cache.length if cache is not None else 0
-        limit = cache.max_len if cache is not None else cfg.block_size
-        if past + t > min(limit, cfg.block_size):
-            raise InputError(f"sequence of {past + t} tokens exceeds the context of {min(limit, cfg.block_size)}")
-        if positions is None:
-            positions = torch.arange(past, past + t, device=idx.device).expand(batch, t)
-        mask = None
-        if valid is not None or (cache is not None and not bool(cache.valid[:, :past].all())):
-            valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
-            if cache is not None:
-                cache.valid[:, past:past + t] = valid
-                mask = attention_mask(cache.valid, t, past)
-            else:
-                mask = attention_mask(valid, t, 0)
-        elif cache is not None:
-            cache.valid[:, past:past + t] = True
-            if past and t > 1:  # chunked prefill after a cached prefix: causal with an offset
-                mask = attention_mask(cache.valid, t, past)
-
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -236,17 +254,14 @@ class Transformer(nn.Module):
         pending = None
         for i, layer in enumerate(self.layers):
             comm.layer_begin(i)
-            y = self._layer(layer, i, y, pending, batch, positions, rope, cache, mask, comm)
+            y = self._layer(layer, i, y, pending, batch, rope, step, comm)
             pending = comm.exchange(y) if cfg.arch == "kraken" and i < cfg.n_layer - 1 else None
-        if cache is not None:
-            cache.length += t
         return self._head(y, batch, t, logits_at, comm)
 
     def _layer(self, layer: Layer, index: int, y: Tensor, pending: Pending | None, batch: int,
-               positions: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
-               mask: Tensor | None, comm: Comm) -> Tensor:
+               rope: tuple[Tensor, Tensor] | None, step: AttentionStep, comm: Comm) -> Tensor:
         h_in = layer.ln1(y)
-        attn = layer.attn(h_in, batch, positions, rope, cache, index, mask)
+        attn = layer.attn(h_in, batch, rope, step, index)
         if layer.parallel_block:
             return _add_bias(_add_bias(y + comm.reduce_shard(attn + layer.mlp(h_in)), layer.proj_bias),
                              layer.down_bias)
@@ -269,7 +284,8 @@ class Transformer(nn.Module):
             shard = self.shard
             width = d // shard.parts
             cols = y[..., shard.part * width:(shard.part + 1) * width]  # [S, B, t, d/parts]
-            z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width) @ self.conj_weight.t()
+            z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width)
+            z = row_linear(z, self.conj_weight) if single_row(z) else z @ self.conj_weight.t()
             z = comm.reduce_conj(z)
             if self.conj_bias is not None:
                 z = z + self.conj_bias
@@ -277,5 +293,6 @@ class Transformer(nn.Module):
         else:
             z = y.reshape(1, batch * t_out, d)
         z = self.ln_f(z)[0]
-        return F.linear(z, self.wte.weight).view(batch, t_out, -1)
+        logits = row_linear(z, self.wte.weight) if single_row(z) else F.linear(z, self.wte.weight)
+        return logits.view(batch, t_out, -1)
 

@@ -1,10 +1,15 @@
-"""The torch.distributed implementation of the model's Comm hooks, with a timeline.
+"""The torch.distributed implementation of the model's Comm hooks, with a device-aware timeline.
 
 - reduce_shard: blocking all_reduce over the ranks sharing a sub-layer (Megatron).
-- exchange: Kraken's sum over sub-layers, issued with async_op=True at the end of a layer and
-  awaited by the model right before the next layer's FFN, so it runs during that layer's attention.
+- exchange: Kraken's sum over sub-layers, issued asynchronously at the end of a layer and awaited by
+  the model right before the next layer's FFN, so it runs during that layer's attention. On CUDA the
+  collective runs on NCCL's stream and the wait only makes the compute stream wait (no host block).
 - reduce_conj: the conjunction's partial products summed over all ranks.
 - agree: rank 0's sampled tokens broadcast to everyone.
+
+Two ways to issue the same collectives: c10d calls with work handles (eager; the timeline can watch
+them) or functional collectives (``functional=True``), which torch.compile traces into the graph
+without breaks; the wait then sits where the value is first used, so the overlap is the same.
 ``no_comm`` skips every collective (wrong numbers, right shapes): the compute-only ceiling.
 ``overlap=False`` waits for each exchange at once: the same Kraken with blocking AllReduces.
 """
@@ -13,30 +18,66 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from krakenlm.errors import DistributedError
 from krakenlm.parallel.plan import ParallelPlan
 
 
+class HostClock:
+    """Marks are perf_counter seconds: on the CPU the compute thread's time is the device's time."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return end - start
+
+
+class CudaClock:
+    """Marks are CUDA events on the current stream: GPU time, not the host's enqueue time."""
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def clock_for(device: torch.device) -> HostClock | CudaClock:
+    return CudaClock() if device.type == "cuda" else HostClock()
+
+
 @dataclass
 class Event:
+    """One collective: issued at ``start``; the compute stream waited from ``wait_start`` to ``wait_end``;
+    ``duration`` is how long it was in flight (gloo: completion callback; NCCL: its own timing)."""
+
     name: str
     layer: int
-    start: float
-    end: float = 0.0
-    exposed: float = 0.0  # seconds the compute thread sat waiting for it
+    start: Any
+    wait_start: Any = None
+    wait_end: Any = None
+    duration: float | None = None
 
 
 @dataclass
 class Timeline:
-    """Per-rank timestamps of layers and collectives (perf_counter seconds)."""
+    """Per-rank marks of layers and collectives, in the engine's clock (host or CUDA events)."""
 
-    layers: list[tuple[int, float]] = field(default_factory=list)
+    clock: HostClock | CudaClock = field(default_factory=HostClock)
+    layers: list[tuple[int, Any]] = field(default_factory=list)
     collectives: list[Event] = field(default_factory=list)
     enabled: bool = False
 
@@ -44,11 +85,14 @@ class Timeline:
         self.layers.clear()
         self.collectives.clear()
 
+    def _exposed(self, e: Event) -> float:
+        return self.clock.seconds(e.wait_start, e.wait_end) if e.wait_start is not None else 0.0
+
     def hidden_fraction(self, name: str = "exchange") -> float:
-        """Share of the collective's in-flight time that the compute thread did not wait for."""
-        events = [e for e in self.collectives if e.name == name and e.end > e.start]
-        total = sum(e.end - e.start for e in events)
-        exposed = sum(min(e.exposed, e.end - e.start) for e in events)
+        """Share of the collective's in-flight time that the compute stream did not wait for."""
+        events = [e for e in self.collectives if e.name == name and e.duration]
+        total = sum(e.duration for e in events)
+        exposed = sum(min(self._exposed(e), e.duration) for e in events)
         return 1.0 - exposed / total if total > 0 else float("nan")
 
     def chrome_trace(self, path: str | Path, rank: int) -> None:
@@ -56,37 +100,20 @@ class Timeline:
         if not self.layers:
             return
         t0 = self.layers[0][1]
-        us = lambda t: (t - t0) * 1e6  # noqa: E731
-        events = []
-        ends = [t for _, t in self.layers[1:]] + [max([e.end for e in self.collectives] + [self.layers[-1][1]])]
-        for (layer, start), end in zip(self.layers, ends, strict=True):
-            events.append({"name": f"layer {layer}", "ph": "X", "pid": rank, "tid": 0, "ts": us(start),
-                           "dur": max(0.0, us(end) - us(start))})
+        us = lambda mark: self.clock.seconds(t0, mark) * 1e6  # noqa: E731
+        starts = [us(mark) for _, mark in self.layers]
+        ends = starts[1:] + [max([us(e.start) + (e.duration or 0) * 1e6 for e in self.collectives] + [starts[-1]])]
+        spans = zip(self.layers, starts, ends, strict=True)
+        events = [{"name": f"layer {layer}", "ph": "X", "pid": rank, "tid": 0, "ts": start,
+                   "dur": max(0.0, end - start)} for (layer, _), start, end in spans]
         for e in self.collectives:
             events.append({"name": f"{e.name} (after layer {e.layer})", "ph": "X", "pid": rank, "tid": 1,
-                           "ts": us(e.start), "dur": max(0.0, us(e.end) - us(e.start)),
-                           "args": {"exposed_us": e.exposed * 1e6}})
+                           "ts": us(e.start), "dur": (e.duration or 0.0) * 1e6,
+                           "args": {"exposed_us": self._exposed(e) * 1e6}})
         Path(path).write_text(json.dumps({"traceEvents": events}))
 
 
-class _InFlight:
-    def __init__(self, work, value: Tensor, event: Event | None) -> None:
-        self.work, self.value, self.event = work, value, event
-        if event is not None and work is not None:
-            work.get_future().then(lambda _: setattr(event, "end", time.perf_counter()))
-
-    def wait(self) -> Tensor:
-        if self.work is not None:
-            start = time.perf_counter()
-            _guard(self.work.wait, "Kraken exchange all_reduce")
-            if self.event is not None:
-                now = time.perf_counter()
-                self.event.exposed = now - start
-                self.event.end = self.event.end or now
-        return self.value
-
-
-def _guard(fn, what: str):
+def _guard(fn: Callable[[], Any], what: str) -> Any:
     try:
         return fn()
     except (RuntimeError, dist.DistBackendError) as err:  # peer died, stalled past the timeout, or reset
@@ -94,62 +121,125 @@ def _guard(fn, what: str):
                                f"({str(err).splitlines()[0][:200]})") from err
 
 
+class _Ready:
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def wait(self) -> Tensor:
+        return self.value
+
+
+class _Functional:
+    """An exchange issued as a functional collective; waiting is a graph node torch.compile can place."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def wait(self) -> Tensor:
+        return funcol.wait_tensor(self.value)
+
+
+class _InFlight:
+    """An exchange issued with a c10d work handle (eager), watched by the timeline when enabled."""
+
+    def __init__(self, work: Any, value: Tensor, event: Event | None, timeline: Timeline) -> None:
+        self.work, self.value, self.event, self.timeline = work, value, event, timeline
+        if event is not None and isinstance(timeline.clock, HostClock):
+            work.get_future().then(lambda _: setattr(event, "duration", time.perf_counter() - event.start))
+
+    def wait(self) -> Tensor:
+        event, clock = self.event, self.timeline.clock
+        if event is not None:
+            event.wait_start = clock.mark()
+        _guard(self.work.wait, "Kraken exchange all_reduce")
+        if event is not None:
+            event.wait_end = clock.mark()
+            if isinstance(clock, CudaClock):
+                event.duration = _nccl_duration(self.work)
+            elif event.duration is None:  # the callback had not run yet: it finished just now
+                event.duration = time.perf_counter() - event.start
+        return self.value
+
+
+def _nccl_duration(work: Any) -> float | None:
+    """NCCL's own in-flight time of a collective (needs TORCH_NCCL_ENABLE_TIMING=1, set by the engine)."""
+    try:
+        return work._get_duration() / 1e3
+    except RuntimeError:
+        return None
+
+
 class DistComm:
     """Comm for one rank of a ParallelPlan (process groups created collectively by every rank)."""
 
-    def __init__(self, plan: ParallelPlan, *, no_comm: bool = False, overlap: bool = True) -> None:
-        self.plan, self.no_comm, self.overlap = plan, no_comm, overlap
+    def __init__(self, plan: ParallelPlan, *, no_comm: bool = False, overlap: bool = True,
+                 functional: bool = False, device: torch.device | None = None, groups: Any = None) -> None:
+        self.plan, self.no_comm, self.overlap, self.functional = plan, no_comm, overlap, functional
+        self.device = device or torch.device("cpu")
         rank = dist.get_rank()
-        shard_groups, exchange_groups = plan.groups()
-        self.shard_group = self._my_group(shard_groups, rank)
-        self.exchange_group = self._my_group(exchange_groups, rank)
+        self.shard_group, self.exchange_group = groups if groups is not None else self.make_groups(plan, rank)
         self.shard_size = len(plan.shard_group(rank))
         self.exchange_size = len(plan.exchange_group(rank))
-        self.timeline = Timeline()
+        self.timeline = Timeline(clock_for(self.device))
         self._layer = -1  # the layer now running, for labelling collectives
 
     @staticmethod
-    def _my_group(groups: list[list[int]], rank: int):
-        mine = None
-        for ranks in groups:  # new_group is collective: every rank creates every group, in order
-            group = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
-            if rank in ranks:
-                mine = group
-        return mine
+    def make_groups(plan: ParallelPlan, rank: int) -> tuple[Any, Any]:
+        """This rank's (shard group, exchange group); every rank creates every group, in order."""
+        shard_groups, exchange_groups = plan.groups()
+        mine = []
+        for groups in (shard_groups, exchange_groups):
+            found = None
+            for ranks in groups:  # new_group is collective
+                group = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+                if rank in ranks:
+                    found = group
+            mine.append(found)
+        return mine[0], mine[1]
 
-    def _record(self, name: str, layer: int) -> Event | None:
+    def variant(self, **changes: Any) -> DistComm:
+        """The same groups with other switches (no_comm, overlap, functional): no new process groups."""
+        options = {"no_comm": self.no_comm, "overlap": self.overlap, "functional": self.functional} | changes
+        return DistComm(self.plan, device=self.device, groups=(self.shard_group, self.exchange_group), **options)
+
+    def _record(self, name: str) -> Event | None:
         if not self.timeline.enabled:
             return None
-        event = Event(name, layer, time.perf_counter())
+        event = Event(name, self._layer, self.timeline.clock.mark())
         self.timeline.collectives.append(event)
         return event
 
-    def _blocking(self, x: Tensor, group, size: int, name: str) -> Tensor:
+    def _blocking(self, x: Tensor, group: Any, size: int, name: str) -> Tensor:
         if self.no_comm or size == 1:
             return x
-        event = self._record(name, self._layer)
+        if self.functional:
+            return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+        event = self._record(name)
         x = x.contiguous()
         _guard(lambda: dist.all_reduce(x, group=group), name)
         if event is not None:
-            event.end = time.perf_counter()
-            event.exposed = event.end - event.start
+            event.wait_start, event.wait_end = event.start, self.timeline.clock.mark()
+            event.duration = self.timeline.clock.seconds(event.start, event.wait_end)
         return x
 
     def layer_begin(self, layer: int) -> None:
         self._layer = layer
         if self.timeline.enabled:
-            self.timeline.layers.append((layer, time.perf_counter()))
+            self.timeline.layers.append((layer, self.timeline.clock.mark()))
 
     def reduce_shard(self, x: Tensor) -> Tensor:
         return self._blocking(x, self.shard_group, self.shard_size, "megatron")
 
-    def exchange(self, y: Tensor):
+    def exchange(self, y: Tensor) -> _Ready | _Functional | _InFlight:
         local = y.sum(0)
         if self.no_comm or self.exchange_size == 1:
-            return _InFlight(None, local, None)
-        event = self._record("exchange", self._layer)
+            return _Ready(local)
+        if self.functional:
+            pending: Any = _Functional(funcol.all_reduce(local, "sum", self.exchange_group))
+            return _Ready(pending.wait()) if not self.overlap else pending
+        event = self._record("exchange")
         work = _guard(lambda: dist.all_reduce(local, group=self.exchange_group, async_op=True), "exchange")
-        pending = _InFlight(work, local, event)
+        pending = _InFlight(work, local, event, self.timeline)
         if not self.overlap:
             pending.wait()
         return pending
@@ -158,6 +248,7 @@ class DistComm:
         return self._blocking(x, dist.group.WORLD, dist.get_world_size(), "conjunction")
 
     def agree(self, tokens: Tensor) -> Tensor:
+        """Rank 0's values (sampled tokens, stop decisions) become every rank's."""
         if self.no_comm or dist.get_world_size() == 1:
             return tokens
         tokens = tokens.contiguous()

@@ -1,23 +1,32 @@
-"""Start ranks: under torchrun (use its environment) or locally (spawn one process per rank).
+"""The one launcher: rank processes for every verb (generate, eval, bench, serve, the demo, tests).
 
-The local launcher watches its children: when one fails, the others get ``grace`` seconds to exit
-on their own (their collectives time out or see the closed connection) and are then terminated,
-so a run never hangs on a dead rank.
+A launched rank is ``python -m krakenlm.parallel.rank PAYLOAD.json``: it reads its payload (JSON,
+never pickle), imports the target ``"package.module:function"`` and calls it with the payload's
+arguments. The torchrun-style environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...) tells it
+who it is, so a target runs unchanged under this launcher and under torchrun. A command prefix per
+rank (e.g. ``ip netns exec NS``) runs ranks inside network namespaces with shaped links.
+
+The launcher watches its children: when one fails, the others get ``grace`` seconds to exit on their
+own (their collectives time out or see the closed connection) and are then killed, so a run never
+hangs on a dead rank.
 """
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing as mp
+import json
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 import time
-import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from krakenlm.errors import KrakenError
+from krakenlm.errors import DistributedError
+
+Prefix = Callable[[int], list[str]]
+Env = Callable[[int], dict[str, str]]
 
 
 def free_port() -> int:
@@ -27,105 +36,74 @@ def free_port() -> int:
 
 
 def under_torchrun() -> bool:
+    """Whether this process is already a rank (started by torchrun or by this launcher)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def _entry(worker: Callable[[Any], int], rank: int, world: int, port: int, payload: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        code = worker(payload)
-    except KrakenError as err:
-        print(f"krakenlm rank {rank}: error: {err}", file=sys.stderr, flush=True)
-        code = 2
-    except Exception:  # a bug: show it, but still exit so the launcher can stop the others
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    os._exit(code or 0)
+class Ranks:
+    """Rank processes started by this process (all of a world, or the followers of an in-process rank 0)."""
 
+    def __init__(self, target: str, args: dict[str, Any], world: int, ranks: Iterable[int] | None = None, *,
+                 master_addr: str = "127.0.0.1", port: int | None = None, prefix: Prefix | None = None,
+                 env: Env | None = None) -> None:
+        self.world = world
+        self.port = port or free_port()
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="krakenlm-ranks-", delete=False) as f:
+            json.dump({"target": target, "args": args}, f)
+        self.payload = f.name
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for rank in range(world) if ranks is None else ranks:
+                rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master_addr,
+                            "MASTER_PORT": str(self.port)} | (env(rank) if env else {})
+                command = (prefix(rank) if prefix else []) + [sys.executable, "-m", "krakenlm.parallel.rank",
+                                                               self.payload]
+                self.procs.append(subprocess.Popen(command, env=os.environ | rank_env))
+        except BaseException:
+            self.stop(0.0)
+            raise
 
-def spawn(worker: Callable[[Any], int], world: int, payload: Any, grace: float = 30.0) -> int:
-    """Run ``worker(payload)`` on ``world`` local ranks; return 0 or the first failing rank's code."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(worker, r, world, port, payload), daemon=False) for r in range(world)]
-    for p in procs:
-        p.start()
-    failed_at, code = None, 0
-    try:
-        while any(p.is_alive() for p in procs):
-            for r, p in enumerate(procs):
-                if p.exitcode not in (None, 0) and failed_at is None:
-                    failed_at, code = time.monotonic(), p.exitcode
-                    print(f"krakenlm: rank {r} exited with code {p.exitcode}; waiting up to {grace:.0f}s "
-                          "for the other ranks", file=sys.stderr)
-            if failed_at is not None and time.monotonic() - failed_at > grace:
-                for r, p in enumerate(procs):
-                    if p.is_alive():
-                        print(f"krakenlm: terminating rank {r} (still running {grace:.0f}s after a peer failed)",
-                              file=sys.stderr)
-                        p.kill()
+    def failed(self) -> int | None:
+        """The exit code of the first rank that failed, if any."""
+        return next((p.returncode for p in self.procs if p.poll() not in (None, 0)), None)
+
+    def wait(self, timeout: float | None = None, grace: float = 30.0) -> int:
+        """0 when every rank succeeds; else the first failure's code (the others stopped after ``grace``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(p.poll() is None for p in self.procs):
+            code = self.failed()
+            if code is not None or (deadline is not None and time.monotonic() > deadline):
+                self.stop(grace)
+                if code is None:
+                    raise DistributedError(f"ranks still running after {timeout:.0f}s; stopped them")
+                return code if code > 0 else 1
             time.sleep(0.05)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
+        self.stop(0.0)
+        code = self.failed()
+        return 0 if code is None else (code if code > 0 else 1)
+
+    def stop(self, grace: float) -> None:
+        """Give running ranks ``grace`` seconds to end on their own, then kill them; remove the payload."""
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 p.kill()
-    if not code:
-        code = next((p.exitcode for p in procs if p.exitcode), 0)
-    return code if code > 0 else (1 if code else 0)
+                p.wait()
+        if os.path.exists(self.payload):
+            os.unlink(self.payload)
 
 
-def run_ranks(worker: Callable[[Any], int], world: int, payload: Any, grace: float) -> int:
-    """Under torchrun this process *is* a rank; otherwise spawn ``world`` local ranks."""
+def run_ranks(target: str, world: int, args: dict[str, Any], *, timeout: float | None = None, grace: float = 30.0,
+              prefix: Prefix | None = None, env: Env | None = None, master_addr: str = "127.0.0.1",
+              port: int | None = None) -> int:
+    """Run ``target(args)`` on ``world`` ranks: as this process under torchrun, else as child processes.
+    Returns 0 or the first failing rank's exit code."""
     if under_torchrun():
-        return worker(payload)
-    return spawn(worker, world, payload, grace)
+        from krakenlm.parallel.rank import call
 
-
-def _generate_worker(payload: dict[str, Any]) -> int:
-    from krakenlm.cli import DTYPES, print_result
-    from krakenlm.parallel.runtime import Runtime
-    from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
-
-    runtime = Runtime(payload["source"], payload["tp"], dtype=DTYPES[payload["dtype"]], no_comm=payload["no_comm"],
-                      timeout=payload["timeout"], agree_on={"prompts": payload["prompts"]})
-    try:
-        tokenizer = get_tokenizer(payload["tokenizer"] or default_tokenizer_for(runtime.config.vocab_size))
-        ids = [tokenizer.encode(p) for p in payload["prompts"]]
-        runtime.comm.timeline.enabled = True  # prefill and every decode step
-        result = runtime.generate(ids, payload["max_new_tokens"], payload["sampling"], stop_token=tokenizer.eot_token)
-        if payload["trace"]:
-            os.makedirs(payload["trace"], exist_ok=True)
-            runtime.comm.timeline.chrome_trace(os.path.join(payload["trace"], f"rank{runtime.rank}.json"),
-                                               runtime.rank)
-        if runtime.rank == 0:
-            print_result(result, payload["prompts"], tokenizer, runtime.world)
-            hidden = runtime.comm.timeline.hidden_fraction()
-            if hidden == hidden:  # not NaN: this model has overlapped exchanges
-                print(f"[tp={runtime.world}] Kraken AllReduce time hidden behind attention: {hidden:.0%}",
-                      file=sys.stderr)
-        runtime.barrier()
-    finally:
-        runtime.close()
-    return 0
-
-
-def generate_tp(args: argparse.Namespace, sampling) -> int:
-    """Check everything that can be checked before spawning (plan, prompts), then run the ranks."""
-    from krakenlm.cli import model_source
-    from krakenlm.generate import validate_prompts
-    from krakenlm.parallel.plan import ParallelPlan
-    from krakenlm.parallel.runtime import source_config
-    from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
-
-    config = source_config(model_source(args))
-    ParallelPlan(config, args.tp)
-    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer_for(config.vocab_size))
-    validate_prompts([tokenizer.encode(p) for p in args.prompt], config.vocab_size, config.block_size,
-                     args.max_new_tokens)
-    payload = {"source": model_source(args), "tp": args.tp, "dtype": args.dtype, "no_comm": args.no_comm,
-               "timeout": args.timeout, "prompts": args.prompt, "tokenizer": args.tokenizer, "trace": args.trace,
-               "max_new_tokens": args.max_new_tokens, "sampling": sampling}
-    return run_ranks(_generate_worker, args.tp, payload, grace=args.timeout)
+        return call(target, args)
+    ranks = Ranks(target, args, world, master_addr=master_addr, port=port, prefix=prefix, env=env)
+    return ranks.wait(timeout, grace)

@@ -1,0 +1,418 @@
+"""The inference engine: one typed API over one device or N ranks, used by every verb that runs a model.
+
+    engine = Engine.launch(ModelSource(preset="gpt2-124m"), EngineOptions(tp=2, device="auto"))
+    result = engine.generate([[15496, 995]], 32)
+    engine.close()
+
+An Engine is one rank's shard of the model plus its Comm, device, dtype and KV caches. It runs in
+one of two ways:
+- SPMD: every rank builds an Engine and calls the same methods in lockstep (the benchmark, tests).
+- Driven: ``Engine.launch`` makes this process rank 0 and starts the other ranks as followers (or,
+  under torchrun, turns ranks >= 1 into followers). Rank 0's calls of lockstep methods are sent to
+  the followers first (JSON over a gloo control group), so a caller (generate, lm-eval, the server,
+  the demo) sees one object whatever the TP degree.
+
+The decode step needs no host reads, so ``compile=True`` compiles it with fullgraph (functional
+collectives) and, on CUDA, replays it as CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from krakenlm.config import ModelConfig
+from krakenlm.dtypes import parse_dtype
+from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
+from krakenlm.generate import (
+    Generation,
+    GenerationResult,
+    RowSampler,
+    SamplingConfig,
+    Stop,
+    validate_prompts,
+)
+from krakenlm.model import LOCAL, Comm, KVCache
+from krakenlm.parallel.comm import DistComm
+from krakenlm.parallel.group import agree, init_distributed, resolve_device
+from krakenlm.parallel.launch import Ranks, under_torchrun
+from krakenlm.parallel.plan import ParallelPlan
+from krakenlm.source import ModelSource
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run a model: device, dtype, TP degree and the runtime switches. Plain data (JSON)."""
+
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when there is one)
+    dtype: str = "fp32"
+    tp: int = 1
+    no_comm: bool = False  # skip every collective: wrong numbers, right timing (the ceiling)
+    overlap: bool = True  # Kraken's exchange in flight during the next attention (False: blocking)
+    compile: bool = False  # torch.compile the decode step (CUDA: CUDA graphs)
+    pad_heads: int | None = None  # zero-pad heads to this multiple (exact; friendlier kernel shapes)
+    timeout: float = 60.0  # seconds any rank waits for a peer before failing
+    threads: int | None = None  # CPU threads per rank (default: cores / ranks on this node)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
+            raise ConfigError(f"tp: must be an integer >= 1, got {self.tp!r}")
+        parse_dtype(self.dtype)
+        if not isinstance(self.timeout, (int, float)) or not math.isfinite(self.timeout) or self.timeout <= 0:
+            raise ConfigError(f"timeout: must be a finite number of seconds > 0, got {self.timeout!r}")
+        for name in ("pad_heads", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineOptions:
+        return cls(**data)
+
+
+# Lockstep methods: run by every rank; a driving rank 0 first sends the call to its followers. ----------
+_LOCKSTEP: dict[str, Callable[..., Any]] = {}
+_WIRE_TYPES = {cls.__name__: cls for cls in (SamplingConfig, Stop)}
+
+
+def lockstep(method: Callable[..., Any]) -> Callable[..., Any]:
+    _LOCKSTEP[method.__name__] = method
+
+    @functools.wraps(method)
+    def run(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        if self._driving:
+            self._send({"op": method.__name__, "args": _encode(list(args)), "kwargs": _encode(kwargs)})
+        with self._peer_failures(method.__name__.strip("_")):
+            return method(self, *args, **kwargs)
+    return run
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and type(value).__name__ in _WIRE_TYPES:
+        return {"__type__": type(value).__name__, **_encode(dataclasses.asdict(value))}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        fields = {k: _decode(v) for k, v in value.items() if k != "__type__"}
+        if "__type__" in value:
+            cls = _WIRE_TYPES[value["__type__"]]
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return fields
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+class Engine:
+    """One rank of a model: shard, Comm, device, dtype; prefill / decode / generate / score."""
+
+    def __init__(self, source: ModelSource, options: EngineOptions | None = None, *,
+                 rendezvous: tuple[int, int, int] | None = None, local: bool = False) -> None:
+        """SPMD construction on this rank. ``rendezvous`` = (rank, world, port) for an in-process rank 0;
+        otherwise a process started by torchrun or the launcher joins from its environment. ``local``:
+        a single-device engine inside a rank (the benchmark's single-device baselines)."""
+        self.source, self.options = source, options or EngineOptions()
+        self.device = resolve_device(self.options.device)
+        self.dtype = parse_dtype(self.options.dtype)
+        if local and self.options.tp != 1:
+            raise ConfigError(f"tp: a local engine runs on one device, got tp={self.options.tp}")
+        self.distributed = not local and (self.options.tp > 1 or under_torchrun() or rendezvous is not None)
+        self.is_driver, self._driving = True, False
+        self._followers: Ranks | None = None
+        self._control: Any = None
+        self._text: Callable[[list[int]], str] | None = None
+        self._decode_step: Callable[..., Tensor] | None = None
+        self._joined = False
+        if self.distributed:
+            rank, world, port = rendezvous or (None, None, None)
+            self._joined = init_distributed(self.options.timeout, self.device, rank=rank, world=world, port=port)
+        try:
+            self._build()
+        except BaseException:
+            if self._joined:  # leave no process group behind a failed start (a library caller may retry)
+                dist.destroy_process_group()
+            raise
+
+    def _build(self) -> None:
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        if self.device.type == "cpu" and (self.options.threads or self.world > 1):
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            torch.set_num_threads(self.options.threads or max(1, (os.cpu_count() or 1) // per_node))
+        # Agree on everything before any work: a mismatch must fail here, naming what differs. A rank
+        # that cannot read its model still joins the agreement, so its peers fail at once, not at a timeout.
+        try:
+            opened, load_error = self.source.open(), None
+        except (ConfigError, CheckpointError) as err:
+            opened, load_error = None, err
+        if self.distributed:
+            options = self.options.to_dict() | {"device": self.device.type, "threads": None}
+            facts = {"load_error": None if load_error is None else str(load_error), "world_size": self.world,
+                     "config": None if opened is None else opened.config.to_dict(),
+                     "source": self.source.fingerprint(), "options": options}
+            if load_error is not None:
+                with contextlib.suppress(DistributedError):
+                    agree(facts)  # tells the peers, which raise naming this rank
+                raise load_error
+            agree(facts)
+        elif load_error is not None:
+            raise load_error
+        if self.options.tp != self.world:
+            raise DistributedError(f"tp={self.options.tp} but {self.world} ranks were launched; they must be equal")
+        assert opened is not None
+        self.plan = ParallelPlan(opened.config, self.options.tp)
+        self.shard = self.plan.shard(self.rank)
+        self.model = opened.model(self.shard, self.dtype, self.device)
+        opened.release()
+        if self.options.pad_heads:
+            self.model.pad_heads(self.options.pad_heads)
+        self.comm: Comm = (DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
+                                    device=self.device) if self.world > 1 else LOCAL)
+
+    # Launching -----------------------------------------------------------------------------------------
+    @classmethod
+    def launch(cls, source: ModelSource, options: EngineOptions | None = None) -> Engine:
+        """The engine on every rank, driven by rank 0. Local: this process is rank 0 and the others are
+        child processes. Under torchrun: ranks >= 1 follow rank 0's calls until it closes, then get
+        back a closed engine with ``is_driver`` False."""
+        options = options or EngineOptions()
+        if options.tp == 1 and not under_torchrun():
+            return cls(source, options)
+        if under_torchrun():
+            engine = cls(source, options)
+            engine._open_control()
+            if engine.rank == 0:
+                engine._driving = True
+            else:
+                engine.is_driver = False
+                engine._follow()
+            return engine
+        followers = Ranks("krakenlm.engine:follow", {"source": source.to_dict(), "options": options.to_dict()},
+                          options.tp, range(1, options.tp))
+        try:
+            engine = cls(source, options, rendezvous=(0, options.tp, followers.port))
+            engine._open_control()
+        except BaseException as err:
+            code = followers.failed()
+            followers.stop(grace=min(5.0, options.timeout))
+            if code is not None and isinstance(err, DistributedError):
+                raise DistributedError(f"{err} (a follower rank exited with code {code} before joining)") from err
+            raise
+        engine._followers, engine._driving = followers, True
+        return engine
+
+    def _open_control(self) -> None:
+        """A gloo group with a long timeout for rank 0's commands: followers may idle for long between
+        requests (a server), while a dead rank 0 still closes the connection and ends them."""
+        self._control = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+
+    def _send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message).encode()
+        size = torch.tensor([len(data)], dtype=torch.long)
+        try:
+            dist.broadcast(size, 0, group=self._control)
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self._control)
+        except (RuntimeError, dist.DistBackendError) as err:
+            raise DistributedError(f"rank 0: a follower rank died ({str(err).splitlines()[0][:200]})") from err
+
+    def _receive(self) -> dict[str, Any]:
+        size = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(size, 0, group=self._control)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(data, 0, group=self._control)
+        return json.loads(bytes(data.tolist()).decode())
+
+    def _follow(self) -> None:
+        """Run rank 0's lockstep calls until it closes the engine."""
+        while (message := self._receive())["op"] != "close":
+            _LOCKSTEP[message["op"]](self, *_decode(message["args"]), **_decode(message["kwargs"]))
+        self._teardown()
+
+    @contextlib.contextmanager
+    def _peer_failures(self, what: str) -> Iterator[None]:
+        """A collective that fails mid-work (a compiled step's, too) means a peer died or stalled."""
+        try:
+            yield
+        except (RuntimeError, dist.DistBackendError) as err:
+            if self.world == 1 or isinstance(err, DistributedError):
+                raise
+            raise DistributedError(f"rank {self.rank}: {what} failed: a peer rank died or stalled "
+                                   f"({str(err).splitlines()[0][:200]})") from err
+
+    def close(self) -> None:
+        """Release the followers, the control group and the process group (idempotent)."""
+        if self._driving:
+            self._driving = False
+            with contextlib.suppress(DistributedError):  # a follower already gone: tear down anyway
+                self._send({"op": "close"})
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._joined and dist.is_initialized():
+            dist.destroy_process_group()
+        self._joined = False
+        if self._followers is not None:
+            self._followers.stop(grace=self.options.timeout)
+            self._followers = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # Facts and helpers ---------------------------------------------------------------------------------
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def synchronize(self) -> None:
+        """Wait for the device (every timing goes through this, so it is the device's time)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            try:
+                dist.barrier()
+            except (RuntimeError, dist.DistBackendError) as err:
+                raise DistributedError(f"rank {self.rank}: barrier failed: a peer rank died or stalled "
+                                       f"({err})") from err
+
+    def variant(self, *, compile: bool | None = None, **comm_changes: Any) -> Engine:
+        """The same weights with other switches (no_comm, overlap, compile): the benchmark's variants.
+        A variant shares this engine's model and groups and owns nothing (closing it is a no-op)."""
+        other = copy.copy(self)
+        if compile is not None:
+            other.options = dataclasses.replace(self.options, compile=compile)
+        if comm_changes and isinstance(self.comm, DistComm):
+            other.comm = self.comm.variant(**comm_changes)
+        other._decode_step, other._joined, other._followers, other._driving = None, False, None, False
+        return other
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cache = self.model.new_cache(batch, max_len)
+        if self.options.compile and self.device.type == "cuda":  # CUDA graphs replay writes in place
+            for tensor in cache.keys + cache.values + [cache.valid]:
+                torch._dynamo.mark_static_address(tensor)
+        return cache
+
+    @property
+    def decode_step(self) -> Callable[[Tensor, Tensor, Tensor, KVCache], Tensor]:
+        """The one-token step (tokens, slots, positions, cache) -> logits [B, V]; compiled when asked."""
+        if self._decode_step is None:
+            comm, model = self.comm, self.model
+            if self.options.compile and isinstance(comm, DistComm):
+                comm = comm.variant(functional=True)
+
+            def step(tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+                return model.decode(tokens, slots, positions, cache, comm=comm)
+
+            if self.options.compile:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+            self._decode_step = step
+        return self._decode_step
+
+    # Work ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, idx: Tensor, **kwargs: Any) -> Tensor:
+        """One forward of this rank's shard (SPMD: every rank calls it); logits like Transformer.forward."""
+        with self._peer_failures("forward"):
+            return self.model(idx.to(self.device), comm=self.comm, **kwargs)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig | None = None,
+                 stop: Stop | None = None, *, vocab_limit: int | None = None,
+                 text: Callable[[list[int]], str] | None = None, timed_steps: bool = False,
+                 trace: str | None = None) -> GenerationResult:
+        """Up to max_new_tokens per prompt (left-padded batch). ``vocab_limit``: never sample ids at or
+        above it (a tokenizer smaller than the model's vocabulary); ``text`` decodes ids for stop strings;
+        ``trace``: a directory for each rank's timeline (chrome trace)."""
+        if trace is not None and self.options.compile:
+            raise ConfigError("trace: the timeline watches eager collectives; run without compile to trace")
+        validate_prompts(prompts, self.config.vocab_size, self.config.block_size, max_new_tokens)
+        self._text = text
+        return self._generate([list(p) for p in prompts], max_new_tokens, sampling or SamplingConfig(), stop or Stop(),
+                              vocab_limit, timed_steps, trace)
+
+    @lockstep
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig, stop: Stop,
+                  vocab_limit: int | None, timed_steps: bool, trace: str | None) -> GenerationResult:
+        sampler = RowSampler([sampling] * len(prompts), self.device, vocab_limit, shared_seed=True)
+        loop = Generation(self.model, self.decode_step, self.new_cache, self.comm, self.synchronize, self._text,
+                          timed_steps=timed_steps)
+        watch = isinstance(self.comm, DistComm) and not self.options.compile and (
+            trace is not None or self.plan.collectives_per_forward()["overlapped_allreduce"] > 0)
+        if not watch:
+            return loop.run(prompts, max_new_tokens, sampler, stop)
+        timeline = self.comm.timeline
+        timeline.clear()
+        timeline.enabled = True
+        try:
+            result = loop.run(prompts, max_new_tokens, sampler, stop)
+        finally:
+            timeline.enabled = False
+        hidden = timeline.hidden_fraction()
+        result.exchange_hidden = None if math.isnan(hidden) else hidden
+        if trace is not None:
+            os.makedirs(trace, exist_ok=True)
+            timeline.chrome_trace(os.path.join(trace, f"rank{self.rank}.json"), self.rank)
+        return result
+
+    def score(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[tuple[float, bool]]:
+        """Sum of log-probabilities of each target and whether greedy decoding would produce it.
+
+        inputs[i] is the model input (context + target without its last token); targets[i] are the
+        tokens predicted by its last len(targets[i]) positions."""
+        for row, target in zip(inputs, targets, strict=True):
+            if not target or len(target) > len(row):
+                raise InputError(f"score: a target of {len(target)} tokens needs an input at least that long")
+        validate_prompts(inputs, self.config.vocab_size, self.config.block_size, 0)
+        return self._score([list(r) for r in inputs], [list(t) for t in targets])
+
+    @lockstep
+    @torch.inference_mode()
+    def _score(self, inputs: list[list[int]], targets: list[list[int]]) -> list[tuple[float, bool]]:
+        # Right-padded rows: causal attention never lets a real position see the padding after it.
+        width = max(len(row) for row in inputs)
+        idx = torch.zeros(len(inputs), width, dtype=torch.long)
+        for i, row in enumerate(inputs):
+            idx[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        logits = self.model(idx.to(self.device), comm=self.comm)
+        results = []
+        for i, (row, target) in enumerate(zip(inputs, targets, strict=True)):
+            logp = F.log_softmax(logits[i, len(row) - len(target):len(row)].float(), dim=-1)
+            want = torch.tensor(target, dtype=torch.long, device=self.device)
+            results.append((float(logp.gather(1, want.unsqueeze(1)).sum()), bool((logp.argmax(-1) == want).all())))
+        return results
+
+
+def follow(args: dict[str, Any]) -> int:
+    """A follower rank's program (started by Engine.launch through the launcher)."""
+    Engine.launch(ModelSource.from_dict(args["source"]), EngineOptions.from_dict(args["options"]))
+    return 0
+
