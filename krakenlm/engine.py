@@ -51,6 +51,7 @@ from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.group import agree, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
 from krakenlm.parallel.plan import ParallelPlan
+from krakenlm.resources import require_memory
 from krakenlm.source import ModelSource
 
 
@@ -315,6 +316,12 @@ class Engine:
         return other
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A static KV cache for ``batch`` rows of ``max_len`` slots, refused up front if it cannot fit."""
+        max_len = max_len or self.config.block_size
+        shape, layers = self.model.attention_shape, self.config.n_layer
+        nbytes = 2 * layers * self.shard.sub_count * batch * shape.n_kv_head * max_len * shape.stored_size
+        require_memory(nbytes * self.model.wte.weight.element_size(), f"KV cache for batch {batch} x {max_len} "
+                       "tokens", self.device)
         cache = self.model.new_cache(batch, max_len)
         if self.options.compile and self.device.type == "cuda":  # CUDA graphs replay writes in place
             for tensor in cache.keys + cache.values + [cache.valid]:
