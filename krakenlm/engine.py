@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from krakenlm.config import ModelConfig
+from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.dtypes import parse_dtype
 from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
 from krakenlm.generate import (
@@ -53,6 +53,7 @@ from krakenlm.parallel.launch import Ranks, under_torchrun
 from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.resources import require_memory
 from krakenlm.source import ModelSource
+from krakenlm.validation import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,14 @@ class EngineOptions:
     threads: int | None = None  # CPU threads per rank (default: cores / ranks on this node)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
-            raise ConfigError(f"tp: must be an integer >= 1, got {self.tp!r}")
+        check_int(self.tp, "tp")
         parse_dtype(self.dtype)
-        if not isinstance(self.timeout, (int, float)) or not math.isfinite(self.timeout) or self.timeout <= 0:
-            raise ConfigError(f"timeout: must be a finite number of seconds > 0, got {self.timeout!r}")
-        for name in ("pad_heads", "threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+        check_float(self.timeout, "timeout", minimum=0, exclusive=True)
+        check_int(self.pad_heads, "pad_heads", optional=True)
+        check_int(self.threads, "threads", optional=True)
+        for name in ("no_comm", "overlap", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.device, str):
             raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
 
@@ -87,7 +87,7 @@ class EngineOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineOptions:
-        return cls(**data)
+        return cls(**dataclass_fields(cls, data, "engine options"))
 
 
 # Lockstep methods: run by every rank; a driving rank 0 first sends the call to its followers. ----------

@@ -8,7 +8,6 @@ the host looks at the tokens only every ``check_every`` steps to stop early, and
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,12 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from krakenlm.errors import ConfigError, InputError
+from krakenlm.errors import InputError
 from krakenlm.model import LOCAL, Comm, KVCache, Transformer
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from krakenlm.validation import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -34,15 +30,10 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _number(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
-                                       or self.top_k < 1):
-            raise ConfigError(f"top_k: must be an integer >= 1, got {self.top_k!r}")
-        if self.top_p is not None and (not _number(self.top_p) or not 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p: must be a number in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
+        check_float(self.temperature, "temperature", minimum=0)
+        check_int(self.top_k, "top_k", optional=True)
+        check_float(self.top_p, "top_p", minimum=0, maximum=1, exclusive=True, optional=True)
+        check_int(self.seed, "seed", minimum=-(2**63), maximum=2**64 - 1)  # what a torch.Generator takes
 
     @property
     def greedy(self) -> bool:
@@ -59,7 +50,7 @@ class RowSampler:
         self.all_greedy = all(c.greedy for c in configs)
         self.greedy = torch.tensor([c.greedy for c in configs], device=device)
         self.temperature = torch.tensor([c.temperature or 1.0 for c in configs], device=device)
-        self.top_k = torch.tensor([c.top_k or 0 for c in configs], device=device)
+        self.top_k = torch.tensor([min(c.top_k or 0, 2**31) for c in configs], device=device)  # > vocab: all
         self.top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
         seeds = configs[:1] if shared_seed else configs
         self.generators = [torch.Generator(device=device).manual_seed(c.seed) for c in seeds]
@@ -74,7 +65,7 @@ class RowSampler:
             return best
         ordered, order = (logits / self.temperature.unsqueeze(1)).sort(dim=-1, descending=True)
         # top-k keeps every logit >= the k-th largest (ties included); k = 0 keeps all
-        kth = ordered.gather(1, (self.top_k.clamp(min=1) - 1).unsqueeze(1))
+        kth = ordered.gather(1, (self.top_k.clamp(1, ordered.shape[-1]) - 1).unsqueeze(1))
         drop = (self.top_k.unsqueeze(1) > 0) & (ordered < kth)
         ordered = ordered.masked_fill(drop, float("-inf"))
         # top-p drops a token when the tokens before it already reach top_p (the first always stays)

@@ -284,7 +284,6 @@ def _flags(rng: random.Random, options: dict[str, list[str]]) -> list[str]:
 
 
 def cli_case(rng: random.Random, ws: Workspace) -> Case:
-    from krakenlm.cli import main
 
     base = ws.fresh("cli")
     verb = rng.choice(["train", "prepare", "eval ppl", "presets"])
@@ -316,8 +315,17 @@ def cli_case(rng: random.Random, ws: Workspace) -> Case:
     else:
         argv = ["presets"] + (["--json"] if rng.random() < 0.5 else []) + _flags(rng, {"--bogus": ["1"]})
         hints = []
+    case = _cli_run(argv, ws)
+    case.hints += hints + ["windows", "GiB", "tokenizer"]
+    return case
+
+
+def _cli_run(argv: list[str], ws: Workspace) -> Case:
+    """A case running ``krakenlm <argv>`` in-process; a clear error may name any flag given."""
+    from krakenlm.cli import main
+
     flags = [a for a in argv if a.startswith("--")]
-    hints += flags + [a.lstrip("-").replace("-", "_") for a in flags] + ["windows", "GiB", "tokenizer"]
+    hints = flags + [a.lstrip("-").replace("-", "_") for a in flags]
 
     def run() -> Any:
         err, std = io.StringIO(), io.StringIO()
@@ -342,8 +350,40 @@ class CliError(str):
     """The CLI's one-line error, returned (not raised) by a CLI case."""
 
 
+def sampling_case(rng: random.Random, ws: Workspace) -> Case:
+    """SamplingConfig fields of any type, then a draw over random logits: ids in range or a named error."""
+    fields = {name: rng.choice(values) for name, values in (
+        ("temperature", _FLOATS + [0, 2]), ("top_k", _INTS), ("top_p", _FLOATS + [0.9]), ("seed", _INTS))
+        if rng.random() < 0.7}
+    limit = rng.choice([None, 10, 50, 64])
+
+    def run() -> Any:
+        from krakenlm.generate import RowSampler, SamplingConfig
+
+        config = SamplingConfig(**fields)
+        tokens = RowSampler([config] * 3, torch.device("cpu"), limit)(torch.randn(3, 64) * 4)
+        assert bool(((tokens >= 0) & (tokens < (limit or 64))).all()), tokens
+        return tokens.float()
+
+    return Case("sampling", f"SamplingConfig({fields}) limit={limit}", run, list(fields))
+
+
+def generate_case(rng: random.Random, ws: Workspace) -> Case:
+    """`krakenlm generate` on one device with fuzzed prompts and options (tp > 1 spawns ranks: left out)."""
+    argv = ["generate", "--config", str(ws.config_json), "--tokenizer", "bytes", "--device", "cpu",
+            "--max-new-tokens", "4", "--prompt", rng.choice(["hi", "", "x" * 200, "\udcff", "é", "To be"])]
+    argv += _flags(rng, {f: _CLI_NUMBERS for f in ("--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                                                    "--timeout", "--pad-heads", "--seed")}
+                   | {"--tp": ["1", "0", "-2", "abc", ""], "--dtype": ["fp32", "bf16", "int8"],
+                      "--device": ["cpu", "gpu", "cuda:9", ""]})
+    case = _cli_run(argv, ws)
+    case.hints += ["prompt", "context", "tokenizer", "Unicode"]
+    return case
+
+
 FAMILIES: dict[str, Callable[[random.Random, Workspace], Case]] = {
-    "config": config_case, "checkpoint": checkpoint_case, "cli": cli_case}
+    "config": config_case, "checkpoint": checkpoint_case, "cli": cli_case, "sampling": sampling_case,
+    "generate": generate_case}
 
 
 # Running and judging -------------------------------------------------------------------------------------------

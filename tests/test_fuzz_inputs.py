@@ -1,6 +1,6 @@
-"""Seeded fuzz over model configs, checkpoint files and CLI arguments (tests/fuzz.py): every case is a
-valid result or a typed one-line krakenlm error naming the field or file. A sample runs here (~15 s);
-benchmarks/fuzz_inputs.py runs thousands and prints the counts."""
+"""Seeded fuzz over model configs, checkpoint files, CLI arguments, sampling parameters and `generate`
+(tests/fuzz.py): every case is a valid result or a typed one-line krakenlm error naming the field or file.
+A sample runs here (~20 s); benchmarks/fuzz_inputs.py runs thousands and prints the counts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def test_fuzzed_inputs_are_valid_or_a_clear_error(tmp_path):
         if outcome == "other":
             bad.append(f"[{case.family}] {case.description[:200]} -> {detail}")
 
-    tally = run_fuzz(tmp_path, seed=0, counts={"config": 300, "checkpoint": 300, "cli": 150}, timeout_s=60,
+    tally = run_fuzz(tmp_path, seed=0, counts={"config": 300, "checkpoint": 300, "cli": 150, "sampling": 300,
+                                               "generate": 60}, timeout_s=60,
                      on_case=record)
     assert not bad, "\n".join(bad[:20])
     for family, counts in tally.items():  # the sample exercises both sides of every family
