@@ -133,7 +133,8 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._waiting_ids: set[str | int] = set()
         self._running: dict[str | int, _Running] = {}
-        self._free_rows = list(range(policy.max_batch))
+        self._free_rows: list[int] = []  # rows released by departed requests (a heap)
+        self._next_row = 0  # rows never used yet start here (no list of max_batch rows is built)
         self._reserved = 0
 
     @property
@@ -198,6 +199,13 @@ class Scheduler:
                 run.done = "finished"
         return run.done in ("finished", "stopped")
 
+    def _take_row(self) -> int:
+        """The lowest free row: released rows are all below the never-used ones."""
+        if self._free_rows:
+            return heapq.heappop(self._free_rows)
+        self._next_row += 1
+        return self._next_row - 1
+
     def plan(self) -> StepPlan:
         """Close the boundary (departures), then choose this step's decode set and admissions."""
         left = []
@@ -210,13 +218,13 @@ class Scheduler:
         decode = [(run.request, run.row) for run in self._running.values()]
         admit: list[tuple[Request, int]] = []
         cap = self.policy.max_prefills_per_step or self.policy.max_batch
-        while self._waiting and self._free_rows and len(admit) < cap:
+        while self._waiting and len(self._running) < self.policy.max_batch and len(admit) < cap:
             request = self._waiting[0]
             if self._reserved + request.tokens > self.policy.max_tokens:
                 break
             self._waiting.popleft()
             self._waiting_ids.discard(request.id)
-            row = heapq.heappop(self._free_rows)
+            row = self._take_row()
             self._running[request.id] = _Running(request, row)
             self._reserved += request.tokens
             admit.append((request, row))
