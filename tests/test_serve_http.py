@@ -7,8 +7,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.generate import Stop
+from krakenlm.serve.process import ServerProcess
 from krakenlm.source import ModelSource
 from krakenlm.tokenizer import get_tokenizer
 from tests.conftest import tiny
@@ -31,38 +30,15 @@ TEXTS = ["The quick brown fox", "Hello, world", "Once upon a time", "def main():
          "Paris is", "Numbers: 1, 2, 3,", "A B C"]
 
 
-class LiveServer:
-    """`krakenlm serve` as a child process on a free port; ``stop`` sends SIGTERM and waits."""
+def live_server(tmp: Path, cfg, *args: str) -> ServerProcess:
+    """`krakenlm serve` of a tiny config on a free port, as a child process."""
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    return ServerProcess(["--config", str(path), "--device", "cpu", "--model-name", MODEL, *args], timeout=120)
 
-    def __init__(self, tmp: Path, cfg, *args: str) -> None:
-        path = tmp / "config.json"
-        path.write_text(json.dumps(cfg.to_dict()))
-        cmd = [sys.executable, "-m", "krakenlm", "serve", "--config", str(path), "--device", "cpu", "--port", "0",
-               "--model-name", MODEL, *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        self.stderr: list[str] = []
-        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-        line = self.proc.stdout.readline()  # blocks until listening (or the process ends)
-        match = re.search(r"listening on (http://\S+)", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"server did not start: {line!r} {''.join(self.stderr)}")
-        self.url = match.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
 
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0,
-                             **kwargs)
-
-    def followers(self) -> list[int]:
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return [int(pid) for pid in children]
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+def openai_client(server: ServerProcess, api_key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
 
 
 def port_is_free(port: int) -> bool:
@@ -80,14 +56,14 @@ def reference(cfg, texts: list[str], max_tokens: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def gpt_server(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("gpt"), GPT, "--max-batch", "8")
+    server = live_server(tmp_path_factory.mktemp("gpt"), GPT, "--max-batch", "8")
     yield server
     assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")
 def kraken_tp2_server(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("kraken"), KRAKEN, "--tp", "2", "--max-batch", "8", "--timeout", "10")
+    server = live_server(tmp_path_factory.mktemp("kraken"), KRAKEN, "--tp", "2", "--max-batch", "8", "--timeout", "10")
     yield server
     server.stop()
 
@@ -110,7 +86,7 @@ def concurrent(client: openai.OpenAI, texts: list[str], max_tokens: int, stream:
 
 def test_openai_client_gets_generate_text_alone_and_batched_on_one_rank(gpt_server):
     want = reference(GPT, TEXTS, 24)
-    client = gpt_server.client()
+    client = openai_client(gpt_server)
     whole = client.completions.create(model=MODEL, prompt=TEXTS[0], max_tokens=24, temperature=0)
     assert whole.choices[0].text == want[0] and whole.usage.prompt_tokens == len(get_tokenizer().encode(TEXTS[0]))
     streamed = client.completions.create(model=MODEL, prompt=TEXTS[1], max_tokens=24, temperature=0, stream=True)
@@ -120,7 +96,7 @@ def test_openai_client_gets_generate_text_alone_and_batched_on_one_rank(gpt_serv
 
 
 def test_token_ids_stop_strings_and_seeded_sampling(gpt_server):
-    client = gpt_server.client()
+    client = openai_client(gpt_server)
     ids = get_tokenizer().encode(TEXTS[2])
     full = client.completions.create(model=MODEL, prompt=ids, max_tokens=16, temperature=0).choices[0].text
     assert full == reference(GPT, [TEXTS[2]], 16)[0]
@@ -179,8 +155,8 @@ def test_health_models_and_metrics(gpt_server):
 
 def test_two_ranks_kraken_batched_equals_alone(kraken_tp2_server):
     want = reference(KRAKEN, TEXTS, 20)
-    assert concurrent(kraken_tp2_server.client(), TEXTS, 20, stream=True) == want
-    assert len(kraken_tp2_server.followers()) == 1
+    assert concurrent(openai_client(kraken_tp2_server), TEXTS, 20, stream=True) == want
+    assert len(kraken_tp2_server.children()) == 1
 
 
 def counter(metrics: str, outcome: str) -> float:
@@ -206,15 +182,15 @@ def wait_for(url: str, headers: dict, what, timeout: float = 30) -> dict:
 
 
 def test_limits_cancellation_and_sigterm_drain(tmp_path):
-    server = LiveServer(tmp_path, LONG, "--max-batch", "1", "--max-queue", "1", "--api-key", "sesame",
+    server = live_server(tmp_path, LONG, "--max-batch", "1", "--max-queue", "1", "--api-key", "sesame",
                         "--max-body-bytes", "4000")
     auth = {"Authorization": "Bearer sesame"}
     long = {"prompt": TEXTS[0], "max_tokens": 2000, "temperature": 0, "stream": True, "ignore_eos": True}
     try:
         for key in ("none", "wrong"):
             with pytest.raises(openai.AuthenticationError):
-                server.client(api_key=key).completions.create(model=MODEL, prompt="a", max_tokens=1)
-        assert server.client(api_key="sesame").completions.create(model=MODEL, prompt="a", max_tokens=2).choices
+                openai_client(server, key).completions.create(model=MODEL, prompt="a", max_tokens=1)
+        assert openai_client(server, "sesame").completions.create(model=MODEL, prompt="a", max_tokens=2).choices
         with httpx.Client(base_url=server.url, timeout=60, headers=auth) as http:
             big = http.post("/v1/completions", json={"prompt": "x" * 5000})
             assert big.status_code == 413 and "limit of 4000 bytes" in big.json()["error"]["message"]
@@ -245,7 +221,7 @@ def test_limits_cancellation_and_sigterm_drain(tmp_path):
 
 def test_killed_follower_gives_503_not_a_hang_and_shutdown_leaves_nothing(kraken_tp2_server):
     server = kraken_tp2_server
-    (follower,) = server.followers()
+    (follower,) = server.children()
     body = {"prompt": TEXTS[0], "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
     start = time.monotonic()
     with httpx.Client(base_url=server.url, timeout=60) as http:
