@@ -42,10 +42,11 @@ class SamplingConfig:
 
 class RowSampler:
     """Per-row sampling parameters as device tensors: one batch may mix greedy and sampled rows with
-    their own seeds (a server's requests), or share one config and generator (a batch generate)."""
+    their own seeds (a server's requests), or share one config and generator (a batch generate).
+    ``generators`` continues existing per-row generators (a server's requests from step to step)."""
 
     def __init__(self, configs: Sequence[SamplingConfig], device: torch.device, vocab_limit: int | None = None,
-                 *, shared_seed: bool = False) -> None:
+                 *, shared_seed: bool = False, generators: Sequence[torch.Generator] | None = None) -> None:
         self.vocab_limit = vocab_limit
         self.all_greedy = all(c.greedy for c in configs)
         self.greedy = torch.tensor([c.greedy for c in configs], device=device)
@@ -53,7 +54,8 @@ class RowSampler:
         self.top_k = torch.tensor([min(c.top_k or 0, 2**31) for c in configs], device=device)  # > vocab: all
         self.top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
         seeds = configs[:1] if shared_seed else configs
-        self.generators = [torch.Generator(device=device).manual_seed(c.seed) for c in seeds]
+        self.generators = (list(generators) if generators is not None
+                           else [torch.Generator(device=device).manual_seed(c.seed) for c in seeds])
 
     def __call__(self, logits: Tensor) -> Tensor:
         """Next token per row of logits [B, V] (ids >= vocab_limit are never chosen)."""
