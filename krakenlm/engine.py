@@ -284,8 +284,19 @@ class Engine:
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # interrupted mid-work: followers may sit in a collective rank 0 will never finish
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop the followers without a goodbye and drop the process group (Ctrl-C, a failed call)."""
+        self._driving = False
+        if self._followers is not None:
+            self._followers.kill()
+            self._followers = None
+        self._teardown()
 
     # Facts and helpers ---------------------------------------------------------------------------------
     @property
