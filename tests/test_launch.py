@@ -40,3 +40,28 @@ def test_a_single_node_run_is_never_questioned(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     check_multinode("gloo")
+
+
+def test_ctrl_c_stops_the_leader_and_every_follower():
+    """A terminal's Ctrl-C (SIGINT to the foreground process group) mid-run: exit 130, no rank left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "krakenlm", "generate", "--preset", "mini-kraken-2way", "--prompt", "To be",
+           "--tp", "2", "--device", "cpu", "--max-new-tokens", "250"]
+    leader = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    followers: list[str] = []
+    deadline = time.monotonic() + 60
+    while not followers and time.monotonic() < deadline and leader.poll() is None:
+        time.sleep(0.2)
+        followers = subprocess.run(["pgrep", "-P", str(leader.pid)], capture_output=True, text=True).stdout.split()
+    time.sleep(0.5)
+    os.killpg(leader.pid, signal.SIGINT)
+    assert leader.wait(timeout=30) == 130
+    assert "interrupted" in leader.stderr.read()
+    time.sleep(1.0)
+    assert followers and not [pid for pid in followers if os.path.exists(f"/proc/{pid}")]
