@@ -53,6 +53,7 @@ from krakenlm.dtypes import DTYPES
 from krakenlm.errors import CheckpointError, ConfigError, TrainingError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
+from krakenlm.parallel.group import init_distributed, resolve_device
 from krakenlm.resources import gib, require_memory, training_bytes
 from krakenlm.validation import check_float, check_int, check_output_dir
 
@@ -62,6 +63,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TRAINER_TENSORS = "trainer.pt"
 TRAINER_STATE = "trainer_state.json"
+GROUP_TIMEOUT_S = 1800.0  # rendezvous and every collective: a lost rank fails the run instead of hanging it
 # Peak dense FLOP/s per device for the MFU estimate when --peak-tflops is not given: one Sapphire
 # Rapids core (AMX bf16 ~1.4 TFLOP/s measured, fp32 ~0.17) times threads; an H100 SXM on CUDA.
 # Per-thread peak FLOP/s by the CPU's best matrix ISA: AMX measured on Sapphire Rapids; AVX-512 BF16
@@ -391,20 +393,13 @@ class Dist:
 
 
 def _init_distributed(requested: str) -> Dist:
-    """torchrun / spawn environment (WORLD_SIZE > 1) -> process group: nccl on CUDA, gloo on CPU."""
-    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but torch sees no GPU")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"), False)
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    """torchrun / spawn environment (WORLD_SIZE > 1) -> process group, set up as the engine does it:
+    cuda:LOCAL_RANK made current, NCCL when each local rank has a GPU (gloo otherwise), a loopback
+    multi-node setup refused up front, rendezvous and collectives bounded by GROUP_TIMEOUT_S."""
+    device = resolve_device(requested)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(0, 1, device, False)
+    owns = init_distributed(GROUP_TIMEOUT_S, device)
     return Dist(dist.get_rank(), dist.get_world_size(), device, owns)
 
 
