@@ -92,3 +92,30 @@ def refused(payload: dict) -> int:
             Path(payload["out"]).write_text(str(err))
         return 0
     return 1
+
+
+def kv_context(payload: dict) -> int:
+    """Per attention mode: KV bytes per token of context measured on this rank's cache, the longest context
+    within ``budget`` bytes, and a prefill of that many tokens per sequence to show it runs there."""
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    case, batch, out = payload["case"], payload["batch"], {}
+    engines = []
+    for mode in ("heads", "batch"):
+        engine = _engine(case | {"layout": f"1d-ws/attn-{mode}"}, world)
+        engines.append(engine)
+        small, large = engine.new_cache(batch, 64).nbytes(), engine.new_cache(batch, 128).nbytes()
+        per_token = (large - small) // 64
+        context = payload["budget"] // per_token
+        sizes = [engine.new_cache(batch, length).nbytes() for length in (context, context + 1)]
+        fits = sizes[0] <= payload["budget"] < sizes[1]
+        idx = torch.randint(0, 200, (batch, context), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            logits = engine.forward(idx, cache=engine.new_cache(batch, context), logits_at="last")
+        out[mode] = {"per_token": per_token, "intercept": small - 64 * per_token, "context": context, "fits": fits,
+                     "finite": bool(torch.isfinite(logits).all())}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, out)
+    if rank == 0:
+        Path(payload["out"]).write_text(json.dumps(everyone))
+    engines[0].close()
+    return 0

@@ -12,12 +12,15 @@ is what the cost model says (krakenlm.costmodel), exactly, up to the differences
 - Kraken's last layer has no exchange (the conjunction, an LM-head collective, sums the sub-layers).
 """
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from krakenlm.config import ModelConfig
+from krakenlm.costmodel.estimator import max_context
+from krakenlm.costmodel.hardware import load_hardware
 from krakenlm.costmodel.layouts import layer_pairs, split_2d_axes
 from krakenlm.errors import ConfigError
 from krakenlm.parallel.launch import run_ranks
@@ -141,9 +144,29 @@ def check_ledger(config, layout, n, r, quantize, name):
     assert r["weights"] == pytest.approx(weights + copies + extra, abs=0.5), (name, r["weights"], weights)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_batch_sharded_multiquery_attention_reaches_t_times_the_context(world, tmp_path):
+    """Pope et al.'s multiquery result on this runtime: one per-rank KV budget (what head-sharded
+    attention needs for 64 tokens), T times the context when the cache is sharded over the batch."""
+    config = shape("mqa").replace(block_size=512)
+    per_token_heads = 2 * config.n_layer * config.head_size * 4 * 4  # K and V, one head, 4 sequences, fp32
+    budget = 64 * per_token_heads
+    out = tmp_path / "kv.json"
+    payload = {"case": {"config": config.to_dict()}, "batch": 4, "budget": budget, "out": str(out)}
+    assert run_ranks("tests.layout_workers:kv_context", world, payload, grace=30) == 0
+    hw = dataclasses.replace(load_hardware("cpu-gloo"), memory_bytes=float(budget))
+    for r in json.loads(out.read_text()):
+        assert r["heads"]["intercept"] == r["batch"]["intercept"] == 0
+        assert r["heads"]["context"] == 64 and r["batch"]["context"] == 64 * world
+        assert all(r[m]["fits"] and r[m]["finite"] for m in ("heads", "batch"))
+        for mode in ("heads", "batch"):
+            assert max_context(config, hw, world, 4, mode, "fp32", kv_fraction=1.0) == r[mode]["context"]
+
+
 # Refusals ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config,layout,tp,match", [
-    (tiny("gpt", n_head=4, n_kv_head=2), "2d-ws/attn-heads", 8, "n_kv_head=2 to divide or be a multiple"),
+    (tiny("gpt", n_embd=48, n_head=6, n_kv_head=3), "2d-ws/attn-heads", 2, "n_kv_head=3 to divide or be a multiple"),
+    (tiny("gpt", n_head=4), "1d-ws/attn-heads,1d-ws/attn-heads", 8, "n_head=4 divisible by 8"),
     (tiny("gpt", n_head=4), "wg-x/attn-batch", 2, "weight-gathered layouts are for prefill"),
     (tiny("gpt", n_head=4), "wg-x/attn-heads,1d-ws/attn-heads", 2, "use wg-x/attn-batch"),
     (tiny("gpt", n_head=4), "1d-ws/attn-heads,2d-ws/attn-heads", 2, "must share the stored weights"),

@@ -350,13 +350,13 @@ def check_layout(config: ModelConfig, layout: Layout, tp: int) -> None:
     if dec.gathered:
         raise ConfigError(f"layout: {dec} for decode: weight-gathered layouts are for prefill (a decode step moves "
                           f"the weights of every layer for a handful of tokens); decode with 1d-ws or 2d-ws")
-    if pre != dec and not (pre.gathered and pre.attention == dec.attention == "batch"):
-        raise ConfigError(f"layout: prefill {pre} and decode {dec} must share the stored weights and the KV cache: "
-                          f"use one layout for both, or a weight-gathered prefill (wg-*/attn-batch) with an "
-                          f"attn-batch decode")
     if pre.gathered and pre.attention != "batch":
         raise ConfigError(f"layout: {pre}: weight-gathered layouts shard the batch, so attention is batch-sharded "
                           f"too; use {pre.ffn}/attn-batch")
+    if pre != dec and not (pre.gathered and dec.attention == "batch"):
+        raise ConfigError(f"layout: prefill {pre} and decode {dec} must share the stored weights and the KV cache: "
+                          f"use one layout for both, or a weight-gathered prefill (wg-*/attn-batch) with an "
+                          f"attn-batch decode")
     _check_divisible(config, dec, tp)
     if pre.gathered and tp > 1:
         _check_gather(config, pre, dec, tp)

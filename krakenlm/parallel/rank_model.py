@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from krakenlm.checkpoint import expected_shapes
 from krakenlm.config import ModelConfig
-from krakenlm.model.quant import Int8Weight, quantize_model
+from krakenlm.model.quant import check_shapes, quantize_model
 from krakenlm.model.sharding import shard_ranges
 from krakenlm.model.transformer import Shard, Transformer
 from krakenlm.parallel.layouts import Ranges, RankPlan, slice_tensor
@@ -107,6 +107,8 @@ def build_rank_model(full: Transformer, shard: Shard, plan: RankPlan | None, qua
         shape = plan.storage.attention_shape()
     for layer in full.layers:
         layer.attn.shape = shape
+    if quantize:
+        check_shapes(full, device.type, dtype)
     model = full.to(device=device, dtype=dtype).eval()
     extras = {k: v.to(device=device, dtype=dtype) for k, v in extras.items()}
     weights, replicated = _held(model, ranges, full_shapes, extras)
@@ -117,6 +119,3 @@ def held_bytes(model: Transformer, config: ModelConfig, shard: Shard) -> tuple[i
     """(weights, replicated) bytes of a Megatron / Kraken shard built the usual way (no int8)."""
     return _held(model, shard_ranges_of(config, shard), expected_shapes(config), {})
 
-
-def is_int8(model: Transformer) -> bool:
-    return any(isinstance(m, Int8Weight) for m in model.modules())
