@@ -148,6 +148,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
         ("krakenlm.train.cli", ["add_prepare_parser", "add_train_parser"]),
         ("krakenlm.eval.cli", ["add_eval_parser"]),
         ("krakenlm.bench.cli", ["add_bench_parser"]),
+        ("krakenlm.serve.cli", ["add_serve_parser", "add_loadtest_parser"]),
     ]:
         try:
             mod = __import__(module, fromlist=names)

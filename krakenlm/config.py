@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
+from krakenlm.validation import check_float, check_int, regular_file
 
 ARCHS = ("gpt", "parallel", "kraken")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
+SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")  # no default may stand in for these
 
 
 def dataclass_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
@@ -69,18 +71,13 @@ class ModelConfig:
         _check(self.mlp in MLPS, "mlp", f"must be one of {MLPS}, got {self.mlp!r}")
         _check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}, got {self.position!r}")
         for name in ("n_layer", "n_embd", "n_head", "n_sub", "vocab_size", "block_size"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                   f"must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), name)
         _check(isinstance(self.bias, bool), "bias", f"must be true or false, got {self.bias!r}")
-        _check(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps",
-               f"must be a positive number, got {self.norm_eps!r}")
+        check_float(self.norm_eps, "norm_eps", minimum=0, exclusive=True)
         if self.arch != "kraken":
             _check(self.n_sub == 1, "n_sub", f"must be 1 for arch={self.arch!r} (only kraken has sub-layers)")
         for name in ("n_kv_head", "head_dim", "ffn_hidden"):
-            value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-                   name, f"must be a positive integer or null, got {value!r}")
+            check_int(getattr(self, name), name, optional=True)
         if self.head_dim is None:
             _check(self.n_embd % self.n_head == 0, "n_head",
                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim explicitly")
@@ -147,16 +144,21 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: dict[str, Any], required: tuple[str, ...] = ()) -> ModelConfig:
+        """A config from JSON-like data; `required` fields must be stated (no silent defaults for them)."""
+        missing = [name for name in required if isinstance(data, dict) and name not in data]
+        if missing:
+            raise ConfigError(f"config: missing field(s) {missing} (a default would silently change the model)")
         return cls(**dataclass_fields(cls, data, "config"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        """A user's config file: it must state the size fields (n_layer, n_embd, n_head, vocab_size, block_size)."""
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads(regular_file(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
-        return cls.from_dict(data)
+        return cls.from_dict(data, SIZE_FIELDS)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -9,7 +9,7 @@ import torch
 
 from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
-from krakenlm.generate import generate, left_pad
+from krakenlm.generate import SamplingConfig, generate, left_pad
 from krakenlm.source import ModelSource, build_model
 
 PROMPTS = [list(range(3, 23)), list(range(40, 53))]  # different lengths: the left-padding path too
@@ -144,5 +144,40 @@ def compiled_decode(payload: dict) -> int:
             results[name]["compiled_equal"] = engine.variant(compile=True).generate(PROMPTS, 12).tokens == eager
     if int(os.environ["RANK"]) == 0:
         Path(payload["out"]).write_text(json.dumps(results))
+
+
+def staggered(engine: Engine, batch: list[list[int]], steps: int, sampling: list[SamplingConfig] | None = None,
+              rows: list[int] | None = None) -> list[list[int]]:
+    """Request i joins at step i into ``rows[i]``; each runs ``steps`` tokens; rows leave when done."""
+    rows = rows or list(range(len(batch)))
+    sampling = sampling or [SamplingConfig()] * len(batch)
+    out: list[list[int]] = [[] for _ in batch]
+    running: list[int] = []
+    step = 0
+    while step < len(batch) or running:
+        decode = [i for i in running if len(out[i]) < steps]
+        if step < len(batch):  # the scheduler's order: prefill newcomers, then decode the earlier ones
+            out[step].append(engine.prefill_row(rows[step], batch[step], sampling[step]))
+        if decode:
+            for i, token in zip(decode, engine.decode_rows([rows[i] for i in decode]), strict=True):
+                out[i].append(token)
+        if step < len(batch):
+            running.append(step)
+        running = [i for i in running if len(out[i]) < steps]
+        step += 1
+    return out
+
+
+def serving_rows(payload: dict) -> int:
+    """Every case's prompts served through the row operations on this world (greedy, staggered)."""
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for name, cfg in payload["cases"].items():
+        engine = engine_for({"config": cfg, "seed": 0}, world)
+        engine.open_serving(8)
+        results[name] = staggered(engine, payload["prompts"], 16)
+    if engine.rank == 0:
+        (Path(payload["out"]) / "serving.json").write_text(json.dumps(results))
+    engine.barrier()
     engine.close()
     return 0

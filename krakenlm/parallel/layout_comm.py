@@ -249,12 +249,16 @@ class LayoutComm(DistComm):
             return _Gathered(self, pair, layout)
         return _Megatron(self, pair, layout)
 
+    def cache_rows(self, batch: int) -> int:
+        """KV cache rows this rank holds for ``batch`` sequences."""
+        return -(-batch // self.rank_plan.tp) if self.rank_plan.layout.decode.attention == "batch" else batch
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """The decode layout's KV cache: all sequences of this rank's heads, or ceil(B/n) sequences of every
         head (attn-batch; the valid mask stays whole, so masks are built as on one device)."""
         if self.rank_plan.layout.decode.attention != "batch":
             return self.model.new_cache(batch, max_len)
-        cache = self.model.new_cache(-(-batch // self.rank_plan.tp), max_len)
+        cache = self.model.new_cache(self.cache_rows(batch), max_len)
         cache.valid = torch.zeros(batch, cache.max_len, dtype=torch.bool, device=cache.valid.device)
         return cache
 
