@@ -375,7 +375,7 @@ class Engine:
         rows = batch if layout is None else layout.cache_rows(batch)
         shape, layers = self.model.attention_shape, self.config.n_layer
         nbytes = 2 * layers * self.shard.sub_count * rows * shape.n_kv_head * max_len * shape.stored_size
-        require_memory(nbytes * self.model.wte.weight.element_size(), f"KV cache for batch {batch} x {max_len} "
+        require_memory(nbytes * self.model.wte.weight.dtype.itemsize, f"KV cache for batch {batch} x {max_len} "
                        "tokens", self.device)
         cache = self.model.new_cache(batch, max_len) if layout is None else layout.new_cache(batch, max_len)
         if self._ledger is not None:
