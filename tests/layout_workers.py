@@ -36,10 +36,10 @@ def _ledger_summary(ledger) -> dict:
             "counts": dict(ledger.counts()), "layer0": ledger.per_layer(0), "kv": ledger.kv_bytes}
 
 
-def compare(engine: Engine, ref: Engine, steps: int) -> dict:
+def compare(engine: Engine, ref: Engine, steps: int, prompts: list[list[int]]) -> dict:
     """Max |logit difference| in prefill and over ``steps`` decode steps, greedy tokens, and the ledgers."""
-    idx, valid, pos = left_pad(PROMPTS)
-    batch = len(PROMPTS)
+    idx, valid, pos = left_pad(prompts)
+    batch = len(prompts)
     with torch.inference_mode():
         with engine.record() as pre_ledger:
             cache = engine.new_cache(batch, CACHE_LEN)
@@ -57,10 +57,10 @@ def compare(engine: Engine, ref: Engine, steps: int) -> dict:
             b = ref.decode_step(token, slots, next_pos, ref_cache)
             decode = max(decode, (a - b).abs().max().item())
             token, slots, next_pos = b.argmax(-1), slots + 1, next_pos + 1
-    greedy = engine.generate(PROMPTS, 12).tokens == ref.generate(PROMPTS, 12).tokens
+    greedy = engine.generate(prompts, 12).tokens == ref.generate(prompts, 12).tokens
     return {"prefill": prefill, "decode": decode, "greedy_equal": greedy, "ledger_prefill": _ledger_summary(pre_ledger),
             "ledger_decode": decode_summary, "weights": pre_ledger.weights_bytes,
-            "replicated": pre_ledger.replicated_bytes, "width": idx.shape[1]}
+            "replicated": pre_ledger.replicated_bytes, "width": idx.shape[1], "batch": batch}
 
 
 def equivalence(payload: dict) -> int:
@@ -70,7 +70,7 @@ def equivalence(payload: dict) -> int:
     for name, case in payload["cases"].items():
         engine = _engine(case, world)
         engines.append(engine)  # the first one owns the process group: closed last
-        mine = compare(engine, _reference(case), payload["decode_steps"])
+        mine = compare(engine, _reference(case), payload["decode_steps"], PROMPTS[:case.get("prompts", 4)])
         everyone = [mine]
         if world > 1:
             everyone = [None] * world

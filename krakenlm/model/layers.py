@@ -211,7 +211,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [S*B, H, T, head] pairwise (first half with second half)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    repeat = x.shape[0] // cos.shape[0]
+    repeat = x.shape[0] // max(cos.shape[0], 1)  # no rows at all: a rank holding no sequence
     cos, sin = cos.repeat(repeat, 1, 1, 1), sin.repeat(repeat, 1, 1, 1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 

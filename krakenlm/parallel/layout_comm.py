@@ -331,7 +331,8 @@ class _PairHooks(NoHooks):
         counts, k, mine = self._counts(), self.a2a.size, b - a
         x = qkv[0]
         out = self.comm.all_to_all(x, self.a2a, [c * t for c in counts], [mine * t] * k, f"{self.pair_name} qkv a2a")
-        out = out.view(k, mine * t, -1).permute(1, 0, 2).reshape(mine * t, -1)
+        width = out.shape[-1]  # explicit: a rank may hold no sequence (batch < ranks)
+        out = out.view(k, mine * t, width).permute(1, 0, 2).reshape(mine * t, k * width)
         out = out.index_select(-1, self.to_natural.to(out.device)).unsqueeze(0)
         if rope is not None:
             rope = (rope[0][a:b], rope[1][a:b])
@@ -343,7 +344,8 @@ class _PairHooks(NoHooks):
         t, (a, b) = self.comm.fwd.t, self.comm.fwd.rows
         counts, k, mine = self._counts(), self.a2a.size, b - a
         send = out[0].index_select(-1, self.send_columns.to(out.device))
-        send = send.view(mine * t, k, -1).permute(1, 0, 2).reshape(k * mine * t, -1)
+        width = send.shape[-1] // k
+        send = send.view(mine * t, k, width).permute(1, 0, 2).reshape(k * mine * t, width)
         back = self.comm.all_to_all(send, self.a2a, [mine * t] * k, [c * t for c in counts],
                                     f"{self.pair_name} out a2a")
         return back.unsqueeze(0)
