@@ -3,7 +3,7 @@ and int8 vs bf16 decode per token (one device and 2 ranks).
 
 Runs `krakenlm bench` with the layouts and int8 as variants (2 gloo ranks, loopback), then:
 - refits the cpu-gloo spec (krakenlm.costmodel.calibrate) on this run's Megatron / Kraken / one-device
-  records only, and predicts every layout variant with it (held out: no layout point is fitted);
+  records only, and predicts every layout and int8 variant with it (held out: none of them is fitted);
 - reports the committed cpu-gloo spec's predictions as they are, too;
 - prints per layout and phase: measured ms, predicted ms, error; and the median |error|.
 
@@ -44,21 +44,16 @@ def measure(args: argparse.Namespace) -> dict:
     return results.build(opts, sweep, ["benchmarks/layouts_vs_costmodel.py"]) | {"cpu": cpu_model()}
 
 
-def layout_of(rec: dict) -> str:
-    name = rec.get("layout") or ("kraken" if rec["arch"] == "kraken" else "1d-ws/attn-heads (Megatron)")
-    return f"{rec['arch']} {name}" + (" int8" if rec["dtype"] == "int8" else "")
-
-
 def compare(data: dict) -> dict:
     """Held-out predictions of the layout records by a spec fitted to the other records."""
-    records = data["records"]
-    held = [r for r in records if r.get("layout")]
-    train = [r for r in records if not r.get("layout")]
+    records = results.records(data["cells"], data["options"]["decode_steps"])
+    held = [r for r in records if r.get("variant")]  # the layouts and int8
+    train = [r for r in records if not r.get("variant")]
     fit = calibrate(load_hardware("cpu-gloo-nominal"), train, fields=FIT_FIELDS)
     rows = []
     for rec, refit, committed in zip(held, evaluate(fit.hardware, held), evaluate(load_hardware("cpu-gloo"), held),
                                      strict=True):
-        rows.append({"layout": layout_of(rec), "phase": rec["phase"], "dtype": rec["dtype"],
+        rows.append({"layout": rec["variant"], "phase": rec["phase"], "dtype": rec["dtype"],
                      "measured_ms": rec["seconds"] * 1e3, "predicted_ms": refit["predicted"] * 1e3,
                      "error_pct": refit["error_pct"], "committed_spec_ms": committed["predicted"] * 1e3,
                      "committed_error_pct": committed["error_pct"]})
@@ -90,7 +85,7 @@ def markdown(cmp: dict, int8: list[dict], cpu: str) -> str:
                      f"{r['committed_error_pct']:+.1f}% |")
     lines.append(f"| median \\|error\\| | | | | | {cmp['mdape']:.1f}% | | {cmp['committed_mdape']:.1f}% |")
     lines += ["", f"CPU: {cpu}. Refit on the run's Megatron / Kraken / one-device points (median |error| "
-              f"{cmp['fit_mdape']:.1f}% on them); no layout point was fitted.", "",
+              f"{cmp['fit_mdape']:.1f}% on them); no layout or int8 point was fitted.", "",
               "| int8 vs bf16 decode | int8 ms/step | bf16 ms/step | int8 / bf16 (paired) |", "|---|---:|---:|---:|"]
     lines += [f"| {r['where']} | {r['int8_ms']:.2f} | {r['bf16_ms']:.2f} | {r['ratio']:.2f} |" for r in int8]
     return "\n".join(lines)

@@ -58,6 +58,8 @@ def records(cells: list[dict[str, Any]], decode_steps: int) -> list[dict[str, An
                 if v.get("layout"):
                     parts = v["layout"].split(",")
                     rec["layout"] = parts[0] if phase == "prefill" else parts[-1]
+                if label not in RECORD_VARIANTS:
+                    rec["variant"] = label
                 rec |= {"preset": v["preset"]} if v["preset"] else {"config": v["config"]}
                 if phase == "decode":
                     rec["generate"] = decode_steps  # context: prompt_len + steps/2 on average
