@@ -321,7 +321,7 @@ class _PairHooks(NoHooks):
     def _counts(self) -> list[int]:
         fwd, n = self.comm.fwd, self.comm.rank_plan.tp
         assert self.a2a is not None
-        return [(lambda ab: ab[1] - ab[0])(sequence_rows(fwd.batch, n, m)) for m in self.a2a.ranks]
+        return [b - a for a, b in (sequence_rows(fwd.batch, n, m) for m in self.a2a.ranks)]
 
     def to_batch(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None
                  ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:

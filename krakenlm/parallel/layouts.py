@@ -27,7 +27,7 @@ is a weight-gathered prefill gathering the decode's weights (attn-batch in both)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -222,20 +222,24 @@ class StoragePlan:
                                   (self.rank * e, (self.rank + 1) * e), [(s * e, (s + 1) * e) for s in yzgroup])
         return out
 
+    def for_rank(self, rank: int) -> StoragePlan:
+        """The same storage as another rank holds it."""
+        return StoragePlan(self.config, self.mesh, rank, self.ffn, self.attention)
+
     def pair_of(self, matrix: str) -> PairSplit:
         if self.config.arch == "parallel":
             return self.splits["block"]
         return self.splits["attn" if matrix.startswith("attn.") else "ffn"]
 
-    def w_in_rows(self, matrix: str, rank: int | None = None) -> Ranges:
-        split = self.pair_of(matrix) if rank is None else StoragePlan(
-            self.config, self.mesh, rank, self.ffn, self.attention).pair_of(matrix)
-        return [rg for s in split.xgroup for rg in inner_rows(self.config, matrix, self.attention, self.mesh.size, s)]
+    def w_in_rows(self, matrix: str) -> Ranges:
+        """Natural rows of W_in ``matrix`` this rank stores: the inner columns of its x-group."""
+        n = self.mesh.size
+        return [rg for s in self.pair_of(matrix).xgroup for rg in inner_rows(self.config, matrix, self.attention, n, s)]
 
-    def w_out_cols(self, matrix: str, rank: int | None = None) -> Ranges:
-        split = self.pair_of(matrix) if rank is None else StoragePlan(
-            self.config, self.mesh, rank, self.ffn, self.attention).pair_of(matrix)
-        return [rg for s in split.xgroup for rg in inner_cols(self.config, matrix, self.attention, self.mesh.size, s)]
+    def w_out_cols(self, matrix: str) -> Ranges:
+        """Natural columns of W_out ``matrix`` this rank stores."""
+        n = self.mesh.size
+        return [rg for s in self.pair_of(matrix).xgroup for rg in inner_cols(self.config, matrix, self.attention, n, s)]
 
     def ranges(self, name: str, shape: tuple[int, ...]) -> tuple[list[Ranges], bool]:
         """(ranges per dimension, zero) of the full tensor ``name`` kept by this rank; ``zero``: keep the
@@ -402,13 +406,15 @@ class RankPlan:
     layout: Layout
     tp: int
     rank: int
-    storage: StoragePlan = field(init=False)
 
     def __post_init__(self) -> None:
         check_layout(self.config, self.layout, self.tp)
-        mesh = Mesh.for_ranks(self.tp)
-        object.__setattr__(self, "storage", StoragePlan(self.config, mesh, self.rank, self.layout.decode.ffn,
-                                                        self.layout.decode.attention))
+
+    @cached_property
+    def storage(self) -> StoragePlan:
+        """The weights as the decode's layout stores them (a weight-gathered prefill gathers those)."""
+        dec = self.layout.decode
+        return StoragePlan(self.config, Mesh.for_ranks(self.tp), self.rank, dec.ffn, dec.attention)
 
     @property
     def mesh(self) -> Mesh:
@@ -425,16 +431,17 @@ class RankPlan:
         group = self.mesh.group(self.rank, self.gather_axes(phase))
         st, cfg = self.storage, self.config
         plans = {}
+        members = [st.for_rank(s) for s in group]
         for pair in st.splits:
             for w_in, w_out in PAIR_MATRICES[pair]:
-                rows_in = [st.w_in_rows(w_in, s) for s in group]
-                cols_in = [StoragePlan(cfg, self.mesh, s, st.ffn, st.attention).pair_of(w_in).e_block for s in group]
+                rows_in = [m.w_in_rows(w_in) for m in members]
+                cols_in = [m.pair_of(w_in).e_block for m in members]
                 plan_in = gather_plan(group, list(zip(rows_in, cols_in, strict=True)))
                 order = _gate_up_order(list(plan_in.rows), cfg.ffn_size) if w_in == "mlp.up" and \
                     cfg.mlp == "swiglu" else None
                 plan_in = gather_plan(group, list(zip(rows_in, cols_in, strict=True)), row_order=order,
                                       col_order=list(range(cfg.n_embd)))
-                cols_out = [st.w_out_cols(w_out, s) for s in group]
+                cols_out = [m.w_out_cols(w_out) for m in members]
                 want = [i for i in plan_in.rows if i < cfg.ffn_size] if w_out == "mlp.down" else None
                 plans[w_in] = plan_in
                 plans[w_out] = gather_plan(group, list(zip(cols_in, cols_out, strict=True)),
