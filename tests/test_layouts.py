@@ -15,6 +15,7 @@ is what the cost model says (krakenlm.costmodel), exactly, up to the differences
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -22,12 +23,12 @@ import pytest
 
 from krakenlm.cli import main as cli_main
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.estimator import max_context
+from krakenlm.costmodel.estimator import Workload, max_context
 from krakenlm.costmodel.hardware import load_hardware
 from krakenlm.costmodel.layouts import layer_pairs, split_2d_axes
 from krakenlm.errors import ConfigError
 from krakenlm.parallel.launch import run_ranks
-from krakenlm.parallel.layouts import Layout, Mesh, check_layout
+from krakenlm.parallel.layouts import Layout, Mesh, check_layout, choose
 from krakenlm.parallel.ledger import predicted
 from krakenlm.presets import get_preset
 from tests.conftest import tiny
@@ -43,28 +44,32 @@ def shape(name: str) -> ModelConfig:
             "parallel-mqa": tiny("parallel", **base, n_kv_head=1, ffn_hidden=16, bias=False)}[name]
 
 
+FULL = "KRAKENLM_LAYOUTS_FULL"
 ALL = ["1d-ws/attn-heads", "1d-ws/attn-batch", "2d-ws/attn-heads", "2d-ws/attn-batch",
        "wg-x/attn-batch,2d-ws/attn-batch", "wg-xyz/attn-batch,1d-ws/attn-batch"]
 # Per world: (shape, layout) pairs. One rank runs every layout; 2 ranks the layouts whose mesh is one
 # axis (2D there is X = 1: Pope's 1D with an E-split residual); 4 ranks the 2x2 mesh: 2D with E split
-# over x, and wg-x gathering half the ranks. (1d-ws/attn-heads is Megatron: test_parallel's subject.)
+# over x for every shape, and wg-x gathering half the ranks. (1d-ws/attn-heads is Megatron:
+# test_parallel's subject.) The 4-rank grid keeps one case per code path so the suite stays fast;
+# FULL_GRID adds the remaining combinations (KRAKENLM_LAYOUTS_FULL=1, benchmarks/verify_layouts.py).
 GRID = {
     1: [(s, lay) for s in ("gqa", "mqa") for lay in ALL],
     2: [(s, lay) for s in ("mha", "gqa", "mqa") for lay in ("1d-ws/attn-batch", "wg-xyz/attn-batch,2d-ws/attn-batch")]
     + [("mqa", "2d-ws/attn-heads"), ("gqa", "2d-ws/attn-batch"), ("parallel-mqa", "wg-xy/attn-batch,1d-ws/attn-batch")],
-    4: [(s, lay) for s in ("mha", "gqa", "mqa") for lay in ("2d-ws/attn-heads", "2d-ws/attn-batch")]
+    4: [("mha", "2d-ws/attn-heads"), ("mqa", "2d-ws/attn-heads"), ("gqa", "2d-ws/attn-batch")]
     + [("mqa", "1d-ws/attn-batch", 2)]  # 2 sequences on 4 ranks: two ranks hold none
-    + [(s, "wg-x/attn-batch,2d-ws/attn-batch") for s in ("mha", "mqa")]
-    + [("gqa", "1d-ws/attn-batch"), ("parallel-mqa", "2d-ws/attn-batch")],
+    + [("mha", "wg-x/attn-batch,2d-ws/attn-batch"), ("parallel-mqa", "2d-ws/attn-batch")],
 }
-INT8 = {2: [("gqa", "2d-ws/attn-batch"), ("mqa", "wg-xyz/attn-batch,1d-ws/attn-batch")],
+FULL_GRID = {4: [("gqa", "2d-ws/attn-heads"), ("mha", "2d-ws/attn-batch"), ("mqa", "2d-ws/attn-batch"),
+                 ("mqa", "wg-x/attn-batch,2d-ws/attn-batch"), ("gqa", "1d-ws/attn-batch")]}
+INT8 = {2: [("mha", "1d-ws/attn-heads"), ("gqa", "2d-ws/attn-batch"), ("mqa", "wg-xyz/attn-batch,1d-ws/attn-batch")],
         4: [("mqa", "wg-x/attn-batch,2d-ws/attn-batch")]}
 
 
 def cases(world: int) -> dict[str, dict]:
     out = {f"{name} {layout}" + (f" batch {more[0]}" if more else ""):
            {"config": shape(name).to_dict(), "layout": layout, "prompts": more[0] if more else 4}
-           for name, layout, *more in GRID[world]}
+           for name, layout, *more in GRID[world] + (FULL_GRID.get(world, []) if os.environ.get(FULL) else [])}
     for name, layout in INT8.get(world, []):
         out[f"{name} int8 {layout}"] = {"config": shape(name).to_dict(), "layout": layout, "quantize": "int8"}
     if world > 1:
@@ -227,6 +232,26 @@ def test_generate_with_a_layout_prints_megatrons_text(tmp_path):
                 for extra in ([], ["--layout", "2d-ws/attn-batch"]))
     assert one.returncode == two.returncode == 0, two.stderr
     assert one.stdout == two.stdout and "layout 2d-ws/attn-batch" in two.stderr
+
+
+def test_generate_auto_layout_with_int8_runs_a_layout_the_model_takes():
+    args = [sys.executable, "-m", "krakenlm", "generate", "--preset", "mini-gpt", "--prompt", "To be", "--prompt",
+            "or not", "--max-new-tokens", "4", "--tp", "2", "--layout", "auto", "--quantize", "int8"]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    chosen = run.stderr.split("layout ")[1].split()[0]
+    check_layout(get_preset("mini-gpt"), Layout.parse(chosen), 2)
+    assert run.stdout.count("To be") == 1 and run.stdout.count("or not") == 1
+
+
+def test_auto_follows_pope_weight_gathered_for_large_batch_prefill_stationary_for_decode():
+    """Pope et al.'s policy: weight-gathered once tokens per batch exceed E, weight-stationary decode at
+    small batch; a batch the ranks do not divide never gets a (sequence-sharded) gathered prefill."""
+    config, hw = get_preset("gpt2-124m"), load_hardware("cpu-gloo")
+    assert choose(config, 4, Workload(batch=64, prompt=1000, generate=1), hw).prefill.gathered
+    small = choose(config, 4, Workload(batch=1, prompt=128, generate=64), hw)
+    assert not small.prefill.gathered and small.decode.ffn in ("1d-ws", "2d-ws")
+    assert not choose(config, 4, Workload(batch=66, prompt=1000, generate=1), hw).prefill.gathered
 
 
 @pytest.mark.parametrize("args,message", [
