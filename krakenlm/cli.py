@@ -18,7 +18,7 @@ from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import KrakenError
 from krakenlm.generate import GenerationResult, SamplingConfig, Stop
 from krakenlm.source import ModelSource
-from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
+from krakenlm.tokenizer import Tokenizer, check_text, default_tokenizer_for, get_tokenizer
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +89,10 @@ def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokeni
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    # --layout auto: the cost model's choice for this batch, prompt (bytes bound its tokens) and output length.
-    workload = Workload(batch=len(args.prompt), prompt=max(len(p.encode()) for p in args.prompt),
+    # --layout auto: the cost model's choice for this batch, prompt (bytes bound its tokens) and output length;
+    # an empty prompt is refused later, by name.
+    prompt = max(len(check_text(p).encode()) for p in args.prompt) or 1
+    workload = Workload(batch=len(args.prompt), prompt=prompt,
                         generate=max(args.max_new_tokens, 0), dtype="int8" if args.quantize else
                         ("fp32" if args.dtype == "fp32" else "bf16"))
     with Engine.launch(model_source(args), engine_options(args), workload) as engine:
