@@ -12,12 +12,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from krakenlm.costmodel.estimator import Workload
 from krakenlm.dtypes import DTYPES
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import KrakenError
 from krakenlm.generate import GenerationResult, SamplingConfig, Stop
 from krakenlm.source import ModelSource
-from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
+from krakenlm.tokenizer import Tokenizer, check_text, default_tokenizer_for, get_tokenizer
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *, tp_help: str = "tensor-p
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a stalled rank aborts the run")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     parser.add_argument("--pad-heads", type=int, help="zero-pad heads to this multiple (exact; e.g. 64)")
+    parser.add_argument("--layout", help="partitioning layout over the --tp ranks (Pope et al.): 1d-ws, 2d-ws, "
+                        "wg-x/wg-xy/wg-xyz (prefill) with /attn-heads or /attn-batch, PREFILL,DECODE, or auto (the "
+                        "cost model's choice for this workload); default: Megatron 1D (Kraken: its sub-layer split)")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weight-only weights made at load (per-row scales)")
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
@@ -44,7 +49,8 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 
 
 def engine_options(args: argparse.Namespace, **overrides: object) -> EngineOptions:
-    given = {k: getattr(args, k) for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads")}
+    given = {k: getattr(args, k) for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads", "layout",
+                                           "quantize")}
     return EngineOptions(**given | {"no_comm": getattr(args, "no_comm", False)} | overrides)
 
 
@@ -83,9 +89,17 @@ def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokeni
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    with Engine.launch(model_source(args), engine_options(args)) as engine:
+    # --layout auto: the cost model's choice for this batch, prompt (bytes bound its tokens) and output length;
+    # an empty prompt is refused later, by name.
+    prompt = max(len(check_text(p).encode()) for p in args.prompt) or 1
+    workload = Workload(batch=len(args.prompt), prompt=prompt,
+                        generate=max(args.max_new_tokens, 0), dtype="int8" if args.quantize else
+                        ("fp32" if args.dtype == "fp32" else "bf16"))
+    with Engine.launch(model_source(args), engine_options(args), workload) as engine:
         if not engine.is_driver:  # a torchrun rank >= 1: it followed rank 0, which prints
             return 0
+        if args.layout:
+            print(f"[tp={engine.world}] layout {engine.layout}", file=sys.stderr)
         tokenizer = get_tokenizer(args.tokenizer or default_tokenizer_for(engine.config.vocab_size))
         ids = [tokenizer.encode(p) for p in args.prompt]
         result = engine.generate(ids, args.max_new_tokens, sampling, Stop((tokenizer.eot_token,)),

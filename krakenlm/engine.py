@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from krakenlm.config import ModelConfig, dataclass_fields
+from krakenlm.costmodel.estimator import Workload
 from krakenlm.dtypes import parse_dtype
 from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
 from krakenlm.generate import (
@@ -47,10 +48,15 @@ from krakenlm.generate import (
     validate_prompts,
 )
 from krakenlm.model import LOCAL, Comm, KVCache
+from krakenlm.model.quant import QUANTIZE
 from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.group import agree, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
+from krakenlm.parallel.layout_comm import LayoutComm
+from krakenlm.parallel.layouts import Layout, RankPlan, resolve
+from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
+from krakenlm.parallel.rank_model import build_rank_model, held_bytes
 from krakenlm.resources import require_memory
 from krakenlm.source import ModelSource
 from krakenlm.validation import check_float, check_int
@@ -69,6 +75,8 @@ class EngineOptions:
     pad_heads: int | None = None  # zero-pad heads to this multiple (exact; friendlier kernel shapes)
     timeout: float = 60.0  # seconds any rank waits for a peer before failing
     threads: int | None = None  # CPU threads per rank (default: cores / ranks on this node)
+    layout: str | None = None  # "2d-ws/attn-batch", "PREFILL,DECODE", "auto" (parallel.layouts); None: Megatron/Kraken
+    quantize: str | None = None  # "int8": weight-only int8 made from the checkpoint at load
 
     def __post_init__(self) -> None:
         check_int(self.tp, "tp")
@@ -81,6 +89,15 @@ class EngineOptions:
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.device, str):
             raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize: must be one of {QUANTIZE} or null, got {self.quantize!r}")
+        if self.layout is not None and self.layout != "auto":
+            if not isinstance(self.layout, str):
+                raise ConfigError(f"layout: expected a layout string or auto, got {self.layout!r}")
+            Layout.parse(self.layout)
+        if self.pad_heads and (self.quantize or self.layout):
+            raise ConfigError("pad_heads: not supported together with a layout or int8 weights (both slice heads "
+                              "of the unpadded model)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,11 +150,14 @@ class Engine:
     """One rank of a model: shard, Comm, device, dtype; prefill / decode / generate / score."""
 
     def __init__(self, source: ModelSource, options: EngineOptions | None = None, *,
-                 rendezvous: tuple[int, int, int] | None = None, local: bool = False) -> None:
+                 rendezvous: tuple[int, int, int] | None = None, local: bool = False,
+                 workload: Workload | None = None) -> None:
         """SPMD construction on this rank. ``rendezvous`` = (rank, world, port) for an in-process rank 0;
         otherwise a process started by torchrun or the launcher joins from its environment. ``local``:
-        a single-device engine inside a rank (the benchmark's single-device baselines)."""
-        self.source, self.options = source, options or EngineOptions()
+        a single-device engine inside a rank (the benchmark's single-device baselines). ``workload``:
+        what ``layout="auto"`` is chosen for."""
+        self.source, self.options, self.workload = source, options or EngineOptions(), workload
+        self._ledger: Ledger | None = None
         self.device = resolve_device(self.options.device)
         self.dtype = parse_dtype(self.options.dtype)
         if local and self.options.tp != 1:
@@ -188,24 +208,39 @@ class Engine:
         assert opened is not None
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
-        self.model = opened.model(self.shard, self.dtype, self.device)
+        self.layout = resolve(self.options.layout, opened.config, self.options.tp, self.workload, self.device)
+        default = self.layout == Layout.default(opened.config)
+        rank_plan = None if default else RankPlan(opened.config, self.layout, self.options.tp, self.rank)
+        if default and not self.options.quantize:
+            self.model = opened.model(self.shard, self.dtype, self.device)
+            self.held = held_bytes(self.model, opened.config, self.shard)
+        else:
+            built = build_rank_model(opened.model(), self.shard, rank_plan, self.options.quantize, self.dtype,
+                                     self.device)
+            self.model, self.held = built.model, (built.weights_bytes, built.replicated_bytes)
         opened.release()
         if self.options.pad_heads:
             self.model.pad_heads(self.options.pad_heads)
-        self.comm: Comm = (DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
-                                    device=self.device) if self.world > 1 else LOCAL)
+        self.comm: Comm = LOCAL
+        if self.world > 1 and rank_plan is not None:
+            self.comm = LayoutComm(rank_plan, self.model, no_comm=self.options.no_comm, device=self.device,
+                                   extras=built.extras)
+        elif self.world > 1:
+            self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
+                                 device=self.device)
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod
-    def launch(cls, source: ModelSource, options: EngineOptions | None = None) -> Engine:
+    def launch(cls, source: ModelSource, options: EngineOptions | None = None,
+               workload: Workload | None = None) -> Engine:
         """The engine on every rank, driven by rank 0. Local: this process is rank 0 and the others are
         child processes. Under torchrun: ranks >= 1 follow rank 0's calls until it closes, then get
-        back a closed engine with ``is_driver`` False."""
+        back a closed engine with ``is_driver`` False. ``workload``: what ``layout="auto"`` is chosen for."""
         options = options or EngineOptions()
         if options.tp == 1 and not under_torchrun():
-            return cls(source, options)
+            return cls(source, options, workload=workload)
         if under_torchrun():
-            engine = cls(source, options)
+            engine = cls(source, options, workload=workload)
             engine._open_control()
             if engine.rank == 0:
                 engine._driving = True
@@ -213,10 +248,11 @@ class Engine:
                 engine.is_driver = False
                 engine._follow()
             return engine
-        followers = Ranks("krakenlm.engine:follow", {"source": source.to_dict(), "options": options.to_dict()},
-                          options.tp, range(1, options.tp))
+        work = None if workload is None else dataclasses.asdict(workload)
+        followers = Ranks("krakenlm.engine:follow", {"source": source.to_dict(), "options": options.to_dict(),
+                                                     "workload": work}, options.tp, range(1, options.tp))
         try:
-            engine = cls(source, options, rendezvous=(0, options.tp, followers.port))
+            engine = cls(source, options, rendezvous=(0, options.tp, followers.port), workload=workload)
             engine._open_control()
         except BaseException as err:
             code = followers.failed()
@@ -316,6 +352,21 @@ class Engine:
                 raise DistributedError(f"rank {self.rank}: barrier failed: a peer rank died or stalled "
                                        f"({err})") from err
 
+    @contextlib.contextmanager
+    def record(self) -> Iterator[Ledger]:
+        """A Ledger of this rank's collectives (eager forwards), weights and the KV caches made meanwhile:
+        ``with engine.record() as ledger: engine.forward(...)``."""
+        ledger = Ledger(weights_bytes=self.held[0], replicated_bytes=self.held[1])
+        self._ledger = ledger
+        if isinstance(self.comm, DistComm):
+            self.comm.ledger = ledger
+        try:
+            yield ledger
+        finally:
+            self._ledger = None
+            if isinstance(self.comm, DistComm):
+                self.comm.ledger = None
+
     def variant(self, *, compile: bool | None = None, **comm_changes: Any) -> Engine:
         """The same weights with other switches (no_comm, overlap, compile): the benchmark's variants.
         A variant shares this engine's model and groups and owns nothing (closing it is a no-op)."""
@@ -328,13 +379,18 @@ class Engine:
         return other
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """A static KV cache for ``batch`` rows of ``max_len`` slots, refused up front if it cannot fit."""
+        """A static KV cache for ``batch`` rows of ``max_len`` slots, refused up front if it cannot fit (an
+        attn-batch layout keeps ceil(batch / ranks) rows per rank)."""
         max_len = max_len or self.config.block_size
+        layout = self.comm if isinstance(self.comm, LayoutComm) else None
+        rows = batch if layout is None else layout.cache_rows(batch)
         shape, layers = self.model.attention_shape, self.config.n_layer
-        nbytes = 2 * layers * self.shard.sub_count * batch * shape.n_kv_head * max_len * shape.stored_size
-        require_memory(nbytes * self.model.wte.weight.element_size(), f"KV cache for batch {batch} x {max_len} "
+        nbytes = 2 * layers * self.shard.sub_count * rows * shape.n_kv_head * max_len * shape.stored_size
+        require_memory(nbytes * self.model.wte.weight.dtype.itemsize, f"KV cache for batch {batch} x {max_len} "
                        "tokens", self.device)
-        cache = self.model.new_cache(batch, max_len)
+        cache = self.model.new_cache(batch, max_len) if layout is None else layout.new_cache(batch, max_len)
+        if self._ledger is not None:
+            self._ledger.kv_bytes = max(self._ledger.kv_bytes, cache.nbytes())
         if self.options.compile and self.device.type == "cuda":  # CUDA graphs replay writes in place
             for tensor in cache.keys + cache.values + [cache.valid]:
                 torch._dynamo.mark_static_address(tensor)
@@ -441,6 +497,9 @@ class Engine:
         if vocab_limit is not None and (not isinstance(vocab_limit, int) or isinstance(vocab_limit, bool)
                                         or not 1 <= vocab_limit <= self.config.vocab_size):
             raise ConfigError(f"vocab_limit: must be an integer in 1..{self.config.vocab_size}, got {vocab_limit!r}")
+        if self.layout.decode.attention == "batch" or self.layout.prefill.gathered:
+            raise ConfigError(f"serving: layout {self.layout} shards the batch over the ranks; a server prefills one "
+                              "request row at a time, which needs attn-heads and a weight-stationary prefill")
         self._open_serving(max_batch, vocab_limit)
 
     @lockstep
@@ -553,6 +612,8 @@ class _Serving:
 
 def follow(args: dict[str, Any]) -> int:
     """A follower rank's program (started by Engine.launch through the launcher)."""
-    Engine.launch(ModelSource.from_dict(args["source"]), EngineOptions.from_dict(args["options"]))
+    work = args.get("workload")
+    Engine.launch(ModelSource.from_dict(args["source"]), EngineOptions.from_dict(args["options"]),
+                  None if work is None else Workload(**work))
     return 0
 

@@ -136,7 +136,7 @@ def test_calibration_fits_one_efficiency_per_dtype() -> None:
 def test_calibration_fits_pope_table2() -> None:
     result = calibrate(load_hardware("tpu-v4"), table2_records())
     assert result.mdape_after < 5 < result.mdape_before
-    assert result.mdape_after == pytest.approx(3.4, abs=0.1)  # as in docs/costmodel.md
+    assert result.mdape_after == pytest.approx(3.8, abs=0.1)  # as in docs/costmodel.md
     assert all(0 < v <= 1 for v in result.fitted.values())
 
 

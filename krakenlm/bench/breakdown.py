@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
+from krakenlm.model.transformer import PlainComm
 from krakenlm.parallel.comm import DistComm
 
 CATEGORIES = ("norm", "GEMM", "overlapped GEMM", "attention", "LM head", "AllReduce", "other")
@@ -36,8 +37,9 @@ class _MarkedPending:
             return self.inner.wait()
 
 
-class MarkedComm:
-    """A DistComm whose collectives and in-flight windows show up as profiler ranges."""
+class MarkedComm(PlainComm):
+    """A DistComm whose collectives and in-flight windows show up as profiler ranges (the layout hooks are
+    PlainComm's: the breakdown profiles the Megatron and Kraken plans)."""
 
     def __init__(self, inner: DistComm) -> None:
         self.inner = inner

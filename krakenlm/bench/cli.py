@@ -76,6 +76,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-other-cores", type=float, help="drop a round when other processes used more cores on "
                    "average (default 0.25)")
     p.add_argument("--idle-wait", dest="idle_wait_s", type=float, help="max seconds to wait for idle before a round")
+    p.add_argument("--layouts", type=lambda text: [x for x in text.split(";") if x],
+                   help="partitioning layouts as extra variants of gpt and parallel, separated by ';' (e.g. "
+                        "'2d-ws/attn-batch;wg-xy/attn-batch,2d-ws/attn-batch'); cells whose batch the ranks do not "
+                        "divide skip weight-gathered prefills")
+    p.add_argument("--int8", action="store_true", default=None, help="also time int8 weights (gpt, TP and one device)")
     p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds, loopback: a smoke run for tests")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for bench.json/.csv and plots")
     p.add_argument("--no-plots", dest="plots", action="store_false")
@@ -108,7 +113,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",
                                             "max_rounds", "decode_steps", "peer", "single", "breakdown",
                                             "max_other_cores", "idle_wait_s", "checkpoints", "pad_heads", "device",
-                                            "compile")
+                                            "compile", "layouts", "int8")
              if getattr(args, k) is not None}
     if args.checkpoints:
         given["shapes"] = ["checkpoints"]

@@ -44,14 +44,22 @@ def records(cells: list[dict[str, Any]], decode_steps: int) -> list[dict[str, An
     out = []
     for cell in cells:
         for label, v in cell["variants"].items():
-            if label not in RECORD_VARIANTS:
+            quantized = v.get("quantize") == "int8"
+            if label not in RECORD_VARIANTS and not v.get("layout") and not quantized:
                 continue
+            if quantized and cell["dtype"] != "bf16":
+                continue  # the cost model's int8 computes in bf16
             for phase in ("prefill", "decode"):
                 if phase not in v:
                     continue
                 rec = {"arch": v["arch"], "tp": v["tp"], "batch": cell["batch"], "prompt_len": cell["prompt_len"],
-                       "dtype": cell["dtype"], "phase": phase,
+                       "dtype": "int8" if quantized else cell["dtype"], "phase": phase,
                        "link_gbps": None if v["tp"] == 1 else cell["link_gbps"], "seconds": v[phase]["median"]}
+                if v.get("layout"):
+                    parts = v["layout"].split(",")
+                    rec["layout"] = parts[0] if phase == "prefill" else parts[-1]
+                if label not in RECORD_VARIANTS:
+                    rec["variant"] = label
                 rec |= {"preset": v["preset"]} if v["preset"] else {"config": v["config"]}
                 if phase == "decode":
                     rec["generate"] = decode_steps  # context: prompt_len + steps/2 on average

@@ -34,6 +34,7 @@ from krakenlm.model.layers import KVCache
 from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.group import init_distributed, resolve_device
 from krakenlm.parallel.launch import run_ranks
+from krakenlm.parallel.layouts import Layout, check_layout
 from krakenlm.presets import PRESETS
 from krakenlm.source import ModelSource
 
@@ -74,6 +75,8 @@ class Options:
     pad_heads: int | None = None  # zero-pad every model's heads to this multiple (exact; better kernel shapes)
     device: str = "auto"  # cpu | cuda | auto: where every rank runs
     compile: bool = False  # also time compiled decode steps (variants "<arch>/compiled")
+    layouts: list[str] = field(default_factory=list)  # partitioning layouts (variants "<arch>/<layout>", gpt/parallel)
+    int8: bool = False  # also time int8 weights (variants "gpt/int8", "gpt/single-int8")
 
 
 # Shapes ---------------------------------------------------------------------------------------
@@ -168,6 +171,12 @@ class Variant:
     peer: torch.nn.Module | None = None
     phases: tuple[str, ...] = ("prefill", "decode")
     cache: KVCache | None = None  # for decode jobs; replaced every cell
+    layout: str | None = None
+    quantize: str | None = None
+
+    def runs(self, batch: int) -> bool:
+        """A weight-gathered prefill shards the batch: it sits out batches the ranks do not divide."""
+        return self.engine is None or not (self.engine.layout.prefill.gathered and batch % self.engine.world)
 
     @property
     def active(self) -> bool:
@@ -218,6 +227,7 @@ def _build_variants(models: dict[str, Model], dtype: str, opts: Options, world: 
             variants.append(Variant("kraken/blocking", model, engine.variant(overlap=False), world))
         if opts.compile:
             variants.append(Variant(f"{arch}/compiled", model, engine.variant(compile=True), world, phases=("decode",)))
+    variants += _layout_variants(models, dtype, opts, world, rank)
     gpt = models.get("gpt")
     if opts.peer and gpt is not None and gpt.checkpoint is None:  # the peer builds its own seeded weights
         from krakenlm.bench.peer import build_peer
@@ -231,6 +241,23 @@ def _build_variants(models: dict[str, Model], dtype: str, opts: Options, world: 
                           if rank == 0 else None)
                 variants.append(Variant(f"{arch}/single", models[arch], engine, 1))
     return variants
+
+
+def _layout_variants(models: dict[str, Model], dtype: str, opts: Options, world: int, rank: int) -> list[Variant]:
+    """Pope's layouts (gpt and parallel blocks) and int8 weights (gpt, also on one device)."""
+    out = []
+    for arch in ("gpt", "parallel"):
+        if arch in models:
+            for lay in opts.layouts:
+                engine = Engine(_source(models[arch], opts.seed), _options(opts, dtype, world, layout=lay))
+                out.append(Variant(f"{arch}/{lay}", models[arch], engine, world, layout=lay))
+    if opts.int8 and "gpt" in models:
+        engine = Engine(_source(models["gpt"], opts.seed), _options(opts, dtype, world, quantize="int8"))
+        out.append(Variant("gpt/int8", models["gpt"], engine, world, quantize="int8"))
+        single = (Engine(_source(models["gpt"], opts.seed), _options(opts, dtype, 1, quantize="int8"), local=True)
+                  if rank == 0 else None)
+        out.append(Variant("gpt/single-int8", models["gpt"], single, 1, quantize="int8"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -256,6 +283,7 @@ def _run_job(job: Job, idx: Tensor, tok: Tensor, steps: int) -> float:
 def _jobs(variants: list[Variant], batch: int, prompt: int, steps: int, idx: Tensor) -> list[Job]:
     """Prefill and decode jobs of every variant. The variants of one model share one KV cache holding
     the prompt."""
+    variants = [v for v in variants if v.runs(batch)]
     jobs = [Job(v, "prefill") for v in variants if "prefill" in v.phases]
     caches: dict[int, KVCache] = {}
     for v in variants:
@@ -357,6 +385,7 @@ def _summarise(jobs: list[Job], samples: list[list[float]], log: RoundLog, extra
     for job, s in zip(jobs, samples, strict=True):
         v = job.variant
         entry = variants.setdefault(v.label, {"arch": v.model.arch, "tp": v.tp, "preset": v.model.preset,
+                                              "layout": v.layout, "quantize": v.quantize,
                                               "config": v.model.config.to_dict(), "layers": v.model.config.n_layer,
                                               "full_layers": v.model.full_layers})
         entry[job.phase] = asdict(Stats.of(s)) | {"samples": s}
@@ -432,9 +461,13 @@ def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: f
 
 def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Every (link, TP degree) launch of the grid; returns cells plus the links that were skipped."""
-    for tp in opts.tps:  # bad shapes fail here, in one line, before any process starts
+    for tp in opts.tps:  # bad shapes and layouts fail here, in one line, before any process starts
         for shape in opts.shapes:
-            resolve_shape(shape, tp, opts.checkpoints)
+            models = resolve_shape(shape, tp, opts.checkpoints)
+            for lay in opts.layouts:
+                for arch in ("gpt", "parallel"):
+                    if arch in models:
+                        check_layout(models[arch].config, Layout.parse(lay), tp)
     cells: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for gbps in opts.links:

@@ -241,11 +241,39 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print()
     print(format_estimate(result.best.estimate))
     print()
+    print(run_command(args, result.best.config, result.best.estimate))
+    print()
     print(f"{'rank':>4} {'total ms':>11} {'chip-s/token':>13} {'tokens/s':>11}  candidate")
     for i, c in enumerate(result.ranked[: args.top], 1):
         print(f"{i:>4} {c.estimate.total_s * 1e3:>11.3f} {c.estimate.chip_seconds_per_token:>13.4g} "
               f"{c.tokens_per_s:>11.4g}  {c.label}")
     return 0
+
+
+def run_command(args: argparse.Namespace, config: ModelConfig, est: Estimate) -> str:
+    """The `krakenlm generate` line that runs a plan's choice (or why it cannot, and what runs instead)."""
+    from krakenlm.parallel.layouts import Layout, check_layout, choose
+
+    if est.stages > 1:
+        return f"run it: krakenlm runs tensor parallelism only; this plan pipelines over {est.stages} stages"
+    wl = est.workload
+    phases = [est.prefill.layout] + ([est.decode.layout] if est.decode and est.decode.layout != est.prefill.layout
+                                     else [])
+    layout, note = ",".join(phases), ""
+    try:
+        check_layout(config, Layout.parse(layout), est.tp)
+    except ConfigError as err:
+        runnable = str(choose(config, est.tp, wl, load_hardware(args.hardware)))
+        note = f"\n  (the planned {layout} does not run here: {err}; this runs {runnable}, the fastest that does)"
+        layout = runnable
+    source = f"--preset {args.model}" if args.model else f"--config {args.config}"
+    if config.name != _config(args).name or config != _config(args):
+        note += f"\n  (the plan's model is {config.name or 'a resized variant'}: save its config and pass --config)"
+    dtype = "--dtype bf16 --quantize int8" if wl.dtype == "int8" else f"--dtype {wl.dtype}"
+    batch = wl.phase_batch("decode")
+    return (f"run it: krakenlm generate {source} --tp {est.tp} --layout {layout} {dtype} --max-new-tokens "
+            f"{wl.generate} " + " ".join(["--prompt TEXT"] * min(batch, 2)) + (f" ... ({batch} prompts)" if batch > 2
+                                                                                else "") + note)
 
 
 def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memory_limit: float | None) -> int:

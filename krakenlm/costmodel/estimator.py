@@ -51,6 +51,7 @@ from krakenlm.costmodel.layouts import (
     mesh_group,
     pair_ops,
     sequences_per_chip,
+    wg_rest_group,
 )
 from krakenlm.costmodel.pipeline import Pipeline, crosses_node, pipeline_time, stage_layers
 from krakenlm.errors import ConfigError
@@ -217,7 +218,10 @@ def _ops_time(ops: list[CommOp], hw: Hardware, act_bytes: int, w_bytes: int) -> 
 
 
 def _comm_bytes(ops: list[CommOp], act_bytes: int, w_bytes: int) -> float:
-    return sum(op.elements * (w_bytes if op.tensor == "weight" else act_bytes) for op in ops)
+    """Bytes per chip moved by ``ops``: an all-reduce of D counts 2D (it is a reduce-scatter plus an
+    all-gather of D, the accounting 1d-ws's AG + RS uses), and a collective over one chip moves nothing."""
+    return sum(op.elements * (w_bytes if op.tensor == "weight" else act_bytes) * (2 if op.kind == "all_reduce" else 1)
+               for op in ops if op.group.size > 1)
 
 
 def _attn_ffn_params(config: ModelConfig) -> tuple[int, int]:
@@ -266,9 +270,11 @@ def _layer_ops(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int) -
     ops = [op for pair in layer_pairs(config) for op in pair_ops(layout.ffn, pair, tokens, mesh, cpn)]
     if layout.attention == "batch" and n > 1:
         qkv = config.n_head * config.head_size + 2 * config.kv_heads * config.head_size
-        everyone = mesh_group(mesh, tuple(range(len(mesh))), cpn)
-        ops += [CommOp("all_to_all", tokens * qkv / n, everyone),
-                CommOp("all_to_all", tokens * config.n_head * config.head_size / n, everyone)]
+        # Weight-gathered layouts already shard the batch over the gathered axes: only the rest exchange.
+        group = (wg_rest_group(layout.ffn, mesh, cpn) if layout.ffn.startswith("wg-")
+                 else mesh_group(mesh, tuple(range(len(mesh))), cpn))
+        ops += [CommOp("all_to_all", tokens * qkv / n, group),
+                CommOp("all_to_all", tokens * config.n_head * config.head_size / n, group)]
     return ops, gathered_fraction(layout.ffn, mesh)
 
 

@@ -12,7 +12,8 @@ Per pair and per chip, with T = B*L tokens (elements; bytes = elements x bytes p
             (for f_in = f_out = F: 2T(E/X + F/YZ), continuous optimum X = sqrt(nE/F))
     wg-X, wg-XY, wg-XYZ: weights all-gathered over N_g = X, XY or XYZ chips,
             AG(N_g) E(f_in+f_out) N_g/n of weights, plus activations AG + RS of T*E/N_g each
-            over the whole mesh (the paper's ~2TE/N_g)
+            (the paper's ~2TE/N_g) over the axes not gathered (``wg_rest_group``: nothing moves
+            when every axis is gathered)
 
 Kraken (T = tensor-parallel degree, N = sub-layers, d = sub-layer width): T = N or T < N (N/T
 sub-layers per chip) needs one all-reduce of T*d per layer, overlappable with the next layer's
@@ -124,8 +125,9 @@ def mesh_group(dims: tuple[int, ...], axes: tuple[int, ...], chips_per_node: int
     return Group(tuple(dims[i] for i in axes), group_nodes(dims, axes, chips_per_node))
 
 
-def _split_2d_axes(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Indices of the mesh axes for X (splits E) and YZ (splits F) minimising 2D weight-stationary traffic."""
+def split_2d_axes(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Indices of the mesh axes for X (splits E) and YZ (splits F) minimising 2D weight-stationary traffic
+    (the runtime's 2D plan shards by the same split, so what runs is what is priced)."""
     idx = range(len(mesh))
     best: tuple[float, tuple[int, ...], tuple[int, ...]] | None = None
     for r in range(len(mesh) + 1):
@@ -141,7 +143,7 @@ def _split_2d_axes(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...
 
 def split_2d(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Mesh axis sizes for X (splits E) and YZ (splits F) that minimise 2D weight-stationary traffic."""
-    xs, yzs = _split_2d_axes(pair, mesh)
+    xs, yzs = split_2d_axes(pair, mesh)
     return tuple(mesh[i] for i in xs), tuple(mesh[i] for i in yzs)
 
 
@@ -153,7 +155,7 @@ def pair_ops(layout: str, pair: MatPair, tokens: float, mesh: tuple[int, ...], c
     if layout == "1d-ws":
         return [CommOp("all_gather", tokens * pair.e, everyone), CommOp("reduce_scatter", tokens * pair.e, everyone)]
     if layout == "2d-ws":
-        xs, yzs = _split_2d_axes(pair, mesh)
+        xs, yzs = split_2d_axes(pair, mesh)
         x_group, yz_group = mesh_group(mesh, xs, chips_per_node), mesh_group(mesh, yzs, chips_per_node)
         x, yz = x_group.size, yz_group.size
         return [CommOp("all_gather", tokens * pair.e / x, yz_group),
@@ -162,11 +164,20 @@ def pair_ops(layout: str, pair: MatPair, tokens: float, mesh: tuple[int, ...], c
                 CommOp("reduce_scatter", tokens * pair.e / x, yz_group)]
     if layout in _WG_AXES:
         g_group = mesh_group(mesh, tuple(range(_WG_AXES[layout])), chips_per_node)
+        rest = wg_rest_group(layout, mesh, chips_per_node)
         n_g = g_group.size
         return [CommOp("all_gather", pair.params * n_g / n, g_group, tensor="weight"),
-                CommOp("all_gather", tokens * pair.e / n_g, everyone),
-                CommOp("reduce_scatter", tokens * pair.e / n_g, everyone)]
+                CommOp("all_gather", tokens * pair.e / n_g, rest),
+                CommOp("reduce_scatter", tokens * pair.e / n_g, rest)]
     raise ConfigError(f"layout: FFN layout must be one of {FFN_LAYOUTS}, got {layout!r}")
+
+
+def wg_rest_group(layout: str, mesh: tuple[int, ...], chips_per_node: int = 0) -> Group:
+    """The chips a weight-gathered layout's activations move over: the mesh axes it does not gather.
+    Chips of one gather group hold different batch shards; the chips that share a gathered weight
+    (same coordinates on the gathered axes) split its F columns and exchange tokens. Over one chip
+    (wg-xyz, or all axes gathered) activations do not move."""
+    return mesh_group(mesh, tuple(range(_WG_AXES[layout], len(mesh))), chips_per_node)
 
 
 def gathered_fraction(layout: str, mesh: tuple[int, ...]) -> float:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from krakenlm.model.quant import Int8Weight
 
 
 def row_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -40,10 +43,23 @@ def row_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -
     return out.reshape(b, h, 1, hs).to(q.dtype)
 
 
-def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM."""
+def linear(x: Tensor, weight: Tensor | Int8Weight) -> Tensor:
+    """x [M, in] @ weight[out, in]^T for a float or an int8 weight (the LM head, the conjunction)."""
     if single_row(x):
-        out = row_linear(x, weight)
+        return _row_linear(x, weight)
+    return weight.matmul(x) if isinstance(weight, Int8Weight) else F.linear(x, weight)
+
+
+def _row_linear(x: Tensor, weight: Tensor | Int8Weight) -> Tensor:
+    if isinstance(weight, Int8Weight):  # the int8 -> float conversion fuses into the reduction
+        return row_linear(x, weight.q) * weight.scale.unsqueeze(-2)
+    return row_linear(x, weight)
+
+
+def stacked_linear(x: Tensor, weight: Tensor | Int8Weight, bias: Tensor | None = None) -> Tensor:
+    """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM."""
+    if single_row(x) or isinstance(weight, Int8Weight):
+        out = _row_linear(x, weight) if single_row(x) else weight.matmul(x)  # type: ignore[union-attr]
         return out if bias is None else out + bias.unsqueeze(1)
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
         out = F.linear(x[0], weight[0], None if bias is None else bias[0])
@@ -135,6 +151,55 @@ class AttentionStep:
     mask: Tensor | None = None
 
 
+class PairHooks(Protocol):
+    """Where one matrix pair (in-projection, inner op, out-projection: attention or FFN) communicates
+    under a partitioning layout (krakenlm.parallel.layouts). Identity on one device."""
+
+    def norm(self, ln: StackedLayerNorm, y: Tensor) -> Tensor: ...  # residual -> normalized pair input
+
+    def scatter_inner(self, h: Tensor) -> Tensor: ...  # after the in-projection (2D: reduce-scatter over x)
+
+    def to_batch(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None
+                 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]: ...  # attention over this rank's sequences
+
+    def from_batch(self, out: Tensor) -> Tensor: ...  # attention output back to the pair's column split
+
+    def gather_inner(self, h: Tensor) -> Tensor: ...  # before the out-projection (2D: all-gather over x)
+
+    def leave(self, h: Tensor) -> Tensor: ...  # partial out-projection -> residual (sum over the shards)
+
+    def local(self, bias: Tensor | None) -> Tensor | None: ...  # a residual-width vector's local part
+
+
+class NoHooks:
+    """One device (and Megatron, which only sums in ``leave``): every hook is the identity."""
+
+    def norm(self, ln: StackedLayerNorm, y: Tensor) -> Tensor:
+        return ln(y)
+
+    def scatter_inner(self, h: Tensor) -> Tensor:
+        return h
+
+    def to_batch(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None
+                 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        return qkv, rope
+
+    def from_batch(self, out: Tensor) -> Tensor:
+        return out
+
+    def gather_inner(self, h: Tensor) -> Tensor:
+        return h
+
+    def leave(self, h: Tensor) -> Tensor:
+        return h
+
+    def local(self, bias: Tensor | None) -> Tensor | None:
+        return bias
+
+
+NO_HOOKS = NoHooks()
+
+
 def rope_tables(positions: Tensor, head_size: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos/sin tables [B, 1, T, head/2] for rotary position embeddings at the given positions."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size)
@@ -146,7 +211,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [S*B, H, T, head] pairwise (first half with second half)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    repeat = x.shape[0] // cos.shape[0]
+    repeat = x.shape[0] // max(cos.shape[0], 1)  # no rows at all: a rank holding no sequence
     cos, sin = cos.repeat(repeat, 1, 1, 1), sin.repeat(repeat, 1, 1, 1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -163,13 +228,16 @@ class StackedAttention(nn.Module):
         self.qkv_bias = nn.Parameter(torch.zeros(streams, qkv)) if bias else None
         self.proj_weight = nn.Parameter(torch.empty(streams, dim, shape.n_head * shape.head_size))
 
-    def forward(self, x: Tensor, batch: int, rope: tuple[Tensor, Tensor] | None, step: AttentionStep,
-                layer: int) -> Tensor:
-        s, m, _ = x.shape
-        t = m // batch
+    def forward(self, x: Tensor, t: int, rope: tuple[Tensor, Tensor] | None, step: AttentionStep,
+                layer: int, hooks: PairHooks = NO_HOOKS) -> Tensor:
+        """x [S, B*t, dim]: B sequences of t tokens (rows sequence-major)."""
+        qkv = hooks.scatter_inner(stacked_linear(x, self.qkv_weight, self.qkv_bias))
+        qkv, rope = hooks.to_batch(qkv, rope)
+        s, m, _ = qkv.shape
+        batch = m // t
         h, hkv, hs = self.shape.n_head, self.shape.n_kv_head, self.shape.stored_size
         scale = self.shape.head_size ** -0.5  # the true head size, also when heads are padded
-        qkv = stacked_linear(x, self.qkv_weight, self.qkv_bias).view(s * batch, t, h + 2 * hkv, hs)
+        qkv = qkv.view(s * batch, t, h + 2 * hkv, hs)
         q, k, v = qkv.transpose(1, 2).split([h, hkv, hkv], dim=1)  # [S*B, heads, T, hs]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -193,7 +261,7 @@ class StackedAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=hkv != h)
         out = out.transpose(1, 2).reshape(s, m, h * hs)
-        return stacked_linear(out, self.proj_weight)
+        return stacked_linear(hooks.gather_inner(hooks.from_batch(out)), self.proj_weight)
 
     @torch.no_grad()
     def pad_heads(self, size: int) -> None:
@@ -224,14 +292,14 @@ class StackedMLP(nn.Module):
         self.up_bias = nn.Parameter(torch.zeros(streams, up)) if bias else None
         self.down_weight = nn.Parameter(torch.empty(streams, dim, hidden))
 
-    def forward(self, x: Tensor) -> Tensor:
-        hidden = stacked_linear(x, self.up_weight, self.up_bias)
+    def forward(self, x: Tensor, hooks: PairHooks = NO_HOOKS) -> Tensor:
+        hidden = hooks.scatter_inner(stacked_linear(x, self.up_weight, self.up_bias))
         if self.kind == "swiglu":
             gate, up = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
         else:
             hidden = F.gelu(hidden, approximate="tanh")
-        return stacked_linear(hidden, self.down_weight)
+        return stacked_linear(hooks.gather_inner(hidden), self.down_weight)
 
 
 def attention_mask(valid: Tensor, q_len: int, start: int, streams: int) -> Tensor:

@@ -20,24 +20,25 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.model.layers import (
+    NO_HOOKS,
     AttentionShape,
     AttentionStep,
     KVCache,
+    NoHooks,
+    PairHooks,
     StackedAttention,
     StackedLayerNorm,
     StackedMLP,
     attention_mask,
     decode_mask,
     init_std,
+    linear,
     rope_tables,
-    row_linear,
-    single_row,
 )
 
 
@@ -82,7 +83,8 @@ class Pending(Protocol):
 
 class Comm(Protocol):
     """Where a forward pass communicates. Implementations: LocalComm (one device) and the
-    torch.distributed runtime in krakenlm.parallel."""
+    torch.distributed runtime in krakenlm.parallel (Megatron / Kraken plans, and the partitioning
+    layouts of krakenlm.parallel.layouts, which also use the layout hooks below)."""
 
     def reduce_shard(self, x: Tensor) -> Tensor: ...
 
@@ -94,6 +96,17 @@ class Comm(Protocol):
 
     def agree(self, tokens: Tensor) -> Tensor: ...
 
+    # Layout hooks (PlainComm: one replicated residual stream, identity).
+    def begin(self, phase: str, batch: int, t: int, step: AttentionStep) -> AttentionStep: ...
+
+    def pair(self, name: str) -> PairHooks: ...
+
+    def residual(self, y: Tensor) -> Tensor: ...
+
+    def head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> Tensor: ...
+
+    def weights(self, layer: Layer, index: int) -> Layer: ...
+
 
 class _Ready:
     def __init__(self, value: Tensor) -> None:
@@ -103,11 +116,57 @@ class _Ready:
         return self.value
 
 
-class LocalComm:
-    """Single device: every partial sum is already complete."""
+def select_positions(y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> Tensor:
+    """Streams y [S, B*t, d] -> [S, B, t_out, d] at the positions whose logits are wanted."""
+    s, _, d = y.shape
+    y = y.view(s, batch, t, d)
+    if isinstance(logits_at, Tensor):
+        return y[:, torch.arange(batch, device=y.device), logits_at].unsqueeze(2)
+    if logits_at == "last":
+        return y[:, :, -1:]
+    if logits_at != "all":
+        raise ValueError(f"logits_at must be 'all', 'last' or an index tensor, got {logits_at!r}")
+    return y
+
+
+class _ShardSum(NoHooks):
+    """A matrix pair under Megatron: partial out-projections summed by ``reduce_shard``."""
+
+    def __init__(self, comm: PlainComm) -> None:
+        self.comm = comm
+
+    def leave(self, h: Tensor) -> Tensor:
+        return self.comm.reduce_shard(h)
+
+
+class PlainComm:
+    """The layout hooks of a replicated residual stream (one device, Megatron, Kraken): every pair's
+    only collective is ``reduce_shard``."""
 
     def reduce_shard(self, x: Tensor) -> Tensor:
         return x
+
+    def begin(self, phase: str, batch: int, t: int, step: AttentionStep) -> AttentionStep:
+        return step
+
+    def pair(self, name: str) -> PairHooks:
+        return _ShardSum(self)
+
+    def residual(self, y: Tensor) -> Tensor:
+        return y
+
+    def head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> Tensor:
+        return select_positions(y, batch, t, logits_at)
+
+    def weights(self, layer: Layer, index: int) -> Layer:
+        return layer
+
+
+class LocalComm(PlainComm):
+    """Single device: every partial sum is already complete."""
+
+    def pair(self, name: str) -> PairHooks:
+        return NO_HOOKS
 
     def exchange(self, y: Tensor) -> Pending:
         return _Ready(y.sum(0))
@@ -229,7 +288,7 @@ class Transformer(nn.Module):
         elif valid is not None:
             mask = attention_mask(valid, t, 0, streams)
         step = AttentionStep(cache, start, None, start + t, mask)
-        return self._run(idx, positions, step, logits_at, comm)
+        return self._run(idx, positions, step, logits_at, comm, "prefill")
 
     def decode(self, tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache, *, keys: int | None = None,
                comm: Comm = LOCAL) -> Tensor:
@@ -240,52 +299,49 @@ class Transformer(nn.Module):
         keys = cache.max_len if keys is None else keys
         cache.valid.scatter_(1, slots.unsqueeze(1), True)
         step = AttentionStep(cache, 0, slots, keys, decode_mask(cache.valid, keys, self.shard.sub_count))
-        return self._run(tokens.unsqueeze(1), positions.unsqueeze(1), step, "all", comm)[:, 0]
+        return self._run(tokens.unsqueeze(1), positions.unsqueeze(1), step, "all", comm, "decode")[:, 0]
 
     def _run(self, idx: Tensor, positions: Tensor, step: AttentionStep, logits_at: str | Tensor,
-             comm: Comm) -> Tensor:
+             comm: Comm, phase: str) -> Tensor:
         cfg = self.config
         batch, t = idx.shape
+        step = comm.begin(phase, batch, t, step)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         rope = rope_tables(positions, cfg.head_size) if cfg.position == "rope" else None
-        y = x.reshape(1, batch * t, cfg.n_embd)  # layer 0: every sub-layer reads the shared embedding
+        y = comm.residual(x.reshape(1, batch * t, cfg.n_embd))  # layer 0: every sub-layer reads the embedding
         pending = None
         for i, layer in enumerate(self.layers):
             comm.layer_begin(i)
-            y = self._layer(layer, i, y, pending, batch, rope, step, comm)
+            y = self._layer(comm.weights(layer, i), i, y, pending, t, rope, step, comm)
             pending = comm.exchange(y) if cfg.arch == "kraken" and i < cfg.n_layer - 1 else None
         return self._head(y, batch, t, logits_at, comm)
 
-    def _layer(self, layer: Layer, index: int, y: Tensor, pending: Pending | None, batch: int,
+    def _layer(self, layer: Layer, index: int, y: Tensor, pending: Pending | None, t: int,
                rope: tuple[Tensor, Tensor] | None, step: AttentionStep, comm: Comm) -> Tensor:
-        h_in = layer.ln1(y)
-        attn = layer.attn(h_in, batch, rope, step, index)
         if layer.parallel_block:
-            return _add_bias(_add_bias(y + comm.reduce_shard(attn + layer.mlp(h_in)), layer.proj_bias),
-                             layer.down_bias)
-        h = _add_bias(comm.reduce_shard(attn), layer.proj_bias)
+            pair = comm.pair("block")
+            h_in = pair.norm(layer.ln1, y)
+            out = pair.leave(layer.attn(h_in, t, rope, step, index, pair) + layer.mlp(h_in, pair))
+            return _add_bias(_add_bias(y + out, pair.local(layer.proj_bias)), pair.local(layer.down_bias))
+        pair = comm.pair("attn")
+        h = _add_bias(pair.leave(layer.attn(pair.norm(layer.ln1, y), t, rope, step, index, pair)),
+                      pair.local(layer.proj_bias))
         a = y + h
         ffn_in = a if pending is None else h + pending.wait().unsqueeze(0)
-        return a + _add_bias(comm.reduce_shard(layer.mlp(layer.ln2(ffn_in))), layer.down_bias)
+        pair = comm.pair("ffn")
+        return a + _add_bias(pair.leave(layer.mlp(pair.norm(layer.ln2, ffn_in), pair)), pair.local(layer.down_bias))
 
     def _head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor, comm: Comm) -> Tensor:
-        s, _, d = y.shape
-        y = y.view(s, batch, t, d)
-        if isinstance(logits_at, Tensor):
-            y = y[:, torch.arange(batch, device=y.device), logits_at].unsqueeze(2)
-        elif logits_at == "last":
-            y = y[:, :, -1:]
-        elif logits_at != "all":
-            raise ValueError(f"logits_at must be 'all', 'last' or an index tensor, got {logits_at!r}")
-        t_out = y.shape[2]
+        y = comm.head(y, batch, t, logits_at)  # [S, B, t_out, d], whole rows on every rank
+        s, _, t_out, d = y.shape
         if self.config.has_conjunction:
             shard = self.shard
             width = d // shard.parts
             cols = y[..., shard.part * width:(shard.part + 1) * width]  # [S, B, t, d/parts]
             z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width)
-            z = row_linear(z, self.conj_weight) if single_row(z) else z @ self.conj_weight.t()
+            z = linear(z, self.conj_weight)
             z = comm.reduce_conj(z)
             if self.conj_bias is not None:
                 z = z + self.conj_bias
@@ -293,6 +349,6 @@ class Transformer(nn.Module):
         else:
             z = y.reshape(1, batch * t_out, d)
         z = self.ln_f(z)[0]
-        logits = row_linear(z, self.wte.weight) if single_row(z) else F.linear(z, self.wte.weight)
+        logits = linear(z, self.wte.weight)
         return logits.view(batch, t_out, -1)
 

@@ -29,6 +29,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from krakenlm.errors import DistributedError
+from krakenlm.model.transformer import PlainComm
+from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 
 
@@ -169,7 +171,7 @@ def _nccl_duration(work: Any) -> float | None:
         return None
 
 
-class DistComm:
+class DistComm(PlainComm):
     """Comm for one rank of a ParallelPlan (process groups created collectively by every rank)."""
 
     def __init__(self, plan: ParallelPlan, *, no_comm: bool = False, overlap: bool = True,
@@ -182,6 +184,7 @@ class DistComm:
         self.exchange_size = len(plan.exchange_group(rank))
         self.timeline = Timeline(clock_for(self.device))
         self._layer = -1  # the layer now running, for labelling collectives
+        self.ledger: Ledger | None = None  # when set, every collective is recorded (eager only)
 
     @staticmethod
     def make_groups(plan: ParallelPlan, rank: int) -> tuple[Any, Any]:
@@ -209,9 +212,15 @@ class DistComm:
         self.timeline.collectives.append(event)
         return event
 
+    def _note(self, kind: str, group: Any, x: Tensor, name: str, layer: int) -> None:
+        if self.ledger is not None and not torch.compiler.is_compiling():
+            ranks = tuple(dist.get_process_group_ranks(group))
+            self.ledger.record(kind, ranks, x.numel() * x.element_size(), name, layer)
+
     def _blocking(self, x: Tensor, group: Any, size: int, name: str) -> Tensor:
         if self.no_comm or size == 1:
             return x
+        self._note("all_reduce", group, x, name, -1 if name == "conjunction" else self._layer)
         if self.functional:
             return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
         event = self._record(name)
@@ -234,6 +243,7 @@ class DistComm:
         local = y.sum(0)
         if self.no_comm or self.exchange_size == 1:
             return _Ready(local)
+        self._note("all_reduce", self.exchange_group, local, "exchange", self._layer)
         if self.functional:
             pending: Any = _Functional(funcol.all_reduce(local, "sum", self.exchange_group))
             return _Ready(pending.wait()) if not self.overlap else pending
