@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from krakenlm.config import ModelConfig
-from krakenlm.dtypes import parse_dtype
+from krakenlm.dtypes import AUTO, AUTO_CANDIDATES, check_dtype, dtype_name, parse_dtype, resolve_dtype
 from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
 from krakenlm.generate import (
     Generation,
@@ -47,6 +47,7 @@ from krakenlm.generate import (
     validate_prompts,
 )
 from krakenlm.model import LOCAL, Comm, KVCache
+from krakenlm.model.attention import check_kernel
 from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.group import agree, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
@@ -59,19 +60,21 @@ class EngineOptions:
     """How to run a model: device, dtype, TP degree and the runtime switches. Plain data (JSON)."""
 
     device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when there is one)
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto (the faster of bf16 and fp32 here; the CLI's default)
     tp: int = 1
     no_comm: bool = False  # skip every collective: wrong numbers, right timing (the ceiling)
     overlap: bool = True  # Kraken's exchange in flight during the next attention (False: blocking)
     compile: bool = False  # torch.compile the decode step (CUDA: CUDA graphs)
     pad_heads: int | None = None  # zero-pad heads to this multiple (exact; friendlier kernel shapes)
+    attention: str = "auto"  # causal attention kernel: auto (measured fastest here), sdpa, blocked[:rows]
     timeout: float = 60.0  # seconds any rank waits for a peer before failing
     threads: int | None = None  # CPU threads per rank (default: cores / ranks on this node)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
             raise ConfigError(f"tp: must be an integer >= 1, got {self.tp!r}")
-        parse_dtype(self.dtype)
+        check_dtype(self.dtype)
+        check_kernel(self.attention)
         if not isinstance(self.timeout, (int, float)) or not math.isfinite(self.timeout) or self.timeout <= 0:
             raise ConfigError(f"timeout: must be a finite number of seconds > 0, got {self.timeout!r}")
         for name in ("pad_heads", "threads"):
@@ -138,7 +141,6 @@ class Engine:
         a single-device engine inside a rank (the benchmark's single-device baselines)."""
         self.source, self.options = source, options or EngineOptions()
         self.device = resolve_device(self.options.device)
-        self.dtype = parse_dtype(self.options.dtype)
         if local and self.options.tp != 1:
             raise ConfigError(f"tp: a local engine runs on one device, got tp={self.options.tp}")
         self.distributed = not local and (self.options.tp > 1 or under_torchrun() or rendezvous is not None)
@@ -186,12 +188,26 @@ class Engine:
         assert opened is not None
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
+        self.options = dataclasses.replace(self.options, dtype=self._resolve_dtype(opened.config))
+        self.dtype = parse_dtype(self.options.dtype)
         self.model = opened.model(self.shard, self.dtype, self.device)
         opened.release()
         if self.options.pad_heads:
             self.model.pad_heads(self.options.pad_heads)
+        self.model.set_attention_kernel(self.options.attention)
         self.comm: Comm = (DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                     device=self.device) if self.world > 1 else LOCAL)
+
+    def _resolve_dtype(self, config: ModelConfig) -> str:
+        """The dtype to run in; for 'auto' rank 0 measures (or reads its cache) and every rank takes its answer."""
+        if self.options.dtype != AUTO:
+            return dtype_name(parse_dtype(self.options.dtype))
+        name = resolve_dtype(AUTO, config, self.device, self.shard) if self.rank == 0 else AUTO_CANDIDATES[0]
+        if self.distributed:
+            choice = torch.tensor([AUTO_CANDIDATES.index(name)], device=self.device)
+            dist.broadcast(choice, 0)
+            name = AUTO_CANDIDATES[int(choice.item())]
+        return name
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod

@@ -13,14 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from krakenlm.model.attention import causal_attention
+
 
 def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM."""
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
         out = F.linear(x[0], weight[0], None if bias is None else bias[0])
         return out.unsqueeze(0)
-    out = torch.bmm(x, weight.transpose(1, 2))
-    return out if bias is None else out + bias.unsqueeze(1)
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # bias added inside the GEMM
 
 
 class StackedLayerNorm(nn.Module):
@@ -33,9 +36,15 @@ class StackedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(streams, dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [S or 1, M, dim] -> [S, M, dim]."""
-        out = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight.unsqueeze(1)
-        return out if self.bias is None else out + self.bias.unsqueeze(1)
+        """x [S or 1, M, dim] -> [S, M, dim]. One stream: the affine runs inside layer_norm's one pass;
+        several: one fused multiply-add over the normalized rows (no separate scale and shift passes)."""
+        if self.weight.shape[0] == 1:
+            bias = None if self.bias is None else self.bias[0]
+            return F.layer_norm(x, x.shape[-1:], self.weight[0], bias, self.eps)
+        out = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        if self.bias is None:
+            return out * self.weight.unsqueeze(1)
+        return torch.addcmul(self.bias.unsqueeze(1), out, self.weight.unsqueeze(1))
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,7 @@ class StackedAttention(nn.Module):
     def __init__(self, streams: int, dim: int, shape: AttentionShape, bias: bool) -> None:
         super().__init__()
         self.shape = shape
+        self.kernel = "auto"  # causal kernel without a mask: measured fastest here (krakenlm/model/attention.py)
         qkv = (shape.n_head + 2 * shape.n_kv_head) * shape.head_size
         self.qkv_weight = nn.Parameter(torch.empty(streams, qkv, dim))
         self.qkv_bias = nn.Parameter(torch.zeros(streams, qkv)) if bias else None
@@ -157,12 +167,12 @@ class StackedAttention(nn.Module):
             if step.mask is not None:
                 k = kbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
                 v = vbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
-        if step.mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale, enable_gqa=hkv != h)
+        if step.mask is None and t > 1:
+            out = causal_attention(q, k, v, scale, self.kernel)  # [S*B, T, heads, hs]
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=hkv != h)
-        out = out.transpose(1, 2).reshape(s, m, h * hs)
-        return stacked_linear(out, self.proj_weight)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale,
+                                                 enable_gqa=hkv != h).transpose(1, 2)
+        return stacked_linear(out.reshape(s, m, h * hs), self.proj_weight)
 
     @torch.no_grad()
     def pad_heads(self, size: int) -> None:
