@@ -32,11 +32,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_engine_args(parser: argparse.ArgumentParser, *, tp_help: str = "tensor-parallel degree") -> None:
     """How a model runs: device, dtype, TP degree and the engine's switches (every verb that runs one)."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=[*sorted(DTYPES), "auto"], default="auto",
+                        help="auto: the faster of bf16 and fp32 for the model on this machine (measured once, cached)")
     parser.add_argument("--tp", type=int, default=1, help=tp_help + " (local ranks, or the torchrun world)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a stalled rank aborts the run")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     parser.add_argument("--pad-heads", type=int, help="zero-pad heads to this multiple (exact; e.g. 64)")
+    parser.add_argument("--attention", default="auto",
+                        help="causal attention kernel: auto (measured fastest here), sdpa or blocked[:rows]")
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
@@ -44,7 +47,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 
 
 def engine_options(args: argparse.Namespace, **overrides: object) -> EngineOptions:
-    given = {k: getattr(args, k) for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads")}
+    given = {k: getattr(args, k) for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads", "attention")}
     return EngineOptions(**given | {"no_comm": getattr(args, "no_comm", False)} | overrides)
 
 
@@ -132,7 +135,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
         ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_calibrate_parser"]),
         ("krakenlm.train.cli", ["add_prepare_parser", "add_train_parser"]),
         ("krakenlm.eval.cli", ["add_eval_parser"]),
-        ("krakenlm.bench.cli", ["add_bench_parser"]),
+        ("krakenlm.bench.cli", ["add_bench_parser", "add_roofline_parser"]),
     ]:
         try:
             mod = __import__(module, fromlist=names)

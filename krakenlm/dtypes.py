@@ -61,3 +61,17 @@ def resolve_dtype(name: str, config: ModelConfig, device: torch.device | str = "
     shape = forward_shape(config, shard, prompt=max(1, min(tokens, config.block_size)))
     rates = {d: probe(shape, d, device, memory=False).gemm_flops_per_s for d in AUTO_CANDIDATES}
     return max(AUTO_CANDIDATES, key=rates.__getitem__)
+
+
+def agreed_dtype(name: str, config: ModelConfig, device: torch.device, shard: Shard | None = None, tokens: int = 512,
+                 distributed: bool = False) -> str:
+    """``resolve_dtype``; ``distributed``: rank 0 of the process group resolves and every rank takes its
+    answer (each rank measuring for itself could end in different dtypes)."""
+    if name != AUTO or not distributed:
+        return resolve_dtype(name, config, device, shard, tokens)
+    import torch.distributed as dist
+
+    choice = resolve_dtype(name, config, device, shard, tokens) if dist.get_rank() == 0 else AUTO_CANDIDATES[0]
+    index = torch.tensor([AUTO_CANDIDATES.index(choice)], device=device)
+    dist.broadcast(index, 0)
+    return AUTO_CANDIDATES[int(index.item())]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from krakenlm.config import ModelConfig
-from krakenlm.dtypes import AUTO, AUTO_CANDIDATES, check_dtype, dtype_name, parse_dtype, resolve_dtype
+from krakenlm.dtypes import agreed_dtype, check_dtype, parse_dtype
 from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
 from krakenlm.generate import (
     Generation,
@@ -188,7 +188,8 @@ class Engine:
         assert opened is not None
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
-        self.options = dataclasses.replace(self.options, dtype=self._resolve_dtype(opened.config))
+        dtype = agreed_dtype(self.options.dtype, opened.config, self.device, self.shard, distributed=self.distributed)
+        self.options = dataclasses.replace(self.options, dtype=dtype)
         self.dtype = parse_dtype(self.options.dtype)
         self.model = opened.model(self.shard, self.dtype, self.device)
         opened.release()
@@ -197,17 +198,6 @@ class Engine:
         self.model.set_attention_kernel(self.options.attention)
         self.comm: Comm = (DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                     device=self.device) if self.world > 1 else LOCAL)
-
-    def _resolve_dtype(self, config: ModelConfig) -> str:
-        """The dtype to run in; for 'auto' rank 0 measures (or reads its cache) and every rank takes its answer."""
-        if self.options.dtype != AUTO:
-            return dtype_name(parse_dtype(self.options.dtype))
-        name = resolve_dtype(AUTO, config, self.device, self.shard) if self.rank == 0 else AUTO_CANDIDATES[0]
-        if self.distributed:
-            choice = torch.tensor([AUTO_CANDIDATES.index(name)], device=self.device)
-            dist.broadcast(choice, 0)
-            name = AUTO_CANDIDATES[int(choice.item())]
-        return name
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod

@@ -108,6 +108,44 @@ class MeasurementCache:
         self._entries = None
 
 
+class MeasuredChoice:
+    """Which of several exact implementations is fastest here, per key: measured on first use (``measure``
+    returns seconds per candidate), then read from memory or the cache file."""
+
+    def __init__(self, name: str) -> None:
+        self.cache = MeasurementCache(name)
+        self._memo: dict[str, str] = {}
+
+    def pick(self, key: str, measure: Callable[[], dict[str, float]]) -> str:
+        if key not in self._memo:
+            entry = self.cache.get(key)
+            if not isinstance(entry, dict) or entry.get("choice") not in entry.get("seconds", {}):
+                seconds = measure()
+                entry = {"choice": min(seconds, key=seconds.__getitem__), "seconds": seconds}
+                self.cache.put(key, entry)
+            self._memo[key] = entry["choice"]
+        return self._memo[key]
+
+    def forget(self) -> None:
+        """Drop what this process remembers (the next pick reads the file again)."""
+        self._memo.clear()
+        self.cache.forget()
+
+
+MACHINE_SPECS = MeasurementCache("hardware")  # cost-model specs calibrated here (krakenlm/bench/spec.py)
+
+
+def spec_key() -> str:
+    """A calibrated spec's key: the CPU and torch version (its ranks run one thread each)."""
+    return f"{cpu_model()}|torch {torch.__version__}"
+
+
+def machine_spec() -> dict[str, Any] | None:
+    """The cost-model spec calibrated on this machine (a Hardware dict), if one was made."""
+    spec = MACHINE_SPECS.get(spec_key())
+    return spec if isinstance(spec, dict) else None
+
+
 def _other_cores_busy(device: torch.device) -> bool:
     """Whether other processes keep the CPU busy right now (a shared machine's noise)."""
     if device.type != "cpu":
@@ -124,27 +162,31 @@ def fastest_seconds(run: Callable[[], object], device: torch.device, repeats: in
                     idle_wait_s: float = 2.0) -> float:
     """Best seconds per call of ``run`` over ``repeats`` timed batches of about ``budget_s`` each.
 
-    The minimum is the right statistic for a capability (noise only ever adds time); before each
-    batch it waits up to ``idle_wait_s`` for other processes to leave the CPU.
+    The minimum is the right statistic for a capability (noise only ever adds time). On a CPU with
+    one compute thread the clock is that thread's CPU time, which other processes sharing the core
+    cannot inflate; otherwise wall time, after waiting up to ``idle_wait_s`` for the CPU to go idle.
     """
+    one_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    clock = time.thread_time if one_thread else time.perf_counter
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     run()
     sync()
-    start = time.perf_counter()
+    start = clock()
     run()
     sync()
-    calls = max(1, int(budget_s / max(time.perf_counter() - start, 1e-6)))
+    calls = max(1, int(budget_s / max(clock() - start, 1e-6)))
     best = float("inf")
     for _ in range(repeats):
-        deadline = time.monotonic() + idle_wait_s
-        while _other_cores_busy(device) and time.monotonic() < deadline:
+        deadline = time.monotonic() + (0.0 if one_thread else idle_wait_s)
+        while time.monotonic() < deadline and _other_cores_busy(device):
             time.sleep(0.05)
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             run()
         sync()
-        best = min(best, (time.perf_counter() - start) / calls)
+        best = min(best, (clock() - start) / calls)
     return best

@@ -93,7 +93,6 @@ def test_kernel_names_are_checked():
 
 def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(attention, "_memo", {})
     attention.CHOICES.forget()
     calls = []
 
@@ -109,7 +108,6 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
     entry = next(iter(json.loads((tmp_path / "attention.json").read_text()).values()))
     assert entry["choice"] == "blocked:64"
     # a fresh process (memo and in-memory cache dropped) reads the file and measures nothing
-    monkeypatch.setattr(attention, "_memo", {})
     attention.CHOICES.forget()
     causal_attention(q, k, v, 0.25)
     assert len(calls) == 1
@@ -118,7 +116,6 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
 
 def test_corrupt_choice_cache_is_ignored_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(attention, "_memo", {})
     (tmp_path / "attention.json").write_text("{not json")
     attention.CHOICES.forget()
     q, k, v = qkv(1, 2, 2, 20, 8)

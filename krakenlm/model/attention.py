@@ -27,14 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from krakenlm.errors import ConfigError
-from krakenlm.machine import MeasurementCache, fastest_seconds, machine_key
+from krakenlm.machine import MeasuredChoice, fastest_seconds, machine_key
 
 KERNELS = ("auto", "sdpa", "blocked")
 BLOCKS = (64, 128, 256)
 DEFAULT_BLOCK = 128  # for kernel="blocked" without a measurement
 TRAIN_SCORE_BYTES = 256 * 2**20
-CHOICES = MeasurementCache("attention")
-_memo: dict[str, str] = {}
+CHOICES = MeasuredChoice("attention")
 
 
 def check_kernel(kernel: str) -> str:
@@ -61,13 +60,14 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int) -> Tenso
     n, h, t, hs = q.shape
     if k.shape[1] != h:  # grouped / multi-query: every query head gets its group's keys
         k, v = (z.repeat_interleave(h // k.shape[1], dim=1) for z in (k, v))
-    q3, k3, v3 = (z.reshape(n * h, t, hs) for z in (q, k, v))
+    q3, v3 = (z.reshape(n * h, t, hs) for z in (q, v))
+    k_t = k.reshape(n * h, t, hs).transpose(1, 2).contiguous()  # [n*h, hs, t]: every block's keys without a copy
     out = q.new_empty(n, t, h, hs)
     heads_view = out.transpose(1, 2)  # [n, h, t, hs]: blocks are written in the output projection's layout
     bias = _causal_bias(min(block, t), q.dtype, q.device)
     for a in range(0, t, block):
         b = min(t, a + block)
-        scores = _block_scores(q3[:, a:b], k3[:, :b].transpose(1, 2), scale, bias[:b - a, :b - a])
+        scores = _block_scores(q3[:, a:b], k_t[:, :, :b], scale, bias[:b - a, :b - a])
         heads_view[:, :, a:b] = torch.bmm(torch.softmax(scores, dim=-1), v3[:, :b]).view(n, h, b - a, hs)
     return out
 
@@ -146,15 +146,7 @@ def choose(q: Tensor, k: Tensor) -> str:
     kv = max(1, heads // (h // k.shape[1]))
     key = (f"{machine_key(q.device)}|{str(q.dtype)[6:]}|{'train' if training else 'infer'}"
            f"|heads {heads}/{kv}|T {tb}|hs {hs}")
-    if key in _memo:
-        return _memo[key]
-    entry = CHOICES.get(key)
-    if not isinstance(entry, dict) or entry.get("choice") not in entry.get("seconds", {}):
-        seconds = measure(heads, kv, tb, hs, q.dtype, q.device, training)
-        entry = {"choice": min(seconds, key=seconds.__getitem__), "seconds": seconds}
-        CHOICES.put(key, entry)
-    _memo[key] = entry["choice"]
-    return entry["choice"]
+    return CHOICES.pick(key, lambda: measure(heads, kv, tb, hs, q.dtype, q.device, training))
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str = "auto") -> Tensor:

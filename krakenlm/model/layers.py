@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from krakenlm.model.activations import gelu_tanh
 from krakenlm.model.attention import causal_attention
 
 
@@ -209,7 +210,7 @@ class StackedMLP(nn.Module):
             gate, up = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
         else:
-            hidden = F.gelu(hidden, approximate="tanh")
+            hidden = gelu_tanh(hidden)
         return stacked_linear(hidden, self.down_weight)
 
 

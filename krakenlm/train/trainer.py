@@ -38,7 +38,7 @@ from torch import nn
 from krakenlm.checkpoint import fsync_dir, load_state, save_checkpoint, verify_manifest, write_manifest
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.data import WindowSampler, load_tokens, read_meta
-from krakenlm.dtypes import DTYPES
+from krakenlm.dtypes import AUTO, DTYPES, agreed_dtype
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
@@ -80,7 +80,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step per rank
     tokens_per_step: int | None = None  # if set, grad_accum is derived from it and the world size
     block_size: int | None = None  # window length; default: the model's context
-    dtype: str = "fp32"  # autocast dtype; weights and optimizer stay fp32
+    dtype: str = "fp32"  # autocast dtype (or auto: the faster here; the CLI's default); weights stay fp32
     compile: bool = False
     seed: int = 0  # model init and data order
     eval_interval: int = 100
@@ -107,8 +107,8 @@ class TrainConfig:
             raise ConfigError(f"lr: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("weight_decay, grad_clip must be >= 0 and betas in [0, 1)")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES and self.dtype != AUTO:
+            raise ConfigError(f"dtype: must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
 
@@ -385,9 +385,13 @@ class Trainer:
             _check_resume(TrainConfig.from_dict(state["train_config"]), cfg, state["world_size"], self.dist.world)
         if model_config is None:
             raise ConfigError("train: no model given (use a preset, a config JSON or a recipe)")
+        self.block = cfg.block_size or model_config.block_size
+        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
+        tokens = cfg.batch_size * self.block
+        cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device, tokens=tokens,
+                                             distributed=self.dist.world > 1))
         self.cfg = cfg
         self.model_config = model_config
-        self.block = cfg.block_size or model_config.block_size
         if self.block > model_config.block_size:
             raise ConfigError(f"block_size: {self.block} exceeds the model's context of {model_config.block_size}")
         meta = read_meta(cfg.data)
