@@ -120,6 +120,11 @@ def memory_bandwidth(device: torch.device) -> float:
     return rate
 
 
+def gemm_key(g: Gemm, dtype: str, device: torch.device) -> str:
+    """Where one GEMM shape's measured rate is cached."""
+    return f"{machine_key(device)}|{dtype}|gemm {g.streams}x{g.m}x{g.k}x{g.n}"
+
+
 def probe(shape: ForwardShape, dtype: str, device: torch.device | str = "cpu", memory: bool = True) -> Roofline:
     """Measure (or read from the cache) the GEMM throughput of ``shape``'s weight GEMMs in ``dtype`` and,
     with ``memory``, the memory bandwidth."""
@@ -130,7 +135,7 @@ def probe(shape: ForwardShape, dtype: str, device: torch.device | str = "cpu", m
     for g in shape.gemms:
         if g.count == 1 and g.name == "conj":
             continue  # one small GEMM per forward: not what the model's time is made of
-        key = f"{machine_key(device)}|{dtype}|gemm {g.streams}x{g.m}x{g.k}x{g.n}"
+        key = gemm_key(g, dtype, device)
         rate = PROBES.get(key)
         if not isinstance(rate, (int, float)) or rate <= 0:
             rate = 2.0 * g.streams * g.m * g.k * g.n / _time_gemm(g, torch_dtype, device)

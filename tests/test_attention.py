@@ -143,3 +143,16 @@ def test_model_forward_and_gradients_equal_across_kernels(arch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_breakdown_counts_the_blocked_kernels_gemms_as_attention():
+    """The blocked kernel is made of bmm calls; a bench breakdown files them under attention, not GEMM."""
+    from krakenlm.bench.breakdown import profile_forward
+
+    q, k, v = qkv(1, 4, 4, 256, 32)
+    times = {}
+    for kernel in ("blocked:64", "sdpa"):
+        times[kernel] = profile_forward(lambda kernel=kernel: causal_attention(q, k, v, 0.2, kernel), vocab=257)
+        assert times[kernel]["attention"] > 0 and times[kernel]["GEMM"] == 0, kernel
+    # a bare bmm outside the range is a GEMM: the range, not the op name, decides
+    assert profile_forward(lambda: q @ k.transpose(-1, -2), vocab=257)["GEMM"] > 0

@@ -20,11 +20,13 @@ Attention with a mask (left padding, a prefill after earlier tokens, a decode st
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.profiler import record_function
 
 from krakenlm.errors import ConfigError
 from krakenlm.machine import MeasuredChoice, fastest_seconds, machine_key
@@ -33,6 +35,7 @@ KERNELS = ("auto", "sdpa", "blocked")
 BLOCKS = (64, 128, 256)
 DEFAULT_BLOCK = 128  # for kernel="blocked" without a measurement
 TRAIN_SCORE_BYTES = 256 * 2**20
+PROFILE_RANGE = "krakenlm::attention"
 CHOICES = MeasuredChoice("attention")
 
 
@@ -156,7 +159,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str 
     torch.compile it is SDPA (no measurement in a trace)."""
     if kernel == "auto":
         kernel = "sdpa" if torch.compiler.is_compiling() or q.shape[2] == 1 else choose(q, k)
-    with torch.autocast(q.device.type, enabled=False):  # every kernel computes in q's dtype, as SDPA does
+    # every kernel computes in q's dtype, as SDPA does; the profiler range lets a breakdown count its ops
+    # (a trace has no profiler, so a compiled graph leaves it out)
+    marked = contextlib.nullcontext() if torch.compiler.is_compiling() else record_function(PROFILE_RANGE)
+    with torch.autocast(q.device.type, enabled=False), marked:
         return run_kernel(kernel, q, k, v, scale)
 
 
