@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from krakenlm.demo import DemoConfig, run_demo
 from krakenlm.dtypes import DTYPES
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import KrakenError
@@ -112,19 +113,24 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from krakenlm.demo import DemoConfig, run_demo
+def _demo_config(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(out=args.out, steps=args.steps, prompt_len=args.prompt_len, rounds=args.rounds,
+                      device=args.device, dtype=args.dtype)
 
-    return run_demo(DemoConfig(args.out, args.steps, args.prompt_len, args.rounds, args.device))
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(_demo_config(args))
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    d = DemoConfig()
     p = sub.add_parser("demo", help="end-to-end: train small Kraken + GPT, serve on 2 ranks, TTFT vs prediction")
-    p.add_argument("--out", default=os.environ.get("KRAKENLM_DEMO_DIR", "runs/demo"))
-    p.add_argument("--steps", type=int, default=200, help="training steps per model")
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--device", default="auto", help="where the 2-rank generation runs: cpu, cuda or auto")
+    p.add_argument("--out", default=os.environ.get("KRAKENLM_DEMO_DIR", d.out))
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps per model")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--device", default=d.device, help="where the 2-rank generation runs: cpu, cuda or auto")
+    p.add_argument("--dtype", default=d.dtype, help="training and timing: auto (the faster here), bf16 or fp32")
     p.set_defaults(func=_cmd_demo)
 
 
