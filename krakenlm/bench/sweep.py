@@ -445,8 +445,9 @@ def run_rank(payload: dict[str, Any]) -> int:
                                       "dtype": _resolved_dtype(variants),
                                       "link_gbps": payload["link_gbps"],
                                       "oversubscribed": world > (os.cpu_count() or 1), **result})
-                        print(f"[bench] tp={world} link={payload['link_gbps'] or 'loopback'} {shape} {dtype} "
-                              f"T={prompt} B={batch}: " + _headline(result), file=sys.stderr, flush=True)
+                        link = payload["link_gbps"] or "loopback"
+                        print(f"[bench] tp={world} link={link} {shape} {cells[-1]['dtype']} T={prompt} B={batch}: "
+                              + _headline(result), file=sys.stderr, flush=True)
             del variants
     if rank == 0:
         Path(payload["out"]).write_text(json.dumps(cells))
