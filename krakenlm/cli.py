@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from krakenlm.costmodel.estimator import Workload
+from krakenlm.demo import DemoConfig, run_demo
 from krakenlm.dtypes import DTYPES
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import KrakenError
@@ -33,7 +34,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_engine_args(parser: argparse.ArgumentParser, *, tp_help: str = "tensor-parallel degree") -> None:
     """How a model runs: device, dtype, TP degree and the engine's switches (every verb that runs one)."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=[*sorted(DTYPES), "auto"], default="auto",
+                        help="auto: the faster of bf16 and fp32 for the model on this machine (measured once, cached)")
     parser.add_argument("--tp", type=int, default=1, help=tp_help + " (local ranks, or the torchrun world)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a stalled rank aborts the run")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
@@ -42,6 +44,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, tp_help: str = "tensor-p
                         "wg-x/wg-xy/wg-xyz (prefill) with /attn-heads or /attn-batch, PREFILL,DECODE, or auto (the "
                         "cost model's choice for this workload); default: Megatron 1D (Kraken: its sub-layer split)")
     parser.add_argument("--quantize", choices=["int8"], help="int8 weight-only weights made at load (per-row scales)")
+    parser.add_argument("--attention", default="auto",
+                        help="causal attention kernel: auto (measured fastest here), sdpa or blocked[:rows]")
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
@@ -50,7 +54,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 
 def engine_options(args: argparse.Namespace, **overrides: object) -> EngineOptions:
     given = {k: getattr(args, k) for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads", "layout",
-                                           "quantize")}
+                                           "quantize", "attention")}
     return EngineOptions(**given | {"no_comm": getattr(args, "no_comm", False)} | overrides)
 
 
@@ -123,19 +127,24 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from krakenlm.demo import DemoConfig, run_demo
+def _demo_config(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(out=args.out, steps=args.steps, prompt_len=args.prompt_len, rounds=args.rounds,
+                      device=args.device, dtype=args.dtype)
 
-    return run_demo(DemoConfig(args.out, args.steps, args.prompt_len, args.rounds, args.device))
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(_demo_config(args))
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    d = DemoConfig()
     p = sub.add_parser("demo", help="end-to-end: train small Kraken + GPT, serve on 2 ranks, TTFT vs prediction")
-    p.add_argument("--out", default=os.environ.get("KRAKENLM_DEMO_DIR", "runs/demo"))
-    p.add_argument("--steps", type=int, default=200, help="training steps per model")
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--device", default="auto", help="where the 2-rank generation runs: cpu, cuda or auto")
+    p.add_argument("--out", default=os.environ.get("KRAKENLM_DEMO_DIR", d.out))
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps per model")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--device", default=d.device, help="where the 2-rank generation runs: cpu, cuda or auto")
+    p.add_argument("--dtype", default=d.dtype, help="training and timing: auto (the faster here), bf16 or fp32")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -161,7 +170,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
                                     "add_calibrate_parser"]),
         ("krakenlm.train.cli", ["add_prepare_parser", "add_train_parser"]),
         ("krakenlm.eval.cli", ["add_eval_parser"]),
-        ("krakenlm.bench.cli", ["add_bench_parser"]),
+        ("krakenlm.bench.cli", ["add_bench_parser", "add_roofline_parser"]),
         ("krakenlm.serve.cli", ["add_serve_parser", "add_loadtest_parser"]),
     ]:
         try:

@@ -1,10 +1,12 @@
 """The end-to-end demo (`krakenlm demo`, the README's main command).
 
-Shakespeare corpus -> a small Kraken 2-way and a GPT of equal parameters trained for a few
-minutes -> validation perplexity -> generation on 2 tensor-parallel ranks (checked equal to one
-device) -> Kraken vs standard TP time-to-first-token on 2 gloo ranks, interleaved, with the
-no-comm ceilings (heads zero-padded to multiples of 64, exact) -> the cost model's prediction for
-the same shapes beside the measurement.
+Shakespeare corpus -> a byte-level BPE fitted to it (a small vocabulary, so small models learn
+words rather than spend their steps on a 50k-way softmax) -> a small Kraken 2-way and a GPT of the
+same block shapes trained for a few minutes in the dtype that is faster here -> validation
+perplexity -> generation on 2 tensor-parallel ranks (greedy checked equal to one device, then a
+sampled continuation) -> Kraken vs standard TP time-to-first-token on 2 gloo ranks, interleaved,
+with the no-comm ceilings -> the cost model's prediction from a spec calibrated on this machine
+(krakenlm/bench/spec.py), and how far prediction and measurement are apart.
 Every step is skipped when its output already exists, so a rerun is quick.
 """
 
@@ -15,15 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from krakenlm.checkpoint import load_model
+from krakenlm.checkpoint import load_config, load_model
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError
-from krakenlm.generate import Stop, generate
+from krakenlm.generate import SamplingConfig, Stop, generate
 from krakenlm.source import ModelSource
-from krakenlm.tokenizer import get_tokenizer
+from krakenlm.tokenizer import BPETokenizer, load_bpe
 
 MODELS = {"kraken": "mini-kraken-2way", "gpt": "mini-gpt"}
-PAD_HEADS = 64  # served heads are zero-padded to this multiple (exact): friendlier kernel shapes
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
 
@@ -31,122 +32,160 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _train(out: Path, data: Path, preset: str, steps: int) -> Path:
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "runs/demo"
+    steps: int = 600  # training steps per model
+    vocab: int = 4096  # the corpus-trained BPE's vocabulary
+    prompt_len: int = 256
+    rounds: int = 9
+    device: str = "auto"  # where the 2-rank generation runs (the TTFT sweep is the CPU benchmark)
+    dtype: str = "auto"  # training and serving: auto = the faster of bf16 and fp32 here
+    temperature: float = 0.8
+    top_k: int = 40
+    sample_tokens: int = 160
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompt_len", "rounds", "top_k", "sample_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+        if not isinstance(self.vocab, int) or not 257 < self.vocab <= 65536:
+            raise ConfigError(f"vocab: must be an integer in 258..65536, got {self.vocab!r}")
+        SamplingConfig(self.temperature, self.top_k)  # validates both
+        EngineOptions(dtype=self.dtype)  # validates the dtype name
+
+
+def _data(out: Path, vocab: int) -> Path:
+    from krakenlm.data import prepare
+
+    data = out / f"data-bpe{vocab}"
+    if not (data / "meta.json").exists():
+        _say(f"fitting a {vocab}-token byte-level BPE to the bundled Shakespeare plays and tokenizing them")
+        prepare(data, tokenizer=f"bpe:{vocab}")
+    return data
+
+
+def _train(out: Path, data: Path, preset: str, args: DemoConfig) -> Path:
     from krakenlm.presets import get_preset
     from krakenlm.train.trainer import TrainConfig, latest_checkpoint, train
 
-    run = out / preset
+    run = out / f"{preset}-bpe{args.vocab}"
     done = latest_checkpoint(run)
-    if done is not None and json.loads((done / "config.json").read_text()).get("train_step") == steps:
+    if done is not None and json.loads((done / "config.json").read_text()).get("train_step") == args.steps:
         _say(f"{preset}: trained checkpoint found at {done}")
         return done
-    cfg = TrainConfig(data=str(data), out=str(run), steps=steps, lr=1e-3, warmup_steps=max(1, steps // 10),
-                      batch_size=8, block_size=256, dtype="bf16", eval_interval=max(1, steps // 5),
-                      eval_windows=20, checkpoint_interval=steps, seed=0)
-    _say(f"training {preset} ({get_preset(preset).num_params() / 1e6:.1f}M params) for {steps} steps")
-    result = train(cfg, get_preset(preset), resume=done is not None)
+    model = get_preset(preset)
+    model = model.replace(vocab_size=args.vocab, name=f"{model.name}-bpe{args.vocab}")
+    cfg = TrainConfig(data=str(data), out=str(run), steps=args.steps, lr=2e-3, warmup_steps=max(1, args.steps // 20),
+                      batch_size=8, block_size=256, dtype=args.dtype, eval_interval=max(1, args.steps // 4),
+                      eval_windows=20, checkpoint_interval=args.steps, seed=0)
+    _say(f"training {preset} ({model.num_params() / 1e6:.1f}M params) for {args.steps} steps")
+    result = train(cfg, model, resume=done is not None)
     assert result.checkpoint is not None
+    _say(f"{preset}: trained in {result.config.dtype}, final train loss {result.loss:.2f}")
     return result.checkpoint
 
 
-def _measure_ttft(checkpoints: dict[str, str], prompt_len: int, rounds: int) -> dict[str, Any]:
+def _measure_ttft(checkpoints: dict[str, str], args: DemoConfig) -> dict[str, Any]:
     """The benchmark sweep on the trained checkpoints: one loopback cell, interleaved rounds, idle waits."""
     from krakenlm.bench.sweep import Options, run_sweep
 
-    opts = Options(shapes=["checkpoints"], checkpoints=checkpoints, prompts=[prompt_len], batches=[1],
-                   dtypes=["bf16"], tps=[2], links=[None], rounds=rounds, max_rounds=2 * rounds, decode_steps=0,
-                   peer=False, single=False, breakdown=False, idle_wait_s=5.0, pad_heads=PAD_HEADS)
+    opts = Options(shapes=["checkpoints"], checkpoints=checkpoints, prompts=[args.prompt_len], batches=[1],
+                   dtypes=[args.dtype], tps=[2], links=[None], rounds=args.rounds, max_rounds=2 * args.rounds,
+                   decode_steps=0, peer=False, single=False, breakdown=False, roofline=False, idle_wait_s=5.0)
     cell = run_sweep(opts, progress=_say)["cells"][0]
     ratio = cell["ratios"]["prefill"]["kraken/gpt"]
     in_place = cell["hidden_fraction"]["in_place"]
-    return {"median_ms": {label: v["prefill"]["median"] * 1e3 for label, v in cell["variants"].items()},
+    return {"dtype": cell["dtype"],
+            "median_ms": {label: v["prefill"]["median"] * 1e3 for label, v in cell["variants"].items()},
             "kraken_over_gpt": ratio["median"], "kraken_over_gpt_min_max": [ratio["min"], ratio["max"]],
             "hidden_fraction": {"timeline": cell["hidden_fraction"]["timeline"],
                                 "in_place": in_place["median"] if in_place else None},
             "rounds": cell["rounds"]}
 
 
-def _predict(checkpoints: dict[str, str], prompt_len: int) -> dict[str, float]:
-    """The calibrated CPU/gloo cost model for exactly what is measured: heads padded as served, the LM
-    head computed whole on each rank (as the runtime does), 2 chips."""
-    from krakenlm.checkpoint import load_config
+def _predict(checkpoints: dict[str, str], prompt_len: int, dtype: str) -> dict[str, Any]:
+    """The cost model for exactly what is measured (the LM head computed whole on each rank, as the
+    runtime does, 2 chips), from a spec calibrated on this machine at each model's own shapes."""
+    from krakenlm.bench.spec import calibrated_spec
     from krakenlm.costmodel.estimator import Workload, estimate
-    from krakenlm.costmodel.hardware import load_hardware
 
-    hw = load_hardware("cpu-gloo")
-    work = Workload(batch=1, prompt=prompt_len, dtype="bf16")
-    out = {}
+    work = Workload(batch=1, prompt=prompt_len, dtype=dtype)
+    link = None
+    out: dict[str, Any] = {"ms": {}, "spec": {}}
     for name, path in checkpoints.items():
         cfg = load_config(path)
-        cfg = cfg.replace(head_dim=cfg.padded_head_size(PAD_HEADS))
+        hw = calibrated_spec(cfg, 2, prompt_len, 1, link=link)
+        link = (hw.alpha, hw.link_bw)  # one loopback probe serves both models
         layout = "kraken" if cfg.arch == "kraken" else "1d-ws"
-        out[name] = estimate(cfg, hw, work, chips=2, layout=layout, lm_head="replicated").ttft_s * 1e3
+        out["ms"][name] = estimate(cfg, hw, work, chips=2, layout=layout, lm_head="replicated").ttft_s * 1e3
+        out["spec"][name] = {"peak_flops": hw.peak_flops, "attention_eff": hw.attention_eff,
+                             "layer_overhead_s": hw.layer_overhead_s, "link_bw": hw.link_bw, "alpha": hw.alpha}
     return out
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    out: str = "runs/demo"
-    steps: int = 200  # training steps per model
-    prompt_len: int = 256
-    rounds: int = 9
-    device: str = "auto"  # where the 2-rank generation runs (the TTFT sweep is the CPU benchmark)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "prompt_len", "rounds"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
-
-
-def run_demo(args: DemoConfig) -> int:
-    """Every stage, skipping those whose output exists; prints the comparison and writes summary.json."""
-    from krakenlm.data import prepare
-    from krakenlm.eval.perplexity import perplexity
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    if not (data / "meta.json").exists():
-        _say("tokenizing the bundled Shakespeare corpus (GPT-2 BPE)")
-        prepare(data, progress=True)
-    checkpoints = {name: str(_train(out, data, preset, args.steps)) for name, preset in MODELS.items()}
-
-    summary: dict[str, Any] = {"checkpoints": checkpoints, "steps": args.steps}
-    summary["val_perplexity"] = {name: perplexity(load_model(path), data, num_windows=40, block_size=256)
-                                 for name, path in checkpoints.items()}
-    _say("validation perplexity: " + ", ".join(f"{n} {p:.1f}" for n, p in summary["val_perplexity"].items()))
-
-    tok = get_tokenizer("gpt2")
+def _generate(checkpoint: str, tok: BPETokenizer, args: DemoConfig) -> dict[str, Any]:
+    """Greedy on 2 ranks checked against one device, then a sampled continuation (what reads like the corpus)."""
     prompt, stop = [tok.encode(PROMPT)], Stop((tok.eot_token,))
-    single = generate(load_model(checkpoints["kraken"]), prompt, 40, stop_token=tok.eot_token,
-                      vocab_limit=tok.vocab_size).tokens[0]
-    _say("generating with the trained Kraken on 2 tensor-parallel ranks:")
-    source, options = ModelSource(checkpoint=checkpoints["kraken"]), EngineOptions(tp=2, device=args.device)
+    single = generate(load_model(checkpoint), prompt, 40, stop_token=tok.eot_token, vocab_limit=tok.vocab_size)
+    source, options = ModelSource(checkpoint=checkpoint), EngineOptions(tp=2, device=args.device, dtype="fp32")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=0)
     with Engine.launch(source, options) as engine:
-        result = engine.generate(prompt, 40, stop=stop, vocab_limit=tok.vocab_size)
-    print(PROMPT + tok.decode(result.tokens[0]))
-    same = "the same as" if result.tokens[0] == single else "DIFFERENT from"
-    _say(f"2-rank greedy output is {same} the single-device output (TTFT {result.prefill_seconds * 1e3:.1f} ms)")
-    summary["tp_equals_single_device"] = result.tokens[0] == single
+        greedy = engine.generate(prompt, 40, stop=stop, vocab_limit=tok.vocab_size)
+        sampled = engine.generate(prompt, args.sample_tokens, sampling, stop=stop, vocab_limit=tok.vocab_size)
+    same = greedy.tokens[0] == single.tokens[0]
+    _say(f"2-rank greedy output is {'the same as' if same else 'DIFFERENT from'} the single-device output "
+         f"(fp32, 40 tokens; TTFT {greedy.prefill_seconds * 1e3:.1f} ms)")
+    _say(f"a sampled continuation on 2 ranks (temperature {args.temperature}, top-k {args.top_k}):")
+    text = PROMPT + tok.decode(sampled.tokens[0])
+    print(text)
+    return {"tp_equals_single_device": same, "sample": text}
 
-    _say(f"timing prefill (TTFT) of {args.prompt_len} tokens on 2 gloo ranks over loopback, bf16, "
-         f"{args.rounds} interleaved rounds ...")
-    measured = _measure_ttft(checkpoints, args.prompt_len, args.rounds)
-    predicted = _predict(checkpoints, args.prompt_len)
-    summary.update(measured=measured, predicted_ms=predicted, prompt_len=args.prompt_len)
+
+def _report(measured: dict[str, Any], predicted: dict[str, Any]) -> None:
     print()
-    print(f"{'model':<20}{'measured TTFT ms':>18}{'no-comm ceiling ms':>20}{'cost model ms':>16}")
+    print(f"{'model':<20}{'measured TTFT ms':>18}{'no-comm ceiling ms':>20}{'cost model ms':>16}{'model/measured':>16}")
     for name in MODELS:
-        print(f"{name + ' (2 ranks)':<20}{measured['median_ms'][name]:>18.2f}"
-              f"{measured['median_ms'][name + '/no-comm']:>20.2f}{predicted[name]:>16.2f}")
+        got, want = measured["median_ms"][name], predicted["ms"][name]
+        print(f"{name + ' (2 ranks)':<20}{got:>18.2f}{measured['median_ms'][name + '/no-comm']:>20.2f}"
+              f"{want:>16.2f}{want / got:>16.2f}")
     lo, hi = measured["kraken_over_gpt_min_max"]
-    print(f"Kraken / standard TTFT: measured {measured['kraken_over_gpt']:.2f} (paired per round, min {lo:.2f}, "
-          f"max {hi:.2f}); predicted {predicted['kraken'] / predicted['gpt']:.2f}")
+    print(f"Kraken / standard TTFT ({measured['dtype']}): measured {measured['kraken_over_gpt']:.2f} (paired per "
+          f"round, min {lo:.2f}, max {hi:.2f}); predicted {predicted['ms']['kraken'] / predicted['ms']['gpt']:.2f}")
     hidden = measured["hidden_fraction"]
     print(f"Kraken AllReduce time hidden behind attention: {hidden['timeline']:.0%} of the exchange's duration"
           + (f"; {hidden['in_place']:.0%} of blocking mode's exposed time removed" if hidden["in_place"] is not None
              else ""))
+    print("(cost model: a spec calibrated on this machine in seconds - GEMM and attention rates at each model's "
+          "shapes, a loopback all-reduce, per-layer overhead; `krakenlm predict --hardware cpu-gloo` uses it)")
+
+
+def run_demo(args: DemoConfig) -> int:
+    """Every stage, skipping those whose output exists; prints the comparison and writes summary.json."""
+    from krakenlm.eval.perplexity import perplexity
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _data(out, args.vocab)
+    checkpoints = {name: str(_train(out, data, preset, args)) for name, preset in MODELS.items()}
+
+    summary: dict[str, Any] = {"checkpoints": checkpoints, "steps": args.steps, "vocab": args.vocab}
+    summary["val_perplexity"] = {name: perplexity(load_model(path), data, num_windows=40, block_size=256)
+                                 for name, path in checkpoints.items()}
+    _say("validation perplexity (corpus BPE tokens): "
+         + ", ".join(f"{n} {p:.1f}" for n, p in summary["val_perplexity"].items()))
+    summary |= _generate(checkpoints["kraken"], load_bpe(data), args)
+
+    _say(f"timing prefill (TTFT) of {args.prompt_len} tokens on 2 gloo ranks over loopback, dtype {args.dtype}, "
+         f"{args.rounds} interleaved rounds ...")
+    measured = _measure_ttft(checkpoints, args)
+    _say("calibrating the cost model on this machine (cached after the first run) ...")
+    predicted = _predict(checkpoints, args.prompt_len, measured["dtype"])
+    summary.update(measured=measured, predicted_ms=predicted["ms"], predicted_spec=predicted["spec"],
+                   prompt_len=args.prompt_len,
+                   prediction_over_measurement={n: predicted["ms"][n] / measured["median_ms"][n] for n in MODELS})
+    _report(measured, predicted)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _say(f"wrote {out / 'summary.json'}")
     return 0

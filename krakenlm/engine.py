@@ -37,7 +37,7 @@ from torch import Tensor
 
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
-from krakenlm.dtypes import parse_dtype
+from krakenlm.dtypes import check_dtype, parse_dtype
 from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
 from krakenlm.generate import (
     Generation,
@@ -48,6 +48,7 @@ from krakenlm.generate import (
     validate_prompts,
 )
 from krakenlm.model import LOCAL, Comm, KVCache
+from krakenlm.model.attention import check_kernel
 from krakenlm.model.quant import QUANTIZE
 from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.group import agree, init_distributed, resolve_device
@@ -58,6 +59,7 @@ from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.parallel.rank_model import build_rank_model, held_bytes
 from krakenlm.resources import require_memory
+from krakenlm.roofline import agreed_dtype
 from krakenlm.source import ModelSource
 from krakenlm.validation import check_float, check_int
 
@@ -67,12 +69,13 @@ class EngineOptions:
     """How to run a model: device, dtype, TP degree and the runtime switches. Plain data (JSON)."""
 
     device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when there is one)
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto (the faster of bf16 and fp32 here; the CLI's default)
     tp: int = 1
     no_comm: bool = False  # skip every collective: wrong numbers, right timing (the ceiling)
     overlap: bool = True  # Kraken's exchange in flight during the next attention (False: blocking)
     compile: bool = False  # torch.compile the decode step (CUDA: CUDA graphs)
     pad_heads: int | None = None  # zero-pad heads to this multiple (exact; friendlier kernel shapes)
+    attention: str = "auto"  # causal attention kernel: auto (measured fastest here), sdpa, blocked[:rows]
     timeout: float = 60.0  # seconds any rank waits for a peer before failing
     threads: int | None = None  # CPU threads per rank (default: cores / ranks on this node)
     layout: str | None = None  # "2d-ws/attn-batch", "PREFILL,DECODE", "auto" (parallel.layouts); None: Megatron/Kraken
@@ -80,7 +83,8 @@ class EngineOptions:
 
     def __post_init__(self) -> None:
         check_int(self.tp, "tp")
-        parse_dtype(self.dtype)
+        check_dtype(self.dtype)
+        check_kernel(self.attention)
         check_float(self.timeout, "timeout", minimum=0, exclusive=True)
         check_int(self.pad_heads, "pad_heads", optional=True)
         check_int(self.threads, "threads", optional=True)
@@ -159,7 +163,6 @@ class Engine:
         self.source, self.options, self.workload = source, options or EngineOptions(), workload
         self._ledger: Ledger | None = None
         self.device = resolve_device(self.options.device)
-        self.dtype = parse_dtype(self.options.dtype)
         if local and self.options.tp != 1:
             raise ConfigError(f"tp: a local engine runs on one device, got tp={self.options.tp}")
         self.distributed = not local and (self.options.tp > 1 or under_torchrun() or rendezvous is not None)
@@ -208,6 +211,9 @@ class Engine:
         assert opened is not None
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
+        dtype = agreed_dtype(self.options.dtype, opened.config, self.device, self.shard, distributed=self.distributed)
+        self.options = dataclasses.replace(self.options, dtype=dtype)
+        self.dtype = parse_dtype(self.options.dtype)
         self.layout = resolve(self.options.layout, opened.config, self.options.tp, self.workload, self.device)
         default = self.layout == Layout.default(opened.config)
         rank_plan = None if default else RankPlan(opened.config, self.layout, self.options.tp, self.rank)
@@ -221,6 +227,7 @@ class Engine:
         opened.release()
         if self.options.pad_heads:
             self.model.pad_heads(self.options.pad_heads)
+        self.model.set_attention_kernel(self.options.attention)
         self.comm: Comm = LOCAL
         if self.world > 1 and rank_plan is not None:
             self.comm = LayoutComm(rank_plan, self.model, no_comm=self.options.no_comm, device=self.device,

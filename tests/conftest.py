@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +9,10 @@ import torch
 from krakenlm.config import ModelConfig
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Measured choices (attention kernel, dtype auto, roofline) go to a cache of this session, not the user's.
+if "KRAKENLM_CACHE_DIR" not in os.environ:
+    os.environ["KRAKENLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="krakenlm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["KRAKENLM_CACHE_DIR"], ignore_errors=True)
 torch.set_num_threads(1)
 
 

@@ -20,3 +20,14 @@ def test_demo_end_to_end_smoke(tmp_path, capfd):
     assert "Kraken / standard TTFT" in out and out.count("ROMEO") >= 1
     assert run_demo(args) == 0  # a rerun reuses the trained checkpoints
     assert "trained checkpoint found" in capfd.readouterr().out
+
+
+def test_demo_command_line_builds_the_config(monkeypatch):
+    """`krakenlm demo` flags land in the matching DemoConfig fields; its defaults are the config's own."""
+    from krakenlm.cli import _demo_config, build_parser
+
+    monkeypatch.delenv("KRAKENLM_DEMO_DIR", raising=False)
+    assert _demo_config(build_parser().parse_args(["demo"])) == DemoConfig()
+    args = build_parser().parse_args(["demo", "--steps", "5", "--rounds", "3", "--prompt-len", "32",
+                                      "--dtype", "fp32", "--device", "cpu", "--out", "x"])
+    assert _demo_config(args) == DemoConfig(out="x", steps=5, rounds=3, prompt_len=32, dtype="fp32", device="cpu")

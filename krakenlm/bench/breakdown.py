@@ -17,12 +17,14 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
+from krakenlm.model.attention import PROFILE_RANGE
 from krakenlm.model.transformer import PlainComm
 from krakenlm.parallel.comm import DistComm
 
 CATEGORIES = ("norm", "GEMM", "overlapped GEMM", "attention", "LM head", "AllReduce", "other")
 _GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
 _ALLREDUCE, _OVERLAP = "bench::allreduce", "bench::overlap"
+_ATTENTION = PROFILE_RANGE
 
 
 class _MarkedPending:
@@ -71,6 +73,8 @@ class MarkedComm(PlainComm):
 def _category(name: str, shapes: list, ancestors: set[str], vocab: int) -> str:
     if _ALLREDUCE in ancestors or name == _ALLREDUCE:
         return "AllReduce"
+    if _ATTENTION in ancestors or name == _ATTENTION:  # every op of a causal attention kernel (GEMMs included)
+        return "attention"
     if name in _GEMMS:
         if any(vocab in s for s in shapes if isinstance(s, list)):
             return "LM head"

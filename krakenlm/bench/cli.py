@@ -73,6 +73,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-single", dest="single", action="store_false", default=None,
                    help="skip the single-device models")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false", default=None)
+    p.add_argument("--no-roofline", dest="roofline", action="store_false", default=None,
+                   help="skip the GEMM-throughput probe (MFU per category) at each model's shapes")
+    p.add_argument("--attention", help="causal attention kernel: auto (default: measured fastest here), sdpa, "
+                   "blocked[:rows]")
     p.add_argument("--max-other-cores", type=float, help="drop a round when other processes used more cores on "
                    "average (default 0.25)")
     p.add_argument("--idle-wait", dest="idle_wait_s", type=float, help="max seconds to wait for idle before a round")
@@ -108,20 +112,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from krakenlm.bench import results
     from krakenlm.bench.sweep import Options, run_sweep
     from krakenlm.dtypes import DTYPES
+    from krakenlm.model.attention import check_kernel
 
     opts = replace(Options(), **QUICK) if args.quick else Options()
     given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",
                                             "max_rounds", "decode_steps", "peer", "single", "breakdown",
                                             "max_other_cores", "idle_wait_s", "checkpoints", "pad_heads", "device",
-                                            "compile", "layouts", "int8")
+                                            "compile", "layouts", "int8", "roofline", "attention")
              if getattr(args, k) is not None}
     if args.checkpoints:
         given["shapes"] = ["checkpoints"]
     opts = replace(opts, **given)
-    bad = [d for d in opts.dtypes if d not in DTYPES]
+    bad = [d for d in opts.dtypes if d not in DTYPES and d != "auto"]
     if bad:
-        raise ConfigError(f"bench: --dtypes {bad}: choose from {sorted(DTYPES)}")
+        raise ConfigError(f"bench: --dtypes {bad}: choose from {sorted(DTYPES)} or auto")
     _check_options(opts)
+    check_kernel(opts.attention)
     if any(tp > 2 for tp in opts.tps):
         print("bench: note: tp > 2 oversubscribes a 2-core machine; those cells are not timing claims",
               file=sys.stderr)
@@ -135,4 +141,64 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(results.table(result))
     for path in paths:
         print(f"wrote {path}")
+    return 0
+
+
+def add_roofline_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("roofline", help="this machine's GEMM throughput at a model's shapes: the ceiling its "
+                       "prefill is held to (MFU), per dtype; --calibrate also fits the cost model's cpu-gloo spec")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="named configuration (see `krakenlm presets`)")
+    src.add_argument("--config", help="ModelConfig JSON file")
+    p.add_argument("--tp", type=int, default=1, help="the shapes of rank 0 of this many ranks")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtypes", type=_list(str), default=["bf16", "fp32"])
+    p.add_argument("--threads", type=int, default=1, help="compute threads (the benchmark runs one per rank)")
+    p.add_argument("--calibrate", action="store_true", help="also probe attention, per-layer overhead and a "
+                   "loopback all-reduce, and save the spec `predict --hardware cpu-gloo` uses on this machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_roofline)
+
+
+def _cmd_roofline(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from krakenlm.config import ModelConfig
+    from krakenlm.parallel.plan import ParallelPlan
+    from krakenlm.presets import get_preset
+    from krakenlm.roofline import forward_shape, probe
+
+    config = get_preset(args.preset) if args.preset else ModelConfig.from_json(args.config)
+    if args.threads < 1 or args.prompt < 1 or args.batch < 1:
+        raise ConfigError("roofline: threads, prompt and batch must be positive")
+    torch.set_num_threads(args.threads)
+    shard = ParallelPlan(config, args.tp).shard(0)
+    shape = forward_shape(config, shard, batch=args.batch, prompt=args.prompt)
+    flops = shape.flops()
+    report = {"flops": flops, "dtypes": {}}
+    for name in args.dtypes:
+        roof = probe(shape, name)
+        report["dtypes"][name] = roof.to_dict() | {"floor_s": sum(flops.values()) / roof.gemm_flops_per_s}
+    if args.calibrate:
+        from krakenlm.bench.spec import calibrate_machine
+
+        report["spec"] = calibrate_machine(config, args.tp, args.prompt, args.batch, tuple(args.dtypes)).to_dict()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{config.name or config.arch}, rank 0 of {args.tp}, batch {args.batch} x {args.prompt} tokens, "
+          f"{args.threads} thread(s), {roof.processor}")
+    print("FLOPs per forward: " + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in flops.items()))
+    for name, r in report["dtypes"].items():
+        gemms = ", ".join(f"{g} {rate / 1e9:.0f}" for g, rate in r["per_gemm"].items())
+        print(f"{name}: GEMM peak at these shapes {r['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s ({gemms}); "
+              f"memory {r['memory_bytes_per_s'] / 1e9:.1f} GB/s; prefill floor {r['floor_s'] * 1e3:.1f} ms")
+    if args.calibrate:
+        spec = report["spec"]
+        print(f"calibrated cpu-gloo spec saved: attention_eff {spec['attention_eff']}, link "
+              f"{spec['link_bw'] / 1e9:.2f} GB/s, alpha {spec['alpha'] * 1e6:.0f} us, layer overhead "
+              f"{spec['layer_overhead_s'] * 1e3:.2f} ms")
     return 0

@@ -107,17 +107,31 @@ def _ratio(cell: dict[str, Any], phase: str, name: str) -> str:
     return f"{r['median']:.3f}" if r else "-"
 
 
+def _mfu(cell: dict[str, Any], arch: str) -> str:
+    entry = cell.get("roofline", {}).get(arch)
+    return f"{entry['mfu']:.0%}" if entry and "mfu" in entry else "-"
+
+
+def _compute_ratio(cell: dict[str, Any]) -> str:
+    """Kraken's no-comm time over standard's, divided by their FLOP ratio (1.0: equally efficient compute)."""
+    r, flops = cell["ratios"].get("prefill", {}).get("kraken-nc/gpt-nc"), cell.get("flop_ratio", {}).get("kraken/gpt")
+    return f"{r['median'] / flops:.3f}" if r and flops else "-"
+
+
 def table(result: dict[str, Any]) -> str:
-    """Headline paired ratios per cell (medians over clean rounds), as a Markdown table."""
+    """Headline paired ratios per cell (medians over clean rounds) and each prefill's MFU against the GEMM
+    throughput measured at its own shapes, as a Markdown table."""
     cols = ["kraken/gpt", "kraken/parallel", "kraken/no-comm", "gpt/dtensor", "kraken-single/gpt-single"]
-    head = ["link", "shape", "T", "B", "dtype", "tp"] + [f"TTFT {c}" for c in cols] + ["hidden", "decode kraken/gpt",
-                                                                                       "rounds kept/dropped"]
+    head = (["link", "shape", "T", "B", "dtype", "tp"] + [f"TTFT {c}" for c in cols]
+            + ["no-comm kraken/gpt per FLOP", "MFU gpt / kraken (no-comm)", "hidden", "decode kraken/gpt",
+               "rounds kept/dropped"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in result["cells"]:
         hidden = c["hidden_fraction"]["in_place"]
         row = [f"{c['link_gbps']:g} Gb/s" if c["link_gbps"] else "loopback", c["shape"], str(c["prompt_len"]),
                str(c["batch"]), c["dtype"], f"{c['tp']}{' (oversubscribed)' if c.get('oversubscribed') else ''}"]
         row += [_ratio(c, "prefill", k) for k in cols]
+        row += [_compute_ratio(c), f"{_mfu(c, 'gpt')} / {_mfu(c, 'kraken')}"]
         row += [f"{hidden['median']:.0%}" if hidden else "-", _ratio(c, "decode", "kraken/gpt"),
                 f"{c['rounds']['kept']}/{c['rounds']['dropped']}"]
         lines.append("| " + " | ".join(row) + " |")

@@ -43,6 +43,8 @@ RATIOS = [("kraken/gpt", "kraken", "gpt"), ("kraken/parallel", "kraken", "parall
           ("parallel/gpt", "parallel", "gpt"),
           ("kraken/no-comm", "kraken", "kraken/no-comm"), ("kraken/blocking", "kraken", "kraken/blocking"),
           ("gpt/no-comm", "gpt", "gpt/no-comm"), ("parallel/no-comm", "parallel", "parallel/no-comm"),
+          ("kraken-nc/gpt-nc", "kraken/no-comm", "gpt/no-comm"),
+          ("parallel-nc/gpt-nc", "parallel/no-comm", "gpt/no-comm"),
           ("gpt/dtensor", "gpt", "gpt/dtensor"), ("kraken-single/gpt-single", "kraken/single", "gpt/single"),
           ("kraken-compiled/gpt-compiled", "kraken/compiled", "gpt/compiled"),
           ("gpt-compiled/gpt", "gpt/compiled", "gpt"), ("kraken-compiled/kraken", "kraken/compiled", "kraken")]
@@ -65,6 +67,8 @@ class Options:
     peer: bool = True
     single: bool = True
     breakdown: bool = True
+    roofline: bool = True  # probe this machine's GEMM peak at each model's shapes; report MFU per category
+    attention: str = "auto"  # causal attention kernel of every model (auto: measured fastest here)
     idle_cores: float = 0.15  # other processes may use this many cores before a round starts
     max_other_cores: float = 0.25  # ... and on average during a round before it is dropped
     idle_wait_s: float = 30.0
@@ -210,7 +214,7 @@ class Variant:
 
 def _options(opts: Options, dtype: str, tp: int, **changes: Any) -> EngineOptions:
     return EngineOptions(device=opts.device, dtype=dtype, tp=tp, threads=1, timeout=opts.timeout_s,
-                         pad_heads=opts.pad_heads, **changes)
+                         pad_heads=opts.pad_heads, attention=opts.attention, **changes)
 
 
 def _source(model: Model, seed: int) -> ModelSource:
@@ -221,6 +225,7 @@ def _build_variants(models: dict[str, Model], dtype: str, opts: Options, world: 
     variants = []
     for arch, model in models.items():
         engine = Engine(_source(model, opts.seed), _options(opts, dtype, world))
+        dtype = engine.options.dtype  # 'auto' is resolved by the first model, once, for every variant
         variants.append(Variant(arch, model, engine, world))
         variants.append(Variant(f"{arch}/no-comm", model, engine.variant(no_comm=True), world))
         if arch == "kraken":
@@ -335,12 +340,50 @@ def measure_cell(variants: list[Variant], batch: int, prompt: int, opts: Options
             samples[i].append(t)
         r += 1
     extras = _extras(variants, idx, opts)
+    roofs = _rooflines(variants, batch, prompt, opts) if opts.roofline else {}
     if rank != 0:
         return None
     # Keep clean rounds only; if none was clean, report them all, flagged, rather than nothing.
     mask = log.kept if log.n_kept else [True] * len(log.kept)
     samples = [[t for t, k in zip(s, mask, strict=True) if k] for s in samples]
-    return _summarise(jobs, samples, log, extras) | {"all_rounds_contaminated": log.n_kept == 0}
+    result = _summarise(jobs, samples, log, extras) | {"all_rounds_contaminated": log.n_kept == 0}
+    return result | _efficiency(roofs, result)
+
+
+def _rooflines(variants: list[Variant], batch: int, prompt: int, opts: Options) -> dict[str, Any]:
+    """Rank 0 measures (or reads from its cache) the GEMM throughput at each architecture's per-rank
+    shapes while the other ranks wait: the ceiling every prefill of the cell is held to."""
+    from krakenlm.dtypes import dtype_name
+    from krakenlm.roofline import forward_shape, probe
+
+    out: dict[str, Any] = {}
+    if dist.get_rank() == 0:
+        for v in variants:
+            if v.label in ("gpt", "parallel", "kraken") and v.engine is not None:
+                e = v.engine
+                shape = forward_shape(e.config, e.shard, batch=batch, prompt=prompt, pad_heads=opts.pad_heads,
+                                      itemsize=e.dtype.itemsize)
+                out[v.label] = (shape, probe(shape, dtype_name(e.dtype), e.device))
+    dist.barrier()
+    return out
+
+
+def _efficiency(roofs: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Each architecture's prefill against its roofline: MFU of the no-comm ceiling and of the real run,
+    per-category rates from the breakdown, and the FLOP ratios the compute targets are stated in."""
+    from krakenlm.roofline import efficiency
+
+    out: dict[str, Any] = {}
+    for label, (shape, roof) in roofs.items():
+        variants = result["variants"]
+        ceiling = variants.get(f"{label}/no-comm", {}).get("prefill", {}).get("median")
+        entry = efficiency(shape, roof, ceiling, result.get("breakdown", {}).get(label))
+        entry["mfu_with_comm"] = sum(entry["flops"].values()) / variants[label]["prefill"]["median"] / (
+            roof.gemm_flops_per_s)
+        out[label] = entry | {"roofline": roof.to_dict()}
+    flops = {label: sum(e["flops"].values()) for label, e in out.items()}
+    ratios = {f"{a}/gpt": flops[a] / flops["gpt"] for a in ("kraken", "parallel") if a in flops and "gpt" in flops}
+    return {"roofline": out, "flop_ratio": ratios} if out else {}
 
 
 def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, Any]:
@@ -428,16 +471,22 @@ def run_rank(payload: dict[str, Any]) -> int:
                     result = measure_cell(variants, batch, prompt, opts, pids, vocab)
                     if rank == 0:
                         cells.append({"shape": shape, "tp": world, "prompt_len": prompt, "batch": batch,
-                                      "dtype": dtype, "link_gbps": payload["link_gbps"],
+                                      "dtype": _resolved_dtype(variants),
+                                      "link_gbps": payload["link_gbps"],
                                       "oversubscribed": world > (os.cpu_count() or 1), **result})
-                        print(f"[bench] tp={world} link={payload['link_gbps'] or 'loopback'} {shape} {dtype} "
-                              f"T={prompt} B={batch}: " + _headline(result), file=sys.stderr, flush=True)
+                        link = payload["link_gbps"] or "loopback"
+                        print(f"[bench] tp={world} link={link} {shape} {cells[-1]['dtype']} T={prompt} B={batch}: "
+                              + _headline(result), file=sys.stderr, flush=True)
             del variants
     if rank == 0:
         Path(payload["out"]).write_text(json.dumps(cells))
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _resolved_dtype(variants: list[Variant]) -> str:
+    return next(v.engine.options.dtype for v in variants if v.engine is not None)
 
 
 def _headline(result: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from krakenlm.config import dataclass_fields
 from krakenlm.errors import ConfigError
+from krakenlm.machine import machine_spec
 
 SPEC_DIR = Path(__file__).with_name("hardware")
 TOPOLOGIES = ("ring", "switch", "torus")
@@ -222,8 +223,11 @@ def hardware_names() -> list[str]:
 
 
 def load_hardware(name_or_path: str | Path) -> Hardware:
-    """A bundled spec by name (``tpu-v4``) or any spec JSON file by path."""
+    """A bundled spec by name (``tpu-v4``) or any spec JSON file by path. ``cpu-gloo`` is the spec
+    calibrated on this machine when there is one (``krakenlm roofline --calibrate``, the demo)."""
     path = Path(name_or_path)
+    if str(name_or_path) == "cpu-gloo" and (calibrated := machine_spec()) is not None:
+        return Hardware.from_dict(calibrated)
     if path.suffix != ".json":
         path = SPEC_DIR / f"{name_or_path}.json"
         if not path.exists():

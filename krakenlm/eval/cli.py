@@ -31,12 +31,15 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
 
 
 def _perplexity(checkpoint: str, data: str, args: argparse.Namespace) -> float:
-    from krakenlm.checkpoint import load_model
+    from krakenlm.checkpoint import load_config, load_model
     from krakenlm.dtypes import parse_dtype
     from krakenlm.eval.perplexity import perplexity
     from krakenlm.parallel.group import resolve_device
+    from krakenlm.roofline import resolve_dtype
 
-    model = load_model(checkpoint, dtype=parse_dtype(args.dtype), device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, load_config(checkpoint), device)
+    model = load_model(checkpoint, dtype=parse_dtype(dtype), device=device)
     return perplexity(model, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
                       seed=args.ppl_seed)
 
@@ -86,7 +89,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=[*sorted(DTYPES), "auto"], default="auto",
+                   help="auto: the faster of bf16 and fp32 for the model on this machine (measured once, cached)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
     p.add_argument("--split", default="val", help="perplexity split of the prepared data dir (val.bin)")

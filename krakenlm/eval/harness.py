@@ -35,8 +35,9 @@ MAX_GEN_TOKS = 256  # lm-eval's default for generate_until requests
 
 
 def parse_model_dtype(name: str | torch.dtype) -> str:
-    """krakenlm's and lm-eval's dtype names; lm-eval's 'auto' means the checkpoints' stored fp32."""
-    return "fp32" if name == "auto" else dtype_name(parse_dtype(name))
+    """krakenlm's and lm-eval's dtype names; 'auto' (lm-eval: the backend chooses) is the faster of bf16
+    and fp32 for the model on this machine (krakenlm/dtypes.py), resolved by the engine."""
+    return "auto" if name == "auto" else dtype_name(parse_dtype(name))
 
 
 def _int(value: int | str, field: str) -> int:

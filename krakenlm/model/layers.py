@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from krakenlm.model.activations import gelu_tanh
+from krakenlm.model.attention import causal_attention
 from krakenlm.model.quant import Int8Weight
 
 
@@ -64,8 +66,9 @@ def stacked_linear(x: Tensor, weight: Tensor | Int8Weight, bias: Tensor | None =
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
         out = F.linear(x[0], weight[0], None if bias is None else bias[0])
         return out.unsqueeze(0)
-    out = torch.bmm(x, weight.transpose(1, 2))
-    return out if bias is None else out + bias.unsqueeze(1)
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # bias added inside the GEMM
 
 
 class StackedLayerNorm(nn.Module):
@@ -78,9 +81,15 @@ class StackedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(streams, dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [S or 1, M, dim] -> [S, M, dim]."""
-        out = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight.unsqueeze(1)
-        return out if self.bias is None else out + self.bias.unsqueeze(1)
+        """x [S or 1, M, dim] -> [S, M, dim]. One stream: the affine runs inside layer_norm's one pass;
+        several: one fused multiply-add over the normalized rows (no separate scale and shift passes)."""
+        if self.weight.shape[0] == 1:
+            bias = None if self.bias is None else self.bias[0]
+            return F.layer_norm(x, x.shape[-1:], self.weight[0], bias, self.eps)
+        out = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        if self.bias is None:
+            return out * self.weight.unsqueeze(1)
+        return torch.addcmul(self.bias.unsqueeze(1), out, self.weight.unsqueeze(1))
 
 
 @dataclass(frozen=True)
@@ -223,6 +232,7 @@ class StackedAttention(nn.Module):
     def __init__(self, streams: int, dim: int, shape: AttentionShape, bias: bool) -> None:
         super().__init__()
         self.shape = shape
+        self.kernel = "auto"  # causal kernel without a mask: measured fastest here (krakenlm/model/attention.py)
         qkv = (shape.n_head + 2 * shape.n_kv_head) * shape.head_size
         self.qkv_weight = nn.Parameter(torch.empty(streams, qkv, dim))
         self.qkv_bias = nn.Parameter(torch.zeros(streams, qkv)) if bias else None
@@ -254,13 +264,14 @@ class StackedAttention(nn.Module):
             if step.mask is not None:
                 k = kbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
                 v = vbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
-        if step.mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale, enable_gqa=hkv != h)
-        elif single_row(q):
-            out = row_attention(q, k, v, step.mask, scale)
+        if step.mask is None and t > 1:
+            out = causal_attention(q, k, v, scale, self.kernel)  # [S*B, T, heads, hs]
+        elif step.mask is not None and single_row(q):
+            out = row_attention(q, k, v, step.mask, scale).transpose(1, 2)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=hkv != h)
-        out = out.transpose(1, 2).reshape(s, m, h * hs)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale,
+                                                 enable_gqa=hkv != h).transpose(1, 2)
+        out = out.reshape(s, m, h * hs)
         return stacked_linear(hooks.gather_inner(hooks.from_batch(out)), self.proj_weight)
 
     @torch.no_grad()
@@ -298,7 +309,7 @@ class StackedMLP(nn.Module):
             gate, up = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
         else:
-            hidden = F.gelu(hidden, approximate="tanh")
+            hidden = gelu_tanh(hidden)
         return stacked_linear(hooks.gather_inner(hidden), self.down_weight)
 
 

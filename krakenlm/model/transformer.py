@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError, InputError
+from krakenlm.model.attention import check_kernel
 from krakenlm.model.layers import (
     NO_HOOKS,
     AttentionShape,
@@ -236,6 +237,13 @@ class Transformer(nn.Module):
                 raise ConfigError("pad_heads: not supported with rope (rotation pairs would move)")
             for layer in self.layers:
                 layer.attn.pad_heads(size)
+        return self
+
+    def set_attention_kernel(self, kernel: str) -> Transformer:
+        """The causal attention kernel of every layer: auto (measured fastest here), sdpa or blocked[:rows]."""
+        check_kernel(kernel)
+        for layer in self.layers:
+            layer.attn.kernel = kernel
         return self
 
     def reset_parameters(self, seed: int | None = None) -> None:

@@ -24,13 +24,15 @@ _HELP = {
     "grad_accum": "micro-steps per optimizer step per rank",
     "tokens_per_step": "global tokens per optimizer step; derives --grad-accum from batch, block and world size",
     "block_size": "training window length (default: the model's context)",
-    "dtype": "autocast dtype (weights and optimizer stay fp32)",
+    "dtype": "autocast dtype: fp32, bf16, fp16 or auto (the faster of bf16 and fp32 for the model here, measured "
+             "once and cached); weights and optimizer stay fp32",
     "grad_clip": "global gradient-norm clip (0 disables)",
     "peak_tflops": "peak TFLOP/s per device for the MFU estimate (default: AMX CPU core x threads, or H100)",
     "checkpoint_interval": "steps between checkpoints (one is always written at the end)",
     "keep_checkpoints": "how many recent checkpoints to keep",
     "eval_windows": "validation windows per evaluation (fixed, seeded)",
 }
+CLI_DEFAULTS = {"dtype": "auto"}  # where the command line's default differs from TrainConfig's (library) one
 _TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}
 
 
@@ -65,10 +67,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print(json.dumps(recipes(), indent=2))
         return 0
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(CLI_DEFAULTS)
     model_config = None
     if args.recipe:
-        fields = get_recipe(args.recipe)
+        fields |= get_recipe(args.recipe)
         model_config = get_preset(fields.pop("preset"))
     elif args.preset:
         model_config = get_preset(args.preset)
@@ -105,7 +107,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         if field.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(field.name))
         else:
-            help_text = _HELP.get(field.name, "") + f" (default: {field.default})"
+            help_text = _HELP.get(field.name, "") + f" (default: {CLI_DEFAULTS.get(field.name, field.default)})"
             p.add_argument(flag, type=_TYPES[field.type], default=None, help=help_text.strip())
     p.set_defaults(func=_cmd_train)
 

@@ -49,12 +49,13 @@ from krakenlm.checkpoint import (
 )
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.data import WindowSampler, load_tokens, read_meta
-from krakenlm.dtypes import DTYPES
+from krakenlm.dtypes import AUTO, DTYPES
 from krakenlm.errors import CheckpointError, ConfigError, TrainingError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
 from krakenlm.parallel.group import init_distributed, resolve_device
 from krakenlm.resources import gib, require_memory, training_bytes
+from krakenlm.roofline import agreed_dtype
 from krakenlm.validation import check_float, check_int, check_output_dir
 
 CHECKPOINT_DIR = "checkpoints"
@@ -95,7 +96,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step per rank
     tokens_per_step: int | None = None  # if set, grad_accum is derived from it and the world size
     block_size: int | None = None  # window length; default: the model's context
-    dtype: str = "fp32"  # autocast dtype; weights and optimizer stay fp32
+    dtype: str = "fp32"  # autocast dtype (or auto: the faster here; the CLI's default); weights stay fp32
     compile: bool = False
     seed: int = 0  # model init and data order
     eval_interval: int = 100
@@ -122,8 +123,8 @@ class TrainConfig:
             if getattr(self, name) == 1:
                 raise ConfigError(f"{name}: must be < 1 (AdamW's moment would never decay), got 1")
         check_float(self.peak_tflops, "peak_tflops", minimum=0, exclusive=True, optional=True)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES and self.dtype != AUTO:
+            raise ConfigError(f"dtype: must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         for name in ("data", "out"):
@@ -473,9 +474,13 @@ class Trainer:
                           self.dist.world)
         if model_config is None:
             raise ConfigError("train: no model given (use a preset, a config JSON or a recipe)")
+        self.block = cfg.block_size or model_config.block_size
+        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
+        tokens = cfg.batch_size * self.block
+        cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device, tokens=tokens,
+                                             distributed=self.dist.world > 1))
         self.cfg = cfg
         self.model_config = model_config
-        self.block = cfg.block_size or model_config.block_size
         if self.block > model_config.block_size:
             raise ConfigError(f"block_size: {self.block} exceeds the model's context of {model_config.block_size}")
         meta = read_meta(cfg.data)

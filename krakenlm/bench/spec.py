@@ -1,0 +1,151 @@
+"""A cost-model hardware spec calibrated on the running machine, in seconds, from first principles.
+
+The bundled ``cpu-gloo`` spec was fitted to one machine's benchmark; machines change between
+sessions, and on another CPU it predicted a third of the measured time. This spec is built from
+probes instead of a fit to the thing it predicts:
+
+- peak_flops per dtype: the GEMM throughput at the model's own per-rank shapes (krakenlm/roofline.py),
+  so matmul_eff is 1;
+- attention_eff: causal attention's measured rate (the kernel chosen for the shape) over that peak;
+- memory_bw: a large copy;
+- link_bw and alpha: a loopback all-reduce between two gloo ranks at several sizes, fitted to
+  t = 2 alpha + bytes / bw (the 2-rank ring the estimator assumes);
+- layer_overhead_s: a one-layer forward's time beyond its GEMMs and attention (norms, activations,
+  residuals, Python), from the difference of a 2-layer and a 1-layer model.
+
+One thread per rank, as the benchmark runs. The spec is cached per machine (krakenlm/machine.py)
+and ``load_hardware("cpu-gloo")`` prefers it to the bundled file.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from krakenlm.config import ModelConfig
+from krakenlm.costmodel.hardware import Hardware, load_hardware
+from krakenlm.dtypes import parse_dtype
+from krakenlm.errors import DistributedError
+from krakenlm.machine import MACHINE_SPECS, cpu_model, fastest_seconds, spec_key
+from krakenlm.model import Shard, Transformer
+from krakenlm.model.attention import causal_attention
+from krakenlm.parallel.launch import run_ranks
+from krakenlm.parallel.plan import ParallelPlan
+from krakenlm.roofline import ForwardShape, forward_shape, probe
+
+ALLREDUCE_SIZES = (4096, 65536, 1 << 20, 8 << 20)
+
+
+def allreduce_rank(payload: dict[str, Any]) -> int:
+    """One rank of the loopback probe: best seconds of an all-reduce per size (rank 0 writes them)."""
+    import torch.distributed as dist
+
+    from krakenlm.parallel.group import init_distributed
+
+    init_distributed(60.0, torch.device("cpu"))
+    torch.set_num_threads(1)
+    best = {}
+    for size in payload["sizes"]:
+        x = torch.ones(size // 4)
+        times = []
+        for _ in range(12):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - start)
+        best[size] = min(times[2:])
+    if dist.get_rank() == 0:
+        Path(payload["out"]).write_text(json.dumps(best))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def loopback_link(sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> tuple[float, float, dict[int, float]]:
+    """(alpha s, link bytes/s, measured seconds per size) of a 2-rank loopback all-reduce."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "allreduce.json"
+        code = run_ranks("krakenlm.bench.spec:allreduce_rank", 2, {"sizes": list(sizes), "out": str(out)},
+                         timeout=120.0, env=lambda rank: {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+        if code:
+            raise DistributedError(f"calibration: the loopback all-reduce probe failed (exit code {code})")
+        measured = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    slope, intercept = np.polyfit(list(measured), list(measured.values()), 1)
+    return max(intercept / 2, 1e-6), 1.0 / max(slope, 1e-15), measured
+
+
+def _attention_seconds(shape: ForwardShape, config: ModelConfig, shard: Shard, batch: int, prompt: int,
+                       dtype: torch.dtype) -> float:
+    """One layer's causal attention at the rank's shape, with the kernel chosen for it."""
+    heads = config.n_head // shard.parts
+    size = config.head_size
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch * shard.sub_count, heads, prompt, size, generator=gen).to(dtype) for _ in range(3))
+    with torch.no_grad():
+        return fastest_seconds(lambda: causal_attention(q, k, v, size ** -0.5), torch.device("cpu"))
+
+
+def _layer_seconds(config: ModelConfig, shard: Shard, batch: int, prompt: int, dtype: torch.dtype) -> float:
+    """Time of one more layer: a 2-layer minus a 1-layer forward (embedding and LM head cancel)."""
+    idx = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    seconds = []
+    for layers in (1, 2):
+        model = Transformer(config.replace(n_layer=layers), shard).to(dtype).eval()
+        with torch.inference_mode():
+            seconds.append(fastest_seconds(lambda m=model: m(idx, logits_at="last"), torch.device("cpu")))
+    return max(seconds[1] - seconds[0], 0.0)
+
+
+def calibrate_machine(config: ModelConfig, tp: int = 2, prompt: int = 256, batch: int = 1,
+                      dtypes: tuple[str, ...] = ("bf16", "fp32"), link: tuple[float, float] | None = None) -> Hardware:
+    """Probe this machine at one rank's shapes of ``config`` split over ``tp`` ranks and cache the spec
+    (also as the machine's ``cpu-gloo``). ``link``: a loopback (alpha, bytes/s) measured already."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shard = ParallelPlan(config, tp).shard(0)
+        shape = forward_shape(config, shard, batch=batch, prompt=prompt)
+        peak, attention, overhead = {}, {}, []
+        for name in dtypes:
+            dtype = parse_dtype(name)
+            roof = probe(shape, name)
+            peak[name] = roof.gemm_flops_per_s
+            layer_flops = shape.flops()["GEMM"] / config.n_layer
+            attn_s = _attention_seconds(shape, config, shard, batch, prompt, dtype)
+            attention[name] = min(1.0, shape.attention_flops / config.n_layer / attn_s / peak[name])
+            overhead.append(_layer_seconds(config, shard, batch, prompt, dtype) - layer_flops / peak[name] - attn_s)
+        alpha, link_bw = link or loopback_link()[:2]
+    finally:
+        torch.set_num_threads(threads)
+    spec = load_hardware("cpu-gloo-nominal").with_factors(
+        name="cpu-gloo", peak_flops=peak, matmul_eff=1.0, attention_eff=attention, memory_eff=1.0,
+        memory_bw=roof.memory_bytes_per_s, link_bw=link_bw, alpha=alpha, comm_eff=1.0,
+        layer_overhead_s=max(float(np.mean(overhead)), 0.0),
+        description=f"Calibrated on this machine ({cpu_model()}, torch {torch.__version__}, one thread per rank) "
+                    f"at {config.name or config.arch}'s shapes on {tp} ranks, batch {batch}, prompt {prompt}, "
+                    f"by krakenlm.bench.spec at {time.strftime('%Y-%m-%d %H:%M')}: GEMM peaks at the model's "
+                    "shapes, attention with the kernel chosen there, a large copy, a loopback all-reduce, and "
+                    "one layer's time beyond its GEMMs and attention.")
+    MACHINE_SPECS.put(_shape_key(config, tp, prompt, batch), spec.to_dict())
+    MACHINE_SPECS.put(spec_key(), spec.to_dict())  # what `predict --hardware cpu-gloo` reads here
+    return spec
+
+
+def _shape_key(config: ModelConfig, tp: int, prompt: int, batch: int) -> str:
+    shape = json.dumps(config.replace(name="").to_dict(), sort_keys=True)
+    return f"{spec_key()}|tp {tp}|batch {batch}|prompt {prompt}|{shape}"
+
+
+def calibrated_spec(config: ModelConfig, tp: int = 2, prompt: int = 256, batch: int = 1,
+                    link: tuple[float, float] | None = None) -> Hardware:
+    """The spec calibrated here at these shapes: from the cache, or measured now (seconds)."""
+    cached = MACHINE_SPECS.get(_shape_key(config, tp, prompt, batch))
+    if isinstance(cached, dict):
+        return Hardware.from_dict(cached)
+    return calibrate_machine(config, tp, prompt, batch, link=link)

@@ -1,0 +1,71 @@
+"""--dtype auto: the faster of bf16 and fp32 for a model's GEMMs here, measured once and cached."""
+
+import json
+
+import pytest
+import torch
+
+from krakenlm import roofline
+from krakenlm.dtypes import AUTO_CANDIDATES, parse_dtype
+from krakenlm.engine import Engine, EngineOptions
+from krakenlm.errors import ConfigError
+from krakenlm.roofline import resolve_dtype
+from krakenlm.source import ModelSource
+from krakenlm.train.trainer import TrainConfig
+from tests.conftest import tiny
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
+    roofline.PROBES.forget()
+    yield tmp_path
+    roofline.PROBES.forget()
+
+
+def test_auto_resolves_to_a_real_dtype(cache):
+    name = resolve_dtype("auto", tiny("kraken"))
+    assert name in AUTO_CANDIDATES and parse_dtype(name) in (torch.bfloat16, torch.float32)
+    assert resolve_dtype("bfloat16", tiny()) == "bf16"  # a named dtype passes through
+
+
+@pytest.mark.parametrize("faster", ["bf16", "fp32"])
+def test_choice_is_the_cache_entrys_with_no_measurement(cache, monkeypatch, faster):
+    cfg = tiny()
+    shape = roofline.forward_shape(cfg, prompt=cfg.block_size)
+    device = torch.device("cpu")
+    entries = {roofline.gemm_key(g, d, device): (1e12 if d == faster else 1e9)
+               for g in shape.gemms for d in AUTO_CANDIDATES}
+    (cache / "roofline.json").write_text(json.dumps(entries))
+
+    def no_timing(*args):
+        raise AssertionError("measured although the cache had every entry")
+
+    monkeypatch.setattr(roofline, "_time_gemm", no_timing)
+    assert all(resolve_dtype("auto", cfg) == faster for _ in range(3))
+
+
+def test_corrupt_cache_is_ignored_with_a_warning(cache):
+    (cache / "roofline.json").write_text("\x00 definitely not json")
+    with pytest.warns(RuntimeWarning, match="ignoring the unreadable measurement cache"):
+        assert resolve_dtype("auto", tiny()) in AUTO_CANDIDATES
+    assert isinstance(json.loads((cache / "roofline.json").read_text()), dict)  # replaced by a good one
+
+
+def test_engine_ranks_agree_on_the_resolved_dtype(cache):
+    """Rank 0 resolves 'auto' and the follower takes its answer: a 2-rank generation runs, in that dtype."""
+    source = ModelSource(config=tiny("kraken"), seed=0)
+    with Engine.launch(source, EngineOptions(tp=2, device="cpu", dtype="auto")) as engine:
+        assert engine.options.dtype in AUTO_CANDIDATES
+        assert next(engine.model.parameters()).dtype == parse_dtype(engine.options.dtype)
+        result = engine.generate([[1, 2, 3]], 4)
+    assert len(result.tokens[0]) == 4
+
+
+def test_bad_dtype_names_fail_early():
+    assert TrainConfig(dtype="auto").dtype == "auto"
+    for bad in ("float8", "AUTO"):
+        with pytest.raises(ConfigError, match="dtype"):
+            TrainConfig(dtype=bad)
+        with pytest.raises(ConfigError, match="dtype"):
+            EngineOptions(dtype=bad)
