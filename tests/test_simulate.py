@@ -10,20 +10,13 @@ import pytest
 
 from krakenlm.cli import main
 from krakenlm.costmodel.hardware import load_hardware
-from krakenlm.costmodel.simulate import (
-    Arrival,
-    ConstantTimes,
-    CostModelTimes,
-    Lengths,
-    arrivals,
-    load_trace,
-    plan_slo,
-    simulate,
-)
+from krakenlm.costmodel.simulate import ConstantTimes, CostModelTimes, plan_slo, simulate
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.presets import get_preset
+from krakenlm.serve.loadtest import prompt_ids
 from krakenlm.serve.report import METRICS, RequestRecord, parse_slo_targets, percentile, summarize
 from krakenlm.serve.scheduler import BatchingPolicy
+from krakenlm.serve.workload import Arrival, Lengths, LoadSpec, arrivals, load_trace
 
 A100 = load_hardware("a100-40gb-nvswitch")
 REPORT_FIELDS = {"rate", "requests", "completed", "failed", "duration_s", "throughput_rps", "output_tokens_per_s",
@@ -128,6 +121,29 @@ def test_poisson_arrivals_are_seeded(tmp_path) -> None:
         arrivals("poisson", 0.0, 10, Lengths(1, 1), Lengths(1, 1))
     with pytest.raises(ConfigError, match="high"):
         Lengths.parse("100-10", "--prompt")
+
+
+def test_one_load_for_the_simulator_and_the_load_generator(tmp_path) -> None:
+    spec = LoadSpec(4.0, 50, Lengths(8, 64), Lengths(2, 9), seed=5)
+    load = spec.generate()
+    assert load == spec.generate() == arrivals("poisson", 4.0, 50, Lengths(8, 64), Lengths(2, 9), seed=5)
+    assert spec.offered_rate == 4.0 and LoadSpec(requests=3).offered_rate is None  # inf: a burst
+    assert [a.time for a in LoadSpec(requests=3).generate()] == [0.0, 0.0, 0.0]
+    # Fixed lengths draw nothing: loads of other fixed lengths arrive at the same times.
+    fixed = [a.time for a in LoadSpec(4.0, 50, Lengths(128, 128), Lengths(32, 32), seed=5).generate()]
+    assert fixed == [a.time for a in LoadSpec(4.0, 50, Lengths(7, 7), Lengths(3, 3), seed=5).generate()]
+    assert fixed != [a.time for a in load]  # drawn lengths share the stream
+    prompts = prompt_ids(load, 1000, spec.seed)  # the load generator's token ids: one prompt per arrival
+    assert [len(p) for p in prompts] == [a.prompt_len for a in load] and prompts == prompt_ids(load, 1000, 5)
+    assert all(0 <= t < 999 for p in prompts for t in p)
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"arrival": 0.5, "prompt_len": 3, "output_len": 2}]))
+    assert LoadSpec(arrivals=str(trace)).generate() == [Arrival(0.5, 3, 2)]
+    assert LoadSpec(arrivals=str(trace)).offered_rate is None
+    for bad, field in ((dict(arrivals="uniform"), "arrivals"), (dict(rate=float("nan")), "rate"),
+                       (dict(requests=0), "requests"), (dict(seed=1.5), "seed")):
+        with pytest.raises(ConfigError, match=field):
+            LoadSpec(**bad)
 
 
 def test_trace_files(tmp_path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,20 +26,12 @@ from krakenlm.costmodel.estimator import (
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import OBJECTIVES, plan
-from krakenlm.costmodel.simulate import (
-    ARRIVALS,
-    Arrival,
-    CostModelTimes,
-    Lengths,
-    arrivals,
-    load_trace,
-    plan_slo,
-    simulate,
-)
+from krakenlm.costmodel.simulate import CostModelTimes, plan_slo, simulate
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 from krakenlm.serve.report import parse_slo_targets
 from krakenlm.serve.scheduler import BatchingPolicy
+from krakenlm.serve.workload import ARRIVALS, Lengths, LoadSpec
 
 GIB = 2 ** 30
 
@@ -80,12 +73,13 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _arrival_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rate", type=float, help="requests per second (poisson / constant arrivals)")
+    p.add_argument("--rate", type=float, help="requests per second (poisson / constant arrivals; inf: all at once)")
     p.add_argument("--arrivals", default="poisson",
                    help=f"{' or '.join(ARRIVALS)}, or a trace file: JSON list / lines of "
                         "{\"arrival\": s, \"prompt_len\": n, \"output_len\": n}")
     p.add_argument("--requests", type=int, default=200, help="requests to simulate (poisson / constant)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths (krakenlm loadtest's "
+                                                     "--seed: the same load)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones are refused")
 
 
@@ -117,8 +111,10 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--lm-head", choices=LM_HEAD, default="sharded", help="LM head split or whole on every chip")
     _arrival_args(p)
-    p.add_argument("--prompt", default="128", help="prompt tokens: N or LOW-HIGH (uniform)")
-    p.add_argument("--generate", default="64", help="output tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--prompt", "--prompt-len", dest="prompt", default="128",
+                   help="prompt tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--generate", "--output-len", dest="generate", default="64",
+                   help="output tokens: N or LOW-HIGH (uniform)")
     p.add_argument("--max-batch", type=int, default=8, help="running sequences (KV-cache rows)")
     p.add_argument("--max-tokens", type=int,
                    help="KV tokens reserved by running requests (default: max-batch x the longest request)")
@@ -210,13 +206,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> list[Arrival]:
-    """The arrival sequence: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate``."""
-    if args.arrivals not in ARRIVALS:
-        return load_trace(args.arrivals)
-    if args.rate is None:
+def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> LoadSpec:
+    """The load: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate`` (krakenlm.serve.workload,
+    the load generator's own)."""
+    if args.arrivals in ARRIVALS and args.rate is None:
         raise ConfigError(f"rate: --rate is required with --arrivals {args.arrivals}")
-    return arrivals(args.arrivals, args.rate, args.requests, prompt, output, args.seed)
+    return LoadSpec(math.inf if args.rate is None else args.rate, args.requests, prompt, output, args.seed,
+                    args.arrivals)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -254,8 +250,8 @@ def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memor
     wl = _workload(args)
     if args.arrivals in ARRIVALS and not wl.generate:
         raise ConfigError("generate: --slo plans need --generate >= 1 (output tokens per request)")
-    load = _load(args, Lengths(wl.prompt, wl.prompt), Lengths(max(wl.generate, 1), max(wl.generate, 1)))
-    result = plan_slo(config, hw, load, args.chips, targets, rate=args.rate, dtype=wl.dtype,
+    spec = _load(args, Lengths(wl.prompt, wl.prompt), Lengths(max(wl.generate, 1), max(wl.generate, 1)))
+    result = plan_slo(config, hw, spec.generate(), args.chips, targets, rate=spec.offered_rate, dtype=wl.dtype,
                       batches=_ints(args.batches, "--batches"), kraken_degrees=_ints(args.kraken_degrees,
                                                                                      "--kraken-degrees"),
                       stages=_ints(args.pp, "--pp"), overlap=args.overlap, max_queue=args.max_queue,
@@ -282,7 +278,8 @@ def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memor
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config, hw = _config(args), load_hardware(args.hardware)
     prompt, output = Lengths.parse(args.prompt, "--prompt"), Lengths.parse(args.generate, "--generate")
-    load = _load(args, prompt, output)
+    spec = _load(args, prompt, output)
+    load = spec.generate()
     try:
         slo = json.loads(args.goodput_slo)
     except json.JSONDecodeError as err:
@@ -293,7 +290,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=args.max_tokens or args.max_batch * longest,
                             max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)
     times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head)
-    sim = simulate(load, policy, config.block_size, times, rate=args.rate, slo=slo)
+    sim = simulate(load, policy, config.block_size, times, rate=spec.offered_rate, slo=slo)
     out = sim.report | {"simulation": {"model": config.name or config.arch, "hardware": hw.name, "chips": args.chips,
                                        "stages": args.pp, "dtype": args.dtype, "policy": asdict(policy),
                                        "steps": sim.steps, "mean_decode_batch": sim.mean_decode_batch,

@@ -15,14 +15,11 @@ context (rounded to a token), exact for the KV reads and attention FLOPs, which 
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Protocol
 
 from krakenlm.config import ModelConfig
@@ -34,97 +31,7 @@ from krakenlm.costmodel.planner import deployment_label, deployments
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.serve.report import RequestRecord, SloTarget, summarize
 from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler
-
-ARRIVALS = ("poisson", "constant")
-MAX_REQUESTS = 1_000_000
-
-
-def _is_tokens(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 40
-
-
-@dataclass(frozen=True)
-class Lengths:
-    """Token counts drawn uniformly from [low, high] (fixed when equal)."""
-
-    low: int
-    high: int
-
-    def __post_init__(self) -> None:
-        for key in ("low", "high"):
-            value = getattr(self, key)
-            if not _is_tokens(value):
-                raise ConfigError(f"lengths: {key} must be an integer in [1, {1 << 40}], got {value!r}")
-        if self.high < self.low:
-            raise ConfigError(f"lengths: high {self.high} is below low {self.low}")
-
-    @classmethod
-    def parse(cls, text: str, what: str) -> Lengths:
-        """``"128"`` (fixed) or ``"64-512"`` (uniform)."""
-        low, sep, high = str(text).partition("-")
-        try:
-            values = int(low), int(high) if sep else int(low)
-        except ValueError:
-            raise ConfigError(f"{what}: expected N or LOW-HIGH tokens, got {text!r}") from None
-        try:
-            return cls(*values)
-        except ConfigError as err:
-            raise ConfigError(f"{what}: {err}") from None
-
-    def sample(self, rng: random.Random) -> int:
-        return self.low if self.low == self.high else rng.randint(self.low, self.high)
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """One request of the workload: when it arrives and its prompt and output lengths."""
-
-    time: float
-    prompt_len: int
-    output_len: int
-
-
-def arrivals(kind: str, rate: float, requests: int, prompt: Lengths, output: Lengths, seed: int = 0) -> list[Arrival]:
-    """``requests`` arrivals at ``rate`` per second: ``poisson`` (exponential gaps, seeded) or ``constant``
-    (one every 1/rate s, the first at 0); lengths drawn from ``prompt`` and ``output`` with the same seed."""
-    if kind not in ARRIVALS:
-        raise ConfigError(f"arrivals: must be one of {ARRIVALS} or a trace file, got {kind!r}")
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1e9 or math.isnan(rate):
-        raise ConfigError(f"rate: must be a number of requests per second in (0, 1e9], got {rate!r}")
-    if not isinstance(requests, int) or isinstance(requests, bool) or not 1 <= requests <= MAX_REQUESTS:
-        raise ConfigError(f"requests: must be an integer in [1, {MAX_REQUESTS}], got {requests!r}")
-    rng = random.Random(seed)
-    out, t = [], 0.0
-    for i in range(requests):
-        if i:
-            t += rng.expovariate(rate) if kind == "poisson" else 1 / rate
-        out.append(Arrival(t, prompt.sample(rng), output.sample(rng)))
-    return out
-
-
-def load_trace(path: str | Path) -> list[Arrival]:
-    """Arrivals from a JSON list (or JSON lines) of {"arrival": s, "prompt_len": n, "output_len": n}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"trace: {path} is not a readable regular file")
-    try:
-        text = path.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
-                                                                        if x.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"trace: cannot read {path}: {err}") from err
-    out = []
-    for i, row in enumerate(rows):
-        t = row.get("arrival") if isinstance(row, dict) else None
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise ConfigError(f"trace: entry {i} needs an 'arrival' time in seconds >= 0, got {row!r}")
-        p, o = row.get("prompt_len"), row.get("output_len")
-        if not (_is_tokens(p) and _is_tokens(o)):
-            raise ConfigError(f"trace: entry {i} needs integer 'prompt_len' and 'output_len' >= 1, got {row!r}")
-        out.append(Arrival(float(t), p, o))
-    if not 1 <= len(out) <= MAX_REQUESTS:
-        raise ConfigError(f"trace: {path} must hold 1 to {MAX_REQUESTS} requests, got {len(out)}")
-    return sorted(out, key=lambda a: a.time)
+from krakenlm.serve.workload import Arrival
 
 
 class StepTimes(Protocol):
