@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from krakenlm.cli import main
+from krakenlm.costmodel.estimator import Layout, Workload, phase_estimate
 from krakenlm.costmodel.hardware import load_hardware
-from krakenlm.costmodel.simulate import ConstantTimes, CostModelTimes, plan_slo, simulate
+from krakenlm.costmodel.simulate import ConstantTimes, CostModelTimes, HostOverhead, plan_slo, simulate
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.presets import get_preset
 from krakenlm.serve.loadtest import prompt_ids
@@ -80,6 +81,25 @@ def test_cost_model_times_at_a_low_rate_are_the_idle_estimates() -> None:
     steps = [times.decode([256 + k]) for k in range(1, 9)]
     assert sim.report["e2e_s"]["p50"] == pytest.approx(times.prefill(256) + sum(steps), rel=1e-9)
     assert times.decode([300, 310]) == times.decode([305, 305])  # priced at the mean context
+
+
+def test_cost_model_times_in_a_given_layout_with_host_overhead() -> None:
+    """A pinned layout prices every step with phase_estimate in that layout; the host overhead adds per prefill,
+    per decode step and per running row, nothing else."""
+    cfg = get_preset("gpt-1.3b")
+    layout = Layout("1d-ws", "heads", 2, "replicated")
+    plain = CostModelTimes(cfg, A100, 2, dtype="fp16", layout=layout)
+    for phase, batch, got in (("prefill", 1, plain.prefill(300)), ("decode", 3, plain.decode([290, 300, 310]))):
+        want = phase_estimate(cfg, A100, Workload(batch=batch, prompt=300, dtype="fp16"), phase, layout).time_s
+        assert got == pytest.approx(want, rel=1e-12)
+    over = CostModelTimes(cfg, A100, 2, dtype="fp16", layout=layout, overhead=HostOverhead(0.01, 0.002, 0.0005))
+    assert over.prefill(300) == pytest.approx(plain.prefill(300) + 0.01, rel=1e-12)
+    assert over.decode([300] * 4) == pytest.approx(plain.decode([300] * 4) + 0.002 + 4 * 0.0005, rel=1e-12)
+    assert CostModelTimes(cfg, A100, 2, dtype="fp16").decode([300]) <= plain.decode([300])  # the fastest layout
+    with pytest.raises(ConfigError, match="layout"):
+        CostModelTimes(cfg, A100, 2, layout=Layout("1d-ws", "heads", 4))
+    with pytest.raises(ConfigError, match="row_s"):
+        HostOverhead(row_s=-1e-3)
 
 
 def test_report_percentiles_match_numpy_and_fields() -> None:
@@ -187,6 +207,16 @@ def test_simulate_and_plan_slo_cli(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["requests"] == 5
     assert main(["simulate", "--model", "gpt-1.3b"]) == 2
     assert "rate" in capsys.readouterr().err
+    # A measured host overhead: a lone request's TTFT grows by exactly the per-prefill term.
+    lone = ["simulate", "--model", "gpt-1.3b", "--arrivals", str(trace), "--max-batch", "1"]
+    base = json.loads(capsys.readouterr().out if main(lone) == 0 else "{}")
+    assert main([*lone, "--host-overhead", '{"prefill_s": 0.25}']) == 0
+    slower = json.loads(capsys.readouterr().out)
+    assert slower["simulation"]["host_overhead"]["prefill_s"] == 0.25
+    assert slower["ttft_s"]["p50"] > base["ttft_s"]["p50"] + 0.25 - 1e-9
+    for bad in ('{"latency_s": 1}', '{"row_s": -1}', "[1]"):
+        assert main([*lone, "--host-overhead", bad]) == 2
+        assert "host" in capsys.readouterr().err
     assert main(["plan", "--model", "gpt-1.3b", "--chips", "4", "--prompt", "256", "--generate", "16", "--slo",
                  "p99_ttft<=100ms", "--rate", "10", "--requests", "40", "--batches", "4,8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -26,7 +26,7 @@ from krakenlm.costmodel.estimator import (
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import OBJECTIVES, plan
-from krakenlm.costmodel.simulate import CostModelTimes, plan_slo, simulate
+from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, plan_slo, simulate
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 from krakenlm.serve.report import parse_slo_targets
@@ -121,6 +121,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prefills-per-step", type=int, default=0, help="newcomers per step (0 = as many as fit)")
     p.add_argument("--goodput-slo", default="{}",
                    help='per-request SLO for goodput, JSON: {"ttft_s": 0.2, "tpot_s": 0.05}')
+    p.add_argument("--host-overhead", default="{}",
+                   help='measured engine host time the cost model leaves out, JSON seconds: {"prefill_s": 0.07, '
+                        '"step_s": 0.014, "row_s": 0.003} (per prefill, per decode step, per running row)')
     p.add_argument("--out", help="also write the report JSON here")
     p.set_defaults(func=_cmd_simulate)
 
@@ -275,24 +278,35 @@ def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memor
     return 0
 
 
+def _json_object(text: str, flag: str, example: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{flag}: not JSON ({err}); e.g. '{example}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: must be a JSON object, got {text!r}")
+    return value
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config, hw = _config(args), load_hardware(args.hardware)
     prompt, output = Lengths.parse(args.prompt, "--prompt"), Lengths.parse(args.generate, "--generate")
     spec = _load(args, prompt, output)
     load = spec.generate()
+    slo = _json_object(args.goodput_slo, "--goodput-slo", '{"ttft_s": 0.2}')
+    overhead = _json_object(args.host_overhead, "--host-overhead", '{"step_s": 0.01}')
     try:
-        slo = json.loads(args.goodput_slo)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--goodput-slo: not JSON ({err}); e.g. '{{\"ttft_s\": 0.2}}'") from None
-    if not isinstance(slo, dict):
-        raise ConfigError(f"--goodput-slo: must be a JSON object, got {args.goodput_slo!r}")
+        host = HostOverhead(**overhead)
+    except TypeError:
+        raise ConfigError(f"--host-overhead: keys are prefill_s, step_s, row_s, got {sorted(overhead)}") from None
     longest = max(a.prompt_len + a.output_len for a in load)
     policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=args.max_tokens or args.max_batch * longest,
                             max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)
-    times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head)
+    times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head, overhead=host)
     sim = simulate(load, policy, config.block_size, times, rate=spec.offered_rate, slo=slo)
     out = sim.report | {"simulation": {"model": config.name or config.arch, "hardware": hw.name, "chips": args.chips,
                                        "stages": args.pp, "dtype": args.dtype, "policy": asdict(policy),
+                                       "host_overhead": asdict(host),
                                        "steps": sim.steps, "mean_decode_batch": sim.mean_decode_batch,
                                        "max_waiting": sim.max_waiting}}
     text = json.dumps(out, indent=2)

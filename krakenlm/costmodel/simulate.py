@@ -23,7 +23,16 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.estimator import Workload, best_phase, check_context, estimate, format_bytes, tp_degree
+from krakenlm.costmodel.estimator import (
+    Layout,
+    Workload,
+    best_phase,
+    check_context,
+    estimate,
+    format_bytes,
+    phase_estimate,
+    tp_degree,
+)
 from krakenlm.costmodel.hardware import Hardware
 from krakenlm.costmodel.layouts import check_split
 from krakenlm.costmodel.pipeline import Pipeline
@@ -56,27 +65,53 @@ class ConstantTimes:
         return self.decode_s
 
 
+@dataclass(frozen=True)
+class HostOverhead:
+    """Host seconds a serving engine spends around the model, which the cost model's step times leave out:
+    per prefill (request handling, sampling, the first token's publishing), per decode step (scheduling,
+    the step's dispatch to every rank) and per running row of a decode step (sampling, detokenising and
+    streaming its token). Measured on the server itself, e.g. by ``benchmarks/serve_sim_validation.py``
+    from bursts of requests (not from the loads the simulator is validated on)."""
+
+    prefill_s: float = 0.0
+    step_s: float = 0.0
+    row_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("prefill_s", "step_s", "row_s"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 60:
+                raise ConfigError(f"host overhead: {key} must be seconds in [0, 60), got {value!r}")
+
+
 class CostModelTimes:
     """Step times from the estimator: prefill at batch 1, decode at the batch and its mean context, the
-    fastest layout per phase (or ``layout``), on ``chips`` chips in ``stages`` pipeline stages."""
+    fastest layout per phase (or ``layout``, e.g. the runtime's own), on ``chips`` chips in ``stages``
+    pipeline stages, plus the engine's measured ``overhead``."""
 
     def __init__(self, config: ModelConfig, hw: Hardware, chips: int, stages: int = 1, dtype: str = "bf16",
-                 overlap: str = "none", lm_head: str = "sharded") -> None:
+                 overlap: str = "none", lm_head: str = "sharded", layout: Layout | None = None,
+                 overhead: HostOverhead = HostOverhead()) -> None:
         check_split(config, tp_degree(chips, stages), stages, hw.chips_per_node)
         self.config, self.hw, self.tp, self.dtype = config, hw, chips // stages, dtype
         self.pipe, self.overlap, self.lm_head = Pipeline(stages=stages), overlap, lm_head
+        if layout is not None and layout.chips != self.tp:
+            raise ConfigError(f"layout: {layout.chips} chips, but the deployment has {self.tp} per stage")
+        self.layout, self.overhead = layout, overhead
         self._prefill = lru_cache(maxsize=None)(self._prefill_uncached)
         self._decode = lru_cache(maxsize=None)(self._decode_uncached)
 
     def _phase(self, phase: str, batch: int, prompt: int) -> float:
         wl = Workload(batch=batch, prompt=prompt, dtype=self.dtype)
+        if self.layout is not None:
+            return phase_estimate(self.config, self.hw, wl, phase, self.layout, self.overlap, self.pipe).time_s
         return best_phase(self.config, self.hw, wl, phase, self.tp, self.overlap, self.lm_head, self.pipe).time_s
 
     def _prefill_uncached(self, prompt_len: int) -> float:
-        return self._phase("prefill", 1, prompt_len)
+        return self._phase("prefill", 1, prompt_len) + self.overhead.prefill_s
 
     def _decode_uncached(self, batch: int, context: int) -> float:
-        return self._phase("decode", batch, context)
+        return self._phase("decode", batch, context) + self.overhead.step_s + batch * self.overhead.row_s
 
     def prefill(self, prompt_len: int) -> float:
         return self._prefill(prompt_len)
