@@ -39,7 +39,7 @@ from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import deployment_label, deployments
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.serve.report import RequestRecord, SloTarget, summarize
-from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler
+from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, decode_shape
 from krakenlm.serve.workload import Arrival
 
 
@@ -145,9 +145,12 @@ def _step_time(value: float, what: str) -> float:
 
 
 def simulate(workload: Sequence[Arrival], policy: BatchingPolicy, context: int, times: StepTimes,
-             rate: float | None = None, slo: dict[str, float] | None = None) -> Simulation:
+             rate: float | None = None, slo: dict[str, float] | None = None,
+             engine_shapes: bool = False) -> Simulation:
     """Run ``workload`` through a Scheduler(policy, context) with ``times`` (module docstring). Requests
-    the scheduler refuses (queue full, too long) are failed records."""
+    the scheduler refuses (queue full, too long) are failed records. ``engine_shapes`` prices each decode
+    step at the shape krakenlm's eager engine computes (``decode_shape``: rows up to the highest one in use,
+    keys up to the bucketed longest context) instead of the running requests at their mean context."""
     sched = Scheduler(policy, context)
     pending = deque(sorted(workload, key=lambda a: a.time))
     traces: dict[int, _Trace] = {}
@@ -177,6 +180,10 @@ def simulate(workload: Sequence[Arrival], policy: BatchingPolicy, context: int, 
             sched.token(req.id)
         if step.decode:
             contexts = [req.prompt_len + len(traces[req.id].times) for req, _ in step.decode]
+            if engine_shapes:
+                cached = [c - 1 for c in contexts]  # the newest token is written by this step
+                width, keys = decode_shape([row for _, row in step.decode], cached, policy.max_batch, context)
+                contexts = [keys] * width
             t += _step_time(times.decode(contexts), "decode")
             decode_steps, decoded = decode_steps + 1, decoded + len(step.decode)
             for req, _ in step.decode:
