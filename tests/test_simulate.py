@@ -16,7 +16,7 @@ from krakenlm.errors import ConfigError, InputError
 from krakenlm.presets import get_preset
 from krakenlm.serve.loadtest import prompt_ids
 from krakenlm.serve.report import METRICS, RequestRecord, parse_slo_targets, percentile, summarize
-from krakenlm.serve.scheduler import BatchingPolicy
+from krakenlm.serve.scheduler import BatchingPolicy, decode_shape
 from krakenlm.serve.workload import Arrival, Lengths, LoadSpec, arrivals, load_trace
 
 A100 = load_hardware("a100-40gb-nvswitch")
@@ -100,6 +100,31 @@ def test_cost_model_times_in_a_given_layout_with_host_overhead() -> None:
         CostModelTimes(cfg, A100, 2, layout=Layout("1d-ws", "heads", 4))
     with pytest.raises(ConfigError, match="row_s"):
         HostOverhead(row_s=-1e-3)
+
+
+class _Recording(ConstantTimes):
+    """Constant step times that remember the contexts every decode step was priced at."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0, 1.0)
+        self.decoded: list[list[int]] = []
+
+    def decode(self, contexts) -> float:
+        self.decoded.append(list(contexts))
+        return self.decode_s
+
+
+def test_engine_shapes_price_the_rows_and_keys_the_engine_computes() -> None:
+    """A in row 0 (2 tokens) and B in row 1 (4 tokens), prompts of 100: after A leaves, the eager engine still
+    computes rows 0-1 for B, over a key window of 128 (the power of two above its 101-102 cached tokens)."""
+    assert decode_shape([0], [63], 8, 1024) == (1, 64) and decode_shape([5], [64], 8, 1024) == (8, 128)
+    assert decode_shape([2, 0], [10, 3000], 8, 1024) == (4, 1024)
+    load = [Arrival(0.0, 100, 2), Arrival(0.0, 100, 4)]
+    exact, engine = _Recording(), _Recording()
+    simulate(load, BatchingPolicy(max_batch=4), 1024, exact)
+    simulate(load, BatchingPolicy(max_batch=4), 1024, engine, engine_shapes=True)
+    assert exact.decoded == [[101, 101], [102], [103]]
+    assert engine.decoded == [[128, 128], [128, 128], [128, 128]]
 
 
 def test_report_percentiles_match_numpy_and_fields() -> None:
@@ -213,6 +238,7 @@ def test_simulate_and_plan_slo_cli(tmp_path, capsys) -> None:
     assert main([*lone, "--host-overhead", '{"prefill_s": 0.25}']) == 0
     slower = json.loads(capsys.readouterr().out)
     assert slower["simulation"]["host_overhead"]["prefill_s"] == 0.25
+    assert main([*lone, "--engine-shapes"]) == 0 and json.loads(capsys.readouterr().out)["simulation"]["engine_shapes"]
     assert slower["ttft_s"]["p50"] > base["ttft_s"]["p50"] + 0.25 - 1e-9
     for bad in ('{"latency_s": 1}', '{"row_s": -1}', "[1]"):
         assert main([*lone, "--host-overhead", bad]) == 2

@@ -124,6 +124,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host-overhead", default="{}",
                    help='measured engine host time the cost model leaves out, JSON seconds: {"prefill_s": 0.07, '
                         '"step_s": 0.014, "row_s": 0.003} (per prefill, per decode step, per running row)')
+    p.add_argument("--engine-shapes", action="store_true",
+                   help="price each decode step at krakenlm's eager engine shape (rows up to the highest in use, "
+                        "bucketed keys) instead of the running requests")
     p.add_argument("--out", help="also write the report JSON here")
     p.set_defaults(func=_cmd_simulate)
 
@@ -303,10 +306,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=args.max_tokens or args.max_batch * longest,
                             max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)
     times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head, overhead=host)
-    sim = simulate(load, policy, config.block_size, times, rate=spec.offered_rate, slo=slo)
+    sim = simulate(load, policy, config.block_size, times, rate=spec.offered_rate, slo=slo,
+                   engine_shapes=args.engine_shapes)
     out = sim.report | {"simulation": {"model": config.name or config.arch, "hardware": hw.name, "chips": args.chips,
                                        "stages": args.pp, "dtype": args.dtype, "policy": asdict(policy),
-                                       "host_overhead": asdict(host),
+                                       "host_overhead": asdict(host), "engine_shapes": args.engine_shapes,
                                        "steps": sim.steps, "mean_decode_batch": sim.mean_decode_batch,
                                        "max_waiting": sim.max_waiting}}
     text = json.dumps(out, indent=2)
