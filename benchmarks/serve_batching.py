@@ -16,8 +16,9 @@ import math
 from pathlib import Path
 
 from krakenlm.bench.results import environment
-from krakenlm.serve.loadtest import LoadSpec, Target, run_loads, table
+from krakenlm.serve.loadtest import Target, run_loads, table
 from krakenlm.serve.process import ServerProcess
+from krakenlm.serve.workload import Lengths, LoadSpec
 
 
 def main() -> None:
@@ -32,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     common = ["--preset", args.preset, "--tp", str(args.tp), "--device", "cpu"]
-    specs = [LoadSpec(float(r), args.requests, args.prompt_len, args.output_len) for r in args.rates.split(",")]
+    prompt, output = Lengths(args.prompt_len, args.prompt_len), Lengths(args.output_len, args.output_len)
+    specs = [LoadSpec(float(r), args.requests, prompt, output) for r in args.rates.split(",")]
     with ServerProcess([*common, "--max-batch", "8"]) as batched, ServerProcess([*common, "--max-batch", "1"]) as one:
         reports = run_loads([Target("batch 8", batched.url), Target("batch 1", one.url)], specs)
     print(f"{environment()['cpu']}: {args.preset}, tp={args.tp}, {args.requests} requests per rate, prompt "

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from krakenlm.bench.results import environment
 from krakenlm.engine import Engine, EngineOptions
-from krakenlm.serve.loadtest import LoadSpec, Target, run_load
+from krakenlm.serve.loadtest import Target, prompt_ids, run_load
 from krakenlm.serve.process import ServerProcess
+from krakenlm.serve.workload import Lengths, LoadSpec
 from krakenlm.source import ModelSource
 
 
@@ -32,8 +33,9 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/serve-ttft.json")
     args = parser.parse_args()
 
-    spec = LoadSpec(rate=float("inf"), requests=1, prompt_len=args.prompt_len, output_len=1, seed=0)
-    prompt = spec.prompts(50257)[0]
+    spec = LoadSpec(rate=float("inf"), requests=1, prompt=Lengths(args.prompt_len, args.prompt_len),
+                    output=Lengths(1, 1), seed=0)
+    prompt = prompt_ids(spec.generate(), 50257, spec.seed)[0]
     engine_s, served_s = [], []
     with ServerProcess(["--preset", args.preset, "--tp", str(args.tp), "--device", "cpu"]) as server, \
             Engine.launch(ModelSource(preset=args.preset), EngineOptions(tp=args.tp, device="cpu")) as engine:

@@ -60,6 +60,7 @@ from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.parallel.rank_model import build_rank_model, held_bytes
 from krakenlm.resources import require_memory
 from krakenlm.roofline import agreed_dtype
+from krakenlm.serve.scheduler import decode_shape
 from krakenlm.source import ModelSource
 from krakenlm.validation import check_float, check_int
 
@@ -560,8 +561,8 @@ class Engine:
         # Rows [0, width) run (a compiled step always runs them all: one static shape); rows outside
         # `rows` write their current token at their current slot, which their own next step rewrites
         # before reading it (or a prefill resets), and their logits are dropped.
-        width = batch if self.options.compile else _bucket(max(rows) + 1, batch)
-        keys = _bucket(max(s.lengths[r] for r in rows) + 1, s.cache.max_len, floor=64)
+        width, keys = decode_shape(rows, [s.lengths[r] for r in rows], batch, s.cache.max_len)
+        width = batch if self.options.compile else width
         cache = s.cache if width == batch else s.cache.rows(0, width)
         logits = self.decode_step(s.tokens[:width], s.slots[:width], s.slots[:width], cache, keys)
         index, sampler = self._step_sampler(rows)
@@ -593,12 +594,6 @@ class Engine:
         """Why a follower rank started by this engine is gone, or None while they all run (polls, no collective)."""
         code = self._followers.failed() if self._followers is not None else None
         return None if code is None else f"a follower rank exited with code {code}"
-
-
-def _bucket(n: int, limit: int, floor: int = 1) -> int:
-    """The smallest power of two >= n, within [floor, limit]: few distinct step shapes (a compiled step
-    keeps few graphs) while short batches and contexts do little wasted work."""
-    return min(limit, max(floor, 1 << max(0, n - 1).bit_length()))
 
 
 @dataclass

@@ -259,3 +259,27 @@ def test_loadtest_reports_and_compares(gpt_server, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| rate (req/s) | metric | a | b |" in table and "TTFT p99 (ms)" in table
     assert png.stat().st_size > 0
+
+
+def test_loadtest_and_simulate_run_the_same_load(gpt_server, tmp_path, capsys):
+    """The same workload arguments and seed: the server gets, and the simulator models, the same requests
+    (krakenlm.serve.workload), so their reports count the same requests and output tokens."""
+    from krakenlm.cli import main
+    from krakenlm.serve.workload import Lengths, LoadSpec
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(GPT.to_dict()))
+    load = ["--rate", "30", "--requests", "7", "--prompt-len", "3-20", "--output-len", "2-6", "--seed", "4"]
+    assert main(["loadtest", "--url", gpt_server.url, *load, "--out", str(tmp_path / "load.json")]) == 0
+    measured = json.loads((tmp_path / "load.json").read_text())["reports"][0]
+    assert main(["simulate", "--config", str(config), "--hardware", "cpu-gloo", *load,
+                 "--out", str(tmp_path / "sim.json")]) == 0
+    simulated = json.loads((tmp_path / "sim.json").read_text())
+    capsys.readouterr()
+    expected = LoadSpec(30.0, 7, Lengths(3, 20), Lengths(2, 6), seed=4).generate()
+    assert len({a.output_len for a in expected}) > 1  # the lengths do vary
+    for report in (measured, simulated):
+        assert report["completed"] == report["requests"] == 7 and report["rate"] == 30.0
+        tokens = report["output_tokens_per_s"] * report["duration_s"]
+        assert tokens == pytest.approx(sum(a.output_len for a in expected))
+    assert (measured["prompt_len"], measured["output_len"], measured["seed"]) == ("3-20", "2-6", 4)

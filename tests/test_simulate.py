@@ -9,21 +9,15 @@ import numpy as np
 import pytest
 
 from krakenlm.cli import main
+from krakenlm.costmodel.estimator import Layout, Workload, phase_estimate
 from krakenlm.costmodel.hardware import load_hardware
-from krakenlm.costmodel.simulate import (
-    Arrival,
-    ConstantTimes,
-    CostModelTimes,
-    Lengths,
-    arrivals,
-    load_trace,
-    plan_slo,
-    simulate,
-)
+from krakenlm.costmodel.simulate import ConstantTimes, CostModelTimes, HostOverhead, plan_slo, simulate
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.presets import get_preset
+from krakenlm.serve.loadtest import prompt_ids
 from krakenlm.serve.report import METRICS, RequestRecord, parse_slo_targets, percentile, summarize
-from krakenlm.serve.scheduler import BatchingPolicy
+from krakenlm.serve.scheduler import BatchingPolicy, decode_shape
+from krakenlm.serve.workload import Arrival, Lengths, LoadSpec, arrivals, load_trace
 
 A100 = load_hardware("a100-40gb-nvswitch")
 REPORT_FIELDS = {"rate", "requests", "completed", "failed", "duration_s", "throughput_rps", "output_tokens_per_s",
@@ -89,6 +83,50 @@ def test_cost_model_times_at_a_low_rate_are_the_idle_estimates() -> None:
     assert times.decode([300, 310]) == times.decode([305, 305])  # priced at the mean context
 
 
+def test_cost_model_times_in_a_given_layout_with_host_overhead() -> None:
+    """A pinned layout prices every step with phase_estimate in that layout; the host overhead adds per prefill,
+    per decode step and per running row, nothing else."""
+    cfg = get_preset("gpt-1.3b")
+    layout = Layout("1d-ws", "heads", 2, "replicated")
+    plain = CostModelTimes(cfg, A100, 2, dtype="fp16", layout=layout)
+    for phase, batch, got in (("prefill", 1, plain.prefill(300)), ("decode", 3, plain.decode([290, 300, 310]))):
+        want = phase_estimate(cfg, A100, Workload(batch=batch, prompt=300, dtype="fp16"), phase, layout).time_s
+        assert got == pytest.approx(want, rel=1e-12)
+    over = CostModelTimes(cfg, A100, 2, dtype="fp16", layout=layout, overhead=HostOverhead(0.01, 0.002, 0.0005))
+    assert over.prefill(300) == pytest.approx(plain.prefill(300) + 0.01, rel=1e-12)
+    assert over.decode([300] * 4) == pytest.approx(plain.decode([300] * 4) + 0.002 + 4 * 0.0005, rel=1e-12)
+    assert CostModelTimes(cfg, A100, 2, dtype="fp16").decode([300]) <= plain.decode([300])  # the fastest layout
+    with pytest.raises(ConfigError, match="layout"):
+        CostModelTimes(cfg, A100, 2, layout=Layout("1d-ws", "heads", 4))
+    with pytest.raises(ConfigError, match="row_s"):
+        HostOverhead(row_s=-1e-3)
+
+
+class _Recording(ConstantTimes):
+    """Constant step times that remember the contexts every decode step was priced at."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0, 1.0)
+        self.decoded: list[list[int]] = []
+
+    def decode(self, contexts) -> float:
+        self.decoded.append(list(contexts))
+        return self.decode_s
+
+
+def test_engine_shapes_price_the_rows_and_keys_the_engine_computes() -> None:
+    """A in row 0 (2 tokens) and B in row 1 (4 tokens), prompts of 100: after A leaves, the eager engine still
+    computes rows 0-1 for B, over a key window of 128 (the power of two above its 101-102 cached tokens)."""
+    assert decode_shape([0], [63], 8, 1024) == (1, 64) and decode_shape([5], [64], 8, 1024) == (8, 128)
+    assert decode_shape([2, 0], [10, 3000], 8, 1024) == (4, 1024)
+    load = [Arrival(0.0, 100, 2), Arrival(0.0, 100, 4)]
+    exact, engine = _Recording(), _Recording()
+    simulate(load, BatchingPolicy(max_batch=4), 1024, exact)
+    simulate(load, BatchingPolicy(max_batch=4), 1024, engine, engine_shapes=True)
+    assert exact.decoded == [[101, 101], [102], [103]]
+    assert engine.decoded == [[128, 128], [128, 128], [128, 128]]
+
+
 def test_report_percentiles_match_numpy_and_fields() -> None:
     rng = random.Random(3)
     values = [rng.random() for _ in range(101)]
@@ -128,6 +166,29 @@ def test_poisson_arrivals_are_seeded(tmp_path) -> None:
         arrivals("poisson", 0.0, 10, Lengths(1, 1), Lengths(1, 1))
     with pytest.raises(ConfigError, match="high"):
         Lengths.parse("100-10", "--prompt")
+
+
+def test_one_load_for_the_simulator_and_the_load_generator(tmp_path) -> None:
+    spec = LoadSpec(4.0, 50, Lengths(8, 64), Lengths(2, 9), seed=5)
+    load = spec.generate()
+    assert load == spec.generate() == arrivals("poisson", 4.0, 50, Lengths(8, 64), Lengths(2, 9), seed=5)
+    assert spec.offered_rate == 4.0 and LoadSpec(requests=3).offered_rate is None  # inf: a burst
+    assert [a.time for a in LoadSpec(requests=3).generate()] == [0.0, 0.0, 0.0]
+    # Fixed lengths draw nothing: loads of other fixed lengths arrive at the same times.
+    fixed = [a.time for a in LoadSpec(4.0, 50, Lengths(128, 128), Lengths(32, 32), seed=5).generate()]
+    assert fixed == [a.time for a in LoadSpec(4.0, 50, Lengths(7, 7), Lengths(3, 3), seed=5).generate()]
+    assert fixed != [a.time for a in load]  # drawn lengths share the stream
+    prompts = prompt_ids(load, 1000, spec.seed)  # the load generator's token ids: one prompt per arrival
+    assert [len(p) for p in prompts] == [a.prompt_len for a in load] and prompts == prompt_ids(load, 1000, 5)
+    assert all(0 <= t < 999 for p in prompts for t in p)
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"arrival": 0.5, "prompt_len": 3, "output_len": 2}]))
+    assert LoadSpec(arrivals=str(trace)).generate() == [Arrival(0.5, 3, 2)]
+    assert LoadSpec(arrivals=str(trace)).offered_rate is None
+    for bad, field in ((dict(arrivals="uniform"), "arrivals"), (dict(rate=float("nan")), "rate"),
+                       (dict(requests=0), "requests"), (dict(seed=1.5), "seed")):
+        with pytest.raises(ConfigError, match=field):
+            LoadSpec(**bad)
 
 
 def test_trace_files(tmp_path) -> None:
@@ -171,6 +232,17 @@ def test_simulate_and_plan_slo_cli(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["requests"] == 5
     assert main(["simulate", "--model", "gpt-1.3b"]) == 2
     assert "rate" in capsys.readouterr().err
+    # A measured host overhead: a lone request's TTFT grows by exactly the per-prefill term.
+    lone = ["simulate", "--model", "gpt-1.3b", "--arrivals", str(trace), "--max-batch", "1"]
+    base = json.loads(capsys.readouterr().out if main(lone) == 0 else "{}")
+    assert main([*lone, "--host-overhead", '{"prefill_s": 0.25}']) == 0
+    slower = json.loads(capsys.readouterr().out)
+    assert slower["simulation"]["host_overhead"]["prefill_s"] == 0.25
+    assert main([*lone, "--engine-shapes"]) == 0 and json.loads(capsys.readouterr().out)["simulation"]["engine_shapes"]
+    assert slower["ttft_s"]["p50"] > base["ttft_s"]["p50"] + 0.25 - 1e-9
+    for bad in ('{"latency_s": 1}', '{"row_s": -1}', "[1]"):
+        assert main([*lone, "--host-overhead", bad]) == 2
+        assert "host" in capsys.readouterr().err
     assert main(["plan", "--model", "gpt-1.3b", "--chips", "4", "--prompt", "256", "--generate", "16", "--slo",
                  "p99_ttft<=100ms", "--rate", "10", "--requests", "40", "--batches", "4,8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -10,10 +10,10 @@ from krakenlm.costmodel.estimator import Estimate, Layout, PhaseEstimate, Worklo
 from krakenlm.costmodel.hardware import Hardware, hardware_names, load_hardware
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import Plan, plan
-from krakenlm.costmodel.simulate import CostModelTimes, Simulation, plan_slo, simulate
+from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, Simulation, plan_slo, simulate
 
 __all__ = [
-    "Calibration", "CostModelTimes", "Estimate", "Hardware", "Layout", "PhaseEstimate", "Pipeline", "Plan",
-    "Simulation", "Workload", "calibrate", "estimate", "hardware_names", "load_hardware", "load_records",
+    "Calibration", "CostModelTimes", "Estimate", "Hardware", "HostOverhead", "Layout", "PhaseEstimate", "Pipeline",
+    "Plan", "Simulation", "Workload", "calibrate", "estimate", "hardware_names", "load_hardware", "load_records",
     "max_context", "plan", "plan_slo", "simulate",
 ]

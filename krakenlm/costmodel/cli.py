@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,20 +26,12 @@ from krakenlm.costmodel.estimator import (
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import OBJECTIVES, plan
-from krakenlm.costmodel.simulate import (
-    ARRIVALS,
-    Arrival,
-    CostModelTimes,
-    Lengths,
-    arrivals,
-    load_trace,
-    plan_slo,
-    simulate,
-)
+from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, plan_slo, simulate
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 from krakenlm.serve.report import parse_slo_targets
 from krakenlm.serve.scheduler import BatchingPolicy
+from krakenlm.serve.workload import ARRIVALS, Lengths, LoadSpec
 
 GIB = 2 ** 30
 
@@ -80,12 +73,13 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _arrival_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rate", type=float, help="requests per second (poisson / constant arrivals)")
+    p.add_argument("--rate", type=float, help="requests per second (poisson / constant arrivals; inf: all at once)")
     p.add_argument("--arrivals", default="poisson",
                    help=f"{' or '.join(ARRIVALS)}, or a trace file: JSON list / lines of "
                         "{\"arrival\": s, \"prompt_len\": n, \"output_len\": n}")
     p.add_argument("--requests", type=int, default=200, help="requests to simulate (poisson / constant)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths (krakenlm loadtest's "
+                                                     "--seed: the same load)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones are refused")
 
 
@@ -117,14 +111,22 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--lm-head", choices=LM_HEAD, default="sharded", help="LM head split or whole on every chip")
     _arrival_args(p)
-    p.add_argument("--prompt", default="128", help="prompt tokens: N or LOW-HIGH (uniform)")
-    p.add_argument("--generate", default="64", help="output tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--prompt", "--prompt-len", dest="prompt", default="128",
+                   help="prompt tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--generate", "--output-len", dest="generate", default="64",
+                   help="output tokens: N or LOW-HIGH (uniform)")
     p.add_argument("--max-batch", type=int, default=8, help="running sequences (KV-cache rows)")
     p.add_argument("--max-tokens", type=int,
                    help="KV tokens reserved by running requests (default: max-batch x the longest request)")
     p.add_argument("--max-prefills-per-step", type=int, default=0, help="newcomers per step (0 = as many as fit)")
     p.add_argument("--goodput-slo", default="{}",
                    help='per-request SLO for goodput, JSON: {"ttft_s": 0.2, "tpot_s": 0.05}')
+    p.add_argument("--host-overhead", default="{}",
+                   help='measured engine host time the cost model leaves out, JSON seconds: {"prefill_s": 0.07, '
+                        '"step_s": 0.014, "row_s": 0.003} (per prefill, per decode step, per running row)')
+    p.add_argument("--engine-shapes", action="store_true",
+                   help="price each decode step at krakenlm's eager engine shape (rows up to the highest in use, "
+                        "bucketed keys) instead of the running requests")
     p.add_argument("--out", help="also write the report JSON here")
     p.set_defaults(func=_cmd_simulate)
 
@@ -210,13 +212,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> list[Arrival]:
-    """The arrival sequence: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate``."""
-    if args.arrivals not in ARRIVALS:
-        return load_trace(args.arrivals)
-    if args.rate is None:
+def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> LoadSpec:
+    """The load: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate`` (krakenlm.serve.workload,
+    the load generator's own)."""
+    if args.arrivals in ARRIVALS and args.rate is None:
         raise ConfigError(f"rate: --rate is required with --arrivals {args.arrivals}")
-    return arrivals(args.arrivals, args.rate, args.requests, prompt, output, args.seed)
+    return LoadSpec(math.inf if args.rate is None else args.rate, args.requests, prompt, output, args.seed,
+                    args.arrivals)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -282,8 +284,8 @@ def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memor
     wl = _workload(args)
     if args.arrivals in ARRIVALS and not wl.generate:
         raise ConfigError("generate: --slo plans need --generate >= 1 (output tokens per request)")
-    load = _load(args, Lengths(wl.prompt, wl.prompt), Lengths(max(wl.generate, 1), max(wl.generate, 1)))
-    result = plan_slo(config, hw, load, args.chips, targets, rate=args.rate, dtype=wl.dtype,
+    spec = _load(args, Lengths(wl.prompt, wl.prompt), Lengths(max(wl.generate, 1), max(wl.generate, 1)))
+    result = plan_slo(config, hw, spec.generate(), args.chips, targets, rate=spec.offered_rate, dtype=wl.dtype,
                       batches=_ints(args.batches, "--batches"), kraken_degrees=_ints(args.kraken_degrees,
                                                                                      "--kraken-degrees"),
                       stages=_ints(args.pp, "--pp"), overlap=args.overlap, max_queue=args.max_queue,
@@ -307,23 +309,36 @@ def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memor
     return 0
 
 
+def _json_object(text: str, flag: str, example: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{flag}: not JSON ({err}); e.g. '{example}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: must be a JSON object, got {text!r}")
+    return value
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config, hw = _config(args), load_hardware(args.hardware)
     prompt, output = Lengths.parse(args.prompt, "--prompt"), Lengths.parse(args.generate, "--generate")
-    load = _load(args, prompt, output)
+    spec = _load(args, prompt, output)
+    load = spec.generate()
+    slo = _json_object(args.goodput_slo, "--goodput-slo", '{"ttft_s": 0.2}')
+    overhead = _json_object(args.host_overhead, "--host-overhead", '{"step_s": 0.01}')
     try:
-        slo = json.loads(args.goodput_slo)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--goodput-slo: not JSON ({err}); e.g. '{{\"ttft_s\": 0.2}}'") from None
-    if not isinstance(slo, dict):
-        raise ConfigError(f"--goodput-slo: must be a JSON object, got {args.goodput_slo!r}")
+        host = HostOverhead(**overhead)
+    except TypeError:
+        raise ConfigError(f"--host-overhead: keys are prefill_s, step_s, row_s, got {sorted(overhead)}") from None
     longest = max(a.prompt_len + a.output_len for a in load)
     policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=args.max_tokens or args.max_batch * longest,
                             max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)
-    times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head)
-    sim = simulate(load, policy, config.block_size, times, rate=args.rate, slo=slo)
+    times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head, overhead=host)
+    sim = simulate(load, policy, config.block_size, times, rate=spec.offered_rate, slo=slo,
+                   engine_shapes=args.engine_shapes)
     out = sim.report | {"simulation": {"model": config.name or config.arch, "hardware": hw.name, "chips": args.chips,
                                        "stages": args.pp, "dtype": args.dtype, "policy": asdict(policy),
+                                       "host_overhead": asdict(host), "engine_shapes": args.engine_shapes,
                                        "steps": sim.steps, "mean_decode_batch": sim.mean_decode_batch,
                                        "max_waiting": sim.max_waiting}}
     text = json.dumps(out, indent=2)

@@ -15,116 +15,32 @@ context (rounded to a token), exact for the KV reads and attention FLOPs, which 
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Protocol
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.estimator import Workload, best_phase, check_context, estimate, format_bytes, tp_degree
+from krakenlm.costmodel.estimator import (
+    Layout,
+    Workload,
+    best_phase,
+    check_context,
+    estimate,
+    format_bytes,
+    phase_estimate,
+    tp_degree,
+)
 from krakenlm.costmodel.hardware import Hardware
 from krakenlm.costmodel.layouts import check_split
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import deployment_label, deployments
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.serve.report import RequestRecord, SloTarget, summarize
-from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler
-
-ARRIVALS = ("poisson", "constant")
-MAX_REQUESTS = 1_000_000
-
-
-def _is_tokens(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 40
-
-
-@dataclass(frozen=True)
-class Lengths:
-    """Token counts drawn uniformly from [low, high] (fixed when equal)."""
-
-    low: int
-    high: int
-
-    def __post_init__(self) -> None:
-        for key in ("low", "high"):
-            value = getattr(self, key)
-            if not _is_tokens(value):
-                raise ConfigError(f"lengths: {key} must be an integer in [1, {1 << 40}], got {value!r}")
-        if self.high < self.low:
-            raise ConfigError(f"lengths: high {self.high} is below low {self.low}")
-
-    @classmethod
-    def parse(cls, text: str, what: str) -> Lengths:
-        """``"128"`` (fixed) or ``"64-512"`` (uniform)."""
-        low, sep, high = str(text).partition("-")
-        try:
-            values = int(low), int(high) if sep else int(low)
-        except ValueError:
-            raise ConfigError(f"{what}: expected N or LOW-HIGH tokens, got {text!r}") from None
-        try:
-            return cls(*values)
-        except ConfigError as err:
-            raise ConfigError(f"{what}: {err}") from None
-
-    def sample(self, rng: random.Random) -> int:
-        return self.low if self.low == self.high else rng.randint(self.low, self.high)
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """One request of the workload: when it arrives and its prompt and output lengths."""
-
-    time: float
-    prompt_len: int
-    output_len: int
-
-
-def arrivals(kind: str, rate: float, requests: int, prompt: Lengths, output: Lengths, seed: int = 0) -> list[Arrival]:
-    """``requests`` arrivals at ``rate`` per second: ``poisson`` (exponential gaps, seeded) or ``constant``
-    (one every 1/rate s, the first at 0); lengths drawn from ``prompt`` and ``output`` with the same seed."""
-    if kind not in ARRIVALS:
-        raise ConfigError(f"arrivals: must be one of {ARRIVALS} or a trace file, got {kind!r}")
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1e9 or math.isnan(rate):
-        raise ConfigError(f"rate: must be a number of requests per second in (0, 1e9], got {rate!r}")
-    if not isinstance(requests, int) or isinstance(requests, bool) or not 1 <= requests <= MAX_REQUESTS:
-        raise ConfigError(f"requests: must be an integer in [1, {MAX_REQUESTS}], got {requests!r}")
-    rng = random.Random(seed)
-    out, t = [], 0.0
-    for i in range(requests):
-        if i:
-            t += rng.expovariate(rate) if kind == "poisson" else 1 / rate
-        out.append(Arrival(t, prompt.sample(rng), output.sample(rng)))
-    return out
-
-
-def load_trace(path: str | Path) -> list[Arrival]:
-    """Arrivals from a JSON list (or JSON lines) of {"arrival": s, "prompt_len": n, "output_len": n}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"trace: {path} is not a readable regular file")
-    try:
-        text = path.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
-                                                                        if x.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"trace: cannot read {path}: {err}") from err
-    out = []
-    for i, row in enumerate(rows):
-        t = row.get("arrival") if isinstance(row, dict) else None
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise ConfigError(f"trace: entry {i} needs an 'arrival' time in seconds >= 0, got {row!r}")
-        p, o = row.get("prompt_len"), row.get("output_len")
-        if not (_is_tokens(p) and _is_tokens(o)):
-            raise ConfigError(f"trace: entry {i} needs integer 'prompt_len' and 'output_len' >= 1, got {row!r}")
-        out.append(Arrival(float(t), p, o))
-    if not 1 <= len(out) <= MAX_REQUESTS:
-        raise ConfigError(f"trace: {path} must hold 1 to {MAX_REQUESTS} requests, got {len(out)}")
-    return sorted(out, key=lambda a: a.time)
+from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, decode_shape
+from krakenlm.serve.workload import Arrival
 
 
 class StepTimes(Protocol):
@@ -149,27 +65,53 @@ class ConstantTimes:
         return self.decode_s
 
 
+@dataclass(frozen=True)
+class HostOverhead:
+    """Host seconds a serving engine spends around the model, which the cost model's step times leave out:
+    per prefill (request handling, sampling, the first token's publishing), per decode step (scheduling,
+    the step's dispatch to every rank) and per running row of a decode step (sampling, detokenising and
+    streaming its token). Measured on the server itself, e.g. by ``benchmarks/serve_sim_validation.py``
+    from bursts of requests (not from the loads the simulator is validated on)."""
+
+    prefill_s: float = 0.0
+    step_s: float = 0.0
+    row_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("prefill_s", "step_s", "row_s"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 60:
+                raise ConfigError(f"host overhead: {key} must be seconds in [0, 60), got {value!r}")
+
+
 class CostModelTimes:
     """Step times from the estimator: prefill at batch 1, decode at the batch and its mean context, the
-    fastest layout per phase (or ``layout``), on ``chips`` chips in ``stages`` pipeline stages."""
+    fastest layout per phase (or ``layout``, e.g. the runtime's own), on ``chips`` chips in ``stages``
+    pipeline stages, plus the engine's measured ``overhead``."""
 
     def __init__(self, config: ModelConfig, hw: Hardware, chips: int, stages: int = 1, dtype: str = "bf16",
-                 overlap: str = "none", lm_head: str = "sharded") -> None:
+                 overlap: str = "none", lm_head: str = "sharded", layout: Layout | None = None,
+                 overhead: HostOverhead = HostOverhead()) -> None:
         check_split(config, tp_degree(chips, stages), stages, hw.chips_per_node)
         self.config, self.hw, self.tp, self.dtype = config, hw, chips // stages, dtype
         self.pipe, self.overlap, self.lm_head = Pipeline(stages=stages), overlap, lm_head
+        if layout is not None and layout.chips != self.tp:
+            raise ConfigError(f"layout: {layout.chips} chips, but the deployment has {self.tp} per stage")
+        self.layout, self.overhead = layout, overhead
         self._prefill = lru_cache(maxsize=None)(self._prefill_uncached)
         self._decode = lru_cache(maxsize=None)(self._decode_uncached)
 
     def _phase(self, phase: str, batch: int, prompt: int) -> float:
         wl = Workload(batch=batch, prompt=prompt, dtype=self.dtype)
+        if self.layout is not None:
+            return phase_estimate(self.config, self.hw, wl, phase, self.layout, self.overlap, self.pipe).time_s
         return best_phase(self.config, self.hw, wl, phase, self.tp, self.overlap, self.lm_head, self.pipe).time_s
 
     def _prefill_uncached(self, prompt_len: int) -> float:
-        return self._phase("prefill", 1, prompt_len)
+        return self._phase("prefill", 1, prompt_len) + self.overhead.prefill_s
 
     def _decode_uncached(self, batch: int, context: int) -> float:
-        return self._phase("decode", batch, context)
+        return self._phase("decode", batch, context) + self.overhead.step_s + batch * self.overhead.row_s
 
     def prefill(self, prompt_len: int) -> float:
         return self._prefill(prompt_len)
@@ -203,9 +145,12 @@ def _step_time(value: float, what: str) -> float:
 
 
 def simulate(workload: Sequence[Arrival], policy: BatchingPolicy, context: int, times: StepTimes,
-             rate: float | None = None, slo: dict[str, float] | None = None) -> Simulation:
+             rate: float | None = None, slo: dict[str, float] | None = None,
+             engine_shapes: bool = False) -> Simulation:
     """Run ``workload`` through a Scheduler(policy, context) with ``times`` (module docstring). Requests
-    the scheduler refuses (queue full, too long) are failed records."""
+    the scheduler refuses (queue full, too long) are failed records. ``engine_shapes`` prices each decode
+    step at the shape krakenlm's eager engine computes (``decode_shape``: rows up to the highest one in use,
+    keys up to the bucketed longest context) instead of the running requests at their mean context."""
     sched = Scheduler(policy, context)
     pending = deque(sorted(workload, key=lambda a: a.time))
     traces: dict[int, _Trace] = {}
@@ -235,6 +180,10 @@ def simulate(workload: Sequence[Arrival], policy: BatchingPolicy, context: int, 
             sched.token(req.id)
         if step.decode:
             contexts = [req.prompt_len + len(traces[req.id].times) for req, _ in step.decode]
+            if engine_shapes:
+                cached = [c - 1 for c in contexts]  # the newest token is written by this step
+                width, keys = decode_shape([row for _, row in step.decode], cached, policy.max_batch, context)
+                contexts = [keys] * width
             t += _step_time(times.decode(contexts), "decode")
             decode_steps, decoded = decode_steps + 1, decoded + len(step.decode)
             for req, _ in step.decode:

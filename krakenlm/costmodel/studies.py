@@ -34,10 +34,11 @@ from krakenlm.costmodel.layouts import (
     pair_ops,
     switch_points,
 )
-from krakenlm.costmodel.simulate import CostModelTimes, Lengths, arrivals, simulate
+from krakenlm.costmodel.simulate import CostModelTimes, simulate
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 from krakenlm.serve.scheduler import BatchingPolicy
+from krakenlm.serve.workload import Lengths, arrivals
 
 PAPER_KRAKEN_SPEEDUP = 0.356  # Kraken paper: geometric-mean TTFT improvement over standard TP
 PALM_540B_PARAMS = 540e9  # the nominal count Pope et al. use for MFU

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from krakenlm.cli import add_engine_args, add_model_args, engine_options, model_source
 from krakenlm.errors import ConfigError
+from krakenlm.serve.workload import ARRIVALS
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -49,7 +50,8 @@ def _rates(text: str) -> list[float]:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from krakenlm.serve.loadtest import LoadSpec, Target, parse_targets, plot, run_loads, table
+    from krakenlm.serve.loadtest import Target, parse_targets, plot, run_loads, table
+    from krakenlm.serve.workload import Lengths, LoadSpec
 
     if (args.url is None) == (args.compare is None):
         raise ConfigError("loadtest: give exactly one of --url or --compare")
@@ -61,9 +63,10 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
         raise ConfigError(f"slo: must be a JSON object, got {args.slo!r}")
     targets = parse_targets(args.compare, args.api_key) if args.compare else [Target("server", args.url.rstrip("/"),
                                                                                       args.api_key)]
-    specs = [LoadSpec(rate, args.requests, args.prompt_len, args.output_len, args.seed, args.timeout)
-             for rate in args.rate]
-    reports = run_loads(targets, specs, slo)
+    prompt, output = Lengths.parse(args.prompt_len, "--prompt-len"), Lengths.parse(args.output_len, "--output-len")
+    rates = args.rate[:1] if args.arrivals not in ARRIVALS else args.rate  # a trace has its own times
+    specs = [LoadSpec(rate, args.requests, prompt, output, args.seed, args.arrivals) for rate in rates]
+    reports = run_loads(targets, specs, slo, args.timeout)
     print(table(reports))
     for r in reports:
         if r["errors"]:
@@ -79,15 +82,21 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("loadtest", help="Poisson load of streaming completions: TTFT / TPOT / ITL / e2e percentiles")
+    p = sub.add_parser("loadtest", help="Poisson (constant, trace) load of streaming completions: TTFT / TPOT / ITL / "
+                                        "e2e percentiles")
     p.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--compare", help="NAME=URL,NAME=URL: the same load against each, side by side")
     p.add_argument("--rate", type=_rates, default=[math.inf], help="requests/s, comma-separated for several runs; "
                    "inf sends all at once (default)")
+    p.add_argument("--arrivals", default="poisson", help=f"{' or '.join(ARRIVALS)}, or a trace file: JSON list / "
+                   "lines of {\"arrival\": s, \"prompt_len\": n, \"output_len\": n} (then --rate is not used)")
     p.add_argument("--requests", type=int, default=64, help="requests per rate")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="arrivals and prompts")
+    p.add_argument("--prompt-len", "--prompt", dest="prompt_len", default="128",
+                   help="prompt tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--output-len", "--generate", dest="output_len", default="64",
+                   help="output tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--seed", type=int, default=0, help="arrivals, lengths and prompts (krakenlm simulate's --seed: "
+                   "the same load)")
     p.add_argument("--slo", default="{}", help='per-request SLO for goodput, JSON: {"ttft_s": 0.5, "tpot_s": 0.05}')
     p.add_argument("--api-key")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")

@@ -1,8 +1,9 @@
-"""`krakenlm loadtest`: Poisson arrivals of streaming completions against OpenAI-compatible servers,
+"""`krakenlm loadtest`: streaming completions against OpenAI-compatible servers at the arrival times of a
+``LoadSpec`` (krakenlm.serve.workload: Poisson, constant or a trace; the simulator reads the same load),
 summarised by krakenlm.serve.report (TTFT, TPOT, ITL, e2e percentiles, throughput, goodput).
 
-Each request sends ``prompt_len`` random token ids (seeded, so every server gets the same prompts) and
-asks for exactly ``output_len`` tokens (``ignore_eos``), greedy, streamed with the usage chunk. A
+Each request sends its ``prompt_len`` random token ids (seeded, so every server gets the same prompts)
+and asks for exactly its ``output_len`` tokens (``ignore_eos``), greedy, streamed with the usage chunk. A
 request's arrival is the moment it is sent; each streamed chunk is one token (the server sends one
 chunk per token), so chunk times are token times. Several rates run one after another; several
 servers (``compare``) run each rate in turn, so slow drift of the machine hits them alike.
@@ -24,45 +25,17 @@ import httpx
 
 from krakenlm.errors import ConfigError
 from krakenlm.serve.report import RequestRecord, check_slo, summarize
+from krakenlm.serve.workload import Arrival, Lengths, LoadSpec
+from krakenlm.validation import check_float
 
-MAX_REQUESTS = 100_000
+DEFAULT_TIMEOUT_S = 600.0  # seconds one request may take
 
 
-@dataclass(frozen=True)
-class LoadSpec:
-    """One load: ``requests`` arrivals at ``rate`` per second (inf: all at once) of the given lengths."""
-
-    rate: float
-    requests: int
-    prompt_len: int
-    output_len: int
-    seed: int = 0
-    timeout: float = 600.0  # seconds one request may take
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rate, (int, float)) or isinstance(self.rate, bool) or math.isnan(self.rate) \
-                or self.rate <= 0:
-            raise ConfigError(f"rate: must be a number of requests per second > 0 or inf, got {self.rate!r}")
-        for key, low, high in (("requests", 1, MAX_REQUESTS), ("prompt_len", 1, 1 << 20), ("output_len", 1, 1 << 20)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ConfigError(f"{key}: must be an integer in [{low}, {high}], got {value!r}")
-        if not self.timeout > 0:
-            raise ConfigError(f"timeout: must be > 0 seconds, got {self.timeout!r}")
-
-    def arrivals(self) -> list[float]:
-        """Send times in seconds from the start: exponential gaps at ``rate`` (seeded), or all 0 for inf."""
-        rng, t, out = random.Random(self.seed), 0.0, []
-        for i in range(self.requests):
-            if i and math.isfinite(self.rate):
-                t += rng.expovariate(self.rate)
-            out.append(t)
-        return out
-
-    def prompts(self, vocab: int) -> list[list[int]]:
-        """Random token ids below ``vocab - 1`` (the last id is usually end-of-text), the same for every server."""
-        rng = random.Random(self.seed + 1)
-        return [[rng.randrange(max(1, vocab - 1)) for _ in range(self.prompt_len)] for _ in range(self.requests)]
+def prompt_ids(load: list[Arrival], vocab: int, seed: int) -> list[list[int]]:
+    """Each request's prompt: random token ids below ``vocab - 1`` (the last id is usually end-of-text), seeded
+    apart from the arrivals, so every server gets the same prompts."""
+    rng = random.Random(seed + 1)
+    return [[rng.randrange(max(1, vocab - 1)) for _ in range(a.prompt_len)] for a in load]
 
 
 @dataclass(frozen=True)
@@ -101,10 +74,10 @@ async def _vocab(client: httpx.AsyncClient, target: Target) -> int:
         raise ConfigError(f"{target.name}: cannot read {target.url}/v1/models: {err}") from None
 
 
-async def _request(client: httpx.AsyncClient, target: Target, prompt: list[int], spec: LoadSpec,
+async def _request(client: httpx.AsyncClient, target: Target, prompt: list[int], output_len: int,
                    errors: Counter[str]) -> RequestRecord:
     """One streamed completion; its record on the perf_counter clock (ok=False when it failed)."""
-    body = {"prompt": prompt, "max_tokens": spec.output_len, "temperature": 0, "stream": True, "ignore_eos": True,
+    body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     arrival, times, tokens = time.perf_counter(), [], None
     try:
@@ -133,32 +106,41 @@ async def _request(client: httpx.AsyncClient, target: Target, prompt: list[int],
     return RequestRecord(arrival, times[0], tuple(times), times[-1], tokens if tokens is not None else len(times))
 
 
-async def _run(target: Target, spec: LoadSpec, slo: dict[str, float]) -> dict[str, Any]:
+async def _run(target: Target, spec: LoadSpec, slo: dict[str, float], timeout: float) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(spec.timeout)) as client:
-        prompts = spec.prompts(await _vocab(client, target))
+    load = spec.generate()
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout)) as client:
+        prompts = prompt_ids(load, await _vocab(client, target), spec.seed)
         errors: Counter[str] = Counter()
         start = time.perf_counter()
 
-        async def send(at: float, prompt: list[int]) -> RequestRecord:
-            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            return await _request(client, target, prompt, spec, errors)
+        async def send(a: Arrival, prompt: list[int]) -> RequestRecord:
+            await asyncio.sleep(max(0.0, start + a.time - time.perf_counter()))
+            return await _request(client, target, prompt, a.output_len, errors)
 
-        records = await asyncio.gather(*(send(at, p) for at, p in zip(spec.arrivals(), prompts, strict=True)))
+        records = await asyncio.gather(*(send(a, p) for a, p in zip(load, prompts, strict=True)))
         duration = time.perf_counter() - start
-    report = summarize(records, None if math.isinf(spec.rate) else spec.rate, slo, duration)
-    return {"server": target.name, "url": target.url, "offered_rate": "inf" if math.isinf(spec.rate) else spec.rate,
-            "prompt_len": spec.prompt_len, "output_len": spec.output_len, "errors": dict(errors)} | report
+    report = summarize(records, spec.offered_rate, slo, duration)
+    offered = spec.arrivals if spec.trace else "inf" if math.isinf(spec.rate) else spec.rate
+    return {"server": target.name, "url": target.url, "offered_rate": offered, "prompt_len": _lengths(spec.prompt),
+            "output_len": _lengths(spec.output), "seed": spec.seed, "errors": dict(errors)} | report
 
 
-def run_load(target: Target, spec: LoadSpec, slo: dict[str, float] | None = None) -> dict[str, Any]:
+def _lengths(lengths: Lengths) -> int | str:
+    return lengths.low if lengths.low == lengths.high else str(lengths)
+
+
+def run_load(target: Target, spec: LoadSpec, slo: dict[str, float] | None = None,
+             timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """One load against one server: the report of krakenlm.serve.report plus what was offered."""
-    return asyncio.run(_run(target, spec, check_slo(slo)))
+    check_float(timeout, "timeout", minimum=0, exclusive=True)
+    return asyncio.run(_run(target, spec, check_slo(slo), timeout))
 
 
-def run_loads(targets: list[Target], specs: list[LoadSpec], slo: dict[str, float] | None = None) -> list[dict]:
-    """Every load against every server, rate by rate (servers in turn within a rate)."""
-    return [run_load(target, spec, slo) for spec in specs for target in targets]
+def run_loads(targets: list[Target], specs: list[LoadSpec], slo: dict[str, float] | None = None,
+              timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
+    """Every load against every server, load by load (servers in turn within a load)."""
+    return [run_load(target, spec, slo, timeout) for spec in specs for target in targets]
 
 
 def _ms(value: float | None) -> str:

@@ -47,6 +47,22 @@ def _count(owner: str, key: str, value: Any, minimum: int) -> None:
         raise InputError(f"{owner}: {key} must be an integer in [{minimum}, {LIMIT}], got {value!r}")
 
 
+KEYS_FLOOR = 64  # the shortest key window a decode step attends over
+
+
+def bucket(n: int, limit: int, floor: int = 1) -> int:
+    """The smallest power of two >= n, within [floor, limit]: the engine's step shapes (few distinct shapes,
+    so a compiled step keeps few graphs, while short batches and contexts do little wasted work)."""
+    return min(limit, max(floor, 1 << max(0, n - 1).bit_length()))
+
+
+def decode_shape(rows: list[int], lengths: list[int], batch: int, context: int) -> tuple[int, int]:
+    """The (rows, keys) an eager engine's decode step computes for running ``rows`` whose cached lengths are
+    ``lengths``: every row below the bucketed highest one (idle rows included) over the bucketed longest
+    context, so its cost follows the highest row in use, not the number of requests."""
+    return bucket(max(rows) + 1, batch), bucket(max(lengths) + 1, context, floor=KEYS_FLOOR)
+
+
 @dataclass(frozen=True)
 class BatchingPolicy:
     """Limits of the engine's continuous batching.
