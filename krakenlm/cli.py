@@ -18,6 +18,7 @@ from krakenlm.errors import KrakenError
 from krakenlm.generate import GenerationResult, SamplingConfig, Stop
 from krakenlm.source import ModelSource
 from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
+from krakenlm.validation import check_output_dir
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +84,8 @@ def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokeni
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.trace is not None:
+        check_output_dir(args.trace, "trace")
     with Engine.launch(model_source(args), engine_options(args)) as engine:
         if not engine.is_driver:  # a torchrun rank >= 1: it followed rank 0, which prints
             return 0
@@ -112,6 +115,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from krakenlm.demo import DemoConfig, run_demo
 
+    check_output_dir(args.out, "out")
     return run_demo(DemoConfig(args.out, args.steps, args.prompt_len, args.rounds, args.device))
 
 
@@ -128,6 +132,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from krakenlm.doctor import run_doctor
 
+    check_output_dir(args.out, "out")
     return run_doctor(args.out, timings=args.timings)
 
 
@@ -190,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    except OSError as err:  # the system refused a file or socket operation (a full disk, a path that is a file)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"krakenlm {args.verb}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"krakenlm {args.verb}: interrupted", file=sys.stderr)
         return 130

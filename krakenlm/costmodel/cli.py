@@ -39,6 +39,7 @@ from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 from krakenlm.serve.report import parse_slo_targets
 from krakenlm.serve.scheduler import BatchingPolicy
+from krakenlm.validation import check_output_file
 
 GIB = 2 ** 30
 
@@ -281,6 +282,8 @@ def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memor
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config, hw = _config(args), load_hardware(args.hardware)
+    if args.out:
+        check_output_file(args.out, "--out")
     prompt, output = Lengths.parse(args.prompt, "--prompt"), Lengths.parse(args.generate, "--generate")
     load = _load(args, prompt, output)
     try:
