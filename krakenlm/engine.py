@@ -415,7 +415,7 @@ class Engine:
             if not target or len(target) > len(row):
                 raise InputError(f"score: a target of {len(target)} tokens needs an input at least that long")
         validate_prompts(inputs, self.config.vocab_size, self.config.block_size, 0)
-        validate_prompts(targets, self.config.vocab_size, self.config.block_size, 0)  # ids index the logits
+        validate_prompts(targets, self.config.vocab_size, self.config.block_size, 0, "target")  # ids index logits
         return self._score([list(r) for r in inputs], [list(t) for t in targets])
 
     @lockstep

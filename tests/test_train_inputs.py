@@ -89,7 +89,7 @@ def test_out_that_is_a_file_is_refused(data_dir, tmp_path, capsys, verb):
 
 
 @pytest.mark.parametrize("args", [
-    ["simulate", "--model", "gpt-1.3b", "--requests", "4", "--out"],
+    ["simulate", "--model", "gpt-1.3b", "--requests", "4", "--rate", "1", "--out"],
     ["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1", "--out"],
     ["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1", "--plot"]])
 def test_output_file_that_is_a_directory_is_refused_before_the_run(tmp_path, capsys, args):
@@ -196,5 +196,5 @@ def test_resume_with_nothing_intact_names_every_problem(data_dir, tmp_path):
 def test_a_write_the_system_refuses_is_one_line_naming_the_file(tmp_path, capsys):
     """Any OSError that reaches the CLI (here: a folder that does not exist) is one line, not a traceback."""
     out = tmp_path / "missing" / "report.json"
-    assert cli_main(["simulate", "--model", "gpt-1.3b", "--requests", "4", "--out", str(out)]) == 2
+    assert cli_main(["simulate", "--model", "gpt-1.3b", "--requests", "4", "--rate", "1", "--out", str(out)]) == 2
     one_line_error(capsys, "No such file", str(out))
