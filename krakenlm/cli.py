@@ -18,7 +18,6 @@ from krakenlm.errors import KrakenError
 from krakenlm.generate import GenerationResult, SamplingConfig, Stop
 from krakenlm.source import ModelSource
 from krakenlm.tokenizer import Tokenizer, default_tokenizer_for, get_tokenizer
-from krakenlm.validation import check_output_dir
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -83,9 +82,11 @@ def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokeni
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     if args.trace is not None:
+        from krakenlm.validation import check_output_dir
+
         check_output_dir(args.trace, "trace")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     with Engine.launch(model_source(args), engine_options(args)) as engine:
         if not engine.is_driver:  # a torchrun rank >= 1: it followed rank 0, which prints
             return 0
@@ -114,6 +115,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from krakenlm.demo import DemoConfig, run_demo
+    from krakenlm.validation import check_output_dir
 
     check_output_dir(args.out, "out")
     return run_demo(DemoConfig(args.out, args.steps, args.prompt_len, args.rounds, args.device))
@@ -131,6 +133,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from krakenlm.doctor import run_doctor
+    from krakenlm.validation import check_output_dir
 
     check_output_dir(args.out, "out")
     return run_doctor(args.out, timings=args.timings)
