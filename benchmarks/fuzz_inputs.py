@@ -2,7 +2,7 @@
 family how many were tried, ended in a clear typed error, gave a valid result, or anything else (a
 traceback, a hang past the per-case timeout, a non-finite result, a message naming no field or file).
 
-    .venv/bin/python benchmarks/fuzz_inputs.py [--seed 1] [--config 3000] [--checkpoint 3000] [--cli 1000]
+    .venv/bin/python benchmarks/fuzz_inputs.py [--seed 1] [--config 3000] [--checkpoint 3000] [--engine 1000] ...
 
 Exit code 1 if any case is "anything else"; those cases are listed.
 """
@@ -19,15 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fuzz import CASE_TIMEOUT_S, run_fuzz  # noqa: E402
+from tests.fuzz import CASE_TIMEOUT_S, FAMILIES, run_fuzz  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--config", type=int, default=3000)
-    parser.add_argument("--checkpoint", type=int, default=3000)
-    parser.add_argument("--cli", type=int, default=1000)
+    defaults = {"config": 3000, "checkpoint": 3000, "cli": 1000, "sampling": 3000, "generate": 300, "engine": 1000}
+    for family in FAMILIES:
+        parser.add_argument(f"--{family}", type=int, default=defaults.get(family, 300), help="cases of this family")
     parser.add_argument("--timeout", type=float, default=CASE_TIMEOUT_S, help="seconds per case before it is a hang")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -40,8 +40,8 @@ def main() -> int:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="krakenlm-fuzz-") as root:
-        tally = run_fuzz(Path(root), args.seed, {"config": args.config, "checkpoint": args.checkpoint,
-                                                 "cli": args.cli}, args.timeout, record)
+        tally = run_fuzz(Path(root), args.seed, {family: getattr(args, family) for family in FAMILIES}, args.timeout,
+                         record)
     seconds = time.perf_counter() - start
     print(f"{'family':<12} {'tried':>7} {'clear error':>12} {'valid':>7} {'anything else':>14}", file=out)
     for family, counts in tally.items():

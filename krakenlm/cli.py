@@ -92,6 +92,10 @@ def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokeni
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        from krakenlm.validation import check_output_dir
+
+        check_output_dir(args.trace, "trace")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     # --layout auto: the cost model's choice for this batch, prompt (bytes bound its tokens) and output length;
     # an empty prompt is refused later, by name.
@@ -133,6 +137,9 @@ def _demo_config(args: argparse.Namespace) -> DemoConfig:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from krakenlm.validation import check_output_dir
+
+    check_output_dir(args.out, "out")  # before training, so a bad --out loses no work
     return run_demo(_demo_config(args))
 
 
@@ -150,7 +157,9 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from krakenlm.doctor import run_doctor
+    from krakenlm.validation import check_output_dir
 
+    check_output_dir(args.out, "out")
     return run_doctor(args.out, timings=args.timings)
 
 
@@ -213,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    except OSError as err:  # the system refused a file or socket operation (a full disk, a path that is a file)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"krakenlm {args.verb}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"krakenlm {args.verb}: interrupted", file=sys.stderr)
         return 130

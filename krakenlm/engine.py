@@ -473,10 +473,13 @@ class Engine:
 
         inputs[i] is the model input (context + target without its last token); targets[i] are the
         tokens predicted by its last len(targets[i]) positions."""
+        if len(inputs) != len(targets):
+            raise InputError(f"score: {len(inputs)} inputs but {len(targets)} targets; give one target per input")
         for row, target in zip(inputs, targets, strict=True):
             if not target or len(target) > len(row):
                 raise InputError(f"score: a target of {len(target)} tokens needs an input at least that long")
         validate_prompts(inputs, self.config.vocab_size, self.config.block_size, 0)
+        validate_prompts(targets, self.config.vocab_size, self.config.block_size, 0, "target")  # ids index logits
         return self._score([list(r) for r in inputs], [list(t) for t in targets])
 
     @lockstep

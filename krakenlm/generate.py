@@ -109,21 +109,22 @@ class GenerationResult:
         return generated / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int, max_new_tokens: int) -> None:
-    """Refuse what the model cannot serve, before any rank does work."""
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int, max_new_tokens: int,
+                     kind: str = "prompt") -> None:
+    """Refuse what the model cannot serve, before any rank does work (``kind`` names the rows in messages)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
     if not prompts:
-        raise InputError("no prompts given")
+        raise InputError(f"no {kind}s given")
     for i, p in enumerate(prompts):
         if not p:
-            raise InputError(f"prompt {i} is empty")
+            raise InputError(f"{kind} {i} is empty")
         bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
         if bad:
-            raise InputError(f"prompt {i} has token ids {bad[:5]} that are not integers in 0..{vocab_size - 1}")
+            raise InputError(f"{kind} {i} has token ids {bad[:5]} that are not integers in 0..{vocab_size - 1}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > context:
-        raise InputError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+        raise InputError(f"{kind} of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
                          f"context of {context} tokens")
 
 

@@ -381,9 +381,48 @@ def generate_case(rng: random.Random, ws: Workspace) -> Case:
     return case
 
 
+_ENGINES: dict[Path, Any] = {}
+_ODD_IDS: list[Any] = [0, 256, 257, -1, 10**6, 1.5, True, None, "3", float("nan")]
+
+
+def _engine(ws: Workspace) -> Any:
+    """One single-device Engine on the tiny native checkpoint per workspace (the fuzz is about the ids)."""
+    from krakenlm.engine import Engine, EngineOptions
+    from krakenlm.source import ModelSource
+
+    if ws.root not in _ENGINES:
+        _ENGINES[ws.root] = Engine(ModelSource(checkpoint=str(ws.native)), EngineOptions(device="cpu"))
+    return _ENGINES[ws.root]
+
+
+def engine_case(rng: random.Random, ws: Workspace) -> Case:
+    """Engine.generate / Engine.score with fuzzed token ids, row counts and lengths (the library entry
+    points the eval harness and the server call): ids in range, finite scores, or a named error."""
+    def ids(most: int) -> list[Any]:
+        return [rng.choice(_ODD_IDS) if rng.random() < 0.1 else rng.randrange(256) for _ in range(rng.randint(0, most))]
+
+    rows = rng.choice([1, 1, 2, 3, 0])
+    inputs = [ids(8) for _ in range(rows)]
+    op = rng.choice(["generate", "score"])
+    targets = [ids(3) for _ in range(rows + rng.choice([0, 0, 0, 1]))]
+    new = rng.choice([0, 1, 3, 3, -1, 2.5, 40])
+
+    def run() -> Any:
+        engine = _engine(ws)
+        if op == "score":
+            return torch.tensor([lp for lp, _ in engine.score(inputs, targets)])
+        tokens = engine.generate(inputs, new).tokens
+        assert all(0 <= t < 257 for row in tokens for t in row) and len(tokens) == rows, tokens
+        return tokens
+
+    detail = f"targets={targets}" if op == "score" else f"max_new_tokens={new!r}"
+    return Case("engine", f"{op}(inputs={inputs}, {detail})", run,
+                ["prompt", "target", "max_new_tokens", "score", "context"])
+
+
 FAMILIES: dict[str, Callable[[random.Random, Workspace], Case]] = {
     "config": config_case, "checkpoint": checkpoint_case, "cli": cli_case, "sampling": sampling_case,
-    "generate": generate_case}
+    "generate": generate_case, "engine": engine_case}
 
 
 # Running and judging -------------------------------------------------------------------------------------------

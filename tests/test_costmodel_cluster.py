@@ -282,6 +282,7 @@ def test_bad_hardware_fields_name_the_field(tmp_path, capsys, key, value, field)
 @pytest.mark.parametrize("argv,field", [
     (["plan", "--model", "kraken4-1.3b", "--chips", "8", "--kraken-degrees", "0,4"], "kraken degree"),
     (["plan", "--model", "kraken4-1.3b", "--chips", "8", "--kraken-degrees", "-2"], "kraken degree"),
+    (["plan", "--model", "gpt2-124m", "--chips", "8", "--kraken-degrees", "0,2"], "kraken degree"),
     (["plan", "--model", "kraken4-13b", "--chips", "8", "--kraken-degrees", "3"], "kraken degree"),
     (["size", "--budget", "124000000", "--layers", "-1", "--heads", "12", "--n-sub", "2"], "n_layer"),
     (["size", "--budget", "124000000", "--layers", "12", "--heads", "12", "--n-sub", "0"], "n_sub"),

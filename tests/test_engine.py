@@ -54,6 +54,11 @@ def test_prompts_the_model_cannot_serve_are_refused_before_any_work(engine):
         engine.generate([[1, 2.5]], 4)
     with pytest.raises(InputError, match="exceeds the model's context"):
         engine.generate([[1] * 100], 40)
+    vocab = engine.config.vocab_size
+    for inputs, targets, match in [([[1, 2]], [[vocab]], "not integers"), ([[1, 2]], [[1.5]], "not integers"),
+                                   ([[1, 2]], [[1], [2]], "one target per input")]:
+        with pytest.raises(InputError, match=match):  # target ids index the logits: checked like prompts
+            engine.score(inputs, targets)
 
 
 def test_variants_share_weights_and_close_nothing(engine):

@@ -18,7 +18,8 @@ def test_fuzzed_inputs_are_valid_or_a_clear_error(tmp_path):
             bad.append(f"[{case.family}] {case.description[:200]} -> {detail}")
 
     tally = run_fuzz(tmp_path, seed=0, counts={"config": 300, "checkpoint": 300, "cli": 150, "sampling": 300,
-                                               "generate": 60}, timeout_s=60,
+                                               "generate": 60,
+                                               "engine": 150}, timeout_s=60,
                      on_case=record)
     assert not bad, "\n".join(bad[:20])
     for family, counts in tally.items():  # the sample exercises both sides of every family

@@ -71,14 +71,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     assert [r["step"] for r in read_metrics(run / METRICS_FILE)] == [1]
 
 
-@pytest.mark.parametrize("verb", ["train", "prepare"])
+OUTPUT_DIRS = {"train": ["train", "--preset", "mini-gpt", "--data", "DATA", "--out"],
+               "prepare": ["prepare", "DATA/meta.json", "--tokenizer", "bytes", "--out"],
+               "bench": ["bench", "--quick", "--out"], "demo": ["demo", "--steps", "1", "--out"],
+               "doctor": ["doctor", "--out"],
+               "generate --trace": ["generate", "--preset", "mini-gpt", "--prompt", "x", "--trace"]}
+
+
+@pytest.mark.parametrize("verb", sorted(OUTPUT_DIRS))
 def test_out_that_is_a_file_is_refused(data_dir, tmp_path, capsys, verb):
+    """Checked before any work: a sweep or a generation whose results cannot be written is refused up front."""
     (tmp_path / "file").write_text("x")
-    args = {"train": ["train", "--preset", "mini-gpt", "--data", str(data_dir)],
-            "prepare": ["prepare", str(data_dir / "meta.json"), "--tokenizer", "bytes"]}[verb]
+    args = [a.replace("DATA", str(data_dir)) for a in OUTPUT_DIRS[verb]]
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
-        assert cli_main([*args, "--out", str(out)]) == 2
-        one_line_error(capsys, "out:", "file")
+        assert cli_main([*args, str(out)]) == 2
+        one_line_error(capsys, ":", "file", str(out))
+
+
+@pytest.mark.parametrize("args", [
+    ["simulate", "--model", "gpt-1.3b", "--requests", "4", "--rate", "1", "--out"],
+    ["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1", "--out"],
+    ["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1", "--plot"]])
+def test_output_file_that_is_a_directory_is_refused_before_the_run(tmp_path, capsys, args):
+    assert cli_main([*args, str(tmp_path)]) == 2
+    one_line_error(capsys, "is a directory", str(tmp_path))
 
 
 def _limit_file_size():
@@ -175,3 +191,10 @@ def test_resume_with_nothing_intact_names_every_problem(data_dir, tmp_path):
         (ckpt / "trainer.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no intact checkpoint.*step-000002.*step-000001"):
         train(cfg.replace(steps=3), None, resume=True, progress=False)
+
+
+def test_a_write_the_system_refuses_is_one_line_naming_the_file(tmp_path, capsys):
+    """Any OSError that reaches the CLI (here: a folder that does not exist) is one line, not a traceback."""
+    out = tmp_path / "missing" / "report.json"
+    assert cli_main(["simulate", "--model", "gpt-1.3b", "--requests", "4", "--rate", "1", "--out", str(out)]) == 2
+    one_line_error(capsys, "No such file", str(out))

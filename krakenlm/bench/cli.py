@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
-from krakenlm.validation import check_float, check_int
+from krakenlm.validation import check_float, check_int, check_output_dir
 
 QUICK = dict(shapes=["tiny"], prompts=[32], batches=[1], dtypes=["fp32"], tps=[2], links=[None], rounds=2,
              max_rounds=3, decode_steps=2, idle_wait_s=2.0, max_other_cores=100.0)
@@ -128,6 +128,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"bench: --dtypes {bad}: choose from {sorted(DTYPES)} or auto")
     _check_options(opts)
     check_kernel(opts.attention)
+    check_output_dir(args.out, "bench: --out")  # before the sweep, so its results are not lost
     if any(tp > 2 for tp in opts.tps):
         print("bench: note: tp > 2 oversubscribes a 2-core machine; those cells are not timing claims",
               file=sys.stderr)

@@ -32,6 +32,7 @@ from krakenlm.presets import get_preset
 from krakenlm.serve.report import parse_slo_targets
 from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.serve.workload import ARRIVALS, Lengths, LoadSpec
+from krakenlm.validation import check_output_file
 
 GIB = 2 ** 30
 
@@ -321,6 +322,8 @@ def _json_object(text: str, flag: str, example: str) -> dict:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config, hw = _config(args), load_hardware(args.hardware)
+    if args.out:
+        check_output_file(args.out, "--out")
     prompt, output = Lengths.parse(args.prompt, "--prompt"), Lengths.parse(args.generate, "--generate")
     spec = _load(args, prompt, output)
     load = spec.generate()

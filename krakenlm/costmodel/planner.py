@@ -57,14 +57,15 @@ class Plan:
 
 def kraken_variants(config: ModelConfig, degrees: tuple[int, ...] | None = None) -> list[ModelConfig]:
     """The config plus equal-parameters-per-layer Kraken models of other degrees (size_kraken rule)."""
+    for deg in degrees or ():  # checked for every model: a bad value is never silently ignored
+        if not isinstance(deg, int) or isinstance(deg, bool) or deg < 1:
+            raise ConfigError(f"kraken degree: must be a positive integer, got {deg!r}")
     if config.arch != "kraken":
         return [config]
     total_heads = config.total_heads
     if degrees is None:
         degrees = tuple(d for d in (2, 4, 8, 16) if total_heads % d == 0)
     for deg in degrees:
-        if not isinstance(deg, int) or isinstance(deg, bool) or deg < 1:
-            raise ConfigError(f"kraken degree: must be a positive integer, got {deg!r}")
         if total_heads % deg:
             raise ConfigError(f"kraken degree: {deg} does not divide the {total_heads} total heads")
     mult = config.ffn_size / config.n_embd

@@ -11,6 +11,7 @@ from pathlib import Path
 from krakenlm.cli import add_engine_args, add_model_args, engine_options, model_source
 from krakenlm.errors import ConfigError
 from krakenlm.serve.workload import ARRIVALS
+from krakenlm.validation import check_output_file
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -61,6 +62,9 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
         raise ConfigError(f"slo: not JSON ({err}); e.g. '{{\"ttft_s\": 0.5, \"tpot_s\": 0.05}}'") from None
     if not isinstance(slo, dict):
         raise ConfigError(f"slo: must be a JSON object, got {args.slo!r}")
+    for path, flag in ((args.out, "out"), (args.plot, "plot")):
+        if path is not None:
+            check_output_file(path, flag)  # before the load, so its reports are not lost
     targets = parse_targets(args.compare, args.api_key) if args.compare else [Target("server", args.url.rstrip("/"),
                                                                                       args.api_key)]
     prompt, output = Lengths.parse(args.prompt_len, "--prompt-len"), Lengths.parse(args.output_len, "--output-len")

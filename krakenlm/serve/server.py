@@ -53,6 +53,7 @@ class ServeConfig:
             raise ConfigError(f"drain_timeout: must be > 0 seconds, got {self.drain_timeout!r}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key: must not be empty")
+        self.policy(1)  # the batching limits, checked before any rank starts (the context is not known yet)
 
     def policy(self, context: int) -> BatchingPolicy:
         return BatchingPolicy(self.max_batch, self.max_tokens or self.max_batch * context, self.max_queue)
