@@ -48,7 +48,7 @@ def equivalence(payload: dict) -> int:
     for name, cfg_dict in cases.items():
         engine = engine_for({"config": cfg_dict, "seed": 0}, world, **payload.get("options", {}))
         results[name] = compare(engine, ModelConfig.from_dict(cfg_dict), payload["decode_steps"])
-        if payload.get("timeline") and engine.config.arch == "kraken":
+        if payload.get("timeline") and engine.config.arch in ("kraken", "ladder"):
             results[name]["timeline"] = _timeline(engine, out)
     if engine.rank == 0:
         (out / f"results-{world}.json").write_text(json.dumps(results))
@@ -66,11 +66,17 @@ def _timeline(engine: Engine, out: Path) -> dict:
     engine.forward(idx, logits_at="last")
     tl.enabled = False
     begins = {layer: mark for layer, mark in tl.layers}
+    completed = all(e.duration is not None and e.duration >= 0 for e in tl.collectives)
+    if engine.config.arch == "ladder":
+        # The paper's schedule: a module's sum is awaited only after the next module issued its own.
+        sums = [e for e in tl.collectives if e.name == "ladder"]
+        after = all(b.start <= a.wait_start for a, b in zip(sums, sums[1:], strict=False))
+        return {"ladder": len(sums), "awaited_after_next_issued": after, "completed": completed,
+                "hidden": tl.hidden_fraction()}
     exchanges = [e for e in tl.collectives if e.name == "exchange"]
     ordered = all(e.start < begins[e.layer + 1] for e in exchanges)  # issued before the next layer starts
     tl.chrome_trace(out / f"trace-rank{engine.rank}.json", engine.rank)
-    return {"exchanges": len(exchanges), "issued_before_next_layer": ordered,
-            "completed": all(e.duration is not None and e.duration >= 0 for e in exchanges),
+    return {"exchanges": len(exchanges), "issued_before_next_layer": ordered, "completed": completed,
             "hidden": tl.hidden_fraction()}
 
 
@@ -108,5 +114,27 @@ def failing(payload: dict) -> int:
 
         setattr(engine.comm, hook, trap)
     engine.generate(PROMPTS, 8)
+    engine.close()
+    return 0
+
+
+def compiled_decode(payload: dict) -> int:
+    """Decode steps of a torch.compile'd (fullgraph, functional collectives) step vs the eager step."""
+    engine = engine_for({"config": payload["config"], "seed": 0}, int(os.environ["WORLD_SIZE"]), compile=True)
+    eager = engine.variant(compile=False)
+    idx, valid, pos = left_pad(PROMPTS)
+    diff = 0.0
+    with torch.inference_mode():
+        caches = engine.new_cache(2, 48), eager.new_cache(2, 48)
+        for e, cache in zip((engine, eager), caches, strict=True):
+            logits = e.forward(idx, cache=cache, valid=valid, positions=pos)
+        token, next_pos, slots = logits[:, -1].argmax(-1), pos[:, -1] + 1, torch.full((2,), idx.shape[1])
+        for _ in range(payload["steps"]):
+            a = engine.decode_step(token, slots, next_pos, caches[0])
+            b = eager.decode_step(token, slots, next_pos, caches[1])
+            diff = max(diff, (a - b).abs().max().item())
+            token, slots, next_pos = b.argmax(-1), slots + 1, next_pos + 1
+    if engine.rank == 0:
+        Path(payload["out"]).write_text(json.dumps({"diff": diff}))
     engine.close()
     return 0

@@ -23,17 +23,22 @@ def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     return out if bias is None else out + bias.unsqueeze(1)
 
 
-class StackedLayerNorm(nn.Module):
-    """S independent LayerNorms over the last dimension (one per stream)."""
+class StackedNorm(nn.Module):
+    """S independent LayerNorms or RMSNorms over the last dimension (one per stream).
 
-    def __init__(self, streams: int, dim: int, bias: bool, eps: float) -> None:
+    RMSNorm normalises in fp32 and applies the gain in the input dtype, as Llama does, so imported
+    models compute what their trainers computed."""
+
+    def __init__(self, streams: int, dim: int, kind: str, bias: bool, eps: float) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.rms = eps, kind == "rmsnorm"
         self.weight = nn.Parameter(torch.ones(streams, dim))
-        self.bias = nn.Parameter(torch.zeros(streams, dim)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(streams, dim)) if bias and not self.rms else None
 
     def forward(self, x: Tensor) -> Tensor:
         """x [S or 1, M, dim] -> [S, M, dim]."""
+        if self.rms:
+            return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight.unsqueeze(1)
         out = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight.unsqueeze(1)
         return out if self.bias is None else out + self.bias.unsqueeze(1)
 
