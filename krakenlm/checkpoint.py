@@ -8,7 +8,8 @@ there, loading verifies the files it reads, so a corrupt or modified checkpoint 
 
 Imported: (a) the Kraken authors' nanoGPT-derived torch.save files, (b) nanoGPT GPT files, both
 loaded with ``torch.load(weights_only=True)`` so nothing but tensors and plain containers is ever
-unpickled; (c) Hugging Face GPT-2 directories (config.json + model.safetensors). Exported: HF GPT-2.
+unpickled; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
+Llama directories (krakenlm.hf_llama; sharded safetensors too). Exported: HF GPT-2.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError
+from krakenlm.hf_llama import llama_config, read_llama
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
 
@@ -182,8 +184,10 @@ class Checkpoint:
                 self.format, self.config = "native", _native_config(self.path)
             elif doc.get("model_type") == "gpt2":
                 self.format, self.config = "hf-gpt2", _hf_config(doc)
+            elif doc.get("model_type") == "llama":
+                self.format, self.config = "hf-llama", llama_config(doc)
             else:
-                raise CheckpointError(f"{self.path}: config.json is neither a krakenlm nor a GPT-2 config")
+                raise CheckpointError(f"{self.path}: config.json is neither a krakenlm, a GPT-2 nor a Llama config")
         else:
             self._torch = _torch_load(self.path)
             self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
@@ -194,6 +198,8 @@ class Checkpoint:
         if self.format == "native":
             verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE))
             return _read_native(self.path, self.config, shard or Shard.full(self.config))
+        if self.format == "hf-llama":
+            return read_llama(self.path, self.config, shard or Shard.full(self.config), expected_shapes(self.config))
         if self.format == "hf-gpt2":
             state = _import_hf(self.path, self.config)
         else:
@@ -216,7 +222,7 @@ class Checkpoint:
 
 
 def detect_format(path: str | Path) -> str:
-    """'native', 'hf-gpt2', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
+    """'native', 'hf-gpt2', 'hf-llama', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
     return Checkpoint(path).format
 
 

@@ -197,6 +197,13 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def as_ladder(self, layers: int | None = None) -> ModelConfig:
+        """The same weights with the last ``layers`` layers (None: all) in ladder wiring: the Ladder
+        paper's adaptation of a pretrained standard model (which it then briefly retrains)."""
+        if self.arch not in ("gpt", "ladder"):
+            raise ConfigError(f"arch: only gpt models convert to ladder wiring (same weights), not {self.arch!r}")
+        return self.replace(arch="ladder", ladder_layers=layers)
+
 
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:

@@ -107,7 +107,7 @@ class GenerationResult:
     decode_steps: int
     prompt_tokens: int
     step_seconds: list[float] = field(default_factory=list)
-    exchange_hidden: float | None = None  # Kraken TP, eager: share of the exchange hidden behind compute
+    exchange_hidden: float | None = None  # Kraken / ladder TP, eager: share of async AllReduces hidden by compute
 
     @property
     def decode_tokens_per_second(self) -> float:

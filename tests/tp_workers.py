@@ -138,3 +138,13 @@ def compiled_decode(payload: dict) -> int:
         Path(payload["out"]).write_text(json.dumps({"diff": diff}))
     engine.close()
     return 0
+
+
+def logits(payload: dict) -> int:
+    """Full-forward logits of a model source on this TP degree; rank 0 saves them."""
+    engine = engine_for(payload["source"], int(os.environ["WORLD_SIZE"]))
+    out = engine.forward(torch.tensor(payload["idx"]))
+    if engine.rank == 0:
+        torch.save(out, payload["out"])
+    engine.close()
+    return 0
