@@ -51,11 +51,21 @@ def test_tensor_parallel_equals_single_device(world, tmp_path):
         assert 0.0 <= tl["hidden"] <= 1.0
 
 
-def test_no_comm_ceiling_runs_with_right_shapes_and_wrong_numbers(tmp_path):
+@pytest.mark.parametrize("arch", ["kraken", "ladder"])
+def test_no_comm_ceiling_runs_with_right_shapes_and_wrong_numbers(tmp_path, arch):
     out = tmp_path / "r.json"
-    assert run_ranks("tests.tp_workers:no_comm", 2, {"config": tiny("kraken").to_dict(), "out": str(out)}) == 0
+    assert run_ranks("tests.tp_workers:no_comm", 2, {"config": tiny(arch).to_dict(), "out": str(out)}) == 0
     r = json.loads(out.read_text())
     assert r["shape_ok"] and r["diff"] > 1e-3
+
+
+def test_blocking_ladder_equals_single_device(tmp_path):
+    """overlap=False waits for every ladder AllReduce at once: same numbers, no overlap."""
+    payload = {"out": str(tmp_path), "decode_steps": 4, "options": {"overlap": False},
+               "cases": {"ladder": tiny("ladder").to_dict()}}
+    assert run_ranks("tests.tp_workers:equivalence", 2, payload, grace=30) == 0
+    r = json.loads((tmp_path / "results-2.json").read_text())["ladder"]
+    assert r["prefill"] <= 1e-4 and r["decode"] <= 1e-4 and r["greedy_equal"]
 
 
 @pytest.mark.parametrize("when", [("prefill", 2), ("decode", 3)])
