@@ -328,7 +328,8 @@ def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[
             out[f"layers.{layer}.{new}"] = torch.stack(parts).contiguous()
     head = state.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, out.get("wte.weight", head)):
-        raise CheckpointError(f"{source}: lm_head is not tied to the token embedding; krakenlm models tie them")
+        raise CheckpointError(f"{source}: lm_head is not tied to the token embedding; GPT-2 / nanoGPT imports "
+                              "expect a tied head")
     if state:
         raise CheckpointError(f"{source}: unexpected tensors {sorted(state)[:5]}")
     return out
@@ -370,9 +371,10 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
     """Write a gpt model as a Hugging Face GPT-2 directory (GPT2LMHeadModel layout, Conv1D weights)."""
     config = model.config
     if config.arch != "gpt" or not config.bias or config.mlp != "gelu" or config.position != "learned" \
-            or config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head):
-        raise ConfigError("export: only GPT-2-shaped gpt models (bias, GELU, learned positions, MHA) "
-                          "export to HF GPT-2")
+            or config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head) \
+            or config.norm != "layernorm" or not config.tie_embeddings:
+        raise ConfigError("export: only GPT-2-shaped gpt models (bias, LayerNorm, GELU, learned positions, MHA, "
+                          "tied head) export to HF GPT-2")
     state = model.state_dict()
     block_names = {v: k for k, v in _BLOCK_KEYS.items()}
     global_names = {v: k for k, v in _GLOBAL_KEYS.items()}
