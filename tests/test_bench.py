@@ -44,7 +44,7 @@ def test_bench_quick_loopback(tmp_path, capsys):
     assert cell["peer_check"]["ok"], cell["peer_check"]
     assert result["environment"]["torch"] and "contamination" in result
     records = load_records(tmp_path / "bench.json")
-    assert {r["arch"] for r in records} == {"gpt", "parallel", "kraken"}
+    assert {r["arch"] for r in records} == {"gpt", "parallel", "kraken", "ladder"}
     for rec in records:
         parse_record(rec)  # the cost model's calibration accepts every record as it is
     assert (tmp_path / "bench.csv").read_text().count("\n") > len(VARIANTS)

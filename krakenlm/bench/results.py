@@ -22,7 +22,7 @@ import torch
 
 from krakenlm.bench.sweep import Options
 
-RECORD_VARIANTS = ("gpt", "parallel", "kraken", "gpt/single", "kraken/single")
+RECORD_VARIANTS = ("gpt", "parallel", "kraken", "ladder", "gpt/single", "kraken/single")
 
 
 def environment() -> dict[str, Any]:

@@ -11,6 +11,10 @@ Composition of one layer on one chip (all times per forward):
     overlap "full":  layer = max(C, M, X) + layer_overhead_s
     Kraken:  layer = max(max(C_attn, M_attn), X_overlapped) + max(C_ffn, M_ffn) + X_blocking + overhead
              (the previous layer's all-reduce runs under this layer's attention; layer 0 has none)
+    Ladder:  modules u_1..u_2L (attention, FFN, ...) of time c_k = max(C_k, M_k) and all-reduce X_k;
+             u_k's all-reduce runs under u_{k+1}'s compute, so each step costs max(c_{k+1}, X_k)
+             (exposed comm max(0, X_k - c_{k+1})) and the last X_2L is awaited after the stack;
+             layers below ``ladder_start`` pay their all-reduces in line (Megatron 1d-ws only)
 
 A phase is n_layer layers plus the LM head (2*V*E FLOPs per sequence, prefill: only the last
 position is projected; split over the chips, or whole on each with ``Layout(head="replicated")``)
@@ -50,6 +54,7 @@ OVERLAP = ("none", "full")
 PREFILL_LAYOUTS = FFN_LAYOUTS
 DECODE_LAYOUTS = ("1d-ws", "2d-ws")  # the paper always decodes weight-stationary
 LM_HEAD = ("sharded", "replicated")
+LADDER_LAYOUT = "1d-ws/attn-heads"  # Megatron TP, what the Ladder Residual schedule overlaps
 
 
 @dataclass(frozen=True)
@@ -193,10 +198,13 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
         raise ConfigError(f"phase: must be one of {PHASES}, got {phase!r}")
     if overlap not in OVERLAP:
         raise ConfigError(f"overlap: must be one of {OVERLAP}, got {overlap!r}")
-    kraken = config.arch == "kraken"
+    kraken, ladder = config.arch == "kraken", config.arch == "ladder"
     if kraken != (layout.ffn == KRAKEN_LAYOUT):
         raise ConfigError(f"layout: {layout.ffn!r} does not apply to arch={config.arch!r} "
-                          f"(Kraken models use 'kraken', gpt/parallel models one of {FFN_LAYOUTS})")
+                          f"(Kraken models use 'kraken', gpt/parallel/ladder models one of {FFN_LAYOUTS})")
+    if ladder and str(layout) != LADDER_LAYOUT:
+        raise ConfigError(f"layout: ladder models run Megatron TP, {LADDER_LAYOUT!r} (the module all-reduce "
+                          f"its overlap hides), got {str(layout)!r}")
     n, b = layout.chips, workload.batch
     seq_len = workload.prompt if phase == "prefill" else 1
     context = (workload.prompt + 1) / 2 if phase == "prefill" else workload.prompt + workload.generate / 2
@@ -231,6 +239,7 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
     m_attn = (attn_p * fraction * w_bytes + kv_rw) / mem_rate
     m_ffn = ffn_p * fraction * w_bytes / mem_rate
     compute, memory = c_attn + c_ffn, m_attn + m_ffn
+    ladder_exposed: float | None = None
     if kraken:
         first = max(c_attn, m_attn) + max(c_ffn, m_ffn) + blocking
         rest = max(max(c_attn, m_attn), overlapped) + max(c_ffn, m_ffn) + blocking
@@ -240,6 +249,11 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
         layers = first + (config.n_layer - 1) * rest
     elif overlap == "full":
         layers = config.n_layer * max(compute, memory, blocking + overlapped)
+    elif ladder:
+        x_attn, x_ffn = (sum(_ops_time(pair_ops(layout.ffn, pair, tokens, mesh), hw, a_bytes, w_bytes))
+                         for pair in layer_pairs(config))
+        modules = [(max(c_attn, m_attn), x_attn), (max(c_ffn, m_ffn), x_ffn)] * config.n_layer
+        layers, ladder_exposed = ladder_stack(modules, max(2 * config.ladder_start - 1, 0))
     else:
         layers = config.n_layer * (max(compute, memory) + blocking + overlapped)
     # Head: LM head on the last position of each sequence (plus Kraken's conjunction).
@@ -252,7 +266,8 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
     time_s = layers + max(c_head, m_head) + x_head + overhead
     n_comm_layers = config.n_layer - 1 if kraken else config.n_layer
     comm = config.n_layer * blocking + n_comm_layers * overlapped + x_head
-    exposed = time_s - overhead - config.n_layer * max(compute, memory) - max(c_head, m_head)
+    exposed = (time_s - overhead - config.n_layer * max(compute, memory) - max(c_head, m_head)
+               if ladder_exposed is None else ladder_exposed)
     flops = config.n_layer * (2 * tokens * (attn_p + ffn_p) / n + attn_flops) + c_head * flop_rate
     mfu = 2 * config.num_params() * tokens / (n * hw.peak(workload.dtype) * time_s)
     return PhaseEstimate(
@@ -262,6 +277,24 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
         bytes_per_chip=config.n_layer * memory * mem_rate + m_head * mem_rate,
         comm_bytes_per_chip=config.n_layer * _comm_bytes(ops, a_bytes, w_bytes), mfu=mfu,
         chip_seconds_per_token=n * time_s / tokens)
+
+
+def ladder_stack(modules: list[tuple[float, float]], first_async: int) -> tuple[float, float]:
+    """(time, exposed comm) of a module sequence given as (compute, all-reduce) seconds.
+
+    Modules from index ``first_async`` on issue their all-reduce async, so it runs under the next
+    module's compute and only max(0, X_k - c_{k+1}) shows (the next module waits for it before it
+    starts: the runtime awaits u_k before u_{k+2}, so the link carries one all-reduce at a time);
+    earlier modules reduce in line; the last in-flight all-reduce is awaited after the stack.
+    """
+    time = exposed = inflight = 0.0
+    for index, (compute, comm) in enumerate(modules):
+        time += max(compute, inflight)
+        exposed += max(inflight - compute, 0.0)
+        inflight = comm if index >= first_async else 0.0
+        if index < first_async:
+            time, exposed = time + comm, exposed + comm
+    return time + inflight, exposed + inflight
 
 
 # Memory ---------------------------------------------------------------------------------------------
@@ -289,9 +322,11 @@ def max_context(config: ModelConfig, hw: Hardware, chips: int, batch: int, atten
 
 # Layout choice and the public entry point -----------------------------------------------------------
 def candidate_layouts(config: ModelConfig, chips: int, phase: str) -> list[Layout]:
-    """Layouts worth trying for ``phase``: Kraken models have one; others the paper's options."""
+    """Layouts worth trying for ``phase``: Kraken and ladder models have one; others the paper's options."""
     if config.arch == "kraken":
         return [Layout(KRAKEN_LAYOUT, "heads", chips)]
+    if config.arch == "ladder":
+        return [Layout("1d-ws", "heads", chips)]
     names = PREFILL_LAYOUTS if phase == "prefill" else DECODE_LAYOUTS
     return [Layout(f, a, chips) for f in names for a in ATTENTION]
 
