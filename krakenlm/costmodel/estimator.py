@@ -203,8 +203,8 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
         raise ConfigError(f"layout: {layout.ffn!r} does not apply to arch={config.arch!r} "
                           f"(Kraken models use 'kraken', gpt/parallel/ladder models one of {FFN_LAYOUTS})")
     if ladder and str(layout) != LADDER_LAYOUT:
-        raise ConfigError(f"layout: ladder models run Megatron TP, {LADDER_LAYOUT!r} (the module all-reduce "
-                          f"its overlap hides), got {str(layout)!r}")
+        raise ConfigError(f"layout: ladder models run Megatron TP, {LADDER_LAYOUT!r} (one all-reduce per "
+                          f"module, which ladder overlaps), got {str(layout)!r}")
     n, b = layout.chips, workload.batch
     seq_len = workload.prompt if phase == "prefill" else 1
     context = (workload.prompt + 1) / 2 if phase == "prefill" else workload.prompt + workload.generate / 2
