@@ -2,43 +2,58 @@
 
 Native: a directory with ``config.json`` ({"format": "krakenlm", "config": {...}}) and
 ``model.safetensors`` holding the full, single-device state dict. A tensor-parallel rank reads only
-its slice of each tensor (safetensors slicing, krakenlm.model.sharding). A directory may also carry
-``manifest.json`` (size and SHA-256 of every file; the trainer writes one per checkpoint): when it is
-there, loading verifies the files it reads, so a corrupt or modified checkpoint is never loaded silently.
+its slice of each tensor (safetensors slicing, krakenlm.model.sharding). Every native checkpoint
+carries ``manifest.json`` (size and SHA-256 of every file; written last): loading verifies the files
+it reads, so a corrupt or modified checkpoint is never loaded silently. (Format version 1, before
+manifests, still loads, with a warning that it cannot be verified.)
 
-Imported: (a) the Kraken authors' nanoGPT-derived torch.save files, (b) nanoGPT GPT files, both
-loaded with ``torch.load(weights_only=True)`` so nothing but tensors and plain containers is ever
-unpickled; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
+Imported: (a) the Kraken authors' nanoGPT-derived torch.save files (a run directory holding one
+``ckpt.pt`` is accepted too), (b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)``
+so nothing but tensors, plain containers and numpy scalars is ever unpickled, and zip-format files are
+CRC-checked first; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
 Llama directories (krakenlm.hf_llama; sharded safetensors too). Exported: HF GPT-2.
+
+Every reader refuses what is not a regular file before opening it (a FIFO would block), names the
+file on any failure, and checks the tensors it returns: floating point, finite, one dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import operator
 import os
 import pickle
+import re
 import shutil
+import stat
 import uuid
-from collections.abc import Callable
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from krakenlm.config import ModelConfig
-from krakenlm.errors import CheckpointError, ConfigError
+from krakenlm.errors import CheckpointError, ConfigError, KrakenError
 from krakenlm.hf_llama import llama_config, read_llama
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
+from krakenlm.resources import model_bytes, require_memory
+from krakenlm.validation import regular_file as check_regular_file
 
 FORMAT = "krakenlm"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 2  # 2: manifest.json is part of every checkpoint
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # GPT-2 / nanoGPT / Kraken-authors per-block names -> native per-layer names (stacked over sub-layers).
 _BLOCK_KEYS = {
@@ -51,6 +66,80 @@ _BLOCK_KEYS = {
 }
 _GLOBAL_KEYS = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight",
                 "ln_f.bias": "ln_f.bias", "conjunction.weight": "conj_weight", "conjunction.bias": "conj_bias"}
+
+
+# Files: every reader goes through these, so a FIFO, a device, a permission problem or a corrupt file
+# is one named CheckpointError, never a hang or a raw traceback ------------------------------------------
+def _stat(path: Path) -> os.stat_result | None:
+    """os.stat(path), None if it does not exist; CheckpointError naming the path on any other failure."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied (this user cannot enter a folder on its path)") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot access ({err.strerror or err})") from None
+
+
+def regular_file(path: str | Path) -> Path:
+    """`path` if it is a readable regular file (checked before opening: a FIFO would block the reader)."""
+    return check_regular_file(path, CheckpointError)
+
+
+def describe_error(err: BaseException) -> str:
+    """A library's error message as one plain line (no terminal escape codes, no stack of hints)."""
+    text = _ANSI.sub("", str(err))
+    hit = re.search(r"(?:WeightsUnpickler error|enforce fail[^\]]*\])[:\s]*([^\n]+)", text)
+    line = hit.group(1) if hit else next((x.strip() for x in text.splitlines() if x.strip()), "")
+    return f"{type(err).__name__}: {line[:200]}" if line else type(err).__name__
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure while parsing `path` into CheckpointError naming it (parsers of corrupt files raise
+    KeyError, IndexError, struct errors and more, not only OSError)."""
+    try:
+        yield
+    except KrakenError:
+        raise
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied (this user cannot read it)") from None
+    except Exception as err:  # noqa: BLE001  (see the docstring: any parser failure means "corrupt file")
+        raise CheckpointError(f"{path}: unreadable or truncated {what} ({describe_error(err)})") from err
+
+
+def _save_safetensors(tensors: dict[str, Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.save_file, but with the permissions every other file gets (it creates files 0600)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+
+
+def _check_tensors(state: dict[str, Any], source: str) -> dict[str, Tensor]:
+    """Refuse anything but finite floating-point tensors (naming the first bad one) and give all of them one
+    dtype, the widest stored (a bf16 tensor in an fp32 file must not reach the forward pass as bf16)."""
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"{source}: {name} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} has dtype {value.dtype}; weights must be floating point")
+    if not state:
+        return state
+    common = next(iter(state.values())).dtype
+    for value in state.values():
+        common = torch.promote_types(common, value.dtype)
+    common = torch.float32 if common == torch.float64 else common
+    refuse_non_finite(state, source)
+    return {name: value.to(common) for name, value in state.items()}
+
+
+def refuse_non_finite(state: dict[str, Tensor], source: str) -> None:
+    """CheckpointError naming the first tensor holding NaN or Inf: such weights are never saved or loaded."""
+    for name, value in state.items():
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values; refusing a broken checkpoint")
 
 
 # Native format -------------------------------------------------------------------------------------
@@ -75,18 +164,20 @@ def check_state(state: dict[str, Tensor], config: ModelConfig, source: str) -> N
 
 def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module, config: ModelConfig,
                     metadata: dict[str, Any] | None = None) -> Path:
-    """Write a native checkpoint atomically (a temp directory renamed into place)."""
+    """Write a native checkpoint atomically (a temp directory renamed into place), manifest included."""
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     check_state(state, config, str(path))
+    refuse_non_finite(state, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # created with the user's umask (mkdtemp would leave the checkpoint private, 0700)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
-        doc = {"format": FORMAT, "format_version": 1, "config": config.to_dict(), **(metadata or {})}
+        _save_safetensors(state, tmp / WEIGHTS_FILE)
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), **(metadata or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+        write_manifest(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -102,7 +193,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(regular_file(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -117,16 +208,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _manifest_files(directory: Path) -> dict[str, Any]:
+    with _reading(directory / MANIFEST_FILE, "manifest"):
+        files = json.loads(regular_file(directory / MANIFEST_FILE).read_text())["files"]
+        if not isinstance(files, dict):
+            raise CheckpointError(f"{directory / MANIFEST_FILE}: 'files' must be an object")
+        return files
+
+
 def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None:
-    """fsync every file in `directory` and record its size and SHA-256 in manifest.json, written last."""
+    """fsync every file in `directory` and record its size and SHA-256 in manifest.json, written last.
+
+    Entries of an existing manifest are reused for files whose size and mtime are unchanged (the
+    trainer adds its files to the checkpoint save_checkpoint wrote, without hashing the weights twice).
+    """
+    known = _manifest_files(directory) if (directory / MANIFEST_FILE).exists() else {}
     files = {}
     for file in sorted(directory.iterdir()):
         if file.name == MANIFEST_FILE:
             continue
-        with open(file, "rb") as f:
+        with open(regular_file(file), "rb") as f:
             os.fsync(f.fileno())
-        files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
-    (directory / MANIFEST_FILE).write_text(json.dumps({**(extra or {}), "files": files}, indent=2))
+        st = file.stat()
+        old = known.get(file.name, {})
+        same = old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        files[file.name] = {"sha256": old["sha256"] if same else _sha256(file), "bytes": st.st_size,
+                            "mtime_ns": st.st_mtime_ns}
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({**(extra or {}), "files": files}, indent=2))
+    os.replace(tmp, directory / MANIFEST_FILE)
     fsync_dir(directory)
 
 
@@ -137,83 +247,105 @@ def verify_manifest(directory: str | Path, names: tuple[str, ...], required: boo
     its optimizer state. Without a manifest this passes unless `required`.
     """
     directory = Path(directory)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.exists():
+    if _stat(directory / MANIFEST_FILE) is None:
         if required:
-            raise CheckpointError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was never finished")
+            raise CheckpointError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was never finished "
+                                  "or its manifest was removed")
         return
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
+    files = _manifest_files(directory)
+    with _reading(directory / MANIFEST_FILE, "manifest"):
         checks = [(name, int(files[name]["bytes"]), str(files[name]["sha256"])) for name in names]
-    except KeyError as err:
-        raise CheckpointError(f"{manifest_path}: does not cover {err}") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from err
     for name, size, sha256 in checks:
         file = directory / name
-        if not file.is_file():
+        if _stat(file) is None:
             raise CheckpointError(f"{directory}: {name} is missing")
-        if file.stat().st_size != size or _sha256(file) != sha256:
+        if regular_file(file).stat().st_size != size or _sha256(file) != sha256:
             raise CheckpointError(f"{directory}: {name} does not match its checksum (corrupt or modified)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON config ({err})") from err
+    with _reading(path, "JSON config"):
+        doc = json.loads(regular_file(path).read_text())
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: config must be a JSON object")
     return doc
 
 
+def _locate(path: Path) -> Path:
+    """The file or directory a checkpoint path names: a directory without config.json that holds exactly one
+    .pt file (the Kraken authors' / nanoGPT's out_dir with its ckpt.pt) means that file."""
+    st = _stat(path)
+    if st is None:
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not stat.S_ISDIR(st.st_mode) or _stat(path / CONFIG_FILE) is not None:
+        return path
+    try:
+        pts = sorted(p for p in path.iterdir() if p.suffix == ".pt")
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied (this user cannot list it)") from None
+    if len(pts) == 1:
+        return pts[0]
+    if pts:
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} and several .pt files ({', '.join(p.name for p in pts)}); "
+                              "pass the one to load")
+    raise CheckpointError(f"{path}: directory has no {CONFIG_FILE} (nor a .pt checkpoint file)")
+
+
 class Checkpoint:
     """A checkpoint opened once: format detected, config read and, for torch files, the file loaded
-    once (a tensor-parallel rank used to torch.load an authors' .pt four times)."""
+    once (a tensor-parallel rank used to torch.load an authors' .pt four times). A run directory that
+    holds exactly one .pt file (the authors' out_dir with its ckpt.pt) opens that file."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = _locate(Path(path))
         self._torch: dict[str, Any] | None = None
-        if not self.path.exists():
-            raise CheckpointError(f"{self.path}: no such checkpoint")
-        if self.path.is_dir():
-            if not (self.path / CONFIG_FILE).exists():
-                raise CheckpointError(f"{self.path}: directory has no {CONFIG_FILE}")
-            doc = _read_json(self.path / CONFIG_FILE)
-            if doc.get("format") == FORMAT:
-                self.format, self.config = "native", _native_config(self.path)
-            elif doc.get("model_type") == "gpt2":
-                self.format, self.config = "hf-gpt2", _hf_config(doc)
-            elif doc.get("model_type") == "llama":
-                self.format, self.config = "hf-llama", llama_config(doc)
-            else:
-                raise CheckpointError(f"{self.path}: config.json is neither a krakenlm, a GPT-2 nor a Llama config")
-        else:
+        self._doc: dict[str, Any] = {}
+        if _stat(self.path / CONFIG_FILE) is None:
             self._torch = _torch_load(self.path)
             self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
-            self.config = _nanogpt_config(self._torch, self.format)
+            self.config = _nanogpt_config(self._torch, self.format, str(self.path))
+            return
+        self._doc = _read_json(self.path / CONFIG_FILE)
+        if self._doc.get("format") == FORMAT:
+            self.format, self.config = "native", _native_config(self.path, self._doc)
+        elif self._doc.get("model_type") == "gpt2":
+            self.format, self.config = "hf-gpt2", _hf_config(self._doc, str(self.path))
+        elif self._doc.get("model_type") == "llama":
+            self.format, self.config = "hf-llama", llama_config(self._doc)
+        else:
+            raise CheckpointError(f"{self.path}: config.json is neither a krakenlm, a GPT-2 nor a Llama config")
 
     def state(self, shard: Shard | None = None) -> dict[str, Tensor]:
-        """The native state dict, or only ``shard``'s slices of it (native files are read sliced)."""
+        """The native state dict, or only ``shard``'s slices of it (native files are read sliced); every
+        tensor checked (floating point, finite) and given one dtype."""
+        source = str(self.path)
         if self.format == "native":
-            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE))
-            return _read_native(self.path, self.config, shard or Shard.full(self.config))
+            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE), required=self._doc.get("format_version", 1) != 1)
+            if _stat(self.path / MANIFEST_FILE) is None:
+                warnings.warn(f"{source}: written by an older krakenlm without checksums; corruption cannot be "
+                              "detected (load and save it again to add them)", stacklevel=3)
+            _require_model_memory(self.config, shard, source)
+            return _check_tensors(_read_native(self.path, self.config, shard or Shard.full(self.config)), source)
         if self.format == "hf-llama":
-            return read_llama(self.path, self.config, shard or Shard.full(self.config), expected_shapes(self.config))
+            _require_model_memory(self.config, shard, source)
+            state = read_llama(self.path, self.config, shard or Shard.full(self.config), expected_shapes(self.config))
+            return _check_tensors(state, source)
+        _require_model_memory(self.config, None, source)
         if self.format == "hf-gpt2":
             state = _import_hf(self.path, self.config)
         else:
             assert self._torch is not None
-            state = _import_nanogpt(self._torch, self.config, self.format)
-        check_state(state, self.config, str(self.path))
+            state = _import_nanogpt(self._torch, self.config, self.format, source)
+        check_state(state, self.config, source)
         return state if shard is None else shard_state_dict(state, self.config, shard)
 
     def model(self, shard: Shard | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> Transformer:
         """A ready-to-run model (eval mode) on ``device``."""
+        state = self.state(shard)
         with torch.device("meta"):
             model = Transformer(self.config, shard, init=False)
-        model.load_state_dict(self.state(shard), assign=True)
+        model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
 
     def release(self) -> None:
@@ -230,11 +362,18 @@ def load_config(path: str | Path) -> ModelConfig:
     return Checkpoint(path).config
 
 
-def _native_config(path: Path) -> ModelConfig:
+def _native_config(path: Path, doc: dict[str, Any]) -> ModelConfig:
+    """The config a native checkpoint states: every field but the name (a default would silently reshape it)."""
+    required = tuple(name for name in ModelConfig.__dataclass_fields__ if name != "name")
     try:
-        return ModelConfig.from_dict(_read_json(path / CONFIG_FILE).get("config"))
+        return ModelConfig.from_dict(doc.get("config"), required)
     except ConfigError as err:
-        raise CheckpointError(f"{path}: invalid config: {err}") from err
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid config: {err}") from err
+
+
+def _require_model_memory(config: ModelConfig, shard: Shard | None, source: str) -> None:
+    fraction = 1.0 if shard is None else shard.sub_count / config.n_sub / shard.parts
+    require_memory(model_bytes(config, fraction=fraction), f"{source}: the model's weights")
 
 
 def load_state(path: str | Path, shard: Shard | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
@@ -244,23 +383,20 @@ def load_state(path: str | Path, shard: Shard | None = None) -> tuple[ModelConfi
 
 
 def _read_native(path: Path, config: ModelConfig, shard: Shard) -> dict[str, Tensor]:
-    file = path / WEIGHTS_FILE
+    file = regular_file(path / WEIGHTS_FILE)
     want = expected_shapes(config)
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            names = set(f.keys())
-            if names != set(want):
-                raise CheckpointError(f"{file}: tensors do not match config.json: "
-                                      f"missing {sorted(set(want) - names)[:5]}, "
-                                      f"unexpected {sorted(names - set(want))[:5]}")
-            state = {}
-            for name, shape in want.items():
-                sl = f.get_slice(name)
-                if tuple(sl.get_shape()) != shape:
-                    raise CheckpointError(f"{file}: {name} has shape {tuple(sl.get_shape())}, config needs {shape}")
-                state[name] = take(lambda index, sl=sl: sl[index], shard_ranges(name, shape, config, shard))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from err
+    with _reading(file, "safetensors file"), safe_open(str(file), framework="pt") as f:
+        names = set(f.keys())
+        if names != set(want):
+            raise CheckpointError(f"{file}: tensors do not match config.json: "
+                                  f"missing {sorted(set(want) - names)[:5]}, "
+                                  f"unexpected {sorted(names - set(want))[:5]}")
+        state = {}
+        for name, shape in want.items():
+            sl = f.get_slice(name)
+            if tuple(sl.get_shape()) != shape:
+                raise CheckpointError(f"{file}: {name} has shape {tuple(sl.get_shape())}, config needs {shape}")
+            state[name] = take(lambda index, sl=sl: sl[index], shard_ranges(name, shape, config, shard))
     return state
 
 
@@ -271,36 +407,95 @@ def load_model(path: str | Path, shard: Shard | None = None, dtype: torch.dtype 
 
 
 # Imports from other code bases ------------------------------------------------------------------------
-def _torch_load(path: Path) -> dict[str, Any]:
+def _numpy_globals() -> list[Any]:
+    """Exactly the globals a numpy scalar needs (the authors' DDP runs save best_val_loss as numpy.float32):
+    numpy's scalar constructor under its numpy 1.x and 2.x module paths, np.dtype and the numeric dtype
+    classes. Nothing here can construct anything but a number."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    codes = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *{type(np.dtype(code)) for code in codes}]
+
+
+def _check_zip(path: Path) -> None:
+    """A zip-format torch file stores a CRC-32 per record: check them all (torch.load does not)."""
+    with _reading(path, "torch checkpoint"):
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    if bad is not None:
+        raise CheckpointError(f"{path}: record {bad} fails its CRC-32 check (the file is corrupt)")
+
+
+def load_tensors(path: str | Path) -> Any:
+    """torch.load(weights_only=True) of a regular, CRC-checked file, numpy scalars allowed; any failure is a
+    one-line CheckpointError naming the file (and, for a refused pickle, the global that blocked it)."""
+    path = regular_file(path)
+    _check_zip(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused: the file contains pickled objects other than tensors "
-                              f"and plain containers ({str(err).splitlines()[0]})") from err
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+        text = _ANSI.sub("", str(err))
+        blocked = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"but got <class '([\w.]+)'>", text)
+        if blocked:
+            raise CheckpointError(f"{path}: refused: it needs {blocked.group(1)}, which is not a tensor, plain "
+                                  "container or numpy scalar (krakenlm never unpickles arbitrary objects)") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({describe_error(err)})") from None
+    except Exception as err:  # noqa: BLE001  (torch.load of a corrupt file raises KeyError, IndexError, ...)
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({describe_error(err)})") from None
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    ckpt = load_tensors(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("model_args"), dict)):
         raise CheckpointError(f"{path}: expected a nanoGPT-style dict with 'model' and 'model_args'")
     return ckpt
 
 
-def _nanogpt_config(ckpt: dict[str, Any], fmt: str) -> ModelConfig:
-    args = ckpt["model_args"]
+def _arg(args: dict[str, Any], name: str, source: str, default: Any = None) -> int:
+    """An integer model_args field: an int or numpy integer, never a float silently truncated."""
+    value = args.get(name, default)
+    if value is None:
+        raise CheckpointError(f"{source}: model_args: missing field {name!r}")
     try:
-        n_layer, n_embd = int(args["n_layer"]), int(args["n_embd"])
-        fields = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=int(args["vocab_size"]),
-                      block_size=int(args["block_size"]), bias=bool(args.get("bias", False)))
+        if isinstance(value, bool) or hasattr(value, "dtype") and value.dtype.kind == "b":
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise CheckpointError(f"{source}: model_args: {name} must be an integer, got {value!r}") from None
+
+
+def _nanogpt_config(ckpt: dict[str, Any], fmt: str, source: str) -> ModelConfig:
+    args = ckpt["model_args"]
+    bias = args.get("bias", False)
+    if not isinstance(bias, bool) and not (hasattr(bias, "dtype") and bias.dtype.kind == "b"):
+        raise CheckpointError(f"{source}: model_args: bias must be true or false, got {bias!r}")
+    fields = {name: _arg(args, name, source) for name in ("n_layer", "n_embd", "vocab_size", "block_size")}
+    fields["bias"] = bool(bias)
+    try:
         if fmt == "kraken-authors":
-            per_sub = int(args["n_heads_in_split"])
-            return ModelConfig(arch="kraken", n_head=per_sub, n_sub=int(args["n_head"]) // per_sub,
-                               ffn_hidden=int(args.get("ffn_expansion", 2)) * n_embd, **fields)
-        return ModelConfig(arch="gpt", n_head=int(args["n_head"]), **fields)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"model_args is missing or has a bad field: {err}") from err
+            per_sub, total = _arg(args, "n_heads_in_split", source), _arg(args, "n_head", source)
+            if per_sub < 1 or total % per_sub:
+                raise CheckpointError(f"{source}: model_args: n_heads_in_split={per_sub} must be a positive divisor of "
+                                      f"n_head={total}")
+            return ModelConfig(arch="kraken", n_head=per_sub, n_sub=total // per_sub,
+                               ffn_hidden=_arg(args, "ffn_expansion", source, 2) * fields["n_embd"], **fields)
+        return ModelConfig(arch="gpt", n_head=_arg(args, "n_head", source), **fields)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: model_args: {err}") from err
 
 
-def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _strip(state: dict[str, Any], source: str) -> dict[str, Any]:
+    """Names without torch.compile's and HF's prefixes; GPT-2's causal-mask buffers dropped."""
+    bad = [k for k in state if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{source}: tensor names must be strings, got {bad[:3]!r}")
     return {k.removeprefix("_orig_mod.").removeprefix("transformer."): v for k, v in state.items()
             if not k.endswith((".attn.bias", ".attn.masked_bias"))}
 
@@ -308,7 +503,7 @@ def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[[int, int], str], transpose: bool,
             source: str) -> dict[str, Tensor]:
     """Native state from per-block GPT-style names; ``block_name(layer, sub)`` gives a block's prefix."""
-    state = _strip(state)
+    state = dict(state)
     out: dict[str, Tensor] = {}
     for old, new in _GLOBAL_KEYS.items():
         if old in state:
@@ -325,6 +520,8 @@ def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[
             parts = [state.pop(n) for n in names]
             if transpose and parts[0].dim() == 2:
                 parts = [p.t() for p in parts]
+            if any(p.shape != parts[0].shape for p in parts):
+                raise CheckpointError(f"{source}: the sub-layers' {old} tensors differ in shape")
             out[f"layers.{layer}.{new}"] = torch.stack(parts).contiguous()
     head = state.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, out.get("wte.weight", head)):
@@ -335,35 +532,37 @@ def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[
     return out
 
 
-def _import_nanogpt(ckpt: dict[str, Any], config: ModelConfig, fmt: str) -> dict[str, Tensor]:
+def _import_nanogpt(ckpt: dict[str, Any], config: ModelConfig, fmt: str,
+                    source: str | None = None) -> dict[str, Tensor]:
+    source = source or fmt
+    state = _check_tensors(_strip(ckpt["model"], source), source)
     if fmt == "kraken-authors":
-        return _gather(ckpt["model"], config, lambda layer, sub: f"h.{sub}.{layer}", False, fmt)
-    return _gather(ckpt["model"], config, lambda layer, sub: f"h.{layer}", False, fmt)
+        return _gather(state, config, lambda layer, sub: f"h.{sub}.{layer}", False, source)
+    return _gather(state, config, lambda layer, sub: f"h.{layer}", False, source)
 
 
-def _hf_config(doc: dict[str, Any]) -> ModelConfig:
+def _hf_config(doc: dict[str, Any], source: str) -> ModelConfig:
     act = doc.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"HF GPT-2 activation_function={act!r} is not supported (krakenlm uses GELU-tanh)")
+        raise CheckpointError(f"{source}: HF GPT-2 activation_function={act!r} is not supported "
+                              "(krakenlm uses GELU-tanh)")
     try:
         return ModelConfig(arch="gpt", n_layer=doc["n_layer"], n_embd=doc["n_embd"], n_head=doc["n_head"],
                            ffn_hidden=doc.get("n_inner"), vocab_size=doc["vocab_size"],
                            block_size=doc.get("n_positions", 1024), bias=True,
                            norm_eps=doc.get("layer_norm_epsilon", 1e-5))
     except (KeyError, ConfigError) as err:
-        raise CheckpointError(f"HF GPT-2 config.json: missing or bad field {err}") from err
+        raise CheckpointError(f"{source}: HF GPT-2 config.json: missing or bad field {err}") from err
 
 
 def _import_hf(path: Path, config: ModelConfig) -> dict[str, Tensor]:
     file = path / WEIGHTS_FILE
-    if not file.exists():
+    if _stat(file) is None:
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE} (only safetensors HF checkpoints are read; "
                               "pickled pytorch_model.bin files are refused)")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from err
+    with _reading(regular_file(file), "safetensors file"), safe_open(str(file), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    state = _check_tensors(_strip(state, str(file)), str(file))
     return _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
 
 
@@ -388,7 +587,7 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
             out[f"transformer.{global_names[name]}"] = t.squeeze(0) if name.startswith("ln_f") else t
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in out.items()}, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    _save_safetensors(out, path / WEIGHTS_FILE, metadata={"format": "pt"})
     hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": config.n_layer,
           "n_embd": config.n_embd, "n_head": config.n_head, "n_inner": config.ffn_hidden,
           "n_positions": config.block_size, "n_ctx": config.block_size, "vocab_size": config.vocab_size,

@@ -153,15 +153,30 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from krakenlm.doctor import run_doctor
+
+    return run_doctor(args.out, timings=args.timings)
+
+
+def _add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="GPU check: CUDA vs CPU, 2 ranks on the GPU(s), CUDA graphs, calibration records")
+    p.add_argument("--out", default="doctor-results", help="directory for doctor.json and the calibration records")
+    p.add_argument("--no-timings", dest="timings", action="store_false", help="skip the 1.3B-shape timings")
+    p.set_defaults(func=_cmd_doctor)
+
+
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Verbs of every subsystem; a subsystem that fails to import must not break the others."""
     registrars: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate_parser, _add_convert_parser,
-                                                                      _add_demo_parser]
+                                                                       _add_demo_parser, _add_doctor_parser]
     for module, names in [
-        ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_calibrate_parser"]),
+        ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_simulate_parser",
+                                    "add_calibrate_parser"]),
         ("krakenlm.train.cli", ["add_prepare_parser", "add_train_parser"]),
         ("krakenlm.eval.cli", ["add_eval_parser"]),
         ("krakenlm.bench.cli", ["add_bench_parser"]),
+        ("krakenlm.serve.cli", ["add_serve_parser", "add_loadtest_parser"]),
     ]:
         try:
             mod = __import__(module, fromlist=names)

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
+from krakenlm.validation import check_float, check_int, regular_file
 
 ARCHS = ("gpt", "parallel", "kraken", "ladder")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
+SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")  # no default may stand in for these
 
 
 def dataclass_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
@@ -83,16 +85,11 @@ class ModelConfig:
         _check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}, got {self.position!r}")
         _check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
         for name in ("n_layer", "n_embd", "n_head", "n_sub", "vocab_size", "block_size"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                   f"must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), name)
         for name in ("bias", "tie_embeddings"):
             _check(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
-        _check(isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool)
-               and math.isfinite(self.rope_theta) and self.rope_theta > 0, "rope_theta",
-               f"must be a positive number, got {self.rope_theta!r}")
-        _check(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps",
-               f"must be a positive number, got {self.norm_eps!r}")
+        check_float(self.norm_eps, "norm_eps", minimum=0, exclusive=True)
+        check_float(self.rope_theta, "rope_theta", minimum=0, exclusive=True)
         if self.arch != "kraken":
             _check(self.n_sub == 1, "n_sub", f"must be 1 for arch={self.arch!r} (only kraken has sub-layers)")
         if self.arch == "ladder":
@@ -102,9 +99,7 @@ class ModelConfig:
         else:
             _check(self.ladder_layers is None, "ladder_layers", f"only applies to arch='ladder', not {self.arch!r}")
         for name in ("n_kv_head", "head_dim", "ffn_hidden"):
-            value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-                   name, f"must be a positive integer or null, got {value!r}")
+            check_int(getattr(self, name), name, optional=True)
         if self.head_dim is None:
             _check(self.n_embd % self.n_head == 0, "n_head",
                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim explicitly")
@@ -183,16 +178,21 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: dict[str, Any], required: tuple[str, ...] = ()) -> ModelConfig:
+        """A config from JSON-like data; `required` fields must be stated (no silent defaults for them)."""
+        missing = [name for name in required if isinstance(data, dict) and name not in data]
+        if missing:
+            raise ConfigError(f"config: missing field(s) {missing} (a default would silently change the model)")
         return cls(**dataclass_fields(cls, data, "config"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        """A user's config file: it must state the size fields (n_layer, n_embd, n_head, vocab_size, block_size)."""
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads(regular_file(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
-        return cls.from_dict(data)
+        return cls.from_dict(data, SIZE_FIELDS)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -242,6 +242,11 @@ def size_kraken(
     head size is ``head_dim`` (a multiple of 64): odd widths like d=678 / head size 113 make slow
     matmul and attention kernels on real hardware.
     """
+    for name, value in (("budget", budget), ("n_layer", n_layer), ("total_heads", total_heads), ("n_sub", n_sub),
+                        ("vocab_size", vocab_size), ("block_size", block_size), ("ffn_mult", ffn_mult),
+                        ("head_dim", head_dim)):
+        _check(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 50, name,
+               f"must be a positive integer (at most 2**50), got {value!r}")
     if total_heads % n_sub:
         raise ConfigError(f"n_sub: total_heads={total_heads} is not divisible by n_sub={n_sub}")
     heads = total_heads // n_sub
@@ -252,6 +257,15 @@ def size_kraken(
         a = n_layer * n_sub * w + n_sub
         b = n_layer * n_sub * 2 + 1 + vocab_size + block_size
         exact = (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+    step = head_dim if hardware_friendly else heads
+    if round(exact / step) < 1:  # the nearest width would be 0: the budget cannot buy one head per sub-layer
+        smallest = ModelConfig(arch="kraken", n_layer=n_layer, n_embd=step, n_head=step // head_dim if
+                               hardware_friendly else heads, n_sub=n_sub, ffn_hidden=ffn_mult * step,
+                               vocab_size=vocab_size, block_size=block_size)
+        size = n_sub * w * step ** 2 if per_layer else smallest.num_params()
+        raise ConfigError(f"budget: {budget} parameters{' per layer' if per_layer else ''} is too small for a "
+                          f"{n_sub}-way Kraken model with {n_layer} layers and {total_heads} heads: its smallest "
+                          f"width (d = {step}) already has {size} parameters{' per layer' if per_layer else ''}")
     if hardware_friendly:
         if head_dim % 64:
             raise ConfigError(f"head_dim: hardware-friendly sizing needs a multiple of 64, got {head_dim}")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.tokenizer import BPE_TOKENIZER_FILE, BPETokenizer, Tokenizer, get_tokenizer, train_bpe
+from krakenlm.validation import check_float, check_output_dir, regular_file
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -58,8 +59,8 @@ def text_files(inputs: Sequence[str | Path]) -> list[Path]:
             if not found:
                 raise InputError(f"prepare: directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
             files += found
-        elif path.is_file():
-            files.append(path)
+        elif path.exists():
+            files.append(regular_file(path, InputError))
         else:
             raise InputError(f"prepare: no such file or directory: {path}")
     return files
@@ -135,12 +136,13 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
     documents; suits millions of short ones, e.g. OpenWebText). meta.json is written last, so a
     directory with meta.json is complete.
     """
-    if not 0 < val_fraction < 1:
+    if check_float(val_fraction, "val_fraction", minimum=0, maximum=1, exclusive=True) == 1:
         raise ConfigError(f"val_fraction: must be in (0, 1), got {val_fraction}")
     if split_by not in SPLIT_BY:
         raise ConfigError(f"split_by: must be one of {SPLIT_BY}, got {split_by!r}")
     if inputs and hf_dataset:
         raise InputError("prepare: give text inputs or --hf-dataset, not both")
+    check_output_dir(out_dir, "out")
     if hf_dataset:
         sources = [f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "")]
         texts: Iterable[str] = hf_dataset_texts(hf_dataset, config=hf_config)
@@ -182,8 +184,9 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
         if documents == 0:
             raise InputError("prepare: the corpus has no documents")
         if counts["val"] == 0 or counts["train"] == 0:
-            raise InputError(f"prepare: the corpus is too small for a {val_fraction} validation split ({counts}); "
-                             "try --split-by tail")
+            hint = "; try --split-by tail" if split_by == "documents" else ""
+            raise InputError(f"prepare: val_fraction={val_fraction} leaves a split empty ({counts}): the corpus "
+                             f"is too small{hint}")
         for split in SPLITS:
             os.replace(tmp[split], out / f"{split}.bin")
     finally:
@@ -200,12 +203,18 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
 
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / META_FILE
+    if not Path(data_dir).is_dir():
+        raise InputError(f"{data_dir}: not a prepared data directory (run `krakenlm prepare`)")
+    if not path.exists():
+        raise InputError(f"{data_dir}: no {META_FILE}; run `krakenlm prepare` first (or it was interrupted)")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{data_dir}: no {META_FILE}; run `krakenlm prepare` first (or it was interrupted)") from None
-    except (OSError, json.JSONDecodeError) as err:
+        meta = json.loads(regular_file(path, InputError).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: unreadable ({err})") from err
+    fields = ("vocab_size", "train_tokens", "val_tokens", "tokenizer")
+    if not isinstance(meta, dict) or not all(name in meta for name in fields):
+        raise InputError(f"{path}: not a krakenlm meta.json (needs {', '.join(fields)})")
+    return meta
 
 
 def load_tokens(source: str | Path | np.ndarray | Tensor | Sequence[int], split: str = "val") -> np.ndarray:
@@ -226,7 +235,11 @@ def load_tokens(source: str | Path | np.ndarray | Tensor | Sequence[int], split:
             expected = None
         if not path.exists():
             raise InputError(f"{path}: no such token file")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        size = regular_file(path, InputError).stat().st_size
+        if size % 2:
+            raise InputError(f"{path}: {size} bytes is not a whole number of uint16 tokens (not a token file?)")
+        # mmap cannot map an empty file
+        tokens = np.zeros(0, dtype=np.uint16) if size == 0 else np.memmap(path, dtype=np.uint16, mode="r")
         if expected is not None and tokens.size != expected:
             raise InputError(f"{path}: holds {tokens.size} tokens, meta.json says {expected} (partial write?)")
         return tokens

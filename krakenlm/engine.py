@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from krakenlm.config import ModelConfig
+from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.dtypes import parse_dtype
 from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
 from krakenlm.generate import (
@@ -51,7 +51,9 @@ from krakenlm.parallel.comm import DistComm
 from krakenlm.parallel.group import agree, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
 from krakenlm.parallel.plan import ParallelPlan
+from krakenlm.resources import require_memory
 from krakenlm.source import ModelSource
+from krakenlm.validation import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,14 @@ class EngineOptions:
     threads: int | None = None  # CPU threads per rank (default: cores / ranks on this node)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
-            raise ConfigError(f"tp: must be an integer >= 1, got {self.tp!r}")
+        check_int(self.tp, "tp")
         parse_dtype(self.dtype)
-        if not isinstance(self.timeout, (int, float)) or not math.isfinite(self.timeout) or self.timeout <= 0:
-            raise ConfigError(f"timeout: must be a finite number of seconds > 0, got {self.timeout!r}")
-        for name in ("pad_heads", "threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+        check_float(self.timeout, "timeout", minimum=0, exclusive=True)
+        check_int(self.pad_heads, "pad_heads", optional=True)
+        check_int(self.threads, "threads", optional=True)
+        for name in ("no_comm", "overlap", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.device, str):
             raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
 
@@ -86,7 +87,7 @@ class EngineOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineOptions:
-        return cls(**data)
+        return cls(**dataclass_fields(cls, data, "engine options"))
 
 
 # Lockstep methods: run by every rank; a driving rank 0 first sends the call to its followers. ----------
@@ -147,6 +148,7 @@ class Engine:
         self._control: Any = None
         self._text: Callable[[list[int]], str] | None = None
         self._decode_step: Callable[..., Tensor] | None = None
+        self._serving: _Serving | None = None
         self._joined = False
         if self.distributed:
             rank, world, port = rendezvous or (None, None, None)
@@ -282,8 +284,19 @@ class Engine:
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # interrupted mid-work: followers may sit in a collective rank 0 will never finish
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop the followers without a goodbye and drop the process group (Ctrl-C, a failed call)."""
+        self._driving = False
+        if self._followers is not None:
+            self._followers.kill()
+            self._followers = None
+        self._teardown()
 
     # Facts and helpers ---------------------------------------------------------------------------------
     @property
@@ -315,6 +328,12 @@ class Engine:
         return other
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A static KV cache for ``batch`` rows of ``max_len`` slots, refused up front if it cannot fit."""
+        max_len = max_len or self.config.block_size
+        shape, layers = self.model.attention_shape, self.config.n_layer
+        nbytes = 2 * layers * self.shard.sub_count * batch * shape.n_kv_head * max_len * shape.stored_size
+        require_memory(nbytes * self.model.wte.weight.element_size(), f"KV cache for batch {batch} x {max_len} "
+                       "tokens", self.device)
         cache = self.model.new_cache(batch, max_len)
         if self.options.compile and self.device.type == "cuda":  # CUDA graphs replay writes in place
             for tensor in cache.keys + cache.values + [cache.valid]:
@@ -322,15 +341,17 @@ class Engine:
         return cache
 
     @property
-    def decode_step(self) -> Callable[[Tensor, Tensor, Tensor, KVCache], Tensor]:
-        """The one-token step (tokens, slots, positions, cache) -> logits [B, V]; compiled when asked."""
+    def decode_step(self) -> Callable[..., Tensor]:
+        """The one-token step (tokens, slots, positions, cache, keys=None) -> logits [B, V]; attention reads
+        cache slots [0, keys) (default: all). Compiled when asked: one graph per shape and ``keys``."""
         if self._decode_step is None:
             comm, model = self.comm, self.model
             if self.options.compile and isinstance(comm, DistComm):
                 comm = comm.variant(functional=True)
 
-            def step(tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
-                return model.decode(tokens, slots, positions, cache, comm=comm)
+            def step(tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache,
+                     keys: int | None = None) -> Tensor:
+                return model.decode(tokens, slots, positions, cache, keys=keys, comm=comm)
 
             if self.options.compile:
                 mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -409,6 +430,125 @@ class Engine:
             want = torch.tensor(target, dtype=torch.long, device=self.device)
             results.append((float(logp.gather(1, want.unsqueeze(1)).sum()), bool((logp.argmax(-1) == want).all())))
         return results
+
+
+    # Serving: one persistent KV cache of max_batch rows; requests join and leave between steps --------------
+    def open_serving(self, max_batch: int, *, vocab_limit: int | None = None) -> None:
+        """Allocate the serving cache: ``max_batch`` rows of the model's whole context (replacing any
+        earlier one). ``vocab_limit``: never sample ids at or above it."""
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ConfigError(f"max_batch: must be an integer >= 1, got {max_batch!r}")
+        if vocab_limit is not None and (not isinstance(vocab_limit, int) or isinstance(vocab_limit, bool)
+                                        or not 1 <= vocab_limit <= self.config.vocab_size):
+            raise ConfigError(f"vocab_limit: must be an integer in 1..{self.config.vocab_size}, got {vocab_limit!r}")
+        self._open_serving(max_batch, vocab_limit)
+
+    @lockstep
+    def _open_serving(self, max_batch: int, vocab_limit: int | None) -> None:
+        self._serving = None  # free the old cache before making the new one
+        zeros = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._serving = _Serving(self.new_cache(max_batch, self.config.block_size), zeros, zeros.clone(),
+                                 [0] * max_batch, [None] * max_batch, vocab_limit)
+
+    def prefill_row(self, row: int, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> int:
+        """Prefill one request into cache row ``row`` (the other rows keep their state) and return its
+        first token, sampled with ``sampling`` (its seed starts the row's own generator)."""
+        self._serving_row(row)
+        validate_prompts([prompt], self.config.vocab_size, self.config.block_size, 0)
+        return self._prefill_row(row, list(prompt), sampling or SamplingConfig())
+
+    @lockstep
+    @torch.inference_mode()
+    def _prefill_row(self, row: int, prompt: list[int], sampling: SamplingConfig) -> int:
+        s = self._serving
+        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits = self.model(idx, cache=s.cache.rows(row, row + 1), logits_at="last", comm=self.comm)
+        sampler = RowSampler([sampling], self.device, s.vocab_limit)
+        token = self.comm.agree(sampler(logits[:, -1]))
+        s.tokens[row:row + 1].copy_(token)
+        s.slots[row] = s.lengths[row] = len(prompt)
+        s.samplers[row] = (sampling, sampler.generators[0])
+        s.batch_rows = ()  # this row's sampler is new: rebuild the step's sampler
+        return int(token.item())
+
+    def decode_rows(self, rows: Sequence[int]) -> list[int]:
+        """One decode step for ``rows`` (each holding a prefilled request): the next token of each, sampled
+        with its request's settings and generator; rows not named keep their state. The step reads no
+        host value; its tokens come back in one device->host transfer."""
+        rows = list(rows)
+        if not rows or len(set(rows)) != len(rows):
+            raise InputError(f"decode_rows: expected distinct rows, got {rows}")
+        for row in rows:
+            s = self._serving_row(row)
+            if s.samplers[row] is None:
+                raise InputError(f"decode_rows: row {row} holds no request (prefill it first)")
+            if s.lengths[row] >= s.cache.max_len:
+                raise InputError(f"decode_rows: row {row} has filled the context of {s.cache.max_len} tokens")
+        return self._decode_rows(rows)
+
+    @lockstep
+    @torch.inference_mode()
+    def _decode_rows(self, rows: list[int]) -> list[int]:
+        s = self._serving
+        batch = s.cache.batch
+        # Rows [0, width) run (a compiled step always runs them all: one static shape); rows outside
+        # `rows` write their current token at their current slot, which their own next step rewrites
+        # before reading it (or a prefill resets), and their logits are dropped.
+        width = batch if self.options.compile else _bucket(max(rows) + 1, batch)
+        keys = _bucket(max(s.lengths[r] for r in rows) + 1, s.cache.max_len, floor=64)
+        cache = s.cache if width == batch else s.cache.rows(0, width)
+        logits = self.decode_step(s.tokens[:width], s.slots[:width], s.slots[:width], cache, keys)
+        index, sampler = self._step_sampler(rows)
+        token = self.comm.agree(sampler(logits.index_select(0, index)))
+        s.tokens.index_copy_(0, index, token)
+        s.slots.index_add_(0, index, torch.ones_like(token))
+        for row in rows:
+            s.lengths[row] += 1
+        return token.tolist()
+
+    def _step_sampler(self, rows: list[int]) -> tuple[Tensor, RowSampler]:
+        """The rows as a device index and their requests' sampler, rebuilt only when the batch changes."""
+        s = self._serving
+        if s.batch_rows != tuple(rows):
+            chosen = [s.samplers[r] for r in rows]
+            sampler = RowSampler([c for c, _ in chosen], self.device, s.vocab_limit, generators=[g for _, g in chosen])
+            s.batch_rows, s.batch = tuple(rows), (torch.tensor(rows, device=self.device), sampler)
+        return s.batch
+
+    def _serving_row(self, row: int) -> _Serving:
+        s = self._serving
+        if s is None:
+            raise ConfigError("serving: call open_serving(max_batch) first")
+        if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < s.cache.batch:
+            raise InputError(f"serving: row must be an integer in 0..{s.cache.batch - 1}, got {row!r}")
+        return s
+
+    def peer_failure(self) -> str | None:
+        """Why a follower rank started by this engine is gone, or None while they all run (polls, no collective)."""
+        code = self._followers.failed() if self._followers is not None else None
+        return None if code is None else f"a follower rank exited with code {code}"
+
+
+def _bucket(n: int, limit: int, floor: int = 1) -> int:
+    """The smallest power of two >= n, within [floor, limit]: few distinct step shapes (a compiled step
+    keeps few graphs) while short batches and contexts do little wasted work."""
+    return min(limit, max(floor, 1 << max(0, n - 1).bit_length()))
+
+
+@dataclass
+class _Serving:
+    """One rank's serving state: the cache; each row's last token and next slot (= position) on the device;
+    each row's sampling config and generator; host copies of the row lengths (every rank runs the same
+    calls, so they agree); the current step's rows and sampler."""
+
+    cache: KVCache
+    tokens: Tensor
+    slots: Tensor
+    lengths: list[int]
+    samplers: list[tuple[SamplingConfig, torch.Generator] | None]
+    vocab_limit: int | None
+    batch_rows: tuple[int, ...] = ()
+    batch: tuple[Tensor, RowSampler] | None = None
 
 
 def follow(args: dict[str, Any]) -> int:

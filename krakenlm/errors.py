@@ -19,3 +19,11 @@ class InputError(KrakenError, ValueError):
 
 class DistributedError(KrakenError, RuntimeError):
     """Ranks disagree, a rank died, or a collective timed out."""
+
+
+class ResourceError(KrakenError, MemoryError):
+    """A request needs more memory than the machine has; the message gives both numbers."""
+
+
+class TrainingError(KrakenError, RuntimeError):
+    """A training run cannot go on (non-finite loss, a checkpoint that cannot be written)."""

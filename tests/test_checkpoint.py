@@ -7,7 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from krakenlm.checkpoint import detect_format, export_hf_gpt2, load_model, load_state, save_checkpoint
+from krakenlm.checkpoint import (
+    detect_format,
+    export_hf_gpt2,
+    load_model,
+    load_state,
+    save_checkpoint,
+    write_manifest,
+)
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_state_dict
@@ -125,25 +132,34 @@ def test_pickled_objects_are_refused(tmp_path, capsys):
 
 
 def test_truncated_and_mismatched_native_checkpoints_are_refused(tmp_path):
+    """Edited files fail the manifest; with the manifest rewritten (a hand edit) the reader's own checks hold."""
     model = build_model(config=tiny("gpt"), seed=0)
     save_checkpoint(tmp_path / "ck", model, model.config)
     weights = tmp_path / "ck" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum"):
+        load_model(tmp_path / "ck")
+    write_manifest(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="unreadable or truncated safetensors"):
         load_model(tmp_path / "ck")
     save_checkpoint(tmp_path / "ck2", model, model.config)
     doc = json.loads((tmp_path / "ck2" / "config.json").read_text())
     doc["config"]["n_embd"] = 64
     doc["config"]["n_head"] = 4
-    (tmp_path / "ck2" / "config.json").write_text(json.dumps(doc))
+
+    def edit(text):
+        (tmp_path / "ck2" / "config.json").write_text(text)
+        write_manifest(tmp_path / "ck2")
+
+    edit(json.dumps(doc))
     with pytest.raises(CheckpointError, match="shape"):
         load_model(tmp_path / "ck2")
     doc["config"]["n_head"] = 7
-    (tmp_path / "ck2" / "config.json").write_text(json.dumps(doc))
+    edit(json.dumps(doc))
     with pytest.raises(CheckpointError, match="n_head"):
         load_model(tmp_path / "ck2")
-    (tmp_path / "ck2" / "config.json").write_text("{")
+    edit("{")
     with pytest.raises(CheckpointError, match="JSON"):
         load_model(tmp_path / "ck2")
 
@@ -154,6 +170,7 @@ def test_missing_tensor_and_untied_head_refused(tmp_path):
     state = model.state_dict()
     state.pop("ln_f.weight")
     save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    write_manifest(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="missing"):
         load_model(tmp_path / "ck")
     _, path = hf_gpt2(tmp_path)

@@ -33,6 +33,15 @@ def test_generate_tp2_matches_single_device(preset, overlap):
     (["--preset", "mini-gpt", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["--preset", "mini-kraken-2way", "--prompt", "x", "--tp", "3"], "does not fit"),
     (["--checkpoint", "/nonexistent", "--prompt", "x"], "no such checkpoint"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--tp", "0"], "tp: must be an integer >= 1"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--tp", "-2"], "tp: must be an integer >= 1"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--timeout", "0"], "timeout: must be a finite number"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--timeout", "-1"], "timeout: must be a finite number"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--timeout", "inf"], "timeout: must be a finite number"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--top-k", "0"], "top_k"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--top-p", "nan"], "top_p"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--device", "tpu"], "device: expected cpu, cuda"),
+    (["--preset", "mini-gpt", "--prompt", "x", "--pad-heads", "0"], "pad_heads"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["generate", *args]) == 2
@@ -60,3 +69,28 @@ def test_convert_rewires_the_last_layers_as_ladder(tmp_path, capsys):
     assert main(["convert", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "x"),
                  "--ladder-layers", "5"]) == 2
     assert "ladder_layers" in capsys.readouterr().err
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_generated(tmp_path):
+    """mini-gpt has 50304 logits for GPT-2's 50257 tokens. Here the padded ids' embeddings dominate the
+    tied LM head (+c and -c, so one of them wins whatever the hidden state): generating them once made
+    the whole generation fail at decoding, after it was produced. They must be masked instead."""
+    import torch
+
+    from krakenlm.checkpoint import save_checkpoint
+    from krakenlm.presets import get_preset
+    from krakenlm.source import build_model
+
+    cfg = get_preset("mini-gpt")
+    model = build_model(config=cfg, seed=0)
+    with torch.no_grad():
+        direction = torch.randn(cfg.n_embd, generator=torch.Generator().manual_seed(0))
+        model.wte.weight[50257:51000] = 0.0
+        model.wte.weight[50257:50280] = 50 * direction
+        model.wte.weight[50280:50304] = -50 * direction
+    save_checkpoint(tmp_path / "m", model, cfg)
+    for sampling in ([], ["--temperature", "1.0", "--seed", "3"]):
+        r = run("generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "8",
+                *sampling)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("Hello") and "outside the GPT-2 vocabulary" not in r.stderr

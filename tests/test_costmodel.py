@@ -21,6 +21,7 @@ from krakenlm.costmodel.layouts import (
     make_mesh,
     pair_ops,
 )
+from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.studies import (
     PAPER_SWITCH_POINTS,
     TABLE1,
@@ -206,10 +207,12 @@ def test_multihead_kv_at_b512_is_about_3tb() -> None:
 # Estimator behaviour ------------------------------------------------------------------------------
 def test_mfu_bounded_and_prefill_beats_decode() -> None:
     palm = get_preset("palm-540b")
-    est = estimate(palm, TPU, Workload(batch=512, prompt=2048, generate=64), 64)
-    assert 0 < est.decode.mfu < est.prefill.mfu <= 1.0
+    est = estimate(palm, TPU, Workload(batch=512, prompt=1984, generate=64), 64)
+    assert 0 < est.decode.mfu < est.mfu < est.prefill.mfu <= 1.0
     assert est.total_s == pytest.approx(est.ttft_s + 64 * est.per_token_s)
-    assert est.chip_seconds_per_token == pytest.approx(64 * est.total_s / (512 * (2048 + 64)))
+    assert est.chip_seconds_per_token == pytest.approx(64 * est.total_s / (512 * (1984 + 64)))
+    # Whole-request MFU: 2N per token over the chip-seconds each token costs.
+    assert est.mfu == pytest.approx(2 * palm.num_params() / (TPU.peak("bf16") * est.chip_seconds_per_token))
 
 
 def test_int8_weights_speed_up_memory_bound_decode() -> None:
@@ -357,3 +360,17 @@ def test_ladder_layout_and_cli(capsys) -> None:
     assert lad["prefill"]["comm_s"] == pytest.approx(std["prefill"]["comm_s"])  # same all-reduces, hidden
     assert lad["prefill"]["exposed_comm_s"] < 0.2 * std["prefill"]["exposed_comm_s"]
     assert lad["ttft_s"] < std["ttft_s"] and lad["per_token_s"] <= std["per_token_s"]
+
+
+@pytest.mark.parametrize("gbps", [600.0, 0.05])
+def test_ladder_pipeline_stages_start_their_schedule_at_their_first_layer(gbps: float) -> None:
+    """Two stages of two layers, one micro-batch: the hybrid with ladder in layers 2-3 has gpt's first stage
+    and the all-ladder model's second, so it sits exactly halfway (a stage priced as if it held layer 0
+    would reduce its first modules in line and break this)."""
+    gpt = ModelConfig(arch="gpt", n_layer=4, n_embd=256, n_head=4, vocab_size=512, block_size=2048)
+    hw, wl, lay = A100.with_factors(link_bw=gbps * 1e9 / 8), Workload(batch=1, prompt=1024), Layout("1d-ws", chips=2)
+    pipe = Pipeline(stages=2, prefill_microbatches=1)
+    gpt_t, hybrid, full = (phase_estimate(cfg, hw, wl, "prefill", lay, pipeline=pipe).time_s
+                           for cfg in (gpt, gpt.as_ladder(2), gpt.as_ladder(None)))
+    assert full < hybrid < gpt_t
+    assert hybrid - gpt_t == pytest.approx(full - hybrid, rel=1e-9)

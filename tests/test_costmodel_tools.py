@@ -73,7 +73,7 @@ def test_plan_latency_objective_picks_fastest() -> None:
 
 
 def test_plan_cost_objective_and_target() -> None:
-    wl = Workload(prompt=2048, generate=64)
+    wl = Workload(prompt=1984, generate=64)
     free = plan(get_preset("gpt-13b"), A100, wl, chips=8, batches=(1, 8, 32))
     costs = [c.estimate.chip_seconds_per_token for c in free.ranked]
     assert costs == sorted(costs)
@@ -101,7 +101,8 @@ def _synthetic(truth, dtypes: tuple[str, ...] = ("bf16",)) -> list[dict]:
         for phase, batch, prompt in [("prefill", 1, 512), ("prefill", 4, 256), ("decode", 1, 128), ("decode", 8, 256)]:
             for gbps in (None, 1.0):
                 for dtype in dtypes:
-                    rec = {"arch": arch, "preset": preset, "tp": tp, "batch": batch, "prompt_len": prompt,
+                    rec = {"arch": arch, "preset": preset, "tp": tp, "batch": batch,
+                           "prompt_len": min(prompt, get_preset(preset).block_size),
                            "dtype": dtype, "phase": phase, "link_gbps": gbps, "seconds": 1.0}
                     rec["seconds"] = predict_point(parse_record(rec), truth)
                     recs.append(rec)
@@ -193,7 +194,7 @@ def test_cli_plan(capsys, tmp_path) -> None:
 
 def test_make_plots(tmp_path) -> None:
     paths = make_plots(tmp_path)
-    assert len(paths) == 5
+    assert len(paths) == 6
     for p in paths:
         assert p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG"
 

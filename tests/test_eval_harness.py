@@ -103,6 +103,8 @@ def test_registered_with_lm_eval_and_bad_model_args(gpt2_dir: str) -> None:
     with pytest.raises(ConfigError, match="checkpoint=PATH is required"):
         KrakenLM.create_from_arg_string("")
     with pytest.raises(ConfigError, match="unknown argument"):
+        KrakenLM.create_from_arg_string(f"checkpoint={gpt2_dir},revision=main")
+    with pytest.raises(ConfigError, match="checkpoint and pretrained name the same thing"):
         KrakenLM.create_from_arg_string(f"checkpoint={gpt2_dir},pretrained=gpt2")
     with pytest.raises(ConfigError, match="dtype"):
         KrakenLM.create_from_arg_string(f"checkpoint={gpt2_dir},dtype=int8")

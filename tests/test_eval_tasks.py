@@ -184,6 +184,7 @@ def test_cli_tasks_compares_checkpoints_with_perplexity(data_dir: Path, kraken_c
     (["--tasks", "boolq,nope"], "unknown task"),
     (["--tasks", "boolq", "--name", "A", "--name", "B"], "--name given 2 times"),
     (["--tasks", "boolq", "--tp", "3"], "tp"),
+    (["--tasks", "boolq", "--out", "/"], "--out: / is a directory"),  # refused before the evaluation runs
 ])
 def test_cli_tasks_bad_input_is_one_line(extra: list[str], message: str, data_dir: Path, kraken_ckpt: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -210,7 +211,10 @@ def test_lm_eval_command_line_finds_the_model(data_dir: Path, kraken_ckpt: str, 
                         str(tasks_dir), "--output_path", str(out)], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "kraken_boolq" in r.stdout and "acc" in r.stdout
-    assert list(out.rglob("results_*.json"))
+    from lm_eval.utils import sanitize_model_name
+
+    folder = out / sanitize_model_name(kraken_ckpt)  # named after the checkpoint, as `hf` runs are
+    assert list(folder.glob("results_*.json")), sorted(p.name for p in out.iterdir())
 
 
 def test_corpus_bpe_from_a_prepared_dir_is_used(tmp_path: Path) -> None:

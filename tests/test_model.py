@@ -220,3 +220,28 @@ def test_ladder_differs_from_gpt_unless_no_layer_is_ladder(rng):
             ladder = Transformer(gpt.config.replace(arch="ladder", ladder_layers=k), init=False)
             ladder.load_state_dict(gpt.state_dict())
             assert ((ladder.eval()(idx) - want).abs().max() < 1e-6) == same, k
+
+
+def _reference_sample(logits, config, generator):
+    """The sampling rule written out plainly: temperature, top-k by the k-th value (ties kept), top-p
+    on what is left, one multinomial draw over the whole batch with the generator."""
+    logits = logits.float() / config.temperature
+    if config.top_k is not None:
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p is not None:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= config.top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(temperature=0.8, seed=5),
+                                    SamplingConfig(temperature=1.1, top_k=7, seed=6),
+                                    SamplingConfig(temperature=0.9, top_p=0.8, seed=7),
+                                    SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, seed=8)])
+def test_device_sampling_equals_the_plain_rule(config):
+    logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(3)) * 3
+    want = _reference_sample(logits, config, torch.Generator().manual_seed(config.seed))
+    assert torch.equal(sample(logits, config), want)

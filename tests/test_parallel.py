@@ -128,15 +128,6 @@ def test_plan_groups_for_t_equals_k_times_n():
                                               "conjunction_allreduce": 1}
 
 
-@pytest.mark.slow
-def test_compiled_ladder_decode_step_equals_eager_on_two_ranks(tmp_path):
-    """fullgraph=True: the ladder's async sums trace as functional collectives without graph breaks."""
-    out = tmp_path / "r.json"
-    payload = {"config": tiny("ladder", n_layer=2).to_dict(), "out": str(out), "steps": 4}
-    assert run_ranks("tests.tp_workers:compiled_decode", 2, payload, grace=30) == 0
-    assert json.loads(out.read_text())["diff"] <= 1e-5
-
-
 def test_ladder_plan_counts_its_async_sums():
     assert ParallelPlan(tiny("ladder"), 2).collectives_per_forward() == {
         "blocking_allreduce": 0, "overlapped_allreduce": 6, "conjunction_allreduce": 0}

@@ -9,7 +9,7 @@ import torch
 
 from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
-from krakenlm.generate import generate, left_pad
+from krakenlm.generate import SamplingConfig, generate, left_pad
 from krakenlm.source import ModelSource, build_model
 
 PROMPTS = [list(range(3, 23)), list(range(40, 53))]  # different lengths: the left-padding path too
@@ -118,24 +118,73 @@ def failing(payload: dict) -> int:
     return 0
 
 
+def capture_decode(engine: Engine, backend: str):
+    """The engine's decode step (functional collectives) compiled with fullgraph=True: a graph break fails."""
+    comm = engine.comm.variant(functional=True) if engine.world > 1 else engine.comm
+    model = engine.model
+
+    def step(tokens, slots, positions, cache):
+        return model.decode(tokens, slots, positions, cache, comm=comm)
+
+    return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+
+
 def compiled_decode(payload: dict) -> int:
-    """Decode steps of a torch.compile'd (fullgraph, functional collectives) step vs the eager step."""
-    engine = engine_for({"config": payload["config"], "seed": 0}, int(os.environ["WORLD_SIZE"]), compile=True)
-    eager = engine.variant(compile=False)
-    idx, valid, pos = left_pad(PROMPTS)
-    diff = 0.0
-    with torch.inference_mode():
-        caches = engine.new_cache(2, 48), eager.new_cache(2, 48)
-        for e, cache in zip((engine, eager), caches, strict=True):
-            logits = e.forward(idx, cache=cache, valid=valid, positions=pos)
-        token, next_pos, slots = logits[:, -1].argmax(-1), pos[:, -1] + 1, torch.full((2,), idx.shape[1])
-        for _ in range(payload["steps"]):
-            a = engine.decode_step(token, slots, next_pos, caches[0])
-            b = eager.decode_step(token, slots, next_pos, caches[1])
-            diff = max(diff, (a - b).abs().max().item())
-            token, slots, next_pos = b.argmax(-1), slots + 1, next_pos + 1
+    """Per case: fullgraph capture of the decode step equals eager; the engine's compiled generation
+    (inductor) gives the eager tokens, token for token."""
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for name, case in payload["cases"].items():
+        engine = engine_for({"config": case["config"], "seed": 0}, world, timeout=300)
+        eager = engine.generate(PROMPTS, 12).tokens
+        with torch.inference_mode():
+            cache_a, cache_b = engine.new_cache(2, 40), engine.new_cache(2, 40)
+            idx, valid, pos = left_pad(PROMPTS)
+            engine.forward(idx, cache=cache_a, valid=valid, positions=pos)
+            engine.forward(idx, cache=cache_b, valid=valid, positions=pos)
+            token, slots, next_pos = torch.tensor([7, 9]), torch.full((2,), idx.shape[1]), pos[:, -1] + 1
+            captured = capture_decode(engine, case["backend"])(token, slots, next_pos, cache_a)
+            plain = engine.decode_step(token, slots, next_pos, cache_b)
+        results[name] = {"capture_diff": (captured - plain).abs().max().item()}
+        if case.get("inductor"):
+            results[name]["compiled_equal"] = engine.variant(compile=True).generate(PROMPTS, 12).tokens == eager
+    if int(os.environ["RANK"]) == 0:
+        Path(payload["out"]).write_text(json.dumps(results))
+
+
+def staggered(engine: Engine, batch: list[list[int]], steps: int, sampling: list[SamplingConfig] | None = None,
+              rows: list[int] | None = None) -> list[list[int]]:
+    """Request i joins at step i into ``rows[i]``; each runs ``steps`` tokens; rows leave when done."""
+    rows = rows or list(range(len(batch)))
+    sampling = sampling or [SamplingConfig()] * len(batch)
+    out: list[list[int]] = [[] for _ in batch]
+    running: list[int] = []
+    step = 0
+    while step < len(batch) or running:
+        decode = [i for i in running if len(out[i]) < steps]
+        if step < len(batch):  # the scheduler's order: prefill newcomers, then decode the earlier ones
+            out[step].append(engine.prefill_row(rows[step], batch[step], sampling[step]))
+        if decode:
+            for i, token in zip(decode, engine.decode_rows([rows[i] for i in decode]), strict=True):
+                out[i].append(token)
+        if step < len(batch):
+            running.append(step)
+        running = [i for i in running if len(out[i]) < steps]
+        step += 1
+    return out
+
+
+def serving_rows(payload: dict) -> int:
+    """Every case's prompts served through the row operations on this world (greedy, staggered)."""
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for name, cfg in payload["cases"].items():
+        engine = engine_for({"config": cfg, "seed": 0}, world)
+        engine.open_serving(8)
+        results[name] = staggered(engine, payload["prompts"], 16)
     if engine.rank == 0:
-        Path(payload["out"]).write_text(json.dumps({"diff": diff}))
+        (Path(payload["out"]) / "serving.json").write_text(json.dumps(results))
+    engine.barrier()
     engine.close()
     return 0
 

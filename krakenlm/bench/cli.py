@@ -7,8 +7,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from krakenlm.errors import ConfigError
+from krakenlm.validation import check_float, check_int
 
 QUICK = dict(shapes=["tiny"], prompts=[32], batches=[1], dtypes=["fp32"], tps=[2], links=[None], rounds=2,
              max_rounds=3, decode_steps=2, idle_wait_s=2.0, max_other_cores=100.0)
@@ -81,6 +83,23 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _check_options(opts: Any) -> None:
+    """Every option checked here, once, before any rank starts (a bad value must not fail on every rank)."""
+    for flag, values in (("--prompts", opts.prompts), ("--batches", opts.batches), ("--tp", opts.tps)):
+        if not values:
+            raise ConfigError(f"bench: {flag}: give at least one value")
+        for value in values:
+            check_int(value, f"bench: {flag}")
+    check_int(opts.rounds, "bench: --rounds")
+    check_int(opts.max_rounds, "bench: --max-rounds", minimum=opts.rounds)
+    check_int(opts.decode_steps, "bench: --decode-steps", minimum=0)
+    check_int(opts.pad_heads, "bench: --pad-heads", optional=True)
+    check_float(opts.max_other_cores, "bench: --max-other-cores", minimum=0)
+    check_float(opts.idle_wait_s, "bench: --idle-wait", minimum=0)
+    for link in opts.links:
+        check_float(link, "bench: --links (Gbit/s)", minimum=0, exclusive=True, optional=True)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from krakenlm.bench import results
     from krakenlm.bench.sweep import Options, run_sweep
@@ -98,8 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     bad = [d for d in opts.dtypes if d not in DTYPES]
     if bad:
         raise ConfigError(f"bench: --dtypes {bad}: choose from {sorted(DTYPES)}")
-    if min(opts.prompts + opts.batches + opts.tps) < 1 or opts.rounds < 1 or opts.decode_steps < 0:
-        raise ConfigError("bench: prompts, batches, tp and rounds must be positive")
+    _check_options(opts)
     if any(tp > 2 for tp in opts.tps):
         print("bench: note: tp > 2 oversubscribes a 2-core machine; those cells are not timing claims",
               file=sys.stderr)

@@ -1,37 +1,66 @@
-"""`krakenlm predict`, `plan` and `calibrate`: argument parsing and printing for the cost model.
+"""`krakenlm predict`, `plan`, `simulate` and `calibrate`: argument parsing and printing for the cost model.
 
 The main CLI (krakenlm/cli.py) calls the ``add_*_parser`` functions; handlers return an exit code
-and raise ConfigError for bad input (the main CLI prints it as one line).
+and raise a KrakenError for bad input (the main CLI prints it as one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, evaluate, leave_one_out, load_records, markdown, mdape
-from krakenlm.costmodel.estimator import LM_HEAD, OVERLAP, Estimate, PhaseEstimate, Workload, estimate
-from krakenlm.costmodel.hardware import DTYPES, load_hardware
+from krakenlm.costmodel.estimator import (
+    LM_HEAD,
+    OVERLAP,
+    Estimate,
+    PhaseEstimate,
+    Workload,
+    estimate,
+    format_bytes,
+)
+from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
+from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import OBJECTIVES, plan
+from krakenlm.costmodel.simulate import (
+    ARRIVALS,
+    Arrival,
+    CostModelTimes,
+    Lengths,
+    arrivals,
+    load_trace,
+    plan_slo,
+    simulate,
+)
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
+from krakenlm.serve.report import parse_slo_targets
+from krakenlm.serve.scheduler import BatchingPolicy
+
+GIB = 2 ** 30
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", "--preset", dest="model", help="preset name (see `krakenlm presets`)")
     src.add_argument("--config", help="ModelConfig JSON file")
     p.add_argument("--hardware", default="a100-40gb-nvswitch",
-                   help="bundled spec (tpu-v4, a100-40gb-nvswitch, h100-sxm, h200, cpu-gloo) or a JSON spec path")
-    p.add_argument("--chips", type=int, default=1, help="chips (TP degree); for plan, the most chips to use")
-    p.add_argument("--batch", type=int, default=1, help="sequences per batch")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
-    p.add_argument("--generate", type=int, default=0, help="tokens to generate per sequence")
+                   help="bundled spec (tpu-v4, a100-40gb-nvswitch, a100-80gb-nvswitch, h100-sxm, h200, cpu-gloo) "
+                        "or a JSON spec path")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight type (int8 = weight-only)")
     p.add_argument("--overlap", choices=OVERLAP, default="none",
                    help="none: max(compute, memory) + comm; full: max of all three")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _source(p)
+    p.add_argument("--chips", type=int, default=1, help="chips in all (TP x PP); for plan, the most chips to use")
+    p.add_argument("--batch", default="1", help="sequences per batch, or PREFILL,DECODE (e.g. 1,32)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--generate", type=int, default=0, help="tokens to generate per sequence")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -44,37 +73,94 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                         "1d-ws, 2d-ws, wg-x, wg-xy, wg-xyz; 'PREFILL,DECODE' sets each phase")
     p.add_argument("--lm-head", choices=LM_HEAD, default="sharded",
                    help="LM head split over the vocabulary (usual TP) or whole on every chip (the krakenlm runtime)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (chips / pp chips each)")
+    p.add_argument("--microbatches", default="auto",
+                   help="pipeline micro-batches: auto (fastest), M, or PREFILL,DECODE (each a number or auto)")
     p.set_defaults(func=_cmd_predict)
 
 
+def _arrival_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rate", type=float, help="requests per second (poisson / constant arrivals)")
+    p.add_argument("--arrivals", default="poisson",
+                   help=f"{' or '.join(ARRIVALS)}, or a trace file: JSON list / lines of "
+                        "{\"arrival\": s, \"prompt_len\": n, \"output_len\": n}")
+    p.add_argument("--requests", type=int, default=200, help="requests to simulate (poisson / constant)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones are refused")
+
+
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `plan`: search chips x Kraken degree x batch x layout."""
-    p = subparsers.add_parser("plan", help="search layouts, TP degree, Kraken degree and batch for a target")
+    """Register `plan`: search TP x PP x Kraken degree x batch limit x layout (or an SLO at a rate)."""
+    p = subparsers.add_parser("plan", help="search TP, PP, Kraken degree, batch and layouts for a target")
     _common(p)
     p.add_argument("--target-latency", type=float, help="seconds for the whole request (TTFT + decode)")
     p.add_argument("--objective", choices=OBJECTIVES, default="cost",
-                   help="cost: lowest chip-seconds per token; latency: lowest total latency")
-    p.add_argument("--batches", help="comma-separated batch sizes to try (default: --batch)")
+                   help="cost: lowest chip-seconds per token; latency: lowest total latency; throughput: "
+                        "most tokens/s over the chip budget (replicas included)")
+    p.add_argument("--batches", help="comma-separated batch limits to try (default: --batch; with PREFILL,DECODE "
+                                     "in --batch they set the decode batch)")
     p.add_argument("--kraken-degrees", help="comma-separated Kraken degrees to try (kraken models)")
+    p.add_argument("--pp", help="comma-separated pipeline stage counts to try (default: every one that divides)")
+    p.add_argument("--memory-limit", type=float, help="GiB per chip a deployment may use (default: the HBM)")
+    p.add_argument("--slo", help="percentile targets, e.g. 'p99_ttft<=200ms,p50_tpot<=50ms': simulate the load "
+                                 "(--rate, --arrivals) and pick the fewest chips meeting them")
+    _arrival_args(p)
     p.add_argument("--top", type=int, default=5, help="rows of the ranking to print")
     p.set_defaults(func=_cmd_plan)
+
+
+def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `simulate`: the serving simulator (scheduler + cost model step times)."""
+    p = subparsers.add_parser("simulate", help="simulate serving at a request rate: TTFT / TPOT / e2e percentiles")
+    _source(p)
+    p.add_argument("--chips", type=int, default=1, help="chips in all (TP x PP)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--lm-head", choices=LM_HEAD, default="sharded", help="LM head split or whole on every chip")
+    _arrival_args(p)
+    p.add_argument("--prompt", default="128", help="prompt tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--generate", default="64", help="output tokens: N or LOW-HIGH (uniform)")
+    p.add_argument("--max-batch", type=int, default=8, help="running sequences (KV-cache rows)")
+    p.add_argument("--max-tokens", type=int,
+                   help="KV tokens reserved by running requests (default: max-batch x the longest request)")
+    p.add_argument("--max-prefills-per-step", type=int, default=0, help="newcomers per step (0 = as many as fit)")
+    p.add_argument("--goodput-slo", default="{}",
+                   help='per-request SLO for goodput, JSON: {"ttft_s": 0.2, "tpot_s": 0.05}')
+    p.add_argument("--out", help="also write the report JSON here")
+    p.set_defaults(func=_cmd_simulate)
 
 
 def _config(args: argparse.Namespace) -> ModelConfig:
     return get_preset(args.model) if args.model else ModelConfig.from_json(args.config)
 
 
-def _workload(args: argparse.Namespace) -> Workload:
-    return Workload(batch=args.batch, prompt=args.prompt, generate=args.generate, dtype=args.dtype)
-
-
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}") from None
+        values = ()
+    if not values:
+        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}")
+    return values
+
+
+def _pair(text: str, what: str, auto: bool = False) -> tuple[int, int | None]:
+    """``"N"`` -> (N, None); ``"A,B"`` -> (A, B); ``auto`` allowed as 0 when ``auto``."""
+    parts = [v.strip() for v in str(text).split(",")]
+    try:
+        values = [0 if auto and v == "auto" else int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise ConfigError(f"{what}: expected N or PREFILL,DECODE{' (numbers or auto)' if auto else ''}, got {text!r}")
+    return values[0], values[1] if len(values) == 2 else None
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    batch, decode_batch = _pair(args.batch, "--batch")
+    return Workload(batch=batch, prompt=args.prompt, generate=args.generate, dtype=args.dtype,
+                    decode_batch=decode_batch)
 
 
 def _phase_row(p: PhaseEstimate) -> str:
@@ -85,19 +171,27 @@ def _phase_row(p: PhaseEstimate) -> str:
 def format_estimate(est: Estimate) -> str:
     """The readable breakdown table printed by `predict`."""
     wl = est.workload
-    lines = [f"{est.model} on {est.chips} x {est.hardware}: batch {wl.batch}, prompt {wl.prompt}, "
-             f"generate {wl.generate}, {wl.dtype} weights",
+    batch = (f"batch {wl.batch}" if wl.decode_batch is None
+             else f"batch {wl.batch} (prefill) / {wl.decode_batch} (decode)")
+    lines = [f"{est.model} on {est.chips} x {est.hardware} (TP {est.tp} x PP {est.stages}): {batch}, prompt "
+             f"{wl.prompt}, generate {wl.generate}, {wl.dtype} weights",
              f"{'phase':<8} {'layout':<20} {'time ms':>11} {'compute':>10} {'memory':>10} {'comm*':>10} "
              f"{'MFU':>6} {'bound':>8}",
              _phase_row(est.prefill)]
     if est.decode:
         lines.append(_phase_row(est.decode) + "   (one step)")
-    lines += ["(*comm = exposed communication, not hidden under compute/memory)",
-              f"TTFT {est.ttft_s * 1e3:.3f} ms | per token {est.per_token_s * 1e3:.3f} ms | "
-              f"total {est.total_s * 1e3:.3f} ms | {est.chip_seconds_per_token:.3g} chip-s/token",
-              f"memory per chip {est.memory_per_chip_bytes / 2**30:.2f} GiB (weights "
-              f"{est.weights_per_chip_bytes / 2**30:.2f}, KV {est.kv_per_chip_bytes / 2**30:.2f}) | "
-              f"max context {est.max_context} tokens"]
+    lines.append("(*comm = exposed communication, not hidden under compute/memory)")
+    if est.stages > 1:
+        lines += [f"pipeline {p.phase}: {p.microbatches} micro-batch(es), bubble {p.bubble_s * 1e3:.3f} ms, "
+                  f"stage-to-stage sends {p.p2p_s * 1e3:.3f} ms per micro-batch"
+                  for p in (est.prefill, est.decode) if p is not None]
+    lines += [f"TTFT {est.ttft_s * 1e3:.3f} ms | per token {est.per_token_s * 1e3:.3f} ms | "
+              f"total {est.total_s * 1e3:.3f} ms",
+              f"whole request: MFU {est.mfu:.1%} | {est.chip_seconds_per_token:.3g} chip-s/token | "
+              f"{est.requests_per_s:.3g} requests/s per deployment",
+              f"memory per chip {format_bytes(est.memory_per_chip_bytes)} (weights "
+              f"{format_bytes(est.weights_per_chip_bytes)}, KV prefill {format_bytes(est.kv_prefill_bytes)}, "
+              f"decode {format_bytes(est.kv_decode_bytes)}) | max context {est.max_context} tokens"]
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
 
@@ -108,21 +202,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if layout and "," in layout:
         pre, dec = layout.split(",", 1)
         layout = (None if pre == "auto" else pre, None if dec == "auto" else dec)
+    pre_m, dec_m = _pair(args.microbatches, "--microbatches", auto=True)
+    pipe = Pipeline(stages=args.pp, prefill_microbatches=pre_m, decode_microbatches=pre_m if dec_m is None else dec_m)
     est = estimate(config, hw, _workload(args), args.chips, layout=layout, overlap=args.overlap,
-                   lm_head=args.lm_head)
+                   lm_head=args.lm_head, pipeline=pipe)
     print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est))
     return 0
 
 
+def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> list[Arrival]:
+    """The arrival sequence: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate``."""
+    if args.arrivals not in ARRIVALS:
+        return load_trace(args.arrivals)
+    if args.rate is None:
+        raise ConfigError(f"rate: --rate is required with --arrivals {args.arrivals}")
+    return arrivals(args.arrivals, args.rate, args.requests, prompt, output, args.seed)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     config, hw = _config(args), load_hardware(args.hardware)
+    memory_limit = None if args.memory_limit is None else args.memory_limit * GIB
+    if args.slo is not None:
+        return _plan_slo(args, config, hw, memory_limit)
     result = plan(config, hw, _workload(args), args.chips, target_latency=args.target_latency,
                   objective=args.objective, batches=_ints(args.batches, "--batches"),
-                  kraken_degrees=_ints(args.kraken_degrees, "--kraken-degrees"), overlap=args.overlap)
+                  kraken_degrees=_ints(args.kraken_degrees, "--kraken-degrees"), overlap=args.overlap,
+                  stages=_ints(args.pp, "--pp"), memory_limit=memory_limit)
     if args.json:
-        print(json.dumps({"best": {"config": result.best.config.to_dict(), "estimate": result.best.estimate.to_dict()},
+        print(json.dumps({"best": {"config": result.best.config.to_dict(), "estimate": result.best.estimate.to_dict(),
+                                   "replicas": result.best.replicas, "tokens_per_s": result.best.tokens_per_s},
                           "ranked": [{"label": c.label, "total_s": c.estimate.total_s,
-                                      "chip_seconds_per_token": c.estimate.chip_seconds_per_token}
+                                      "chip_seconds_per_token": c.estimate.chip_seconds_per_token,
+                                      "tokens_per_s": c.tokens_per_s, "replicas": c.replicas}
                                      for c in result.ranked[: args.top]],
                           "rejected": result.rejected, "explanation": result.explanation}, indent=2))
         return 0
@@ -130,9 +241,67 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print()
     print(format_estimate(result.best.estimate))
     print()
-    print(f"{'rank':>4} {'total ms':>11} {'chip-s/token':>13}  candidate")
+    print(f"{'rank':>4} {'total ms':>11} {'chip-s/token':>13} {'tokens/s':>11}  candidate")
     for i, c in enumerate(result.ranked[: args.top], 1):
-        print(f"{i:>4} {c.estimate.total_s * 1e3:>11.3f} {c.estimate.chip_seconds_per_token:>13.4g}  {c.label}")
+        print(f"{i:>4} {c.estimate.total_s * 1e3:>11.3f} {c.estimate.chip_seconds_per_token:>13.4g} "
+              f"{c.tokens_per_s:>11.4g}  {c.label}")
+    return 0
+
+
+def _plan_slo(args: argparse.Namespace, config: ModelConfig, hw: Hardware, memory_limit: float | None) -> int:
+    """`plan --slo`: the fewest chips whose simulated load meets the targets."""
+    targets = parse_slo_targets(args.slo)
+    wl = _workload(args)
+    if args.arrivals in ARRIVALS and not wl.generate:
+        raise ConfigError("generate: --slo plans need --generate >= 1 (output tokens per request)")
+    load = _load(args, Lengths(wl.prompt, wl.prompt), Lengths(max(wl.generate, 1), max(wl.generate, 1)))
+    result = plan_slo(config, hw, load, args.chips, targets, rate=args.rate, dtype=wl.dtype,
+                      batches=_ints(args.batches, "--batches"), kraken_degrees=_ints(args.kraken_degrees,
+                                                                                     "--kraken-degrees"),
+                      stages=_ints(args.pp, "--pp"), overlap=args.overlap, max_queue=args.max_queue,
+                      memory_limit=memory_limit)
+    best = result.best
+    if args.json:
+        print(json.dumps({"best": {"label": best.label, "chips": best.chips, "stages": best.stages,
+                                   "max_batch": best.max_batch, "config": best.config.to_dict(),
+                                   "report": best.report},
+                          "tried": [{"label": c.label, "met": c.met, **{str(t): t.value(c.report) for t in targets}}
+                                    for c in result.tried],
+                          "explanation": result.explanation}, indent=2))
+        return 0
+    print(result.explanation)
+    print()
+    print(f"{'met':>4} " + " ".join(f"{str(t):>22}" for t in targets) + "  deployment")
+    for c in result.tried:
+        values = " ".join(f"{'-' if t.value(c.report) is None else f'{t.value(c.report) * 1e3:.2f} ms':>22}"
+                          for t in targets)
+        print(f"{'yes' if c.met else 'no':>4} {values}  {c.label}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    config, hw = _config(args), load_hardware(args.hardware)
+    prompt, output = Lengths.parse(args.prompt, "--prompt"), Lengths.parse(args.generate, "--generate")
+    load = _load(args, prompt, output)
+    try:
+        slo = json.loads(args.goodput_slo)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--goodput-slo: not JSON ({err}); e.g. '{{\"ttft_s\": 0.2}}'") from None
+    if not isinstance(slo, dict):
+        raise ConfigError(f"--goodput-slo: must be a JSON object, got {args.goodput_slo!r}")
+    longest = max(a.prompt_len + a.output_len for a in load)
+    policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=args.max_tokens or args.max_batch * longest,
+                            max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)
+    times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head)
+    sim = simulate(load, policy, config.block_size, times, rate=args.rate, slo=slo)
+    out = sim.report | {"simulation": {"model": config.name or config.arch, "hardware": hw.name, "chips": args.chips,
+                                       "stages": args.pp, "dtype": args.dtype, "policy": asdict(policy),
+                                       "steps": sim.steps, "mean_decode_batch": sim.mean_decode_batch,
+                                       "max_waiting": sim.max_waiting}}
+    text = json.dumps(out, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
     return 0
 
 

@@ -1,11 +1,12 @@
-"""The estimator: config + hardware + workload + layout -> time, memory, MFU and cost per phase.
+"""The estimator: config + hardware + workload + layout (+ pipeline) -> time, memory, MFU and cost.
 
 Composition of one layer on one chip (all times per forward):
 
     compute  C = 2 * matmul params * tokens / chips / (peak[dtype] * matmul_eff)
                + 4 * tokens * context * q_width / chips / (peak[dtype] * matmul_eff * attention_eff)
     memory   M = (weight bytes read + KV bytes read/written) / (memory_bw * memory_eff)
-    comm     X = sum of the layout's collectives (collectives.py; link_bw * comm_eff)
+    comm     X = sum of the layout's collectives (collectives.py: link_bw * comm_eff inside a node,
+               hierarchical over the network when a group spans nodes)
     (matmul_eff, attention_eff and memory_eff may be per dtype; attention_eff is 1 unless calibrated)
     overlap "none":  layer = max(C, M) + X + layer_overhead_s       (default)
     overlap "full":  layer = max(C, M, X) + layer_overhead_s
@@ -14,14 +15,21 @@ Composition of one layer on one chip (all times per forward):
     Ladder:  modules u_1..u_2L (attention, FFN, ...) of time c_k = max(C_k, M_k) and all-reduce X_k;
              u_k's all-reduce runs under u_{k+1}'s compute, so each step costs max(c_{k+1}, X_k)
              (exposed comm max(0, X_k - c_{k+1})) and the last X_2L is awaited after the stack;
-             layers below ``ladder_start`` pay their all-reduces in line (Megatron 1d-ws only)
+             layers below ``ladder_start`` pay their all-reduces in line (Megatron 1d-ws only); a
+             pipeline stage runs this over its own layers and awaits its last X before the hand-off
+    (``LAYER_RULES`` holds the per-architecture rule: a new architecture adds its own overlap there.)
 
 A phase is n_layer layers plus the LM head (2*V*E FLOPs per sequence, prefill: only the last
 position is projected; split over the chips, or whole on each with ``Layout(head="replicated")``)
-and, for Kraken, the conjunction (local matmul + one all-reduce of B*d).
+and, for Kraken, the conjunction (local matmul + one all-reduce of B*d). With pipeline stages the
+layers are split over the stages and the phase time composes the stages (pipeline.py).
 Prefill processes B*prompt tokens with causal attention (mean context (prompt+1)/2); a decode step
-processes B tokens at the mean context prompt + generate/2; decode time = generate * step.
+processes B' tokens (B' = the decode batch, B unless set) at the mean context prompt + generate/2;
+decode time = generate * step.
 MFU = 2 * num_params * tokens / (chips * peak * time) (the paper's definition; attention excluded).
+Whole request, with prefill batch P and decode batch D: a request costs chips * (t_prefill / P +
+generate * t_step / D) chip-seconds; chip-seconds per token divides that by prompt + generate and the
+request's MFU is 2 * num_params / (peak * chip-seconds per token).
 """
 
 from __future__ import annotations
@@ -31,22 +39,25 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.collectives import Group, collective_time
+from krakenlm.costmodel.collectives import collective_time, p2p_time
 from krakenlm.costmodel.hardware import BYTES, DTYPES, Hardware
 from krakenlm.costmodel.layouts import (
     ATTENTION,
     FFN_LAYOUTS,
     KRAKEN_LAYOUT,
     CommOp,
+    check_split,
     gathered_fraction,
     kraken_ops,
     kv_bytes_per_token,
     kv_cache_bytes_per_chip,
     layer_pairs,
     make_mesh,
+    mesh_group,
     pair_ops,
     sequences_per_chip,
 )
+from krakenlm.costmodel.pipeline import Pipeline, crosses_node, pipeline_time, stage_layers
 from krakenlm.errors import ConfigError
 
 PHASES = ("prefill", "decode")
@@ -55,12 +66,20 @@ PREFILL_LAYOUTS = FFN_LAYOUTS
 DECODE_LAYOUTS = ("1d-ws", "2d-ws")  # the paper always decodes weight-stationary
 LM_HEAD = ("sharded", "replicated")
 LADDER_LAYOUT = "1d-ws/attn-heads"  # Megatron TP, what the Ladder Residual schedule overlaps
+MAX_BATCH = 1 << 30
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1, maximum: int = MAX_BATCH) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise ConfigError(f"workload: {key} must be an integer in [{minimum}, {maximum}], got {value!r}")
 
 
 @dataclass(frozen=True)
 class Workload:
     """What is asked of the model: ``batch`` sequences, ``prompt`` tokens in, ``generate`` tokens out.
 
+    ``decode_batch`` is the batch of the decode steps when it differs from the prefill's (a server
+    prefills requests one at a time and decodes them together); None = ``batch``.
     ``dtype`` is the weight type (int8 = weight-only quantisation, matmuls in bf16); activations and
     the KV cache are bf16 unless dtype is fp32/fp16.
     """
@@ -69,14 +88,14 @@ class Workload:
     prompt: int = 128
     generate: int = 0
     dtype: str = "bf16"
+    decode_batch: int | None = None
 
     def __post_init__(self) -> None:
-        for key in ("batch", "prompt"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"workload: {key} must be a positive integer, got {value!r}")
-        if not isinstance(self.generate, int) or self.generate < 0:
-            raise ConfigError(f"workload: generate must be an integer >= 0, got {self.generate!r}")
+        _positive_int("batch", self.batch)
+        _positive_int("prompt", self.prompt, maximum=1 << 40)
+        _positive_int("generate", self.generate, minimum=0, maximum=1 << 40)
+        if self.decode_batch is not None:
+            _positive_int("decode_batch", self.decode_batch)
         if self.dtype not in DTYPES:
             raise ConfigError(f"workload: dtype must be one of {DTYPES}, got {self.dtype!r}")
 
@@ -84,12 +103,25 @@ class Workload:
     def act_bytes(self) -> int:
         return 4 if self.dtype == "fp32" else 2
 
+    def phase_batch(self, phase: str) -> int:
+        """Sequences per forward of ``phase``."""
+        return self.batch if phase == "prefill" or self.decode_batch is None else self.decode_batch
+
+
+def check_context(config: ModelConfig, workload: Workload) -> None:
+    """The request must fit the model's context, as the engine requires (prompt + new <= block_size)."""
+    if workload.prompt + workload.generate > config.block_size:
+        raise ConfigError(f"prompt, generate: {workload.prompt} prompt + {workload.generate} generated tokens "
+                          f"exceed the context of {config.name or config.arch} ({config.block_size} tokens, "
+                          f"block_size)")
+
 
 @dataclass(frozen=True)
 class Layout:
-    """How a phase is partitioned: FFN layout (or "kraken"), attention sharding, number of chips, and
-    whether the LM head is split over the vocabulary ("sharded", usual for tensor parallelism) or
-    computed whole on every chip ("replicated", what the krakenlm runtime does)."""
+    """How a phase is partitioned: FFN layout (or "kraken"), attention sharding, number of chips (per
+    pipeline stage: the tensor-parallel degree), and whether the LM head is split over the vocabulary
+    ("sharded", usual for tensor parallelism) or computed whole on every chip ("replicated", what the
+    krakenlm runtime does)."""
 
     ffn: str
     attention: str = "heads"
@@ -103,7 +135,7 @@ class Layout:
             raise ConfigError(f"layout: must be one of {FFN_LAYOUTS + (KRAKEN_LAYOUT,)}, got {self.ffn!r}")
         if self.attention not in ATTENTION:
             raise ConfigError(f"layout: attention must be one of {ATTENTION}, got {self.attention!r}")
-        if not isinstance(self.chips, int) or self.chips < 1:
+        if not isinstance(self.chips, int) or isinstance(self.chips, bool) or self.chips < 1:
             raise ConfigError(f"chips: must be a positive integer, got {self.chips!r}")
 
     def __str__(self) -> str:
@@ -112,7 +144,8 @@ class Layout:
 
 @dataclass(frozen=True)
 class PhaseEstimate:
-    """Time and its parts for one phase (prefill: the whole forward; decode: one step)."""
+    """Time and its parts for one phase (prefill: the whole forward; decode: one step). With pipeline
+    stages the parts are those of the busiest stage's chips over all micro-batches."""
 
     phase: str
     layout: str
@@ -128,11 +161,16 @@ class PhaseEstimate:
     comm_bytes_per_chip: float
     mfu: float
     chip_seconds_per_token: float
+    stages: int = 1
+    microbatches: int = 1
+    p2p_s: float = 0.0  # one micro-batch's point-to-point transfers through the pipeline
+    bubble_s: float = 0.0  # time the busiest stage idles (pipeline.py)
 
     @property
     def bound(self) -> str:
-        """Which term dominates: compute, memory or comm."""
-        parts = {"compute": self.compute_s, "memory": self.memory_s, "comm": self.exposed_comm_s}
+        """Which term dominates: compute, memory, comm or the pipeline bubble."""
+        parts = {"compute": self.compute_s, "memory": self.memory_s, "comm": self.exposed_comm_s,
+                 "bubble": self.bubble_s}
         return max(parts, key=parts.__getitem__)
 
 
@@ -142,17 +180,23 @@ class Estimate:
 
     model: str
     hardware: str
-    chips: int
+    chips: int  # all chips: tp x stages
+    tp: int
+    stages: int
     workload: Workload
     prefill: PhaseEstimate
     decode: PhaseEstimate | None
     ttft_s: float
     per_token_s: float
     total_s: float
-    chip_seconds_per_token: float
+    chip_seconds_per_token: float  # whole request (module docstring)
+    mfu: float  # whole request
+    requests_per_s: float  # one deployment, steady state, at these batches
     memory_per_chip_bytes: float
     weights_per_chip_bytes: float
-    kv_per_chip_bytes: float
+    kv_per_chip_bytes: float  # the larger of the two below
+    kv_prefill_bytes: float
+    kv_decode_bytes: float
     max_context: int
     fits: bool
     notes: list[str] = field(default_factory=list)
@@ -191,21 +235,65 @@ def _attn_ffn_params(config: ModelConfig) -> tuple[int, int]:
     return d * (q + 2 * kv) + q * d, d * (ffn_in + f)
 
 
-def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout,
-                   overlap: str = "none") -> PhaseEstimate:
-    """One forward of ``phase`` under ``layout``: the module docstring's composition, itemised."""
-    if phase not in PHASES:
-        raise ConfigError(f"phase: must be one of {PHASES}, got {phase!r}")
-    if overlap not in OVERLAP:
-        raise ConfigError(f"overlap: must be one of {OVERLAP}, got {overlap!r}")
-    kraken, ladder = config.arch == "kraken", config.arch == "ladder"
-    if kraken != (layout.ffn == KRAKEN_LAYOUT):
-        raise ConfigError(f"layout: {layout.ffn!r} does not apply to arch={config.arch!r} "
-                          f"(Kraken models use 'kraken', gpt/parallel/ladder models one of {FFN_LAYOUTS})")
-    if ladder and str(layout) != LADDER_LAYOUT:
-        raise ConfigError(f"layout: ladder models run Megatron TP, {LADDER_LAYOUT!r} (one all-reduce per "
-                          f"module, which ladder overlaps), got {str(layout)!r}")
-    n, b = layout.chips, workload.batch
+@dataclass(frozen=True)
+class _Costs:
+    """One layer and the head of one forward (one micro-batch) on one chip: the module docstring's terms."""
+
+    tokens: int
+    c_attn: float
+    c_ffn: float
+    m_attn: float
+    m_ffn: float
+    blocking: float
+    overlapped: float
+    layer_flops: float
+    layer_comm_bytes: float
+    c_head: float
+    m_head: float
+    x_head: float
+    flop_rate: float
+    mem_rate: float
+    x_attn: float = 0.0  # ladder: the attention module's all-reduce, hidden under the next module
+    x_ffn: float = 0.0   # ladder: the FFN module's
+
+    @property
+    def compute(self) -> float:
+        return self.c_attn + self.c_ffn
+
+    @property
+    def memory(self) -> float:
+        return self.m_attn + self.m_ffn
+
+
+def _layer_ops(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int) -> tuple[list[CommOp], float]:
+    """A layer's collectives and the fraction of its weights each chip multiplies with."""
+    n, cpn = layout.chips, hw.chips_per_node
+    if config.arch == "kraken":
+        return kraken_ops(config, n, tokens, cpn), 1 / n
+    mesh = make_mesh(n, hw.torus_axes)
+    ops = [op for pair in layer_pairs(config) for op in pair_ops(layout.ffn, pair, tokens, mesh, cpn)]
+    if layout.attention == "batch" and n > 1:
+        qkv = config.n_head * config.head_size + 2 * config.kv_heads * config.head_size
+        everyone = mesh_group(mesh, tuple(range(len(mesh))), cpn)
+        ops += [CommOp("all_to_all", tokens * qkv / n, everyone),
+                CommOp("all_to_all", tokens * config.n_head * config.head_size / n, everyone)]
+    return ops, gathered_fraction(layout.ffn, mesh)
+
+
+def _module_comm(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int, a_bytes: int,
+                 w_bytes: int) -> tuple[float, float]:
+    """Ladder: the (attention, FFN) modules' all-reduce times, which ladder_stack overlaps one by one."""
+    if config.arch != "ladder":
+        return 0.0, 0.0
+    mesh = make_mesh(layout.chips, hw.torus_axes)
+    x_attn, x_ffn = (sum(_ops_time(pair_ops(layout.ffn, pair, tokens, mesh, hw.chips_per_node), hw, a_bytes,
+                                   w_bytes)) for pair in layer_pairs(config))
+    return x_attn, x_ffn
+
+
+def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout, b: int) -> _Costs:
+    """The per-layer and head terms for ``b`` sequences of ``phase`` under ``layout``."""
+    n = layout.chips
     seq_len = workload.prompt if phase == "prefill" else 1
     context = (workload.prompt + 1) / 2 if phase == "prefill" else workload.prompt + workload.generate / 2
     tokens = b * seq_len
@@ -220,63 +308,135 @@ def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase:
     seqs = sequences_per_chip(config, b, n, layout.attention)
     kv_rw = kv_tok * seqs * (seq_len if phase == "prefill" else workload.prompt + workload.generate / 2)
     attn_flops = 4 * tokens * context * q_width / n
-
-    if kraken:
-        ops = kraken_ops(config, n, tokens)
-        fraction = 1 / n
-    else:
-        mesh = make_mesh(n, hw.torus_axes)
-        ops = [op for pair in layer_pairs(config) for op in pair_ops(layout.ffn, pair, tokens, mesh)]
-        fraction = gathered_fraction(layout.ffn, mesh)
-        if layout.attention == "batch" and n > 1:
-            qkv = config.n_head * config.head_size + 2 * config.kv_heads * config.head_size
-            everyone = Group(tuple(mesh))
-            ops += [CommOp("all_to_all", tokens * qkv / n, everyone),
-                    CommOp("all_to_all", tokens * config.n_head * config.head_size / n, everyone)]
+    ops, fraction = _layer_ops(config, hw, layout, tokens)
     blocking, overlapped = _ops_time(ops, hw, a_bytes, w_bytes)
-    c_attn = 2 * tokens * attn_p / n / flop_rate + attn_flops / attn_rate
-    c_ffn = 2 * tokens * ffn_p / n / flop_rate
-    m_attn = (attn_p * fraction * w_bytes + kv_rw) / mem_rate
-    m_ffn = ffn_p * fraction * w_bytes / mem_rate
-    compute, memory = c_attn + c_ffn, m_attn + m_ffn
-    ladder_exposed: float | None = None
-    if kraken:
-        first = max(c_attn, m_attn) + max(c_ffn, m_ffn) + blocking
-        rest = max(max(c_attn, m_attn), overlapped) + max(c_ffn, m_ffn) + blocking
-        if overlap == "full":
-            first = max(compute, memory, blocking)
-            rest = max(compute, memory, blocking + overlapped)
-        layers = first + (config.n_layer - 1) * rest
-    elif overlap == "full":
-        layers = config.n_layer * max(compute, memory, blocking + overlapped)
-    elif ladder:
-        x_attn, x_ffn = (sum(_ops_time(pair_ops(layout.ffn, pair, tokens, mesh), hw, a_bytes, w_bytes))
-                         for pair in layer_pairs(config))
-        modules = [(max(c_attn, m_attn), x_attn), (max(c_ffn, m_ffn), x_ffn)] * config.n_layer
-        layers, ladder_exposed = ladder_stack(modules, max(2 * config.ladder_start - 1, 0))
-    else:
-        layers = config.n_layer * (max(compute, memory) + blocking + overlapped)
+    x_attn, x_ffn = _module_comm(config, hw, layout, tokens, a_bytes, w_bytes)
     # Head: LM head on the last position of each sequence (plus Kraken's conjunction).
+    kraken = config.arch == "kraken"
     vocab_p = config.vocab_size * config.n_embd / (n if layout.head == "sharded" else 1)
     head_p = vocab_p + (config.n_sub * config.n_embd ** 2 / n if kraken else 0)
-    c_head = 2 * b * head_p / flop_rate
-    m_head = head_p * w_bytes / mem_rate
-    x_head = collective_time("all_reduce", b * config.n_embd * a_bytes, Group((n,)), hw) if kraken else 0.0
-    overhead = config.n_layer * hw.layer_overhead_s
-    time_s = layers + max(c_head, m_head) + x_head + overhead
-    n_comm_layers = config.n_layer - 1 if kraken else config.n_layer
-    comm = config.n_layer * blocking + n_comm_layers * overlapped + x_head
-    exposed = (time_s - overhead - config.n_layer * max(compute, memory) - max(c_head, m_head)
-               if ladder_exposed is None else ladder_exposed)
-    flops = config.n_layer * (2 * tokens * (attn_p + ffn_p) / n + attn_flops) + c_head * flop_rate
-    mfu = 2 * config.num_params() * tokens / (n * hw.peak(workload.dtype) * time_s)
+    x_head = (collective_time("all_reduce", b * config.n_embd * a_bytes, mesh_group((n,), (0,), hw.chips_per_node), hw)
+              if kraken else 0.0)
+    return _Costs(
+        tokens=tokens, c_attn=2 * tokens * attn_p / n / flop_rate + attn_flops / attn_rate,
+        c_ffn=2 * tokens * ffn_p / n / flop_rate, m_attn=(attn_p * fraction * w_bytes + kv_rw) / mem_rate,
+        m_ffn=ffn_p * fraction * w_bytes / mem_rate, blocking=blocking, overlapped=overlapped,
+        layer_flops=2 * tokens * (attn_p + ffn_p) / n + attn_flops, layer_comm_bytes=_comm_bytes(ops, a_bytes, w_bytes),
+        c_head=2 * b * head_p / flop_rate, m_head=head_p * w_bytes / mem_rate, x_head=x_head, flop_rate=flop_rate,
+        mem_rate=mem_rate, x_attn=x_attn, x_ffn=x_ffn)
+
+
+# Composition ----------------------------------------------------------------------------------------
+def _standard_layer(k: _Costs, overlap: str) -> tuple[float | None, float]:
+    """gpt / parallel blocks: every layer alike (no distinct first layer)."""
+    if overlap == "full":
+        return None, max(k.compute, k.memory, k.blocking + k.overlapped)
+    return None, max(k.compute, k.memory) + k.blocking + k.overlapped
+
+
+def _kraken_layer(k: _Costs, overlap: str) -> tuple[float | None, float]:
+    """Kraken: the previous layer's all-reduce hides under attention; layer 0 has none to hide."""
+    if overlap == "full":
+        return max(k.compute, k.memory, k.blocking), max(k.compute, k.memory, k.blocking + k.overlapped)
+    ffn = max(k.c_ffn, k.m_ffn)
+    return (max(k.c_attn, k.m_attn) + ffn + k.blocking,
+            max(max(k.c_attn, k.m_attn), k.overlapped) + ffn + k.blocking)
+
+
+# arch -> (time of layer 0 or None when it is like the others, time of any later layer); with no full
+# overlap a ladder stage is priced module by module instead (_ladder_stage)
+LAYER_RULES = {"gpt": _standard_layer, "parallel": _standard_layer, "kraken": _kraken_layer,
+               "ladder": _standard_layer}
+
+
+def _ladder_stage(config: ModelConfig, k: _Costs, overlap: str, start: int, layers: int) -> tuple[float, float] | None:
+    """(time, exposed comm) of ladder layers start..start+layers-1 by ladder_stack, None unless ladder
+    without full overlap. Below ``ladder_start`` modules reduce in line; the stage's first async module
+    is at max(2 * (ladder_start - start) - 1, 0), and its last all-reduce is awaited at the stage's end."""
+    if config.arch != "ladder" or overlap == "full":
+        return None
+    modules = [(max(k.c_attn, k.m_attn), k.x_attn), (max(k.c_ffn, k.m_ffn), k.x_ffn)] * layers
+    return ladder_stack(modules, max(2 * (config.ladder_start - start) - 1, 0))
+
+
+def _stage_time(config: ModelConfig, k: _Costs, hw: Hardware, overlap: str, start: int, layers: int,
+                last: bool) -> float:
+    """One micro-batch through a stage of ``layers`` layers from layer ``start`` (``last``: the head)."""
+    ladder = _ladder_stage(config, k, overlap, start, layers)
+    if ladder is not None:
+        t = ladder[0]
+    else:
+        t_first, t_rest = LAYER_RULES[config.arch](k, overlap)
+        t = t_first + (layers - 1) * t_rest if start == 0 and t_first is not None else layers * t_rest
+    if last:
+        t = t + max(k.c_head, k.m_head) + k.x_head
+    return t + layers * hw.layer_overhead_s
+
+
+def _check_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout,
+                 overlap: str, stages: int) -> None:
+    if phase not in PHASES:
+        raise ConfigError(f"phase: must be one of {PHASES}, got {phase!r}")
+    if overlap not in OVERLAP:
+        raise ConfigError(f"overlap: must be one of {OVERLAP}, got {overlap!r}")
+    if (config.arch == "kraken") != (layout.ffn == KRAKEN_LAYOUT):
+        raise ConfigError(f"layout: {layout.ffn!r} does not apply to arch={config.arch!r} "
+                          f"(Kraken models use 'kraken', gpt/parallel/ladder models one of {FFN_LAYOUTS})")
+    if config.arch == "ladder" and str(layout) != LADDER_LAYOUT:
+        raise ConfigError(f"layout: ladder models run Megatron TP, {LADDER_LAYOUT!r} (one all-reduce per "
+                          f"module, which ladder overlaps), got {str(layout)!r}")
+    check_context(config, workload)
+    check_split(config, layout.chips, stages, hw.chips_per_node)
+
+
+def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout,
+                   overlap: str = "none", pipeline: Pipeline | None = None) -> PhaseEstimate:
+    """One forward of ``phase`` under ``layout`` (on each of ``pipeline.stages`` stages): the module
+    docstring's composition, itemised; automatic micro-batching picks the fastest count."""
+    pipe = pipeline or Pipeline()
+    _check_phase(config, hw, workload, phase, layout, overlap, pipe.stages)
+    batch = workload.phase_batch(phase)
+    best = None
+    for m in pipe.options(phase, batch):
+        est = _pipelined(config, hw, workload, phase, layout, overlap, pipe.stages, m)
+        if best is None or est.time_s < best.time_s:
+            best = est
+    assert best is not None
+    return best
+
+
+def _pipelined(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout, overlap: str,
+               stages: int, m: int) -> PhaseEstimate:
+    """The phase on ``stages`` stages with ``m`` micro-batches (pipeline.py's formulas)."""
+    batch = workload.phase_batch(phase)
+    k = _costs(config, hw, workload, phase, layout, batch // m)
+    layers = stage_layers(config.n_layer, stages)
+    starts = [sum(layers[:s]) for s in range(stages)]
+    times = [_stage_time(config, k, hw, overlap, starts[s], n, s == stages - 1) for s, n in enumerate(layers)]
+    p2p_bytes = k.tokens * config.n_embd * config.n_sub * workload.act_bytes / layout.chips
+    p2p = [p2p_time(p2p_bytes, hw, crosses_node(s, layout.chips, hw.chips_per_node)) for s in range(stages - 1)]
+    total = pipeline_time(phase, times, p2p, m)
+    s = max(range(stages), key=times.__getitem__)  # the busiest stage
+    first, last, n_layers = s == 0, s == stages - 1, layers[s]
+    c_head, m_head, x_head = (k.c_head, k.m_head, k.x_head) if last else (0.0, 0.0, 0.0)
+    overhead = n_layers * hw.layer_overhead_s
+    n_overlapped = n_layers - 1 if config.arch == "kraken" and first else n_layers
+    ladder = _ladder_stage(config, k, overlap, starts[s], n_layers)
+    exposed = (times[s] - overhead - n_layers * max(k.compute, k.memory) - max(c_head, m_head) if ladder is None
+               else ladder[1] + x_head)
+    chips = layout.chips * stages
+    tokens = batch * (workload.prompt if phase == "prefill" else 1)
     return PhaseEstimate(
-        phase=phase, layout=str(layout), tokens=tokens, time_s=time_s,
-        compute_s=config.n_layer * compute + c_head, memory_s=config.n_layer * memory + m_head,
-        comm_s=comm, exposed_comm_s=max(exposed, 0.0), overhead_s=overhead, flops_per_chip=flops,
-        bytes_per_chip=config.n_layer * memory * mem_rate + m_head * mem_rate,
-        comm_bytes_per_chip=config.n_layer * _comm_bytes(ops, a_bytes, w_bytes), mfu=mfu,
-        chip_seconds_per_token=n * time_s / tokens)
+        phase=phase, layout=str(layout), tokens=tokens, time_s=total,
+        compute_s=m * (n_layers * k.compute + c_head), memory_s=m * (n_layers * k.memory + m_head),
+        comm_s=m * (n_layers * k.blocking + n_overlapped * k.overlapped + x_head),
+        exposed_comm_s=m * max(exposed, 0.0), overhead_s=m * overhead,
+        flops_per_chip=m * (n_layers * k.layer_flops + c_head * k.flop_rate),
+        bytes_per_chip=m * (n_layers * k.memory * k.mem_rate + m_head * k.mem_rate),
+        comm_bytes_per_chip=m * n_layers * k.layer_comm_bytes,
+        mfu=2 * config.num_params() * tokens / (chips * hw.peak(workload.dtype) * total),
+        chip_seconds_per_token=chips * total / tokens, stages=stages, microbatches=m, p2p_s=sum(p2p),
+        bubble_s=max(total - m * times[s], 0.0))
 
 
 def ladder_stack(modules: list[tuple[float, float]], first_async: int) -> tuple[float, float]:
@@ -298,14 +458,45 @@ def ladder_stack(modules: list[tuple[float, float]], first_async: int) -> tuple[
 
 
 # Memory ---------------------------------------------------------------------------------------------
-def weights_per_chip(config: ModelConfig, chips: int, dtype: str) -> float:
-    """Weight bytes stored per chip: every layout keeps one 1/n shard (weight-gathered ones too)."""
-    return config.num_params() * BYTES[dtype] / chips
+def stage_params(config: ModelConfig, stages: int) -> list[int]:
+    """Parameters per pipeline stage: its layers, the embeddings on the first, the final norm,
+    conjunction and a copy of the (tied) LM head on the last."""
+    layers = stage_layers(config.n_layer, stages)
+    per_layer = config.layer_params()
+    if stages == 1:
+        return [config.num_params()]
+    embed = config.vocab_size * config.n_embd + (config.block_size * config.n_embd if config.position == "learned"
+                                                 else 0)
+    tail = config.num_params() - config.n_layer * per_layer - embed + config.vocab_size * config.n_embd
+    out = [n * per_layer for n in layers]
+    out[0] += embed
+    out[-1] += tail
+    return out
+
+
+def weights_per_chip(config: ModelConfig, chips: int, dtype: str, stages: int = 1) -> float:
+    """Weight bytes stored per chip (``chips`` per stage) on the fullest stage: every layout keeps one
+    1/n shard of its stage's weights (weight-gathered ones too)."""
+    if stages == 1:
+        return config.num_params() * BYTES[dtype] / chips
+    return max(stage_params(config, stages)) * BYTES[dtype] / chips
+
+
+def _stage_share(config: ModelConfig, stages: int) -> float:
+    """Fraction of the layers (and so of the KV cache) on the fullest stage."""
+    return max(stage_layers(config.n_layer, stages)) / config.n_layer
+
+
+def kv_per_chip(config: ModelConfig, batch: int, context: int, chips: int, attention: str, kv_bytes: int,
+                stages: int = 1) -> float:
+    """KV cache bytes on one chip of the fullest stage (``chips`` per stage)."""
+    kv = kv_cache_bytes_per_chip(config, batch, context, chips, attention, kv_bytes)
+    return kv if stages == 1 else kv * _stage_share(config, stages)
 
 
 def max_context(config: ModelConfig, hw: Hardware, chips: int, batch: int, attention: str = "heads",
-                dtype: str = "bf16", kv_fraction: float | None = None) -> int:
-    """Longest context (tokens per sequence) whose KV cache fits.
+                dtype: str = "bf16", kv_fraction: float | None = None, stages: int = 1) -> int:
+    """Longest context (tokens per sequence) whose KV cache fits (``chips`` per stage).
 
     The KV budget is ``kv_fraction`` of HBM when given (the paper's Table 1 reserves 30%), else the
     HBM left after the weights.
@@ -314,15 +505,18 @@ def max_context(config: ModelConfig, hw: Hardware, chips: int, batch: int, atten
     if kv_fraction is not None:
         budget = kv_fraction * hw.memory_bytes
     else:
-        budget = hw.memory_bytes - weights_per_chip(config, chips, dtype)
+        budget = hw.memory_bytes - weights_per_chip(config, chips, dtype, stages)
     per_token = kv_bytes_per_token(config, chips, attention, kv_bytes) * sequences_per_chip(
         config, batch, chips, attention)
+    if stages > 1:
+        per_token *= _stage_share(config, stages)
     return max(0, math.floor(budget / per_token))
 
 
 # Layout choice and the public entry point -----------------------------------------------------------
 def candidate_layouts(config: ModelConfig, chips: int, phase: str) -> list[Layout]:
-    """Layouts worth trying for ``phase``: Kraken and ladder models have one; others the paper's options."""
+    """Layouts worth trying for ``phase`` (``chips`` per stage): Kraken and ladder models have one; others
+    the paper's."""
     if config.arch == "kraken":
         return [Layout(KRAKEN_LAYOUT, "heads", chips)]
     if config.arch == "ladder":
@@ -339,47 +533,98 @@ def _as_layout(layout: Layout | str | None, config: ModelConfig, chips: int, lm_
 
 
 def best_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, chips: int,
-               overlap: str = "none", lm_head: str = "sharded") -> PhaseEstimate:
-    """The fastest candidate layout for ``phase`` (the decode choice also weighs KV memory fit)."""
+               overlap: str = "none", lm_head: str = "sharded", pipeline: Pipeline | None = None) -> PhaseEstimate:
+    """The fastest candidate layout for ``phase`` on ``chips`` chips per stage."""
     best = None
     for lay in candidate_layouts(config, chips, phase):
-        lay = replace(lay, head=lm_head)
-        est = phase_estimate(config, hw, workload, phase, lay, overlap)
-        if best is None or est.time_s < best[0].time_s:
-            best = (est, lay)
+        est = phase_estimate(config, hw, workload, phase, replace(lay, head=lm_head), overlap, pipeline)
+        if best is None or est.time_s < best.time_s:
+            best = est
     assert best is not None
-    return best[0]
+    return best
+
+
+def tp_degree(chips: int, stages: int) -> int:
+    """Chips per pipeline stage: ``chips`` must split into ``stages`` equal stages."""
+    if not isinstance(chips, int) or isinstance(chips, bool) or chips < 1:
+        raise ConfigError(f"chips: must be a positive integer, got {chips!r}")
+    Pipeline(stages=stages)  # validates the stage count
+    if chips % stages:
+        raise ConfigError(f"chips: {chips} chips do not split into {stages} equal pipeline stages")
+    return chips // stages
+
+
+def _as_pipeline(pipeline: Pipeline | int | None) -> Pipeline:
+    if pipeline is None:
+        return Pipeline()
+    return pipeline if isinstance(pipeline, Pipeline) else Pipeline(stages=pipeline)
 
 
 def estimate(config: ModelConfig, hw: Hardware, workload: Workload, chips: int = 1,
              layout: Layout | str | tuple[Layout | str | None, Layout | str | None] | None = None,
-             overlap: str = "none", lm_head: str = "sharded") -> Estimate:
-    """Predict one request shape. ``layout`` is one layout for both phases, a (prefill, decode) pair,
-    or None to pick the fastest per phase. Strings look like ``2d-ws/attn-batch`` or ``kraken``;
-    ``lm_head`` applies to string and searched layouts ("replicated" = the krakenlm runtime)."""
+             overlap: str = "none", lm_head: str = "sharded", pipeline: Pipeline | int | None = None) -> Estimate:
+    """Predict one request shape on ``chips`` chips in all (``pipeline`` stages of chips / stages each).
+    ``layout`` is one layout for both phases, a (prefill, decode) pair, or None to pick the fastest per
+    phase. Strings look like ``2d-ws/attn-batch`` or ``kraken``; ``lm_head`` applies to string and
+    searched layouts ("replicated" = the krakenlm runtime)."""
+    pipe = _as_pipeline(pipeline)
+    tp = tp_degree(chips, pipe.stages)
+    check_context(config, workload)
+    check_split(config, tp, pipe.stages, hw.chips_per_node)
     pre, dec = layout if isinstance(layout, tuple) else (layout, layout)
-    pre_l, dec_l = _as_layout(pre, config, chips, lm_head), _as_layout(dec, config, chips, lm_head)
-    prefill = (phase_estimate(config, hw, workload, "prefill", pre_l, overlap) if pre_l
-               else best_phase(config, hw, workload, "prefill", chips, overlap, lm_head))
+    pre_l, dec_l = _as_layout(pre, config, tp, lm_head), _as_layout(dec, config, tp, lm_head)
+    for lay in (pre_l, dec_l):
+        if lay is not None and lay.chips != tp:
+            raise ConfigError(f"layout: {lay} is for {lay.chips} chips per stage, the estimate has {tp} "
+                              f"({chips} chips in {pipe.stages} stage(s))")
+    prefill = (phase_estimate(config, hw, workload, "prefill", pre_l, overlap, pipe) if pre_l
+               else best_phase(config, hw, workload, "prefill", tp, overlap, lm_head, pipe))
     decode = None
     if workload.generate:
-        decode = (phase_estimate(config, hw, workload, "decode", dec_l, overlap) if dec_l
-                  else best_phase(config, hw, workload, "decode", chips, overlap, lm_head))
+        decode = (phase_estimate(config, hw, workload, "decode", dec_l, overlap, pipe) if dec_l
+                  else best_phase(config, hw, workload, "decode", tp, overlap, lm_head, pipe))
+    return _assemble(config, hw, workload, tp, pipe.stages, prefill, decode)
+
+
+def _attention_of(phase: PhaseEstimate) -> str:
+    return "batch" if phase.layout.endswith("attn-batch") else "heads"
+
+
+def _assemble(config: ModelConfig, hw: Hardware, workload: Workload, tp: int, stages: int,
+              prefill: PhaseEstimate, decode: PhaseEstimate | None) -> Estimate:
+    """The whole request from its phases: latency, cost, MFU, memory at the peak of either phase."""
+    chips, wl = tp * stages, workload
     per_token = decode.time_s if decode else 0.0
-    total = prefill.time_s + workload.generate * per_token
-    tokens_all = workload.batch * (workload.prompt + workload.generate)
-    attention = "heads"
-    if decode is not None and "attn-batch" in decode.layout:
-        attention = "batch"
-    context = workload.prompt + workload.generate
-    w = weights_per_chip(config, chips, workload.dtype)
-    kv = kv_cache_bytes_per_chip(config, workload.batch, context, chips, attention, workload.act_bytes)
+    p_batch, d_batch = wl.phase_batch("prefill"), wl.phase_batch("decode")
+    request_chip_s = chips * (prefill.time_s / p_batch + wl.generate * per_token / d_batch)
+    cost = request_chip_s / (wl.prompt + wl.generate)
+    w = weights_per_chip(config, tp, wl.dtype, stages)
+    kv_pre = kv_per_chip(config, p_batch, wl.prompt, tp, _attention_of(prefill), wl.act_bytes, stages)
+    kv_dec = (kv_per_chip(config, d_batch, wl.prompt + wl.generate, tp, _attention_of(decode), wl.act_bytes, stages)
+              if decode else 0.0)
+    kv = max(kv_pre, kv_dec)
     notes = []
     if w + kv > hw.memory_bytes:
-        notes.append(f"does not fit: {(w + kv) / 2**30:.1f} GiB per chip > {hw.memory_bytes / 2**30:.1f} GiB")
+        notes.append(f"does not fit: {format_bytes(w + kv)} per chip > {format_bytes(hw.memory_bytes)}")
+    padded = config.n_head < (tp // config.n_sub if config.arch == "kraken" else tp)
+    if padded:
+        notes.append(f"{config.n_head} heads padded to one per chip; the padding's FLOPs are not counted")
+    limit_phase = decode or prefill
     return Estimate(
-        model=config.name or config.arch, hardware=hw.name, chips=chips, workload=workload, prefill=prefill,
-        decode=decode, ttft_s=prefill.time_s, per_token_s=per_token, total_s=total,
-        chip_seconds_per_token=chips * total / tokens_all, memory_per_chip_bytes=w + kv, weights_per_chip_bytes=w,
-        kv_per_chip_bytes=kv, max_context=max_context(config, hw, chips, workload.batch, attention, workload.dtype),
+        model=config.name or config.arch, hardware=hw.name, chips=chips, tp=tp, stages=stages, workload=wl,
+        prefill=prefill, decode=decode, ttft_s=prefill.time_s, per_token_s=per_token,
+        total_s=prefill.time_s + wl.generate * per_token, chip_seconds_per_token=cost,
+        mfu=2 * config.num_params() / (hw.peak(wl.dtype) * cost), requests_per_s=chips / request_chip_s,
+        memory_per_chip_bytes=w + kv, weights_per_chip_bytes=w, kv_per_chip_bytes=kv, kv_prefill_bytes=kv_pre,
+        kv_decode_bytes=kv_dec,
+        max_context=max_context(config, hw, tp, wl.phase_batch(limit_phase.phase), _attention_of(limit_phase),
+                                wl.dtype, stages=stages),
         fits=w + kv <= hw.memory_bytes, notes=notes)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number readable (GiB, MiB, KiB, B)."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

@@ -1,13 +1,17 @@
-"""Hardware specs as data: peak rates, memory, interconnect and the calibratable efficiency factors.
+"""Hardware specs as data: peak rates, memory, interconnect (one fabric, or nodes joined by a
+network) and the calibratable efficiency factors.
 
 Specs live in JSON files next to this module (``hardware/<name>.json``) so a calibration can write a
-new file instead of editing code. Units: FLOP/s, bytes, bytes/s, seconds.
+new file instead of editing code. Units: FLOP/s, bytes, bytes/s, seconds. Every field is checked at
+construction for its type and range, so a spec with a list for a rate, a NaN, an efficiency above 1
+or an infinite bandwidth is refused with the field's name instead of producing nonsense later.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,16 @@ from krakenlm.errors import ConfigError
 
 SPEC_DIR = Path(__file__).with_name("hardware")
 TOPOLOGIES = ("ring", "switch", "torus")
+NODE_TOPOLOGIES = ("ring", "switch")  # how the inter-node network is traversed (see collectives.py)
 AXIS_BANDWIDTH = ("full", "per_axis")
 DTYPES = ("bf16", "fp16", "fp32", "int8")
+PEAK_DTYPES = ("bf16", "fp16", "fp32", "tf32")  # dtypes a spec may give a peak for
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1}
 PER_DTYPE = ("matmul_eff", "attention_eff", "memory_eff")  # factors that may be one number or {dtype: number}
+# Plausible ranges: wide enough for a CPU core and a future accelerator, narrow enough to catch a
+# unit mistake (GB/s written as a bare number) and to keep every derived time finite.
+RATE_RANGE = (1e3, 1e18)
+LATENCY_MAX = 1.0  # seconds per collective step / per layer
 
 
 def compute_dtype(dtype: str) -> str:
@@ -28,9 +38,21 @@ def compute_dtype(dtype: str) -> str:
     return "bf16" if dtype == "int8" else dtype
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(spec: str, key: str, value: Any, lo: float, hi: float, lo_open: bool = True) -> None:
+    """``value`` must be a finite number in (lo, hi] (or [lo, hi] with ``lo_open=False``)."""
+    ok = _is_number(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bound = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ConfigError(f"hardware {spec}: {key} must be a finite number in {bound}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Hardware:
-    """One accelerator ("chip") and the fabric between chips.
+    """One accelerator ("chip"), the fabric between chips and, for clusters, the network between nodes.
 
     ``alpha`` is the latency of one collective step (see collectives.py for how many steps each
     topology takes). The ``*_eff`` factors scale the peak rates to achievable ones and are what
@@ -42,6 +64,12 @@ class Hardware:
     ``axis_bandwidth="full"`` gives every collective the whole per-chip link bandwidth (the paper's
     simplification); ``"per_axis"`` gives a collective over a subset of torus axes only its share.
     ``ring_factor`` keeps the (K-1)/K factor of ring-style collectives (the paper drops it).
+
+    Clusters: ``chips_per_node`` > 0 groups chips into nodes of that many; ``link_bw``, ``alpha``,
+    ``topology`` and ``comm_eff`` then describe the fabric inside a node (NVLink/NVSwitch) and the
+    ``inter_node_*`` fields the network between nodes (InfiniBand): bandwidth per chip per direction
+    (one NIC per chip), latency per step, ``ring`` (m-1 steps over m nodes) or ``switch`` (1 step),
+    and its efficiency. ``chips_per_node=0`` is one fabric for any chip count (the TPU torus, a CPU).
     """
 
     name: str
@@ -59,41 +87,85 @@ class Hardware:
     memory_eff: float | dict[str, float] = 1.0
     comm_eff: float = 1.0
     layer_overhead_s: float = 0.0
+    chips_per_node: int = 0
+    inter_node_bw: float = 0.0
+    inter_node_alpha: float = 0.0
+    inter_node_topology: str = "ring"
+    inter_node_eff: float = 1.0
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "torus_axes", tuple(self.torus_axes))
-        object.__setattr__(self, "peak_flops", dict(self.peak_flops))
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"hardware: name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.description, str):
+            raise ConfigError(f"hardware {self.name}: description must be a string, got {self.description!r}")
+        self._check_peaks()
+        self._check_fabric()
+        for key in ("memory_bytes", "memory_bw", "link_bw"):
+            _check_number(self.name, key, getattr(self, key), *RATE_RANGE)
+        for key in ("alpha", "layer_overhead_s"):
+            _check_number(self.name, key, getattr(self, key), 0.0, LATENCY_MAX, lo_open=False)
+        _check_number(self.name, "comm_eff", self.comm_eff, 0.0, 1.0)
+        for key in PER_DTYPE:
+            self._check_factor(key)
+        self._check_nodes()
+
+    def _check_peaks(self) -> None:
+        peaks = self.peak_flops
+        if not isinstance(peaks, dict) or "bf16" not in peaks or not set(peaks) <= set(PEAK_DTYPES):
+            raise ConfigError(f"hardware {self.name}: peak_flops must be a mapping dtype -> FLOP/s with a 'bf16' "
+                              f"entry and dtypes from {PEAK_DTYPES}, got {peaks!r}")
+        object.__setattr__(self, "peak_flops", dict(peaks))
+        for dtype, value in peaks.items():
+            _check_number(self.name, f"peak_flops[{dtype}]", value, *RATE_RANGE)
+
+    def _check_fabric(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ConfigError(f"hardware {self.name}: topology must be one of {TOPOLOGIES}, got {self.topology!r}")
         if self.axis_bandwidth not in AXIS_BANDWIDTH:
             raise ConfigError(f"hardware {self.name}: axis_bandwidth must be one of {AXIS_BANDWIDTH}, "
                               f"got {self.axis_bandwidth!r}")
-        if self.topology == "torus" and (not self.torus_axes or any(a < 1 for a in self.torus_axes)):
-            raise ConfigError(f"hardware {self.name}: a torus needs positive torus_axes, got {self.torus_axes!r}")
-        for key in ("memory_bytes", "memory_bw", "link_bw", "comm_eff"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"hardware {self.name}: {key} must be a positive number, got {value!r}")
-        for key in PER_DTYPE:
-            value = getattr(self, key)
-            if isinstance(value, dict):
-                object.__setattr__(self, key, dict(value))
-                if set(value) != set(self.peak_flops):
-                    raise ConfigError(f"hardware {self.name}: per-dtype {key} needs exactly the peak_flops dtypes "
-                                      f"{sorted(self.peak_flops)}, got {sorted(value)}")
-                values = list(value.values())
-            else:
-                values = [value]
-            if any(not isinstance(v, (int, float)) or v <= 0 for v in values):
-                raise ConfigError(f"hardware {self.name}: {key} must be a positive number or a mapping "
-                                  f"dtype -> positive number, got {value!r}")
-        for key in ("alpha", "layer_overhead_s"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"hardware {self.name}: {key} must be a number >= 0, got {value!r}")
-        if "bf16" not in self.peak_flops or any(v <= 0 for v in self.peak_flops.values()):
-            raise ConfigError(f"hardware {self.name}: peak_flops needs a positive 'bf16' entry, got {self.peak_flops}")
+        axes = self.torus_axes
+        if not isinstance(axes, (list, tuple)) or not all(
+                isinstance(a, int) and not isinstance(a, bool) and 1 <= a <= 4096 for a in axes):
+            raise ConfigError(f"hardware {self.name}: torus_axes must be a list of integers in [1, 4096], got {axes!r}")
+        object.__setattr__(self, "torus_axes", tuple(axes))
+        if self.topology == "torus" and not self.torus_axes:
+            raise ConfigError(f"hardware {self.name}: a torus needs torus_axes, e.g. [4, 4, 4]")
+        if not isinstance(self.ring_factor, bool):
+            raise ConfigError(f"hardware {self.name}: ring_factor must be true or false, got {self.ring_factor!r}")
+
+    def _check_factor(self, key: str) -> None:
+        value = getattr(self, key)
+        if isinstance(value, dict):
+            object.__setattr__(self, key, dict(value))
+            if set(value) != set(self.peak_flops):
+                raise ConfigError(f"hardware {self.name}: per-dtype {key} needs exactly the peak_flops dtypes "
+                                  f"{sorted(self.peak_flops)}, got {sorted(value)}")
+            for dtype, v in value.items():
+                _check_number(self.name, f"{key}[{dtype}]", v, 0.0, 1.0)
+        elif not _is_number(value) or not 0 < value <= 1:
+            raise ConfigError(f"hardware {self.name}: {key} must be a number in (0, 1] or a mapping "
+                              f"dtype -> number in (0, 1], got {value!r}")
+
+    def _check_nodes(self) -> None:
+        c = self.chips_per_node
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 4096:
+            raise ConfigError(f"hardware {self.name}: chips_per_node must be an integer in [0, 4096] "
+                              f"(0 = one fabric for all chips), got {c!r}")
+        if self.inter_node_topology not in NODE_TOPOLOGIES:
+            raise ConfigError(f"hardware {self.name}: inter_node_topology must be one of {NODE_TOPOLOGIES}, "
+                              f"got {self.inter_node_topology!r}")
+        _check_number(self.name, "inter_node_alpha", self.inter_node_alpha, 0.0, LATENCY_MAX, lo_open=False)
+        _check_number(self.name, "inter_node_eff", self.inter_node_eff, 0.0, 1.0)
+        if c == 0:
+            _check_number(self.name, "inter_node_bw", self.inter_node_bw, 0.0, RATE_RANGE[1], lo_open=False)
+            return
+        _check_number(self.name, f"inter_node_bw (the network between nodes of chips_per_node={c})",
+                      self.inter_node_bw, *RATE_RANGE)
+        if self.topology == "torus":
+            raise ConfigError(f"hardware {self.name}: chips_per_node applies to ring/switch fabrics; a torus is "
+                              f"one fabric (set chips_per_node to 0)")
 
     def peak(self, dtype: str) -> float:
         """Peak matmul FLOP/s for weights of ``dtype``; int8 weights are dequantised to bf16 (weight-only)."""
@@ -157,9 +229,11 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
         if not path.exists():
             raise ConfigError(f"hardware: unknown hardware {str(name_or_path)!r}; "
                               f"available: {', '.join(hardware_names())} or a path to a JSON spec")
+    if path.exists() and not path.is_file():  # a FIFO or device would block the read
+        raise ConfigError(f"hardware: {path} is not a regular file")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"hardware: cannot read {path}: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"hardware: {path} must hold a JSON object")

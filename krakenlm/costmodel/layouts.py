@@ -22,6 +22,19 @@ k per layer) and keeps the overlappable all-reduce over the N sub-layer groups.
 Attention: "heads" shards heads over all n chips (K/V heads with fewer than n heads are replicated,
 and heads are padded to a multiple of n: ceil(kv/n) K/V heads per chip); "batch" shards sequences
 (ceil(B/n) per chip, all K/V heads) and costs two all-to-alls per layer (Q+K+V in, output back).
+
+Placement on nodes (specs with ``chips_per_node`` c): chips are numbered mesh-major with the last
+mesh axis fastest (chip = (x*Y + y)*Z + z), pipeline stages outermost, and chip i sits in node i // c;
+so a group over inner axes stays inside a node and a group over the outer axis may cross nodes.
+Kraken with T = kN numbers chips (sub-layer group, shard): a sub-layer's k shards are neighbours (one
+node when k <= c) and the exchange over the N groups is what crosses nodes. ``group_nodes`` counts the
+nodes a group spans, which collectives.py prices hierarchically.
+
+Valid splits (``check_split``): every chip holds whole heads (n_head % T == 0 when T <= n_head; with
+more chips than heads the heads are padded to one per chip, as Pope et al. pad PaLM 540B's 48 heads
+to 64, up to T <= n_embd); Kraken T = N, T | N or T = kN with the same rule for k and the heads of a
+sub-layer; pipeline stages <= n_layer; on nodes, T divides c or c divides T, and more chips than a
+node fills whole nodes.
 """
 
 from __future__ import annotations
@@ -94,38 +107,63 @@ def layer_pairs(config: ModelConfig) -> list[MatPair]:
     return [MatPair(e, q + 2 * kv, q), MatPair(e, ffn_in, f)]
 
 
-def split_2d(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Mesh axes for X (splits E) and YZ (splits F) that minimise 2D weight-stationary traffic."""
+def group_nodes(dims: tuple[int, ...], axes: tuple[int, ...], chips_per_node: int) -> int:
+    """Nodes spanned by a group over mesh axes ``axes`` (indices into ``dims``, outermost first; chips
+    numbered with the last axis fastest, chip i in node i // chips_per_node; 0 = one fabric)."""
+    if not chips_per_node:
+        return 1
+    strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+    members = [0]
+    for i in axes:
+        members = [m + c * strides[i] for m in members for c in range(dims[i])]
+    return len({m // chips_per_node for m in members})
+
+
+def mesh_group(dims: tuple[int, ...], axes: tuple[int, ...], chips_per_node: int = 0) -> Group:
+    """The Group of mesh axes ``axes`` with the nodes it spans."""
+    return Group(tuple(dims[i] for i in axes), group_nodes(dims, axes, chips_per_node))
+
+
+def _split_2d_axes(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Indices of the mesh axes for X (splits E) and YZ (splits F) minimising 2D weight-stationary traffic."""
     idx = range(len(mesh))
     best: tuple[float, tuple[int, ...], tuple[int, ...]] | None = None
     for r in range(len(mesh) + 1):
         for xs in combinations(idx, r):
-            x_axes = tuple(mesh[i] for i in xs)
-            yz_axes = tuple(mesh[i] for i in idx if i not in xs)
-            vol = 2 * pair.e / math.prod(x_axes) + (pair.f_in + pair.f_out) / math.prod(yz_axes)
+            yzs = tuple(i for i in idx if i not in xs)
+            vol = 2 * pair.e / math.prod(mesh[i] for i in xs) + (pair.f_in + pair.f_out) / math.prod(
+                mesh[i] for i in yzs)
             if best is None or vol < best[0] - 1e-9:
-                best = (vol, x_axes, yz_axes)
+                best = (vol, xs, yzs)
     assert best is not None
     return best[1], best[2]
 
 
-def pair_ops(layout: str, pair: MatPair, tokens: float, mesh: tuple[int, ...]) -> list[CommOp]:
-    """The collectives one matrix pair needs per forward under an FFN layout (module docstring)."""
+def split_2d(pair: MatPair, mesh: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Mesh axis sizes for X (splits E) and YZ (splits F) that minimise 2D weight-stationary traffic."""
+    xs, yzs = _split_2d_axes(pair, mesh)
+    return tuple(mesh[i] for i in xs), tuple(mesh[i] for i in yzs)
+
+
+def pair_ops(layout: str, pair: MatPair, tokens: float, mesh: tuple[int, ...], chips_per_node: int = 0) -> list[CommOp]:
+    """The collectives one matrix pair needs per forward under an FFN layout (module docstring); groups
+    carry the nodes they span when ``chips_per_node`` is given."""
     n = math.prod(mesh)
-    everyone = Group(tuple(mesh))
+    everyone = mesh_group(mesh, tuple(range(len(mesh))), chips_per_node)
     if layout == "1d-ws":
         return [CommOp("all_gather", tokens * pair.e, everyone), CommOp("reduce_scatter", tokens * pair.e, everyone)]
     if layout == "2d-ws":
-        x_axes, yz_axes = split_2d(pair, mesh)
-        x, yz = math.prod(x_axes), math.prod(yz_axes)
-        return [CommOp("all_gather", tokens * pair.e / x, Group(yz_axes)),
-                CommOp("reduce_scatter", tokens * pair.f_in / yz, Group(x_axes)),
-                CommOp("all_gather", tokens * pair.f_out / yz, Group(x_axes)),
-                CommOp("reduce_scatter", tokens * pair.e / x, Group(yz_axes))]
+        xs, yzs = _split_2d_axes(pair, mesh)
+        x_group, yz_group = mesh_group(mesh, xs, chips_per_node), mesh_group(mesh, yzs, chips_per_node)
+        x, yz = x_group.size, yz_group.size
+        return [CommOp("all_gather", tokens * pair.e / x, yz_group),
+                CommOp("reduce_scatter", tokens * pair.f_in / yz, x_group),
+                CommOp("all_gather", tokens * pair.f_out / yz, x_group),
+                CommOp("reduce_scatter", tokens * pair.e / x, yz_group)]
     if layout in _WG_AXES:
-        g_axes = tuple(mesh[: _WG_AXES[layout]])
-        n_g = math.prod(g_axes)
-        return [CommOp("all_gather", pair.params * n_g / n, Group(g_axes), tensor="weight"),
+        g_group = mesh_group(mesh, tuple(range(_WG_AXES[layout])), chips_per_node)
+        n_g = g_group.size
+        return [CommOp("all_gather", pair.params * n_g / n, g_group, tensor="weight"),
                 CommOp("all_gather", tokens * pair.e / n_g, everyone),
                 CommOp("reduce_scatter", tokens * pair.e / n_g, everyone)]
     raise ConfigError(f"layout: FFN layout must be one of {FFN_LAYOUTS}, got {layout!r}")
@@ -211,14 +249,48 @@ def kv_cache_bytes_per_chip(config: ModelConfig, batch: int, context: int, chips
             * sequences_per_chip(config, batch, chips, attention))
 
 
-def kraken_ops(config: ModelConfig, tp: int, tokens: float) -> list[CommOp]:
+def kraken_ops(config: ModelConfig, tp: int, tokens: float, chips_per_node: int = 0) -> list[CommOp]:
     """Collectives of one Kraken layer on ``tp`` chips (module docstring)."""
     n, d = config.n_sub, config.n_embd
     if tp % n and n % tp:
         raise ConfigError(f"tp: Kraken with {n} sub-layers runs on T = N, T dividing N or a multiple of N "
                           f"chips, got T={tp}")
     if tp <= n:
-        return [CommOp("all_reduce", tokens * d, Group((tp,)), overlapped=True)]
-    k = tp // n
-    return [CommOp("all_reduce", tokens * d, Group((k,))), CommOp("all_reduce", tokens * d, Group((k,))),
-            CommOp("all_reduce", tokens * d, Group((n,)), overlapped=True)]
+        return [CommOp("all_reduce", tokens * d, mesh_group((tp,), (0,), chips_per_node), overlapped=True)]
+    dims = (n, tp // n)  # (sub-layer group, shard): a sub-layer's shards are neighbours
+    shards, exchange = mesh_group(dims, (1,), chips_per_node), mesh_group(dims, (0,), chips_per_node)
+    return [CommOp("all_reduce", tokens * d, shards), CommOp("all_reduce", tokens * d, shards),
+            CommOp("all_reduce", tokens * d, exchange, overlapped=True)]
+
+
+def _check_heads(heads: int, width: int, ways: int, unit: str) -> None:
+    """Whole heads per shard: ``heads`` divisible by ``ways``, or more shards than heads (padded to one per
+    shard) but no more than ``width`` columns."""
+    if ways <= heads and heads % ways:
+        raise ConfigError(f"chips: {heads} attention heads{unit} do not split evenly over {ways} chips; use a "
+                          f"divisor of {heads}, or more chips than heads (padded to one head per chip)")
+    if ways > width:
+        raise ConfigError(f"chips: {ways} chips{unit} exceed the model width n_embd={width}: a tensor-parallel "
+                          f"shard must hold at least one column")
+
+
+def check_split(config: ModelConfig, tp: int, stages: int = 1, chips_per_node: int = 0) -> None:
+    """Refuse a split of ``config`` over ``tp`` chips per stage x ``stages`` pipeline stages that no real
+    system runs (module docstring, "Valid splits"), naming the field and the constraint."""
+    for key, value in (("chips", tp), ("stages", stages)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    if stages > config.n_layer:
+        raise ConfigError(f"stages: {stages} pipeline stages exceed the model's {config.n_layer} layers")
+    if config.arch == "kraken":
+        if tp % config.n_sub and config.n_sub % tp:
+            raise ConfigError(f"chips: Kraken with {config.n_sub} sub-layers runs on T = N, T dividing N or a "
+                              f"multiple of N chips per stage, got T={tp}")
+        if tp > config.n_sub:
+            _check_heads(config.n_head, config.n_embd, tp // config.n_sub, " per sub-layer")
+    else:
+        _check_heads(config.n_head, config.n_embd, tp, "")
+    total, c = tp * stages, chips_per_node
+    if c and total > c and (total % c or (tp % c and c % tp)):
+        raise ConfigError(f"chips: {stages} stage(s) x {tp} chips do not tile nodes of {c} chips; use a "
+                          f"tensor-parallel degree that divides {c} or is a multiple of it, and whole nodes")

@@ -1,5 +1,6 @@
-"""Plots of the cost model (matplotlib, Agg): Kraken speedup bars, roofline, latency vs chips,
-MFU vs tokens per batch, memory vs context. ``make_plots(outdir)`` writes them all."""
+"""Plots of the cost model (matplotlib, Agg): Kraken speedup bars (one A100 node, and H100 clusters),
+roofline, latency vs chips, MFU vs tokens per batch, memory vs context. ``make_plots(outdir)`` writes
+them all."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ from krakenlm.costmodel.estimator import (  # noqa: E402
     weights_per_chip,
 )
 from krakenlm.costmodel.hardware import Hardware, load_hardware  # noqa: E402
-from krakenlm.costmodel.studies import PAPER_KRAKEN_SPEEDUP, geomean, kraken_study  # noqa: E402
+from krakenlm.costmodel.studies import (  # noqa: E402
+    CLUSTER_DEGREES,
+    CLUSTER_NODES,
+    PAPER_KRAKEN_SPEEDUP,
+    PLACEMENTS,
+    cluster_study,
+    geomean,
+    kraken_study,
+)
 from krakenlm.presets import get_preset  # noqa: E402
 
 
@@ -64,7 +73,7 @@ def plot_roofline(path: str | Path, hw: Hardware | None = None, model: str = "pa
     for phase, marker in (("prefill", "o"), ("decode", "s")):
         pts = []
         for b in (1, 4, 16, 64, 256):
-            wl = Workload(batch=b, prompt=2048 if phase == "prefill" else 512, generate=64)
+            wl = Workload(batch=b, prompt=1984 if phase == "prefill" else 512, generate=64)
             est = phase_estimate(cfg, hw, wl, phase, Layout("2d-ws", "batch", chips))
             pts.append((est.flops_per_chip / est.bytes_per_chip, est.flops_per_chip / est.time_s))
         ax.loglog(*zip(*pts, strict=True), marker=marker, ls="--", label=f"{phase} (B = 1..256)")
@@ -78,14 +87,15 @@ def plot_roofline(path: str | Path, hw: Hardware | None = None, model: str = "pa
 
 
 def plot_latency_vs_chips(path: str | Path, hw: Hardware | None = None, model: str = "palm-540b") -> None:
-    """Per-layout latency against chip count, prefill (B=1, 2048 tokens) and a decode step (B=64)."""
+    """Per-layout latency against chip count, prefill (B=1, 2048 tokens) and a decode step (B=64, context
+    1984-2048); chip counts that split PaLM's 48 heads whole or pad them to one per chip."""
     hw = hw or load_hardware("tpu-v4")
     cfg = get_preset(model)
-    chips = [16, 32, 64, 128, 256]
+    chips = [16, 48, 64, 128, 256]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, phase, layouts, wl in (
             (axes[0], "prefill", PREFILL_LAYOUTS, Workload(batch=1, prompt=2048, dtype="int8")),
-            (axes[1], "decode", DECODE_LAYOUTS, Workload(batch=64, prompt=2048, generate=64, dtype="int8"))):
+            (axes[1], "decode", DECODE_LAYOUTS, Workload(batch=64, prompt=1984, generate=64, dtype="int8"))):
         for lay in layouts:
             ys = [phase_estimate(cfg, hw, wl, phase, Layout(lay, "batch", n)).time_s * 1e3 for n in chips]
             ax.loglog(chips, ys, marker="o", label=lay)
@@ -140,15 +150,41 @@ def plot_memory_vs_context(path: str | Path, hw: Hardware | None = None, model: 
     plt.close(fig)
 
 
+def plot_cluster_kraken(path: str | Path, hw: Hardware | None = None) -> None:
+    """Kraken's predicted TTFT speedup over standard TP on 2 and 4 nodes of 8 H100, per degree, with the
+    exchange across nodes (one TP group over all chips) or inside a node (TP 8, a pipeline stage per node)."""
+    hw = hw or load_hardware("h100-sxm")
+    rows = cluster_study(hw)
+    fig, axes = plt.subplots(1, len(CLUSTER_NODES), figsize=(14, 4.8), sharey=True)
+    colors = {(4, "across"): "#9ecae1", (4, "inside"): "#3182bd", (8, "across"): "#fdae6b", (8, "inside"): "#e6550d"}
+    for ax, nodes in zip(axes, CLUSTER_NODES, strict=True):
+        sub = [r for r in rows if r.nodes == nodes]
+        xs = range(len(sub))
+        for i, (degree, place) in enumerate((d, p) for d in CLUSTER_DEGREES for p in PLACEMENTS):
+            ys = [r.speedup(degree, place) or 0.0 for r in sub]
+            ax.bar([x + (i - 1.5) * 0.2 for x in xs], ys, 0.2, color=colors[(degree, place)],
+                   label=f"Kraken-{degree}, exchange {'across nodes' if place == 'across' else 'inside a node'}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(list(xs), [f"{r.size}\nL{r.prompt}" for r in sub], fontsize=8)
+        ax.set_title(f"{nodes} nodes x {hw.chips_per_node} {hw.name}, batch 1, fp16 (no bar: heads do not split)")
+    axes[0].set_ylabel("TTFT speedup over standard TP, same placement")
+    axes[0].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def make_plots(outdir: str | Path) -> list[Path]:
     """Write every plot as ``costmodel_*.png`` into ``outdir``; returns the paths."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"costmodel_{n}.png" for n in
-             ("a100_kraken_speedup", "roofline", "latency_vs_chips", "mfu_vs_tokens", "memory_vs_context")]
+             ("a100_kraken_speedup", "roofline", "latency_vs_chips", "mfu_vs_tokens", "memory_vs_context",
+              "h100_cluster_kraken")]
     plot_kraken_speedup(paths[0])
     plot_roofline(paths[1])
     plot_latency_vs_chips(paths[2])
     plot_mfu_vs_tokens(paths[3])
     plot_memory_vs_context(paths[4])
+    plot_cluster_kraken(paths[5])
     return paths

@@ -27,13 +27,17 @@ from krakenlm.costmodel.estimator import Workload, estimate, max_context
 from krakenlm.costmodel.hardware import Hardware, load_hardware
 from krakenlm.costmodel.layouts import (
     MatPair,
+    check_split,
     comm_elements,
     continuous_ws_elements,
     make_mesh,
     pair_ops,
     switch_points,
 )
+from krakenlm.costmodel.simulate import CostModelTimes, Lengths, arrivals, simulate
+from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
+from krakenlm.serve.scheduler import BatchingPolicy
 
 PAPER_KRAKEN_SPEEDUP = 0.356  # Kraken paper: geometric-mean TTFT improvement over standard TP
 PALM_540B_PARAMS = 540e9  # the nominal count Pope et al. use for MFU
@@ -126,14 +130,15 @@ def kraken_study(hw: Hardware | None = None, dtype: str = "fp16", phase: str = "
     """Predicted TTFT for the Kraken paper's 20 configurations (5 sizes x prompt 128/2048 x TP 4/8),
     batch 1, Kraken degree = TP degree, equal parameters per layer (presets gpt-/parallel-/krakenN-).
 
-    ``phase="decode"`` gives the per-token decode latency after the prompt instead (not studied in
-    the paper)."""
+    ``phase="decode"`` gives the per-token decode latency at that context instead (not studied in the
+    paper): the step after prompt - 1 tokens, so the context stays within the models' 2048."""
     hw = hw or load_hardware("a100-40gb-nvswitch")
     rows = []
     for size in KRAKEN_SIZES:
         for prompt in (128, 2048):
             for tp in (4, 8):
-                wl = Workload(batch=1, prompt=prompt, generate=0 if phase == "prefill" else 1, dtype=dtype)
+                wl = (Workload(batch=1, prompt=prompt, dtype=dtype) if phase == "prefill"
+                      else Workload(batch=1, prompt=prompt - 1, generate=1, dtype=dtype))
                 ests = [estimate(get_preset(f"{a}-{size}"), hw, wl, tp) for a in ("gpt", "parallel", f"kraken{tp}")]
                 rows.append(KrakenRow(size, prompt, tp, *(e.ttft_s if phase == "prefill" else e.per_token_s
                                                           for e in ests)))
@@ -268,6 +273,119 @@ def kraken_speedup_grid_markdown(rows: list[KrakenRow] | None = None) -> str:
     return "\n".join(lines)
 
 
+# Kraken on H100 clusters: the exchange across nodes vs inside a node -------------------------------
+CLUSTER_NODES = (2, 4)
+CLUSTER_DEGREES = (4, 8)
+PLACEMENTS = ("across", "inside")  # one TP group over every node's chips / TP8 per node, nodes as pipeline stages
+
+
+@dataclass(frozen=True)
+class ClusterRow:
+    """Predicted TTFT (s, None where the split is not valid) of standard TP and Kraken of each degree, on
+    ``nodes`` nodes of 8 chips: ``across`` = tensor parallel over all 8 x nodes chips (standard TP's
+    all-reduces and Kraken's exchange cross nodes; Kraken T = k N keeps each sub-layer's k shards in one
+    node), ``inside`` = tensor parallel over the 8 chips of a node, one pipeline stage per node."""
+
+    size: str
+    prompt: int
+    nodes: int
+    standard: dict[str, float | None]
+    kraken: dict[tuple[int, str], float | None]
+
+    def speedup(self, degree: int, placement: str) -> float | None:
+        """Standard TTFT / Kraken TTFT in the same placement."""
+        std, kr = self.standard[placement], self.kraken[(degree, placement)]
+        return None if std is None or kr is None else std / kr
+
+
+def _ttft(config: ModelConfig, hw: Hardware, wl: Workload, chips: int, stages: int) -> float | None:
+    try:
+        check_split(config, chips // stages, stages, hw.chips_per_node)
+    except ConfigError:
+        return None
+    return estimate(config, hw, wl, chips, pipeline=stages).ttft_s
+
+
+def cluster_study(hw: Hardware | None = None, dtype: str = "fp16") -> list[ClusterRow]:
+    """The paper's sizes and prompts (batch 1, fp16) on 2 and 4 nodes of 8 H100, each placement."""
+    hw = hw or load_hardware("h100-sxm")
+    rows = []
+    for size in KRAKEN_SIZES:
+        for prompt in (128, 2048):
+            wl = Workload(batch=1, prompt=prompt, dtype=dtype)
+            for nodes in CLUSTER_NODES:
+                chips = hw.chips_per_node * nodes
+                splits = {"across": (chips, 1), "inside": (chips, nodes)}
+                standard = {k: _ttft(get_preset(f"gpt-{size}"), hw, wl, *v) for k, v in splits.items()}
+                kraken = {(d, k): _ttft(get_preset(f"kraken{d}-{size}"), hw, wl, *v)
+                          for d in CLUSTER_DEGREES for k, v in splits.items()}
+                rows.append(ClusterRow(size, prompt, nodes, standard, kraken))
+    return rows
+
+
+def cluster_markdown(rows: list[ClusterRow] | None = None) -> str:
+    """The cluster study as a table: standard TTFT per placement and Kraken's speedup per degree and
+    placement, with geometric means (n/a: the heads do not split over that many chips)."""
+    rows = rows or cluster_study()
+
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v * 1e3:.3f}"
+
+    def x(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}x"
+
+    cols = [(d, p) for d in CLUSTER_DEGREES for p in PLACEMENTS]
+    lines = ["| size | prompt | nodes | standard across ms | standard inside ms | "
+             + " | ".join(f"Kraken-{d} {p}" for d, p in cols) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    lines += [f"| {r.size} | {r.prompt} | {r.nodes} | {ms(r.standard['across'])} | {ms(r.standard['inside'])} | "
+              + " | ".join(x(r.speedup(d, p)) for d, p in cols) + " |" for r in rows]
+    means = [geomean([v for r in rows if (v := r.speedup(d, p)) is not None]) for d, p in cols]
+    lines.append("| geometric mean | | | | | " + " | ".join(f"{m:.3f}x" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def pipeline_markdown(hw: Hardware | None = None, model: str = "gpt-175b") -> str:
+    """TP x PP on 2 and 4 H100 nodes: TTFT at batch 1 and decode at batch 64 (fastest micro-batching)."""
+    hw = hw or load_hardware("h100-sxm")
+    config = get_preset(model)
+    wl = Workload(batch=1, prompt=1984, generate=64, dtype="fp16", decode_batch=64)
+    lines = ["| chips | TP x PP | TTFT ms | prefill bubble | decode step ms | decode micro-batches | decode tokens/s "
+             "| GiB per chip |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for nodes in CLUSTER_NODES:
+        chips = hw.chips_per_node * nodes
+        for stages in (1, 2, 4, 8):
+            est = estimate(config, hw, wl, chips, pipeline=stages)
+            assert est.decode is not None
+            lines.append(f"| {chips} | {est.tp} x {stages} | {est.ttft_s * 1e3:.2f} | "
+                         f"{est.prefill.bubble_s / est.ttft_s:.0%} | {est.per_token_s * 1e3:.2f} | "
+                         f"{est.decode.microbatches} | {64 / est.per_token_s:,.0f} | "
+                         f"{est.memory_per_chip_bytes / 2 ** 30:.1f} |")
+    return "\n".join(lines)
+
+
+SERVING_RATES = (5, 20, 40, 80)
+
+
+def serving_markdown(hw: Hardware | None = None, size: str = "6.7b") -> str:
+    """The simulator at rising request rates: standard TP vs Kraken-8 on one 8 x A100 node, fp16, Poisson
+    arrivals (seed 0, 200 requests), prompts 256-1024 and outputs 32-128 tokens (uniform), max_batch 16."""
+    hw = hw or load_hardware("a100-40gb-nvswitch")
+    lines = ["| model | rate req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | throughput req/s "
+             "| mean decode batch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in (f"gpt-{size}", f"kraken8-{size}"):
+        config = get_preset(name)
+        times = CostModelTimes(config, hw, 8, dtype="fp16")
+        for rate in SERVING_RATES:
+            load = arrivals("poisson", rate, 200, Lengths(256, 1024), Lengths(32, 128), seed=0)
+            sim = simulate(load, BatchingPolicy(max_batch=16, max_tokens=16 * 1152), config.block_size, times,
+                           rate=rate)
+            r = sim.report
+            lines.append(f"| {name} | {rate} | {r['ttft_s']['p50'] * 1e3:.1f} | {r['ttft_s']['p99'] * 1e3:.1f} | "
+                         f"{r['tpot_s']['p50'] * 1e3:.2f} | {r['tpot_s']['p99'] * 1e3:.2f} | "
+                         f"{r['throughput_rps']:.1f} | {sim.mean_decode_batch:.1f} |")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """A fit to one part of the records scored on the rest, which it never saw."""
@@ -330,6 +448,7 @@ def doc_blocks(cpu: CpuCalibration | None = None) -> dict[str, str]:
             "switch-points": switch_points_markdown(), "param-counts": param_counts_markdown(),
             "tpu-table2-fit": table2_fit_markdown(),
             "kraken-study": kraken_study_markdown(rows), "kraken-grid": kraken_speedup_grid_markdown(rows),
+            "cluster-kraken": cluster_markdown(), "pipeline": pipeline_markdown(), "serving": serving_markdown(),
             "cpu-fit": cpu.fit_markdown(), "cpu-held-out": cpu.held_out_markdown()}
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from krakenlm.dtypes import DTYPES
 from krakenlm.errors import InputError
+from krakenlm.validation import check_output_file
 
 
 def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
@@ -48,6 +49,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     tasks = parse_tasks(args.tasks)
     check_data(args.data_dir, tasks)  # fail on bad data before loading any model
+    if args.out:
+        check_output_file(args.out, "--out")  # before the evaluation, so its results are not lost
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
     results = []

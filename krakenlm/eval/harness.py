@@ -74,7 +74,8 @@ def _pick_device(requested: str | None) -> str:
 class KrakenLM(TemplateLM):
     """lm-eval model over a krakenlm checkpoint.
 
-    model_args: checkpoint=PATH (required), dtype=fp32|bf16|fp16|auto, batch_size=N, tp=N (tensor-parallel
+    model_args: checkpoint=PATH (required; ``pretrained=PATH`` is the same, and is the key lm-eval names
+    its output folder after), dtype=fp32|bf16|fp16|auto, batch_size=N, tp=N (tensor-parallel
     ranks spawned locally), tokenizer=gpt2|bytes|DATA_DIR (a prepared dir with its BPE; default: by
     vocabulary size), device=cpu|cuda, timeout=SECONDS (how long tensor-parallel ranks wait for each
     other). lm-eval also passes max_batch_size, which has no use here. `engine` (Python only) runs an
@@ -83,8 +84,12 @@ class KrakenLM(TemplateLM):
 
     def __init__(self, checkpoint: str | None = None, dtype: str = "fp32", batch_size: int | str | None = None,
                  tp: int = 1, tokenizer: str | None = None, device: str | None = None, timeout: float = 1800.0,
-                 max_batch_size: int | None = None, engine: Engine | None = None, **unused: Any) -> None:
+                 max_batch_size: int | None = None, engine: Engine | None = None, pretrained: str | None = None,
+                 **unused: Any) -> None:
         super().__init__()
+        if pretrained is not None and checkpoint is not None and pretrained != checkpoint:
+            raise ConfigError("krakenlm model_args: checkpoint and pretrained name the same thing; give one")
+        checkpoint = checkpoint if checkpoint is not None else pretrained
         if unused:
             raise ConfigError(f"krakenlm model_args: unknown argument(s) {sorted(unused)}; known: checkpoint, "
                               "dtype, batch_size, tp, tokenizer, device, timeout")

@@ -19,6 +19,8 @@ from torch import Tensor
 from krakenlm.data import gather_windows, load_tokens, window_starts
 from krakenlm.errors import InputError
 from krakenlm.model import Transformer
+from krakenlm.resources import forward_bytes, require_memory
+from krakenlm.validation import check_int
 
 TokenSource = str | Path | np.ndarray | Tensor | Sequence[int]
 
@@ -34,6 +36,8 @@ def mean_cross_entropy(model: Transformer, data: TokenSource, *, split: str = "v
     """
     if model.shard.sub_count != model.config.n_sub or model.shard.parts != 1:
         raise InputError("perplexity needs a full (unsharded) model")
+    check_int(num_windows, "num_windows")
+    check_int(batch_size, "batch_size")
     tokens = load_tokens(data, split)
     block = block_size or model.config.block_size
     if block > model.config.block_size:
@@ -41,15 +45,18 @@ def mean_cross_entropy(model: Transformer, data: TokenSource, *, split: str = "v
     if tokens.size and int(tokens.max()) >= model.config.vocab_size:
         raise InputError(f"data has token id {int(tokens.max())}, outside the model's vocabulary "
                          f"of {model.config.vocab_size}")
-    starts = window_starts(len(tokens), block, num_windows, torch.Generator().manual_seed(seed))
     device = model.wte.weight.device
+    dtype = autocast or model.wte.weight.dtype
+    require_memory(8 * num_windows + forward_bytes(model.config, min(batch_size, num_windows), block, dtype),
+                   f"perplexity over {num_windows:,} windows of {block} tokens (batch_size={batch_size})", device)
+    starts = window_starts(len(tokens), block, num_windows, torch.Generator().manual_seed(seed))
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     try:
-        for chunk in starts.split(batch_size):
-            x, y = gather_windows(tokens, chunk, block)
+        for first in range(0, num_windows, batch_size):  # slices, not split(): no tensor object per batch
+            x, y = gather_windows(tokens, starts[first:first + batch_size], block)
             with cast:
                 logits = model(x.to(device))
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")

@@ -42,6 +42,8 @@ from krakenlm.model.layers import (
     decode_mask,
     init_std,
     rope_tables,
+    row_linear,
+    single_row,
 )
 
 
@@ -330,7 +332,8 @@ class Transformer(nn.Module):
             shard = self.shard
             width = d // shard.parts
             cols = y[..., shard.part * width:(shard.part + 1) * width]  # [S, B, t, d/parts]
-            z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width) @ self.conj_weight.t()
+            z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width)
+            z = row_linear(z, self.conj_weight) if single_row(z) else z @ self.conj_weight.t()
             z = comm.reduce_conj(z)
             if self.conj_bias is not None:
                 z = z + self.conj_bias
@@ -339,5 +342,6 @@ class Transformer(nn.Module):
             z = y.reshape(1, batch * t_out, d)
         z = self.ln_f(z)[0]
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(z, head).view(batch, t_out, -1)
+        logits = row_linear(z, head) if single_row(z) else F.linear(z, head)
+        return logits.view(batch, t_out, -1)
 

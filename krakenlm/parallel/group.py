@@ -46,10 +46,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def backend_for(device: torch.device) -> str:
+def backend_for(device: torch.device, ranks_here: int) -> str:
+    """NCCL when every rank on this node has a GPU of its own; gloo otherwise (and on the CPU)."""
     if device.type != "cuda":
         return "gloo"
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     return "nccl" if ranks_here <= torch.cuda.device_count() else "gloo"
 
 
@@ -84,7 +84,8 @@ def init_distributed(timeout: float, device: torch.device, *, rank: int | None =
     local port). Returns True when this call made the group (the caller then owns its teardown)."""
     if dist.is_initialized():
         return False
-    backend = backend_for(device)
+    ranks_here = world if rank is not None else int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    backend = backend_for(device, ranks_here)
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")  # the timeline reads NCCL's own durations
     kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout)}

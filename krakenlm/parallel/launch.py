@@ -59,7 +59,8 @@ class Ranks:
                             "MASTER_PORT": str(self.port)} | (env(rank) if env else {})
                 command = (prefix(rank) if prefix else []) + [sys.executable, "-m", "krakenlm.parallel.rank",
                                                                self.payload]
-                self.procs.append(subprocess.Popen(command, env=os.environ | rank_env))
+                # a session of its own: a terminal's Ctrl-C reaches this process, which stops the ranks
+                self.procs.append(subprocess.Popen(command, env=os.environ | rank_env, start_new_session=True))
         except BaseException:
             self.stop(0.0)
             raise
@@ -82,6 +83,13 @@ class Ranks:
         self.stop(0.0)
         code = self.failed()
         return 0 if code is None else (code if code > 0 else 1)
+
+    def kill(self) -> None:
+        """Stop every rank now (an interrupted or failed leader: nobody will talk to them again)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        self.stop(grace=2.0)
 
     def stop(self, grace: float) -> None:
         """Give running ranks ``grace`` seconds to end on their own, then kill them; remove the payload."""
@@ -106,4 +114,8 @@ def run_ranks(target: str, world: int, args: dict[str, Any], *, timeout: float |
 
         return call(target, args)
     ranks = Ranks(target, args, world, master_addr=master_addr, port=port, prefix=prefix, env=env)
-    return ranks.wait(timeout, grace)
+    try:
+        return ranks.wait(timeout, grace)
+    except BaseException:  # Ctrl-C or a deadline: leave no rank behind
+        ranks.kill()
+        raise

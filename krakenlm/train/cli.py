@@ -13,8 +13,7 @@ from typing import Any
 
 from krakenlm.config import ModelConfig
 from krakenlm.data import prepare
-from krakenlm.errors import CheckpointError
-from krakenlm.train.trainer import TRAINER_STATE, TrainConfig, get_recipe, latest_checkpoint, recipes, train
+from krakenlm.train.trainer import TrainConfig, get_recipe, recipes, stored_train_config, train
 
 _HELP = {
     "data": "prepared data directory (krakenlm prepare)",
@@ -60,16 +59,6 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_prepare)
 
 
-def _stored_config(out: str) -> dict[str, Any]:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return {}
-    try:
-        return json.loads((ckpt / TRAINER_STATE).read_text())["train_config"]
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{ckpt}: unreadable {TRAINER_STATE} ({err})") from err
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from krakenlm.presets import get_preset
 
@@ -86,7 +75,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif args.config:
         model_config = ModelConfig.from_json(args.config)
     if args.resume:
-        fields |= _stored_config(args.out)
+        fields |= stored_train_config(args.out)
     fields |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                if getattr(args, f.name) is not None}
     result = train(TrainConfig.from_dict(fields), model_config, resume=args.resume, progress=not args.no_progress)

@@ -24,7 +24,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,15 +35,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
-from krakenlm.checkpoint import fsync_dir, load_state, save_checkpoint, verify_manifest, write_manifest
+from krakenlm.checkpoint import (
+    describe_error,
+    fsync_dir,
+    load_state,
+    load_tensors,
+    save_checkpoint,
+    verify_manifest,
+    write_manifest,
+)
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.data import WindowSampler, load_tokens, read_meta
 from krakenlm.dtypes import DTYPES
-from krakenlm.errors import CheckpointError, ConfigError
+from krakenlm.errors import CheckpointError, ConfigError, TrainingError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
+from krakenlm.parallel.group import init_distributed, resolve_device
+from krakenlm.resources import gib, require_memory, training_bytes
+from krakenlm.validation import check_float, check_int, check_output_dir
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -49,6 +63,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TRAINER_TENSORS = "trainer.pt"
 TRAINER_STATE = "trainer_state.json"
+GROUP_TIMEOUT_S = 1800.0  # rendezvous and every collective: a lost rank fails the run instead of hanging it
 # Peak dense FLOP/s per device for the MFU estimate when --peak-tflops is not given: one Sapphire
 # Rapids core (AMX bf16 ~1.4 TFLOP/s measured, fp32 ~0.17) times threads; an H100 SXM on CUDA.
 # Per-thread peak FLOP/s by the CPU's best matrix ISA: AMX measured on Sapphire Rapids; AVX-512 BF16
@@ -93,24 +108,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "checkpoint_interval",
                      "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), name)
         for name in ("warmup_steps", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be a non-negative integer, got {getattr(self, name)!r}")
+            check_int(getattr(self, name), name, minimum=0)
         for name in ("decay_steps", "tokens_per_step", "block_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}: must be a positive integer or null, got {value!r}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"lr: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("weight_decay, grad_clip must be >= 0 and betas in [0, 1)")
+            check_int(getattr(self, name), name, optional=True)
+        check_float(self.lr, "lr", minimum=0, exclusive=True)
+        check_float(self.min_lr_ratio, "min_lr_ratio", minimum=0, maximum=1)
+        check_float(self.weight_decay, "weight_decay", minimum=0)
+        check_float(self.grad_clip, "grad_clip", minimum=0)
+        for name in ("beta1", "beta2"):
+            check_float(getattr(self, name), name, minimum=0, maximum=1)
+            if getattr(self, name) == 1:
+                raise ConfigError(f"{name}: must be < 1 (AdamW's moment would never decay), got 1")
+        check_float(self.peak_tflops, "peak_tflops", minimum=0, exclusive=True, optional=True)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("data", "out"):
+            if isinstance(getattr(self, name), Path):
+                object.__setattr__(self, name, str(getattr(self, name)))  # stored as JSON with the checkpoint
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: must be a path string, got {getattr(self, name)!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile: must be true or false, got {self.compile!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,20 +214,96 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return target
 
 
+def resume_candidates(out: str | Path) -> list[Path]:
+    """A run's checkpoints to resume from: the one `latest` names first, then the others newest first."""
+    out = Path(out)
+    link = out / LATEST
+    first = [link.resolve()] if link.is_symlink() and link.resolve().is_dir() else []
+    rest = sorted((out / CHECKPOINT_DIR).glob("step-*"), reverse=True) if (out / CHECKPOINT_DIR).is_dir() else []
+    return first + [p for p in rest if p.resolve() not in first]
+
+
+@dataclass
+class Restored:
+    """Everything a resumed run takes from one verified checkpoint."""
+
+    path: Path
+    state: dict[str, Any]  # trainer_state.json
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tensors: dict[str, Any]  # trainer.pt: optimizer and RNG states
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    verify_manifest(path, (TRAINER_STATE,), required=True)
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        TrainConfig.from_dict(state["train_config"])
+        if not all(isinstance(state[k], int) for k in ("step", "data_drawn", "world_size")):
+            raise TypeError("step, data_drawn and world_size must be integers")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / TRAINER_STATE}: unreadable ({describe_error(err)})") from err
+    return state
+
+
+def _read_checkpoint(path: Path) -> Restored:
+    state = _read_state(path)
+    verify_manifest(path, (TRAINER_TENSORS,), required=True)
+    config, weights = load_state(path)  # verifies the model files
+    tensors = load_tensors(path / TRAINER_TENSORS)
+    if not (isinstance(tensors, dict) and {"optimizer", "rng"} <= set(tensors)):
+        raise CheckpointError(f"{path / TRAINER_TENSORS}: not a krakenlm trainer state")
+    return Restored(path, state, config, weights, tensors)
+
+
+def restore_checkpoint(out: str | Path, announce: Callable[[str], None] = print) -> Restored | None:
+    """The newest intact checkpoint of the run in `out` (None if it has none). A damaged newer one (bit flip,
+    truncation, missing file) is skipped, and `announce` says which one and what is used instead."""
+    problems: list[str] = []
+    for path in resume_candidates(out):
+        try:
+            restored = _read_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            announce(f"resume: skipped damaged checkpoint(s): {'; '.join(problems)}. Resuming from {path} "
+                     f"(step {restored.state['step']}) instead")
+        return restored
+    if problems or (Path(out) / LATEST).is_symlink():
+        reasons = "; ".join(problems) or f"{LATEST} points to nothing"
+        raise CheckpointError(f"{out}: no intact checkpoint to resume from ({reasons})")
+    return None
+
+
+def stored_train_config(out: str | Path) -> dict[str, Any]:
+    """The TrainConfig fields stored with the newest checkpoint whose state is intact ({} for a new run)."""
+    for path in resume_candidates(out):
+        with contextlib.suppress(CheckpointError):
+            return _read_state(path)["train_config"]
+    return {}
+
+
 def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
                       sampler: WindowSampler, cfg: TrainConfig, extra: dict[str, Any], keep: int) -> Path:
     ckpt_root = out / CHECKPOINT_DIR
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(tmp, model, model.config, {"train_step": step})
-    tensors = {"optimizer": optimizer.state_dict(),
-               "rng": {"torch": torch.get_rng_state(), "data": sampler.state()["generator"],
-                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    torch.save(tensors, tmp / TRAINER_TENSORS)
-    state = {"step": step, "data_drawn": sampler.drawn, "train_config": cfg.to_dict(), **extra}
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-    write_manifest(tmp, {"step": step})
+    try:
+        save_checkpoint(tmp, model, model.config, {"train_step": step})
+        tensors = {"optimizer": optimizer.state_dict(),
+                   "rng": {"torch": torch.get_rng_state(), "data": sampler.state()["generator"],
+                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        torch.save(tensors, tmp / TRAINER_TENSORS)
+        state = {"step": step, "data_drawn": sampler.drawn, "train_config": cfg.to_dict(), **extra}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        write_manifest(tmp, {"step": step})
+    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, quota, I/O error
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(ckpt_root).free
+        raise TrainingError(f"step {step}: could not write the checkpoint to {ckpt_root} ({describe_error(err)}; "
+                            f"{gib(free)} free there); the previous checkpoint is intact") from None
     if final.exists():  # left by a run killed between this rename and the `latest` swap
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -295,20 +393,13 @@ class Dist:
 
 
 def _init_distributed(requested: str) -> Dist:
-    """torchrun / spawn environment (WORLD_SIZE > 1) -> process group: nccl on CUDA, gloo on CPU."""
-    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but torch sees no GPU")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"), False)
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    """torchrun / spawn environment (WORLD_SIZE > 1) -> process group, set up as the engine does it:
+    cuda:LOCAL_RANK made current, NCCL when each local rank has a GPU (gloo otherwise), a loopback
+    multi-node setup refused up front, rendezvous and collectives bounded by GROUP_TIMEOUT_S."""
+    device = resolve_device(requested)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(0, 1, device, False)
+    owns = init_distributed(GROUP_TIMEOUT_S, device)
     return Dist(dist.get_rank(), dist.get_world_size(), device, owns)
 
 
@@ -368,21 +459,18 @@ class Trainer:
                  progress: bool = True) -> None:
         if not cfg.out or not cfg.data:
             raise ConfigError("train: both data (a prepared directory) and out (the run directory) are needed")
-        self.out = Path(cfg.out)
+        self.out = check_output_dir(cfg.out, "out")
         self.dist = ctx
         self.progress = progress and self.dist.is_main
-        ckpt = latest_checkpoint(self.out) if resume else None
         if not resume and (self.out / LATEST).is_symlink():
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose a new --out")
-        state: dict[str, Any] = {}
-        if ckpt is not None:
-            verify_manifest(ckpt, (TRAINER_STATE, TRAINER_TENSORS), required=True)
-            state = json.loads((ckpt / TRAINER_STATE).read_text())
-            stored_config, weights = load_state(ckpt)  # verifies the model files
-            if model_config is not None and model_config.replace(name="") != stored_config.replace(name=""):
-                raise ConfigError(f"resume: the model config differs from the checkpoint's ({ckpt})")
-            model_config = stored_config
-            _check_resume(TrainConfig.from_dict(state["train_config"]), cfg, state["world_size"], self.dist.world)
+        restored = restore_checkpoint(self.out, self._announce) if resume else None
+        if restored is not None:
+            if model_config is not None and model_config.replace(name="") != restored.config.replace(name=""):
+                raise ConfigError(f"resume: the model config differs from the checkpoint's ({restored.path})")
+            model_config = restored.config
+            _check_resume(TrainConfig.from_dict(restored.state["train_config"]), cfg, restored.state["world_size"],
+                          self.dist.world)
         if model_config is None:
             raise ConfigError("train: no model given (use a preset, a config JSON or a recipe)")
         self.cfg = cfg
@@ -396,10 +484,12 @@ class Trainer:
                               f"the model has only {model_config.vocab_size}")
         self.accum = _accum_for(cfg, self.block, self.dist.world)
         self.tokens_per_step = self.accum * cfg.batch_size * self.block * self.dist.world
+        self.autocast_dtype = None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]
+        self._require_memory()
 
         self.model = Transformer(model_config, init=False)
-        if ckpt is not None:
-            self.model.load_state_dict(weights)
+        if restored is not None:
+            self.model.load_state_dict(restored.weights)
         else:
             self.model.reset_parameters(cfg.seed)
         self.model.to(self.dist.device).train()
@@ -408,15 +498,9 @@ class Trainer:
                                      self.dist.world, self.dist.rank, cfg.seed)
         self.val_tokens = load_tokens(cfg.data, "val")
         self.step = 0
-        if ckpt is not None:
-            tensors = torch.load(ckpt / TRAINER_TENSORS, map_location="cpu", weights_only=True)
-            self.optimizer.load_state_dict(tensors["optimizer"])
-            torch.set_rng_state(tensors["rng"]["torch"])
-            if tensors["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(tensors["rng"]["cuda"])
-            self.sampler.load_state({"generator": tensors["rng"]["data"], "drawn": state["data_drawn"]})
-            self.step = state["step"]
-        self.resumed_from = ckpt
+        if restored is not None:
+            self._restore(restored)
+        self.resumed_from = None if restored is None else restored.path
 
         self.ddp = None
         forward: nn.Module = self.model
@@ -426,9 +510,36 @@ class Trainer:
             cuda = self.dist.device.type == "cuda"
             forward = self.ddp = DistributedDataParallel(forward, device_ids=[self.dist.device] if cuda else None)
         self.forward = torch.compile(forward) if cfg.compile else forward
-        self.autocast_dtype = None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]
         self.peak = _peak_flops(cfg, self.dist.device) * self.dist.world
         self.params = model_config.num_params()
+
+    def _announce(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def _require_memory(self) -> None:
+        """Refuse a model or batch the device cannot hold, before allocating any of it."""
+        dtype = self.autocast_dtype or torch.float32
+        windows = self.accum * self.cfg.batch_size * (self.block + 1) * 8  # one step's int64 windows
+        windows += 8 * self.cfg.eval_windows  # the evaluation's window starts
+        need = training_bytes(self.model_config, self.cfg.batch_size, self.block, dtype) + windows
+        require_memory(need, f"training {self.model_config.name or 'the model'} "
+                       f"({self.model_config.num_params():,} parameters, batch_size={self.cfg.batch_size} x "
+                       f"{self.block} tokens)", self.dist.device)
+
+    def _restore(self, restored: Restored) -> None:
+        """Optimizer, RNG and data position of a verified checkpoint (weights are loaded by the caller)."""
+        try:
+            self.optimizer.load_state_dict(restored.tensors["optimizer"])
+            torch.set_rng_state(restored.tensors["rng"]["torch"])
+            if restored.tensors["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(restored.tensors["rng"]["cuda"])
+            self.sampler.load_state({"generator": restored.tensors["rng"]["data"],
+                                     "drawn": restored.state["data_drawn"]})
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{restored.path / TRAINER_TENSORS}: does not fit this run "
+                                  f"({describe_error(err)})") from err
+        self.step = restored.state["step"]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -453,13 +564,18 @@ class Trainer:
             total += loss.detach()
         # max_norm=inf measures the norm without clipping (grad_clip 0 disables clipping)
         norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.dist.world > 1:
             dist.all_reduce(total)  # SUM: gloo has no AVG
             total /= self.dist.world
+        loss = float(total)
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank: gradients are all-reduced
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"step {self.step + 1}: the loss is {loss} and the gradient norm {norm}: training "
+                                "diverged (try a lower --lr or --grad-clip); the weights were not updated")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(total), norm
+        return loss, norm
 
     def evaluate(self) -> float:
         """Mean val cross-entropy on a fixed seeded window set (same windows at every eval)."""
@@ -499,7 +615,11 @@ class Trainer:
             with open(metrics_path, "a") if main else contextlib.nullcontext() as log:
                 while self.step < self.cfg.steps:
                     start = time.perf_counter()
-                    loss, norm = self.train_step()
+                    try:
+                        loss, norm = self.train_step()
+                    except TrainingError as err:
+                        kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+                        raise TrainingError(f"{err}; nothing was saved from it, {kept}") from None
                     if self.dist.device.type == "cuda":
                         torch.cuda.synchronize()
                     seconds = time.perf_counter() - start

@@ -1,0 +1,96 @@
+"""`krakenlm serve` and `krakenlm loadtest`: argument parsing and printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from krakenlm.cli import add_engine_args, add_model_args, engine_options, model_source
+from krakenlm.errors import ConfigError
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from krakenlm.serve.server import ServeConfig, serve
+
+    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_tokens=args.max_tokens,
+                         max_queue=args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                         drain_timeout=args.drain_timeout, tokenizer=args.tokenizer, model_name=args.model_name)
+    return serve(model_source(args), engine_options(args), config)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible streaming server (iteration-level batching, any --tp)")
+    add_model_args(p)
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache rows)")
+    p.add_argument("--max-tokens", type=int, help="KV tokens reserved by running requests (default: every row full)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--tokenizer", choices=["gpt2", "bytes"], help="default: by vocabulary size")
+    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the source)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated requests/s or inf, got {text!r}") from None
+    if not rates:
+        raise argparse.ArgumentTypeError("expected at least one rate")
+    return rates
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from krakenlm.serve.loadtest import LoadSpec, Target, parse_targets, plot, run_loads, table
+
+    if (args.url is None) == (args.compare is None):
+        raise ConfigError("loadtest: give exactly one of --url or --compare")
+    try:
+        slo = json.loads(args.slo)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"slo: not JSON ({err}); e.g. '{{\"ttft_s\": 0.5, \"tpot_s\": 0.05}}'") from None
+    if not isinstance(slo, dict):
+        raise ConfigError(f"slo: must be a JSON object, got {args.slo!r}")
+    targets = parse_targets(args.compare, args.api_key) if args.compare else [Target("server", args.url.rstrip("/"),
+                                                                                      args.api_key)]
+    specs = [LoadSpec(rate, args.requests, args.prompt_len, args.output_len, args.seed, args.timeout)
+             for rate in args.rate]
+    reports = run_loads(targets, specs, slo)
+    print(table(reports))
+    for r in reports:
+        if r["errors"]:
+            print(f"[{r['server']} @ {r['offered_rate']}] errors: {r['errors']}", file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"reports": reports}, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot(reports, args.plot)}", file=sys.stderr)
+    return 0 if all(r["completed"] == r["requests"] for r in reports) else 1
+
+
+def add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loadtest", help="Poisson load of streaming completions: TTFT / TPOT / ITL / e2e percentiles")
+    p.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--compare", help="NAME=URL,NAME=URL: the same load against each, side by side")
+    p.add_argument("--rate", type=_rates, default=[math.inf], help="requests/s, comma-separated for several runs; "
+                   "inf sends all at once (default)")
+    p.add_argument("--requests", type=int, default=64, help="requests per rate")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="arrivals and prompts")
+    p.add_argument("--slo", default="{}", help='per-request SLO for goodput, JSON: {"ttft_s": 0.5, "tpot_s": 0.05}')
+    p.add_argument("--api-key")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    p.add_argument("--out", help="write the reports as JSON here")
+    p.add_argument("--plot", help="write latency percentiles vs rate as a PNG here")
+    p.set_defaults(func=_cmd_loadtest)

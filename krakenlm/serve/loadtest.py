@@ -1,0 +1,223 @@
+"""`krakenlm loadtest`: Poisson arrivals of streaming completions against OpenAI-compatible servers,
+summarised by krakenlm.serve.report (TTFT, TPOT, ITL, e2e percentiles, throughput, goodput).
+
+Each request sends ``prompt_len`` random token ids (seeded, so every server gets the same prompts) and
+asks for exactly ``output_len`` tokens (``ignore_eos``), greedy, streamed with the usage chunk. A
+request's arrival is the moment it is sent; each streamed chunk is one token (the server sends one
+chunk per token), so chunk times are token times. Several rates run one after another; several
+servers (``compare``) run each rate in turn, so slow drift of the machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from krakenlm.errors import ConfigError
+from krakenlm.serve.report import RequestRecord, check_slo, summarize
+
+MAX_REQUESTS = 100_000
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One load: ``requests`` arrivals at ``rate`` per second (inf: all at once) of the given lengths."""
+
+    rate: float
+    requests: int
+    prompt_len: int
+    output_len: int
+    seed: int = 0
+    timeout: float = 600.0  # seconds one request may take
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rate, (int, float)) or isinstance(self.rate, bool) or math.isnan(self.rate) \
+                or self.rate <= 0:
+            raise ConfigError(f"rate: must be a number of requests per second > 0 or inf, got {self.rate!r}")
+        for key, low, high in (("requests", 1, MAX_REQUESTS), ("prompt_len", 1, 1 << 20), ("output_len", 1, 1 << 20)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{key}: must be an integer in [{low}, {high}], got {value!r}")
+        if not self.timeout > 0:
+            raise ConfigError(f"timeout: must be > 0 seconds, got {self.timeout!r}")
+
+    def arrivals(self) -> list[float]:
+        """Send times in seconds from the start: exponential gaps at ``rate`` (seeded), or all 0 for inf."""
+        rng, t, out = random.Random(self.seed), 0.0, []
+        for i in range(self.requests):
+            if i and math.isfinite(self.rate):
+                t += rng.expovariate(self.rate)
+            out.append(t)
+        return out
+
+    def prompts(self, vocab: int) -> list[list[int]]:
+        """Random token ids below ``vocab - 1`` (the last id is usually end-of-text), the same for every server."""
+        rng = random.Random(self.seed + 1)
+        return [[rng.randrange(max(1, vocab - 1)) for _ in range(self.prompt_len)] for _ in range(self.requests)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under test: its name in reports and its base URL (http://host:port)."""
+
+    name: str
+    url: str
+    api_key: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def parse_targets(text: str, api_key: str | None = None) -> list[Target]:
+    """'kraken=http://127.0.0.1:8000,gpt=http://127.0.0.1:8001' -> targets."""
+    targets = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, url = part.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"compare: expected NAME=http://HOST:PORT items, got {part!r}")
+        targets.append(Target(name, url.rstrip("/"), api_key))
+    if len({t.name for t in targets}) != len(targets) or not targets:
+        raise ConfigError(f"compare: expected distinct NAME=URL items, got {text!r}")
+    return targets
+
+
+async def _vocab(client: httpx.AsyncClient, target: Target) -> int:
+    """The server's vocabulary size from /v1/models (a server that does not say: bytes)."""
+    try:
+        reply = await client.get(f"{target.url}/v1/models", headers=target.headers)
+        reply.raise_for_status()
+        return int(reply.json()["data"][0].get("vocab_size", 256))
+    except (httpx.HTTPError, KeyError, IndexError, ValueError, TypeError) as err:
+        raise ConfigError(f"{target.name}: cannot read {target.url}/v1/models: {err}") from None
+
+
+async def _request(client: httpx.AsyncClient, target: Target, prompt: list[int], spec: LoadSpec,
+                   errors: Counter[str]) -> RequestRecord:
+    """One streamed completion; its record on the perf_counter clock (ok=False when it failed)."""
+    body = {"prompt": prompt, "max_tokens": spec.output_len, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    arrival, times, tokens = time.perf_counter(), [], None
+    try:
+        async with client.stream("POST", f"{target.url}/v1/completions", json=body, headers=target.headers) as reply:
+            if reply.status_code != 200:
+                await reply.aread()
+                errors[f"HTTP {reply.status_code}: {reply.text[:200]}"] += 1
+                return RequestRecord(arrival, ok=False)
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    errors[str(chunk["error"].get("message"))[:200]] += 1
+                    return RequestRecord(arrival, ok=False)
+                if chunk.get("choices"):
+                    times.append(time.perf_counter())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        errors[f"{type(err).__name__}: {err}"[:200]] += 1
+        return RequestRecord(arrival, ok=False)
+    if not times:
+        errors["stream ended without a token"] += 1
+        return RequestRecord(arrival, ok=False)
+    return RequestRecord(arrival, times[0], tuple(times), times[-1], tokens if tokens is not None else len(times))
+
+
+async def _run(target: Target, spec: LoadSpec, slo: dict[str, float]) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(spec.timeout)) as client:
+        prompts = spec.prompts(await _vocab(client, target))
+        errors: Counter[str] = Counter()
+        start = time.perf_counter()
+
+        async def send(at: float, prompt: list[int]) -> RequestRecord:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            return await _request(client, target, prompt, spec, errors)
+
+        records = await asyncio.gather(*(send(at, p) for at, p in zip(spec.arrivals(), prompts, strict=True)))
+        duration = time.perf_counter() - start
+    report = summarize(records, None if math.isinf(spec.rate) else spec.rate, slo, duration)
+    return {"server": target.name, "url": target.url, "offered_rate": "inf" if math.isinf(spec.rate) else spec.rate,
+            "prompt_len": spec.prompt_len, "output_len": spec.output_len, "errors": dict(errors)} | report
+
+
+def run_load(target: Target, spec: LoadSpec, slo: dict[str, float] | None = None) -> dict[str, Any]:
+    """One load against one server: the report of krakenlm.serve.report plus what was offered."""
+    return asyncio.run(_run(target, spec, check_slo(slo)))
+
+
+def run_loads(targets: list[Target], specs: list[LoadSpec], slo: dict[str, float] | None = None) -> list[dict]:
+    """Every load against every server, rate by rate (servers in turn within a rate)."""
+    return [run_load(target, spec, slo) for spec in specs for target in targets]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f}"
+
+
+def _per_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+ROWS = [("TTFT p50 (ms)", "ttft_s", "p50", _ms), ("TTFT p99 (ms)", "ttft_s", "p99", _ms),
+        ("TPOT p50 (ms)", "tpot_s", "p50", _ms), ("TPOT p99 (ms)", "tpot_s", "p99", _ms),
+        ("ITL p99 (ms)", "itl_s", "p99", _ms), ("e2e p99 (ms)", "e2e_s", "p99", _ms),
+        ("throughput (req/s)", "throughput_rps", None, _per_s),
+        ("output tokens/s", "output_tokens_per_s", None, _per_s),
+        ("goodput (req/s)", "goodput_rps", None, _per_s), ("failed", "failed", None, str)]
+
+
+def table(reports: list[dict[str, Any]]) -> str:
+    """Markdown: one block of rows per offered rate, one column per server."""
+    servers = list(dict.fromkeys(r["server"] for r in reports))
+    lines = ["| rate (req/s) | metric | " + " | ".join(servers) + " |", "|---|---|" + "---|" * len(servers)]
+    for rate in dict.fromkeys(r["offered_rate"] for r in reports):
+        by_server = {r["server"]: r for r in reports if r["offered_rate"] == rate}
+        for label, key, stat, fmt in ROWS:
+            cells = [fmt(by_server[s][key][stat] if stat else by_server[s][key]) if s in by_server else "-"
+                     for s in servers]
+            lines.append(f"| {rate} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(reports: list[dict[str, Any]], path: str | Path) -> Path:
+    """Latency percentiles (p50 solid, p99 dashed) against offered rate: TTFT, TPOT and e2e panels, one
+    colour per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = list(dict.fromkeys(r["offered_rate"] for r in reports))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (metric, title) in zip(axes, [("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "end to end")],
+                                   strict=True):
+        for i, server in enumerate(dict.fromkeys(r["server"] for r in reports)):
+            mine = {r["offered_rate"]: r for r in reports if r["server"] == server}
+            xs = [k for k, rate in enumerate(rates) if rate in mine]
+            for stat, style in (("p50", "-"), ("p99", "--")):
+                ys = [mine[rates[k]][metric][stat] for k in xs]
+                ax.plot(xs, [float("nan") if y is None else y * 1e3 for y in ys], style, marker="o", color=f"C{i}",
+                        label=f"{server} {stat}")
+        ax.set_xticks(range(len(rates)), [str(r) for r in rates])
+        ax.set_xlabel("offered rate (requests/s)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

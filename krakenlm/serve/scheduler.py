@@ -1,0 +1,231 @@
+"""Iteration-level scheduler: which requests run in the next engine step, and in which KV-cache row.
+
+A pure-Python state machine (no torch, no clock, no threads): the HTTP server drives it with the real
+engine and the cost model's simulator with predicted step times, so both run the same admission code.
+
+Step semantics (every driver implements exactly this):
+
+1. At a step boundary the driver calls ``plan()``. Running requests that finished (their last token
+   reported, or stopped) or were cancelled leave first, freeing their rows and reserved tokens; they
+   are listed in ``StepPlan.left``.
+2. ``StepPlan.decode`` holds every request still running: all of them were running before this step.
+   ``StepPlan.admit`` holds waiting requests in FIFO order that fit (a free row, their reserved tokens
+   within ``max_tokens``, at most ``max_prefills_per_step`` of them), stopping at the first request
+   that does not fit (no reordering, so a large request is never starved by small ones behind it).
+   Admitted requests take the lowest free rows.
+3. The driver prefills each admitted request on its own, in order; its prefill yields its first token.
+4. Then ONE decode step runs for the ``decode`` set: one token each. Newcomers join decode from the
+   next step.
+5. The driver reports every token with ``token(id, stop=...)``; a request is finished when it has
+   ``max_new_tokens`` tokens or the driver says stop (a stop token), and leaves at the next boundary.
+
+``cancel(id)`` drops a waiting request at once; a running one keeps its row until the next boundary
+(its tokens of the current step may still be reported). A request is refused at ``submit`` when it can
+never run (prompt + max_new_tokens above the context or ``max_tokens``: ``InputError``) or when
+``max_queue`` requests already wait (``QueueFull``, HTTP 429 for the server).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from krakenlm.errors import InputError, KrakenError
+
+REASONS = ("finished", "stopped", "cancelled")
+LIMIT = 1 << 40  # upper bound of every count: keeps arithmetic exact and rejects absurd values
+
+
+class QueueFull(KrakenError):
+    """The waiting queue is full: the request is refused now and may be retried (HTTP 429)."""
+
+
+def _count(owner: str, key: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= LIMIT:
+        raise InputError(f"{owner}: {key} must be an integer in [{minimum}, {LIMIT}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """Limits of the engine's continuous batching.
+
+    max_batch: running sequences (= KV-cache rows); max_tokens: KV tokens reserved by the running
+    requests (each reserves prompt_len + max_new_tokens); max_queue: waiting requests before a submit
+    is refused; max_prefills_per_step: newcomers prefilled per step (0 = as many as fit).
+    """
+
+    max_batch: int = 8
+    max_tokens: int = 16384
+    max_queue: int = 256
+    max_prefills_per_step: int = 0
+
+    def __post_init__(self) -> None:
+        _count("batching policy", "max_batch", self.max_batch, 1)
+        _count("batching policy", "max_tokens", self.max_tokens, 1)
+        _count("batching policy", "max_queue", self.max_queue, 1)
+        _count("batching policy", "max_prefills_per_step", self.max_prefills_per_step, 0)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation request as the scheduler sees it; ``payload`` carries the driver's own data
+    (token ids, sampling settings, a response stream) untouched."""
+
+    id: str | int
+    prompt_len: int
+    max_new_tokens: int
+    payload: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, (str, int)) or isinstance(self.id, bool):
+            raise InputError(f"request: id must be a string or an integer, got {self.id!r}")
+        _count(f"request {self.id!r}", "prompt_len", self.prompt_len, 1)
+        _count(f"request {self.id!r}", "max_new_tokens", self.max_new_tokens, 1)
+
+    @property
+    def tokens(self) -> int:
+        """KV tokens the request reserves: prompt + every token it may generate."""
+        return self.prompt_len + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A running request that left at a step boundary, its row now free."""
+
+    request: Request
+    row: int
+    reason: str  # one of REASONS
+    tokens: int  # tokens it produced
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the next step runs: prefills of ``admit`` (in order), then one decode step of ``decode``."""
+
+    admit: list[tuple[Request, int]]
+    decode: list[tuple[Request, int]]
+    left: list[Departure]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to run (the driver waits for a submit)."""
+        return not self.admit and not self.decode
+
+
+@dataclass
+class _Running:
+    request: Request
+    row: int
+    produced: int = 0
+    done: str = ""  # "" while running, else the reason it will leave with
+
+
+class Scheduler:
+    """FIFO admission into ``policy.max_batch`` rows of ``context`` tokens (module docstring)."""
+
+    def __init__(self, policy: BatchingPolicy, context: int) -> None:
+        if not isinstance(policy, BatchingPolicy):
+            raise InputError(f"scheduler: policy must be a BatchingPolicy, got {type(policy).__name__}")
+        _count("scheduler", "context", context, 1)
+        self.policy, self.context = policy, context
+        self._waiting: deque[Request] = deque()
+        self._waiting_ids: set[str | int] = set()
+        self._running: dict[str | int, _Running] = {}
+        self._free_rows: list[int] = []  # rows released by departed requests (a heap)
+        self._next_row = 0  # rows never used yet start here (no list of max_batch rows is built)
+        self._reserved = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self._reserved
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting or running."""
+        return not self._waiting and not self._running
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; InputError if it can never run or its id is in use, QueueFull if the queue is full."""
+        if not isinstance(request, Request):
+            raise InputError(f"scheduler: submit takes a Request, got {type(request).__name__}")
+        limit = min(self.context, self.policy.max_tokens)
+        if request.tokens > limit:
+            what = "context" if self.context <= self.policy.max_tokens else "max_tokens"
+            raise InputError(f"request {request.id!r}: prompt_len {request.prompt_len} + max_new_tokens "
+                             f"{request.max_new_tokens} = {request.tokens} tokens exceed the {what} of {limit}")
+        if request.id in self._running or request.id in self._waiting_ids:
+            raise InputError(f"request {request.id!r}: id already in use")
+        if len(self._waiting) >= self.policy.max_queue:
+            raise QueueFull(f"request {request.id!r}: {len(self._waiting)} requests already wait "
+                            f"(max_queue {self.policy.max_queue}); retry later")
+        self._waiting.append(request)
+        self._waiting_ids.add(request.id)
+
+    def cancel(self, request_id: str | int) -> bool:
+        """Drop a waiting request now, or free a running one's row at the next boundary; False if unknown
+        or already finished."""
+        if request_id in self._waiting_ids:
+            self._waiting.remove(next(r for r in self._waiting if r.id == request_id))
+            self._waiting_ids.discard(request_id)
+            return True
+        run = self._running.get(request_id)
+        if run is None or run.done:
+            return False
+        run.done = "cancelled"
+        return True
+
+    def token(self, request_id: str | int, stop: bool = False) -> bool:
+        """Record one token of a running request (``stop``: it ended generation); True when it is finished."""
+        run = self._running.get(request_id)
+        if run is None:
+            raise InputError(f"request {request_id!r}: not running, cannot take a token")
+        if run.done in ("finished", "stopped"):
+            raise InputError(f"request {request_id!r}: already finished after {run.produced} tokens")
+        run.produced += 1
+        if not run.done:
+            if stop:
+                run.done = "stopped"
+            elif run.produced >= run.request.max_new_tokens:
+                run.done = "finished"
+        return run.done in ("finished", "stopped")
+
+    def _take_row(self) -> int:
+        """The lowest free row: released rows are all below the never-used ones."""
+        if self._free_rows:
+            return heapq.heappop(self._free_rows)
+        self._next_row += 1
+        return self._next_row - 1
+
+    def plan(self) -> StepPlan:
+        """Close the boundary (departures), then choose this step's decode set and admissions."""
+        left = []
+        for rid, run in list(self._running.items()):
+            if run.done:
+                del self._running[rid]
+                heapq.heappush(self._free_rows, run.row)
+                self._reserved -= run.request.tokens
+                left.append(Departure(run.request, run.row, run.done, run.produced))
+        decode = [(run.request, run.row) for run in self._running.values()]
+        admit: list[tuple[Request, int]] = []
+        cap = self.policy.max_prefills_per_step or self.policy.max_batch
+        while self._waiting and len(self._running) < self.policy.max_batch and len(admit) < cap:
+            request = self._waiting[0]
+            if self._reserved + request.tokens > self.policy.max_tokens:
+                break
+            self._waiting.popleft()
+            self._waiting_ids.discard(request.id)
+            row = self._take_row()
+            self._running[request.id] = _Running(request, row)
+            self._reserved += request.tokens
+            admit.append((request, row))
+        return StepPlan(admit=admit, decode=decode, left=left)

@@ -1,0 +1,97 @@
+"""Shared value checks for config dataclasses and CLI verbs, so every number is validated the same way:
+a bool is not an int, NaN and Infinity are never a valid float, and the error names the field."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from krakenlm.errors import ConfigError, KrakenError
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = 1, maximum: int | None = None,
+              optional: bool = False) -> int | None:
+    """`value` if it is an int (not a bool) in [minimum, maximum]; ConfigError naming `name` otherwise."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        raise ConfigError(f"{name}: must be {_describe('an integer', minimum, maximum, optional)}, got {value!r}")
+    return value
+
+
+def check_float(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None,
+                exclusive: bool = False, optional: bool = False) -> float | None:
+    """`value` as a float if it is a finite number in the range (open at `minimum` when `exclusive`)."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if exclusive else value >= minimum
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        low = None if minimum is None else (f"> {minimum}" if exclusive else f">= {minimum}")
+        raise ConfigError(f"{name}: must be {_describe('a finite number', low, maximum, optional)}, got {value!r}")
+    return float(value)
+
+
+def _describe(kind: str, minimum: Any, maximum: Any, optional: bool) -> str:
+    parts = [kind]
+    if minimum is not None:
+        parts.append(minimum if isinstance(minimum, str) else f">= {minimum}")
+    if maximum is not None:
+        parts.append(f"<= {maximum}")
+    return " ".join(parts) + (" or null" if optional else "")
+
+
+def _check_ancestors(path: Path, name: str) -> None:
+    """The nearest existing folder above `path` must be a folder (a file there makes mkdir fail)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{name}: {parent} is a file, so {path} cannot be created")
+            return
+
+
+def check_output_dir(path: str | Path, name: str) -> Path:
+    """An output directory path that is not an existing file and can be created (creating it is the writer's)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}: {path} exists and is not a directory")
+    _check_ancestors(path, name)
+    return path
+
+
+def check_output_file(path: str | Path, name: str) -> Path:
+    """An output file path that is not an existing directory and can be created: checked before long work,
+    so its result is not lost at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{name}: {path} is a directory; give a file path")
+    _check_ancestors(path, name)
+    return path
+
+
+def regular_file(path: str | Path, error: type[KrakenError] = ConfigError) -> Path:
+    """`path` if it is a regular file this user can read, checked before opening it (a FIFO would block the
+    reader forever, a device would stream without end); `error` naming the path otherwise."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise error(f"{path}: no such file") from None
+    except PermissionError:
+        raise error(f"{path}: permission denied (this user cannot enter a folder on its path)") from None
+    except OSError as err:
+        raise error(f"{path}: cannot access ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+        raise error(f"{path}: is {kind}, not a regular file; refusing to read it")
+    if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise error(f"{path}: permission denied (this user cannot read it)")
+    return path

@@ -1,0 +1,25 @@
+"""Seeded fuzz over model configs, checkpoint files, CLI arguments, sampling parameters and `generate`
+(tests/fuzz.py): every case is a valid result or a typed one-line krakenlm error naming the field or file.
+A sample runs here (~20 s); benchmarks/fuzz_inputs.py runs thousands and prints the counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fuzz import run_fuzz
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fuzzed_inputs_are_valid_or_a_clear_error(tmp_path):
+    bad: list[str] = []
+
+    def record(case, outcome, detail):
+        if outcome == "other":
+            bad.append(f"[{case.family}] {case.description[:200]} -> {detail}")
+
+    tally = run_fuzz(tmp_path, seed=0, counts={"config": 300, "checkpoint": 300, "cli": 150, "sampling": 300,
+                                               "generate": 60}, timeout_s=60,
+                     on_case=record)
+    assert not bad, "\n".join(bad[:20])
+    for family, counts in tally.items():  # the sample exercises both sides of every family
+        assert counts["valid"] > 0 and counts["clear error"] > 0, (family, counts)

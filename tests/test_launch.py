@@ -1,0 +1,67 @@
+"""The launcher and process-group setup: JSON payloads, failures reported, multi-node mistakes named."""
+
+import socket
+
+import pytest
+
+from krakenlm.errors import DistributedError
+from krakenlm.parallel.group import check_multinode
+from krakenlm.parallel.launch import run_ranks
+
+
+def test_a_rank_target_that_is_not_importable_fails_with_a_clear_code(capfd):
+    assert run_ranks("tests.no_such_module:main", 2, {}, grace=5) != 0
+    assert "No module named 'tests.no_such_module'" in capfd.readouterr().err
+
+
+def test_multi_node_with_a_loopback_master_address_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    with pytest.raises(DistributedError, match="--rdzv-endpoint HEAD_IP:PORT"):
+        check_multinode("gloo")
+
+
+def test_multi_node_on_a_host_whose_name_resolves_to_loopback_names_the_interface_variable(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    loopback_name = socket.gethostbyname(socket.gethostname()).startswith("127.")
+    if loopback_name:  # a stock /etc/hosts, as on this project's machines
+        with pytest.raises(DistributedError, match="GLOO_SOCKET_IFNAME"):
+            check_multinode("gloo")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    check_multinode("gloo")  # the user said which interface: no complaint
+
+
+def test_a_single_node_run_is_never_questioned(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    check_multinode("gloo")
+
+
+def test_ctrl_c_stops_the_leader_and_every_follower():
+    """A terminal's Ctrl-C (SIGINT to the foreground process group) mid-run: exit 130, no rank left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "krakenlm", "generate", "--preset", "mini-kraken-2way", "--prompt", "To be",
+           "--tp", "2", "--device", "cpu", "--max-new-tokens", "250"]
+    leader = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    followers: list[str] = []
+    deadline = time.monotonic() + 60
+    while not followers and time.monotonic() < deadline and leader.poll() is None:
+        time.sleep(0.2)
+        followers = subprocess.run(["pgrep", "-P", str(leader.pid)], capture_output=True, text=True).stdout.split()
+    time.sleep(0.5)
+    os.killpg(leader.pid, signal.SIGINT)
+    assert leader.wait(timeout=30) == 130
+    assert "interrupted" in leader.stderr.read()
+    time.sleep(1.0)
+    assert followers and not [pid for pid in followers if os.path.exists(f"/proc/{pid}")]
