@@ -52,7 +52,9 @@ class RowSampler:
         self.greedy = torch.tensor([c.greedy for c in configs], device=device)
         self.temperature = torch.tensor([c.temperature or 1.0 for c in configs], device=device)
         self.top_k = torch.tensor([min(c.top_k or 0, 2**31) for c in configs], device=device)  # > vocab: all
-        self.top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
+        # a top_p below float32's smallest normal would round to 0 and drop even the first token (NaN draw)
+        top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
+        self.top_p = top_p.clamp(min=torch.finfo(top_p.dtype).tiny)
         seeds = configs[:1] if shared_seed else configs
         self.generators = (list(generators) if generators is not None
                            else [torch.Generator(device=device).manual_seed(c.seed) for c in seeds])

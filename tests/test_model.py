@@ -245,3 +245,10 @@ def test_device_sampling_equals_the_plain_rule(config):
     logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(3)) * 3
     want = _reference_sample(logits, config, torch.Generator().manual_seed(config.seed))
     assert torch.equal(sample(logits, config), want)
+
+
+def test_top_p_below_float32_range_keeps_the_most_likely_token():
+    """1e-300 is a valid top_p but rounds to 0 in float32: the first token must still stay (it was a NaN draw)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 4
+    got = sample(logits, SamplingConfig(temperature=1e30, top_p=1e-300, seed=1))
+    assert torch.equal(got, (logits / 1e30).argmax(-1))
