@@ -1,10 +1,12 @@
-"""Quality at equal parameters and equal tokens: mini-kraken-2way, mini-kraken-4way and mini-gpt on
-the Shakespeare plays (GPT-2 BPE), same windows in the same order, same schedule.
+"""Quality at equal parameters and equal tokens: the four architectures (mini-gpt, mini-parallel,
+mini-kraken-2way / -4way, mini-ladder) on the Shakespeare plays (GPT-2 BPE), same windows in the same
+order, same schedule.
 
-Writes val-loss curves of the three runs into one PNG and one JSON (the runs' own directories keep
-their metrics.jsonl, loss.png and checkpoints).
+Writes val-loss curves of every run into one PNG and one JSON and prints a Markdown table (the runs'
+own directories keep their metrics.jsonl, loss.png and checkpoints). Finished runs are resumed, not
+redone, so models can be trained one per invocation (``--models``) and tabulated together at the end.
 
-    python benchmarks/train_quality.py [--tokens 600000] [--out runs/train_quality]
+    python benchmarks/train_quality.py [--tokens 600000] [--out runs/train_quality] [--models a,b]
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from krakenlm.data import META_FILE, prepare
 from krakenlm.presets import get_preset
 from krakenlm.train.trainer import METRICS_FILE, TrainConfig, plot_losses, read_metrics, train
 
-MODELS = ("mini-kraken-2way", "mini-kraken-4way", "mini-gpt")
+MODELS = ("mini-gpt", "mini-parallel", "mini-kraken-2way", "mini-kraken-4way", "mini-ladder")
+BASELINE = "mini-gpt"
 
 
 def main() -> None:
@@ -54,7 +57,7 @@ def main() -> None:
         run_dir = out / name
         start = time.perf_counter()
         result = train(base.replace(out=str(run_dir)), config, resume=True)  # resume: rerun finishes a killed one
-        seconds = time.perf_counter() - start
+        seconds = _add_wall(run_dir, time.perf_counter() - start)
         curves[name] = read_metrics(run_dir / METRICS_FILE)
         speeds = [r["tokens_per_s"] for r in curves[name]]
         final = [r for r in curves[name] if "val_loss" in r][-1]["val_loss"]
@@ -70,7 +73,27 @@ def main() -> None:
     millions = steps * args.batch * args.block / 1e6
     plot_losses(curves, out / "quality.png", f"Shakespeare, GPT-2 BPE, {millions:.2f}M tokens, equal params",
                 x="tokens")
+    print(table(summary))
     print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
+
+
+def _add_wall(run_dir: Path, seconds: float) -> float:
+    """Wall seconds of a run summed over the invocations that trained it (a finished run adds ~0)."""
+    file = run_dir / "wall.json"
+    total = (json.loads(file.read_text())["seconds"] if file.exists() else 0.0) + seconds
+    file.write_text(json.dumps({"seconds": total}))
+    return total
+
+
+def table(summary: dict[str, dict]) -> str:
+    """The runs as a Markdown table, val loss relative to the gpt baseline when it ran."""
+    base = summary.get(BASELINE, {}).get("final_val_loss")
+    lines = ["| model | arch | params | val loss | vs gpt | val ppl | tokens/s | wall |", "|---" * 8 + "|"]
+    for name, s in summary.items():
+        rel = f"{(s['final_val_loss'] / base - 1) * 100:+.2f}%" if base and name != BASELINE else "-"
+        lines.append(f"| {name} | {s['arch']} | {s['params'] / 1e6:.2f}M | {s['final_val_loss']:.4f} | {rel} | "
+                     f"{s['final_val_ppl']:.1f} | {s['median_tokens_per_s']:.0f} | {s['wall_seconds']:.0f} s |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ manifests, still loads, with a warning that it cannot be verified.)
 Imported: (a) the Kraken authors' nanoGPT-derived torch.save files (a run directory holding one
 ``ckpt.pt`` is accepted too), (b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)``
 so nothing but tensors, plain containers and numpy scalars is ever unpickled, and zip-format files are
-CRC-checked first; (c) Hugging Face GPT-2 directories (config.json + model.safetensors). Exported: HF GPT-2.
+CRC-checked first; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
+Llama directories (krakenlm.hf_llama; sharded safetensors too). Exported: HF GPT-2.
 
 Every reader refuses what is not a regular file before opening it (a FIFO would block), names the
 file on any failure, and checks the tensors it returns: floating point, finite, one dtype.
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, KrakenError
+from krakenlm.hf_llama import llama_config, read_llama
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
 from krakenlm.resources import model_bytes, require_memory
@@ -308,8 +310,10 @@ class Checkpoint:
             self.format, self.config = "native", _native_config(self.path, self._doc)
         elif self._doc.get("model_type") == "gpt2":
             self.format, self.config = "hf-gpt2", _hf_config(self._doc, str(self.path))
+        elif self._doc.get("model_type") == "llama":
+            self.format, self.config = "hf-llama", llama_config(self._doc)
         else:
-            raise CheckpointError(f"{self.path}: config.json is neither a krakenlm nor a GPT-2 config")
+            raise CheckpointError(f"{self.path}: config.json is neither a krakenlm, a GPT-2 nor a Llama config")
 
     def state(self, shard: Shard | None = None) -> dict[str, Tensor]:
         """The native state dict, or only ``shard``'s slices of it (native files are read sliced); every
@@ -322,6 +326,10 @@ class Checkpoint:
                               "detected (load and save it again to add them)", stacklevel=3)
             _require_model_memory(self.config, shard, source)
             return _check_tensors(_read_native(self.path, self.config, shard or Shard.full(self.config)), source)
+        if self.format == "hf-llama":
+            _require_model_memory(self.config, shard, source)
+            state = read_llama(self.path, self.config, shard or Shard.full(self.config), expected_shapes(self.config))
+            return _check_tensors(state, source)
         _require_model_memory(self.config, None, source)
         if self.format == "hf-gpt2":
             state = _import_hf(self.path, self.config)
@@ -346,7 +354,7 @@ class Checkpoint:
 
 
 def detect_format(path: str | Path) -> str:
-    """'native', 'hf-gpt2', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
+    """'native', 'hf-gpt2', 'hf-llama', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
     return Checkpoint(path).format
 
 
@@ -517,7 +525,8 @@ def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[
             out[f"layers.{layer}.{new}"] = torch.stack(parts).contiguous()
     head = state.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, out.get("wte.weight", head)):
-        raise CheckpointError(f"{source}: lm_head is not tied to the token embedding; krakenlm models tie them")
+        raise CheckpointError(f"{source}: lm_head is not tied to the token embedding; GPT-2 / nanoGPT imports "
+                              "expect a tied head")
     if state:
         raise CheckpointError(f"{source}: unexpected tensors {sorted(state)[:5]}")
     return out
@@ -561,9 +570,10 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
     """Write a gpt model as a Hugging Face GPT-2 directory (GPT2LMHeadModel layout, Conv1D weights)."""
     config = model.config
     if config.arch != "gpt" or not config.bias or config.mlp != "gelu" or config.position != "learned" \
-            or config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head):
-        raise ConfigError("export: only GPT-2-shaped gpt models (bias, GELU, learned positions, MHA) "
-                          "export to HF GPT-2")
+            or config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head) \
+            or config.norm != "layernorm" or not config.tie_embeddings:
+        raise ConfigError("export: only GPT-2-shaped gpt models (bias, LayerNorm, GELU, learned positions, MHA, "
+                          "tied head) export to HF GPT-2")
     state = model.state_dict()
     block_names = {v: k for k, v in _BLOCK_KEYS.items()}
     global_names = {v: k for k, v in _GLOBAL_KEYS.items()}

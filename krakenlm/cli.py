@@ -25,7 +25,7 @@ from krakenlm.tokenizer import Tokenizer, check_text, default_tokenizer_for, get
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--checkpoint / --preset / --config: where a model comes from (shared by several verbs)."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="native dir, HF GPT-2 dir, nanoGPT or Kraken-authors .pt file")
+    src.add_argument("--checkpoint", help="native dir, HF Llama or GPT-2 dir, nanoGPT or Kraken-authors .pt file")
     src.add_argument("--preset", help="named configuration (random weights); see `krakenlm presets`")
     src.add_argument("--config", help="ModelConfig JSON file (random weights)")
     parser.add_argument("--seed", type=int, default=0, help="init seed for --preset/--config, and sampling seed")
@@ -81,14 +81,19 @@ def _cmd_size(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokenizer, tp: int) -> None:
+HIDDEN_BEHIND = {"kraken": "Kraken AllReduce time hidden behind attention",
+                 "ladder": "Ladder AllReduce time hidden behind the next module"}
+
+
+def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokenizer, tp: int,
+                 arch: str = "kraken") -> None:
     for text, tokens in zip(prompts, result.tokens, strict=True):
         print(text + tokenizer.decode(tokens))
         print("---")
     print(f"[tp={tp}] prompt tokens {result.prompt_tokens}, TTFT {result.prefill_seconds * 1e3:.1f} ms, "
           f"decode {result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
     if result.exchange_hidden is not None:
-        print(f"[tp={tp}] Kraken AllReduce time hidden behind attention: {result.exchange_hidden:.0%}", file=sys.stderr)
+        print(f"[tp={tp}] {HIDDEN_BEHIND[arch]}: {result.exchange_hidden:.0%}", file=sys.stderr)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -112,7 +117,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ids = [tokenizer.encode(p) for p in args.prompt]
         result = engine.generate(ids, args.max_new_tokens, sampling, Stop((tokenizer.eot_token,)),
                                  vocab_limit=tokenizer.vocab_size, trace=args.trace)
-        print_result(result, args.prompt, tokenizer, engine.world)
+        print_result(result, args.prompt, tokenizer, engine.world, engine.config.arch)
     return 0
 
 
@@ -129,6 +134,29 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-comm", action="store_true", help="skip every collective (wrong output, right timing)")
     p.add_argument("--trace", metavar="DIR", help="with --tp: write each rank's timeline as a chrome trace")
     p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from krakenlm.checkpoint import Checkpoint, save_checkpoint
+
+    ckpt = Checkpoint(args.checkpoint)
+    config = ckpt.config if args.ladder_layers is None else ckpt.config.as_ladder(args.ladder_layers)
+    path = save_checkpoint(args.out, ckpt.state(), config, {"converted_from": str(args.checkpoint)})
+    print(f"wrote {path} ({config.arch}, {config.num_params() / 1e6:.1f}M params"
+          + (f", last {args.ladder_layers} of {config.n_layer} layers ladder)" if args.ladder_layers is not None
+             else ")"))
+    return 0
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="any supported checkpoint (HF Llama / GPT-2, nanoGPT ...) -> native; "
+                                       "optionally rewire the last K layers as Ladder Residual")
+    p.add_argument("--checkpoint", required=True, help="native dir, HF Llama or GPT-2 dir, nanoGPT or .pt file")
+    p.add_argument("--out", required=True, help="native checkpoint directory to write")
+    p.add_argument("--ladder-layers", type=int, metavar="K",
+                   help="the last K layers read the residual stream one module late (same weights; the Ladder "
+                        "paper adapts a pretrained model this way, then retrains briefly)")
+    p.set_defaults(func=_cmd_convert)
 
 
 def _demo_config(args: argparse.Namespace) -> DemoConfig:
@@ -172,8 +200,8 @@ def _add_doctor_parser(sub: argparse._SubParsersAction) -> None:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Verbs of every subsystem; a subsystem that fails to import must not break the others."""
-    registrars: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate_parser, _add_demo_parser,
-                                                                       _add_doctor_parser]
+    registrars: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate_parser, _add_convert_parser,
+                                                                       _add_demo_parser, _add_doctor_parser]
     for module, names in [
         ("krakenlm.costmodel.cli", ["add_predict_parser", "add_plan_parser", "add_simulate_parser",
                                     "add_calibrate_parser"]),

@@ -1,10 +1,16 @@
-"""ModelConfig: one validated description of a gpt, parallel-block or Kraken model.
+"""ModelConfig: one validated description of a gpt, parallel-block, Kraken or Ladder Residual model.
 
 The same config feeds the model, the tensor-parallel plans, the trainer, the benchmarks and the
 cost model, so a prediction and a measurement always talk about the same thing.
 
 Kraken's N sub-layers are a leading dimension of every per-layer weight; a GPT or parallel-block
-model is simply the N = 1 case, which is what lets one forward schedule serve all three.
+model is simply the N = 1 case, which is what lets one forward schedule serve all three. A ladder
+model (Zhang et al. 2025, "Ladder-residual") has a gpt model's weights and a different wiring: each
+module reads the residual stream without the previous module's output.
+
+Llama-family blocks are options of every architecture: RMSNorm (``norm``), RoPE with a configurable
+base (``position``, ``rope_theta``), SwiGLU (``mlp``), GQA/MQA (``n_kv_head``) and an untied LM head
+(``tie_embeddings``).
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from typing import Any
 from krakenlm.errors import ConfigError
 from krakenlm.validation import check_float, check_int, regular_file
 
-ARCHS = ("gpt", "parallel", "kraken")
+ARCHS = ("gpt", "parallel", "kraken", "ladder")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
 SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")  # no default may stand in for these
 
 
@@ -47,7 +54,9 @@ class ModelConfig:
     """Shape and wiring of a model. Every invalid field raises ConfigError naming it.
 
     For Kraken, ``n_embd`` is the width d of one sub-layer and ``n_head`` the heads *per
-    sub-layer*; the paper's "total heads" is ``n_head * n_sub``.
+    sub-layer*; the paper's "total heads" is ``n_head * n_sub``. For ladder, ``ladder_layers`` is how
+    many of the last layers use ladder wiring (None: all; fewer is the Ladder paper's adaptation of a
+    pretrained model, whose lower layers stay standard).
     """
 
     arch: str = "gpt"
@@ -64,18 +73,31 @@ class ModelConfig:
     mlp: str = "gelu"
     position: str = "learned"
     norm_eps: float = 1e-5
+    norm: str = "layernorm"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    ladder_layers: int | None = None
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
         _check(self.mlp in MLPS, "mlp", f"must be one of {MLPS}, got {self.mlp!r}")
         _check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}, got {self.position!r}")
+        _check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
         for name in ("n_layer", "n_embd", "n_head", "n_sub", "vocab_size", "block_size"):
             check_int(getattr(self, name), name)
-        _check(isinstance(self.bias, bool), "bias", f"must be true or false, got {self.bias!r}")
+        for name in ("bias", "tie_embeddings"):
+            _check(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         check_float(self.norm_eps, "norm_eps", minimum=0, exclusive=True)
+        check_float(self.rope_theta, "rope_theta", minimum=0, exclusive=True)
         if self.arch != "kraken":
             _check(self.n_sub == 1, "n_sub", f"must be 1 for arch={self.arch!r} (only kraken has sub-layers)")
+        if self.arch == "ladder":
+            k = self.ladder_layers
+            _check(k is None or (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= self.n_layer),
+                   "ladder_layers", f"must be null or an integer in [0, n_layer={self.n_layer}], got {k!r}")
+        else:
+            _check(self.ladder_layers is None, "ladder_layers", f"only applies to arch='ladder', not {self.arch!r}")
         for name in ("n_kv_head", "head_dim", "ffn_hidden"):
             check_int(getattr(self, name), name, optional=True)
         if self.head_dim is None:
@@ -114,6 +136,18 @@ class ModelConfig:
     def has_conjunction(self) -> bool:
         return self.arch == "kraken"
 
+    @property
+    def ladder_start(self) -> int:
+        """First layer with ladder wiring (n_layer: none, i.e. a standard model)."""
+        if self.arch != "ladder":
+            return self.n_layer
+        return self.n_layer - (self.n_layer if self.ladder_layers is None else self.ladder_layers)
+
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one norm over d (RMSNorm has a gain only; LayerNorm a gain and, with bias, a shift)."""
+        return self.n_embd * (2 if self.bias and self.norm == "layernorm" else 1)
+
     # Parameter accounting ------------------------------------------------------------------
     def layer_params(self) -> int:
         """Parameters of one layer (all N sub-layers), norms and biases included."""
@@ -123,18 +157,18 @@ class ModelConfig:
         ffn_in = (2 if self.mlp == "swiglu" else 1) * self.ffn_size
         ffn = d * ffn_in + self.ffn_size * d + (ffn_in + d if self.bias else 0)
         n_norms = 1 if self.arch == "parallel" else 2
-        norms = n_norms * d * (2 if self.bias else 1)
-        return self.n_sub * (attn + ffn + norms)
+        return self.n_sub * (attn + ffn + n_norms * self.norm_params)
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Total parameters, counted as the Kraken paper does (position embeddings included)."""
+        """Total parameters, counted as the Kraken paper does (position embeddings included; an untied
+        LM head counts with the embeddings)."""
         d = self.n_embd
         total = self.n_layer * self.layer_params()
-        total += d * (2 if self.bias else 1)  # final norm
+        total += self.norm_params  # final norm
         if self.has_conjunction:
             total += self.n_sub * d * d + (d if self.bias else 0)
         if include_embeddings:
-            total += self.vocab_size * d
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
             if self.position == "learned":
                 total += self.block_size * d
         return total
@@ -162,6 +196,13 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def as_ladder(self, layers: int | None = None) -> ModelConfig:
+        """The same weights with the last ``layers`` layers (None: all) in ladder wiring: the Ladder
+        paper's adaptation of a pretrained standard model (which it then briefly retrains)."""
+        if self.arch not in ("gpt", "ladder"):
+            raise ConfigError(f"arch: only gpt models convert to ladder wiring (same weights), not {self.arch!r}")
+        return self.replace(arch="ladder", ladder_layers=layers)
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:

@@ -52,7 +52,9 @@ class RowSampler:
         self.greedy = torch.tensor([c.greedy for c in configs], device=device)
         self.temperature = torch.tensor([c.temperature or 1.0 for c in configs], device=device)
         self.top_k = torch.tensor([min(c.top_k or 0, 2**31) for c in configs], device=device)  # > vocab: all
-        self.top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
+        # a top_p below float32's smallest normal would round to 0 and drop even the first token (NaN draw)
+        top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
+        self.top_p = top_p.clamp(min=torch.finfo(top_p.dtype).tiny)
         seeds = configs[:1] if shared_seed else configs
         self.generators = (list(generators) if generators is not None
                            else [torch.Generator(device=device).manual_seed(c.seed) for c in seeds])
@@ -101,7 +103,7 @@ class GenerationResult:
     decode_steps: int
     prompt_tokens: int
     step_seconds: list[float] = field(default_factory=list)
-    exchange_hidden: float | None = None  # Kraken TP, eager: share of the exchange hidden behind compute
+    exchange_hidden: float | None = None  # Kraken / ladder TP, eager: share of async AllReduces hidden by compute
 
     @property
     def decode_tokens_per_second(self) -> float:

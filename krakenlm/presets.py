@@ -1,6 +1,7 @@
 """Named model configurations, as data: the Kraken paper's models, GPT-2, the latency-study shapes
-(GPT-3-like 1.3B-175B as gpt, parallel, Kraken 4-way and 8-way at equal parameters per layer),
-PaLM and MT-NLG shapes for the cost model, and small models for demos and tests."""
+(GPT-3-like 1.3B-175B as gpt, parallel, ladder, Kraken 4-way and 8-way at equal parameters per layer),
+Ladder Residual at GPT-2 124M, Llama 3 8B (standard and ladder), PaLM and MT-NLG shapes for the cost
+model, and small models for demos and tests."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def _build() -> dict[str, ModelConfig]:
     for name, layers, d, heads in gpt2_shapes:
         add(ModelConfig(name=name, arch="gpt", n_layer=layers, n_embd=d, n_head=heads,
                         vocab_size=50257, block_size=1024, bias=True))
+    add(presets["gpt2-124m"].replace(arch="ladder", name="ladder-124m"))  # the same weights, ladder wiring
 
     # Latency-study shapes (GPT-3 Table 2.1; 65B is the LLaMA-65B shape). Kraken variants keep the
     # total head count and the matmul parameters per layer (12 d^2) of the standard model.
@@ -43,6 +45,7 @@ def _build() -> dict[str, ModelConfig]:
         common = dict(n_layer=layers, vocab_size=50304, block_size=2048, bias=False)
         add(ModelConfig(name=f"gpt-{size}", arch="gpt", n_embd=d, n_head=heads, **common))
         add(ModelConfig(name=f"parallel-{size}", arch="parallel", n_embd=d, n_head=heads, **common))
+        add(ModelConfig(name=f"ladder-{size}", arch="ladder", n_embd=d, n_head=heads, **common))
         for n_sub in (4, 8):
             sized = size_kraken(12 * d * d, layers, heads, n_sub, per_layer=True)
             add(ModelConfig(name=f"kraken{n_sub}-{size}", arch="kraken", n_embd=sized.n_embd,
@@ -57,9 +60,21 @@ def _build() -> dict[str, ModelConfig]:
     add(ModelConfig(name="mt-nlg-530b", arch="gpt", n_layer=105, n_embd=20480, n_head=128, head_dim=160,
                     vocab_size=51200, block_size=2048, bias=True))
 
+    # Llama 3 8B (RMSNorm, RoPE base 500000, SwiGLU, GQA 32/8, untied head) and its ladder twin, the
+    # shape the Ladder paper adapts; tiny-llama has the same blocks at test size.
+    llama = dict(norm="rmsnorm", position="rope", mlp="swiglu", rope_theta=500000.0, tie_embeddings=False,
+                 bias=False)
+    add(ModelConfig(name="llama-3-8b", arch="gpt", n_layer=32, n_embd=4096, n_head=32, n_kv_head=8,
+                    ffn_hidden=14336, vocab_size=128256, block_size=8192, **llama))
+    add(presets["llama-3-8b"].replace(arch="ladder", name="ladder-llama-3-8b"))
+    add(ModelConfig(name="tiny-llama", arch="gpt", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128,
+                    vocab_size=512, block_size=256, **llama))
+
     # Small models: the end-to-end demo and quick experiments on a CPU (GPT-2 BPE vocabulary).
     add(ModelConfig(name="mini-gpt", arch="gpt", n_layer=4, n_embd=192, n_head=6, vocab_size=50304,
                     block_size=256))
+    for arch in ("parallel", "ladder"):  # the quality comparison's other architectures at mini-gpt's size
+        add(presets["mini-gpt"].replace(arch=arch, name=f"mini-{arch}"))
     mini_budget = presets["mini-gpt"].num_params()
     for n_sub in (2, 4):
         sized = size_kraken(mini_budget, 4, 6 if n_sub == 2 else 8, n_sub, block_size=256)

@@ -11,7 +11,7 @@ from krakenlm.cli import main
 from krakenlm.costmodel.calibrate import load_records, parse_record
 
 VARIANTS = {"gpt", "gpt/no-comm", "parallel", "parallel/no-comm", "kraken", "kraken/no-comm", "kraken/blocking",
-            "gpt/dtensor", "gpt/single", "kraken/single"}
+            "ladder", "ladder/no-comm", "ladder/blocking", "gpt/dtensor", "gpt/single", "kraken/single"}
 
 
 def _run(tmp_path, *extra: str) -> dict:
@@ -27,19 +27,24 @@ def _check_cell(cell: dict) -> None:
     for label, v in cell["variants"].items():
         assert v["prefill"]["median"] > 0 and v["prefill"]["n"] == len(v["prefill"]["samples"]) >= 1, label
     assert cell["rounds"]["kept"] + cell["rounds"]["dropped"] >= 2
-    assert set(cell["breakdown"]["kraken"]) >= {"GEMM", "overlapped GEMM", "AllReduce", "wall"}
+    for arch in ("kraken", "ladder"):
+        assert set(cell["breakdown"][arch]) >= {"GEMM", "overlapped GEMM", "AllReduce", "wall"}
+    assert cell["breakdown"]["ladder"]["overlapped GEMM"] > 0  # modules compute while sums are in flight
 
 
 def test_bench_quick_loopback(tmp_path, capsys):
     result = _run(tmp_path)
-    assert "kraken/gpt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kraken/gpt" in out and "TTFT ladder/kraken" in out
     (cell,) = result["cells"]
     assert set(cell["variants"]) == VARIANTS
     _check_cell(cell)
+    assert {"ladder/gpt", "ladder/kraken", "ladder/no-comm", "ladder/blocking"} <= set(cell["ratios"]["prefill"])
+    assert 0.0 <= cell["hidden_fraction"]["ladder"]["timeline"] <= 1.0
     assert cell["peer_check"]["ok"], cell["peer_check"]
     assert result["environment"]["torch"] and "contamination" in result
     records = load_records(tmp_path / "bench.json")
-    assert {r["arch"] for r in records} == {"gpt", "parallel", "kraken"}
+    assert {r["arch"] for r in records} == {"gpt", "parallel", "kraken", "ladder"}
     for rec in records:
         parse_record(rec)  # the cost model's calibration accepts every record as it is
     assert (tmp_path / "bench.csv").read_text().count("\n") > len(VARIANTS)

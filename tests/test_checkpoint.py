@@ -57,9 +57,11 @@ def test_export_refuses_non_gpt2_shapes(tmp_path):
         export_hf_gpt2(tmp_path / "x", Transformer(tiny("kraken")))
 
 
-@pytest.mark.parametrize("arch", ["gpt", "parallel", "kraken"])
-def test_native_round_trip_is_exact(tmp_path, arch):
-    model = build_model(config=tiny(arch), seed=3)
+@pytest.mark.parametrize("cfg", [tiny("gpt"), tiny("parallel"), tiny("kraken"), tiny("ladder", ladder_layers=2),
+                                 tiny("ladder", norm="rmsnorm", tie_embeddings=False, n_kv_head=2)],
+                         ids=["gpt", "parallel", "kraken", "ladder", "ladder-rmsnorm-untied"])
+def test_native_round_trip_is_exact(tmp_path, cfg):
+    model = build_model(config=cfg, seed=3)
     save_checkpoint(tmp_path / "ck", model, model.config, {"note": "x"})
     assert detect_format(tmp_path / "ck") == "native"
     back = load_model(tmp_path / "ck")
@@ -199,3 +201,81 @@ def test_saved_checkpoint_directory_follows_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left behind
+
+
+def hf_llama(tmp_path, name="llama", shard=None, **kw):
+    """A random tiny LlamaForCausalLM saved as transformers writes it (random norm gains too)."""
+    torch.manual_seed(0)
+    fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, rope_theta=500000.0,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5) | kw
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path / name, **({"max_shard_size": shard} if shard else {}))
+    return model, tmp_path / name
+
+
+@pytest.mark.parametrize("kind", ["untied", "tied", "sharded-files"])
+def test_hf_llama_same_logits_as_transformers(tmp_path, kind):
+    kw = {"tie_word_embeddings": True} if kind == "tied" else {}
+    hf, path = hf_llama(tmp_path, shard="40KB" if kind == "sharded-files" else None, **kw)
+    assert (path / "model.safetensors.index.json").exists() == (kind == "sharded-files")
+    assert detect_format(path) == "hf-llama"
+    ours = load_model(path)
+    assert ours.config.norm == "rmsnorm" and ours.config.rope_theta == 500000.0
+    assert ours.config.tie_embeddings == (kind == "tied") and ours.config.num_params() == hf.num_parameters()
+    idx = torch.randint(0, 300, (3, 50))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max() <= 1e-4
+
+
+def test_hf_llama_at_tp2_same_logits_as_transformers(tmp_path):
+    from krakenlm.parallel.launch import run_ranks
+
+    hf, path = hf_llama(tmp_path, shard="40KB")
+    idx = torch.randint(0, 300, (2, 40))
+    payload = {"source": {"checkpoint": str(path)}, "idx": idx.tolist(), "out": str(tmp_path / "logits.pt")}
+    assert run_ranks("tests.tp_workers:logits", 2, payload, grace=30) == 0
+    with torch.no_grad():
+        assert (hf(idx).logits - torch.load(tmp_path / "logits.pt", weights_only=True)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"hidden_size": None}, "hidden_size"),
+    ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
+    ({"intermediate_size": 128}, "mlp.gate_proj.weight"),  # the tensors no longer fit the config
+])
+def test_bad_or_mismatched_llama_configs_are_refused_with_the_field_named(tmp_path, change, field):
+    _, path = hf_llama(tmp_path)
+    doc = json.loads((path / "config.json").read_text())
+    doc.pop("rope_parameters") if "rope_scaling" in change else None
+    doc.update(change)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in doc.items() if v is not None}))
+    with pytest.raises(CheckpointError, match=field):
+        load_model(path)
+
+
+def test_imported_llama_converts_to_ladder_wiring(tmp_path):
+    """The Ladder paper's adaptation: the same weights, the last K layers rewired (K = 0 changes nothing)."""
+    _, path = hf_llama(tmp_path)
+    original = load_model(path)
+    idx = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        want = original(idx)
+        for k in (0, 1):
+            config = original.config.as_ladder(k)
+            save_checkpoint(tmp_path / f"ladder{k}", original.state_dict(), config)
+            ladder = load_model(tmp_path / f"ladder{k}")
+            assert ladder.config.arch == "ladder" and ladder.config.ladder_start == 2 - k
+            assert ((ladder(idx) - want).abs().max() < 1e-6) == (k == 0)
+    with pytest.raises(ConfigError, match="ladder"):
+        tiny("kraken").as_ladder()

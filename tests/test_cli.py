@@ -17,12 +17,14 @@ def test_generate_single_device_prints_text_and_speed():
     assert r.stdout.startswith("Hello world") and "tokens/s" in r.stderr
 
 
-def test_generate_tp2_matches_single_device():
-    args = ["generate", "--preset", "mini-kraken-2way", "--prompt", "To be, or not", "--max-new-tokens", "6"]
+@pytest.mark.parametrize("preset,overlap", [("mini-kraken-2way", "Kraken AllReduce time hidden behind attention"),
+                                            ("mini-ladder", "Ladder AllReduce time hidden behind the next module")])
+def test_generate_tp2_matches_single_device(preset, overlap):
+    args = ["generate", "--preset", preset, "--prompt", "To be, or not", "--max-new-tokens", "6"]
     one, two = run(*args), run(*args, "--tp", "2")
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert one.stdout == two.stdout
-    assert "hidden behind attention" in two.stderr
+    assert overlap in two.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -52,6 +54,21 @@ def test_presets_and_size():
     assert json.loads(r.stdout)["kraken-125m-2way"]["params"] == 124_012_302
     r = run("size", "--budget", "124373760", "--layers", "12", "--heads", "12", "--n-sub", "2")
     assert json.loads(r.stdout)["n_embd"] == 678
+
+
+def test_convert_rewires_the_last_layers_as_ladder(tmp_path, capsys):
+    from krakenlm.checkpoint import load_model, save_checkpoint
+    from krakenlm.source import build_model
+
+    model = build_model(preset="tiny-llama", seed=1)
+    save_checkpoint(tmp_path / "src", model, model.config)
+    assert main(["convert", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "dst"),
+                 "--ladder-layers", "1"]) == 0
+    assert "last 1 of 2 layers ladder" in capsys.readouterr().out
+    assert load_model(tmp_path / "dst").config == model.config.as_ladder(1)
+    assert main(["convert", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "x"),
+                 "--ladder-layers", "5"]) == 2
+    assert "ladder_layers" in capsys.readouterr().err
 
 
 def test_ids_the_tokenizer_cannot_decode_are_never_generated(tmp_path):

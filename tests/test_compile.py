@@ -12,7 +12,8 @@ import pytest
 from krakenlm.parallel.launch import run_ranks
 from tests.conftest import tiny
 
-ARCHS = {"gpt": tiny("gpt", n_layer=2), "parallel": tiny("parallel", n_layer=2), "kraken": tiny("kraken", n_layer=2)}
+ARCHS = {"gpt": tiny("gpt", n_layer=2), "parallel": tiny("parallel", n_layer=2), "kraken": tiny("kraken", n_layer=2),
+         "ladder": tiny("ladder", n_layer=2)}
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -25,10 +25,24 @@ def test_gpt2_124m_matches_hugging_face_count():
 
 @pytest.mark.parametrize("field,value", [("arch", "bert"), ("n_layer", 0), ("n_embd", -1), ("n_head", 5),
                                          ("n_sub", 2), ("mlp", "relu"), ("position", "alibi"), ("n_kv_head", 5),
-                                         ("norm_eps", 0), ("bias", "yes")])
+                                         ("norm_eps", 0), ("bias", "yes"), ("norm", "batchnorm"),
+                                         ("rope_theta", 0), ("tie_embeddings", 1), ("ladder_layers", 2)])
 def test_bad_fields_name_themselves(field, value):
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**{field: value})
+
+
+def test_llama_3_8b_matches_its_published_count():
+    """8,030,261,248: GQA, SwiGLU, RMSNorm gains only, untied LM head."""
+    assert get_preset("llama-3-8b").num_params() == 8_030_261_248
+
+
+def test_ladder_has_gpt_parameters_and_bounded_ladder_layers():
+    assert get_preset("ladder-124m").num_params() == get_preset("gpt2-124m").num_params()
+    assert get_preset("ladder-124m").ladder_start == 0
+    assert ModelConfig(arch="ladder", n_layer=12, ladder_layers=4).ladder_start == 8
+    with pytest.raises(ConfigError, match="ladder_layers"):
+        ModelConfig(arch="ladder", n_layer=12, ladder_layers=13)
 
 
 def test_unknown_field_rejected():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 
 import pytest
 
+from krakenlm.config import ModelConfig
+from krakenlm.costmodel.cli import add_predict_parser
 from krakenlm.costmodel.collectives import Group, collective_time
-from krakenlm.costmodel.estimator import Layout, Workload, estimate, max_context, phase_estimate
+from krakenlm.costmodel.estimator import Layout, Workload, estimate, ladder_stack, max_context, phase_estimate
 from krakenlm.costmodel.hardware import Hardware, hardware_names, load_hardware
 from krakenlm.costmodel.layouts import (
     MatPair,
@@ -17,6 +21,7 @@ from krakenlm.costmodel.layouts import (
     make_mesh,
     pair_ops,
 )
+from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.studies import (
     PAPER_SWITCH_POINTS,
     TABLE1,
@@ -298,3 +303,74 @@ def test_replicated_lm_head_costs_every_chip_the_whole_vocabulary() -> None:
     assert whole.time_s - sharded.time_s == pytest.approx(extra / A100.memory_rate("bf16"), rel=1e-9)
     with pytest.raises(ConfigError, match="head"):
         Layout("1d-ws", head="split")
+
+
+# Ladder Residual ---------------------------------------------------------------------------------
+def test_ladder_stack_hand_computed() -> None:
+    modules = [(3.0, 5.0), (4.0, 1.0), (2.0, 2.0)]
+    # All async: 3, then max(4, 5), max(2, 1), then the last all-reduce 2; exposed (5-4) + 0 + 2.
+    assert ladder_stack(modules, 0) == (12.0, 3.0)
+    # The first module reduces in line: 3 + 5, then 4, max(2, 1), 2; exposed 5 + 0 + 2.
+    assert ladder_stack(modules, 1) == (16.0, 7.0)
+
+
+@pytest.mark.parametrize("gbps", [600.0, 0.05])  # all-reduces shorter than every module / longer than every one
+@pytest.mark.parametrize("ladder_layers", [None, 1, 0])
+def test_ladder_exposes_only_what_the_next_module_cannot_hide(gbps: float, ladder_layers: int | None) -> None:
+    gpt = ModelConfig(arch="gpt", n_layer=2, n_embd=256, n_head=4, vocab_size=512, block_size=2048)
+    ladder = gpt.as_ladder(ladder_layers)
+    hw = A100.with_factors(link_bw=gbps * 1e9 / 8)
+    wl, n = Workload(batch=4, prompt=2048), 2
+    lay = Layout("1d-ws", chips=n)
+    base, got = (phase_estimate(cfg, hw, wl, "prefill", lay) for cfg in (gpt, ladder))
+    assert base.memory_s < base.compute_s / 4  # compute-bound modules: c = C below
+    # Independent per-module pieces: matmuls, causal attention (mean context (L+1)/2), one all-reduce of T*E.
+    tokens, e = wl.batch * wl.prompt, gpt.n_embd
+    flops = A100.flop_rate("bf16")
+    c_attn = (2 * tokens * 4 * e * e + 4 * tokens * (wl.prompt + 1) / 2 * e) / n / flops
+    c_ffn = 2 * tokens * 8 * e * e / n / flops
+    x = collective_time("all_reduce", tokens * e * 2, Group((n,)), hw)
+    expected = {None: c_attn + max(c_ffn, x) + max(c_attn, x) + max(c_ffn, x) + x,
+                1: c_attn + x + c_ffn + max(c_attn, x) + max(c_ffn, x) + x,
+                0: 2 * (c_attn + x + c_ffn + x)}[ladder_layers]
+    exposed = {None: max(x - c_ffn, 0) + max(x - c_attn, 0) + max(x - c_ffn, 0) + x,
+               1: 2 * x + max(x - c_attn, 0) + max(x - c_ffn, 0), 0: 4 * x}[ladder_layers]
+    gpt_layers = 2 * (c_attn + c_ffn + 2 * x)
+    assert base.comm_s == pytest.approx(4 * x, rel=1e-9) == got.comm_s
+    assert got.time_s - base.time_s == pytest.approx(expected - gpt_layers, rel=1e-6, abs=1e-12)
+    assert got.exposed_comm_s == pytest.approx(exposed, rel=1e-9)
+
+
+def test_ladder_layout_and_cli(capsys) -> None:
+    cfg = get_preset("ladder-124m")
+    with pytest.raises(ConfigError, match="Megatron"):
+        estimate(cfg, A100, Workload(), 2, layout="2d-ws")
+    with pytest.raises(ConfigError, match="Megatron"):
+        estimate(cfg, A100, Workload(), 2, layout="1d-ws/attn-batch")
+    parser = argparse.ArgumentParser()
+    add_predict_parser(parser.add_subparsers(dest="verb", required=True))
+    out = {}
+    for name in ("gpt2-124m", "ladder-124m"):
+        args = parser.parse_args(["predict", "--model", name, "--hardware", "cpu-gloo", "--chips", "2",
+                                  "--prompt", "512", "--generate", "8", "--lm-head", "replicated", "--json"])
+        assert args.func(args) == 0
+        out[name] = json.loads(capsys.readouterr().out)
+    lad, std = out["ladder-124m"], out["gpt2-124m"]
+    assert lad["prefill"]["layout"] == lad["decode"]["layout"] == "1d-ws/attn-heads"
+    assert lad["prefill"]["comm_s"] == pytest.approx(std["prefill"]["comm_s"])  # same all-reduces, hidden
+    assert lad["prefill"]["exposed_comm_s"] < 0.2 * std["prefill"]["exposed_comm_s"]
+    assert lad["ttft_s"] < std["ttft_s"] and lad["per_token_s"] <= std["per_token_s"]
+
+
+@pytest.mark.parametrize("gbps", [600.0, 0.05])
+def test_ladder_pipeline_stages_start_their_schedule_at_their_first_layer(gbps: float) -> None:
+    """Two stages of two layers, one micro-batch: the hybrid with ladder in layers 2-3 has gpt's first stage
+    and the all-ladder model's second, so it sits exactly halfway (a stage priced as if it held layer 0
+    would reduce its first modules in line and break this)."""
+    gpt = ModelConfig(arch="gpt", n_layer=4, n_embd=256, n_head=4, vocab_size=512, block_size=2048)
+    hw, wl, lay = A100.with_factors(link_bw=gbps * 1e9 / 8), Workload(batch=1, prompt=1024), Layout("1d-ws", chips=2)
+    pipe = Pipeline(stages=2, prefill_microbatches=1)
+    gpt_t, hybrid, full = (phase_estimate(cfg, hw, wl, "prefill", lay, pipeline=pipe).time_s
+                           for cfg in (gpt, gpt.as_ladder(2), gpt.as_ladder(None)))
+    assert full < hybrid < gpt_t
+    assert hybrid - gpt_t == pytest.approx(full - hybrid, rel=1e-9)

@@ -24,6 +24,7 @@ PROMPTS = ["Once upon", "The answer is"]
     ("gpt", 1, 2),     # Megatron inside the one stream (T = k*N)
     ("kraken", 4, 2),  # two sub-layers per rank (T < N)
     ("kraken", 2, 4),  # sub-layers split further (T = k*N)
+    ("ladder", 1, 2),  # every module's AllReduce in flight during the next module
 ])
 def test_tp_scores_and_generations_equal_single_device(arch: str, n_sub: int, tp: int, tmp_path: Path) -> None:
     cfg = ModelConfig(arch=arch, n_layer=2, n_embd=32, n_head=2, n_sub=n_sub, vocab_size=257, block_size=64)

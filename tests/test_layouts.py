@@ -40,7 +40,8 @@ def shape(name: str) -> ModelConfig:
     base = dict(n_layer=2, n_embd=32, n_head=4)
     return {"mha": tiny("gpt", **base),
             "gqa": tiny("gpt", **base, n_kv_head=2, ffn_hidden=32, bias=False),
-            "mqa": tiny("gpt", **base, n_kv_head=1, ffn_hidden=16, position="rope", mlp="swiglu", bias=False),
+            "mqa": tiny("gpt", **base, n_kv_head=1, ffn_hidden=16, position="rope", mlp="swiglu", bias=False,
+                        norm="rmsnorm"),
             "parallel-mqa": tiny("parallel", **base, n_kv_head=1, ffn_hidden=16, bias=False)}[name]
 
 

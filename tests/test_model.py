@@ -186,6 +186,42 @@ def test_padding_heads_is_exact(name, rng):
         assert (cached_steps(model, idx, 12) - want).abs().max() < 1e-5
 
 
+LADDER_CASES = {"gelu-layernorm-bias": dict(bias=True), "swiglu-rmsnorm": dict(mlp="swiglu", norm="rmsnorm"),
+                "hybrid-last-2-of-4": dict(ladder_layers=2), "no-ladder-layers": dict(ladder_layers=0)}
+
+
+@pytest.mark.parametrize("case", LADDER_CASES)
+def test_ladder_matches_independent_reference_implementation(case, rng):
+    from krakenlm.config import ModelConfig
+    from tests.reference_ladder import ReferenceLadder
+
+    kw = LADDER_CASES[case]
+    torch.manual_seed(0)
+    ref = ReferenceLadder(4, 32, 4, 97, 64, **kw).eval()
+    with torch.no_grad():  # random norms and biases too, so a mis-wired one cannot hide
+        for p in ref.parameters():
+            p.normal_(std=0.3 if p.dim() == 1 else 0.1)
+    cfg = ModelConfig(arch="ladder", n_layer=4, n_embd=32, n_head=4, vocab_size=97, block_size=64, **kw)
+    model = Transformer(cfg, init=False)
+    model.load_state_dict(ref.native_state())
+    idx = torch.randint(0, 97, (2, 30), generator=rng)
+    with torch.no_grad():
+        assert (model.eval()(idx) - ref(idx)).abs().max() < 1e-5
+        assert (cached_steps(model, idx, 17) - ref(idx)).abs().max() < 1e-5
+
+
+def test_ladder_differs_from_gpt_unless_no_layer_is_ladder(rng):
+    """Same weights: a ladder model with ladder_layers=0 is exactly the gpt; any ladder layer changes it."""
+    gpt = model_for(tiny("gpt", n_layer=4))
+    idx = torch.randint(0, 257, (2, 20), generator=rng)
+    with torch.no_grad():
+        want = gpt(idx)
+        for k, same in ((0, True), (1, False), (None, False)):
+            ladder = Transformer(gpt.config.replace(arch="ladder", ladder_layers=k), init=False)
+            ladder.load_state_dict(gpt.state_dict())
+            assert ((ladder.eval()(idx) - want).abs().max() < 1e-6) == same, k
+
+
 def _reference_sample(logits, config, generator):
     """The sampling rule written out plainly: temperature, top-k by the k-th value (ties kept), top-p
     on what is left, one multinomial draw over the whole batch with the generator."""
@@ -209,3 +245,10 @@ def test_device_sampling_equals_the_plain_rule(config):
     logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(3)) * 3
     want = _reference_sample(logits, config, torch.Generator().manual_seed(config.seed))
     assert torch.equal(sample(logits, config), want)
+
+
+def test_top_p_below_float32_range_keeps_the_most_likely_token():
+    """1e-300 is a valid top_p but rounds to 0 in float32: the first token must still stay (it was a NaN draw)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 4
+    got = sample(logits, SamplingConfig(temperature=1e30, top_p=1e-300, seed=1))
+    assert torch.equal(got, (logits / 1e30).argmax(-1))

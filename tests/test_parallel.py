@@ -12,15 +12,18 @@ from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.source import build_model
 from tests.conftest import tiny
 
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", rope_theta=500000.0, tie_embeddings=False, bias=False)
 CASES = {
-    1: {"gpt": tiny("gpt"), "kraken2-T1": tiny("kraken")},
+    1: {"gpt": tiny("gpt"), "kraken2-T1": tiny("kraken"), "ladder": tiny("ladder")},
     2: {"gpt": tiny("gpt"), "gpt-mqa-rope-swiglu": tiny("gpt", n_kv_head=1, position="rope", mlp="swiglu"),
         "parallel": tiny("parallel"), "kraken2-T=N": tiny("kraken"),
-        "kraken4-T<N": tiny("kraken", n_sub=4, n_head=1, n_embd=16)},
+        "kraken4-T<N": tiny("kraken", n_sub=4, n_head=1, n_embd=16), "ladder": tiny("ladder"),
+        "ladder-llama-gqa": tiny("ladder", n_kv_head=2, **LLAMA), "kraken2-llama": tiny("kraken", **LLAMA)},
     4: {"gpt": tiny("gpt"), "gpt-gqa": tiny("gpt", n_kv_head=2), "parallel": tiny("parallel"),
         "kraken4-T=N": tiny("kraken", n_sub=4, n_head=1, n_embd=16),
         "kraken8-T<N": tiny("kraken", n_sub=8, n_head=1, n_embd=16),
-        "kraken2-T=2N": tiny("kraken", bias=True)},
+        "kraken2-T=2N": tiny("kraken", bias=True), "ladder": tiny("ladder"),
+        "ladder-last-2-of-3-gqa": tiny("ladder", n_kv_head=2, ladder_layers=2)},
 }
 
 
@@ -42,13 +45,27 @@ def test_tensor_parallel_equals_single_device(world, tmp_path):
         assert 0.0 <= tl["hidden"] <= 1.0
         trace = json.loads((tmp_path / "trace-rank0.json").read_text())
         assert any(e["name"].startswith("exchange") for e in trace["traceEvents"])
+        tl = results["ladder"]["timeline"]  # every module's sum is issued async
+        assert tl["ladder"] == 2 * CASES[2]["ladder"].n_layer
+        assert tl["awaited_after_next_issued"] and tl["completed"]
+        assert 0.0 <= tl["hidden"] <= 1.0
 
 
-def test_no_comm_ceiling_runs_with_right_shapes_and_wrong_numbers(tmp_path):
+@pytest.mark.parametrize("arch", ["kraken", "ladder"])
+def test_no_comm_ceiling_runs_with_right_shapes_and_wrong_numbers(tmp_path, arch):
     out = tmp_path / "r.json"
-    assert run_ranks("tests.tp_workers:no_comm", 2, {"config": tiny("kraken").to_dict(), "out": str(out)}) == 0
+    assert run_ranks("tests.tp_workers:no_comm", 2, {"config": tiny(arch).to_dict(), "out": str(out)}) == 0
     r = json.loads(out.read_text())
     assert r["shape_ok"] and r["diff"] > 1e-3
+
+
+def test_blocking_ladder_equals_single_device(tmp_path):
+    """overlap=False waits for every ladder AllReduce at once: same numbers, no overlap."""
+    payload = {"out": str(tmp_path), "decode_steps": 4, "options": {"overlap": False},
+               "cases": {"ladder": tiny("ladder").to_dict()}}
+    assert run_ranks("tests.tp_workers:equivalence", 2, payload, grace=30) == 0
+    r = json.loads((tmp_path / "results-2.json").read_text())["ladder"]
+    assert r["prefill"] <= 1e-4 and r["decode"] <= 1e-4 and r["greedy_equal"]
 
 
 @pytest.mark.parametrize("when", [("prefill", 2), ("decode", 3)])
@@ -109,3 +126,11 @@ def test_plan_groups_for_t_equals_k_times_n():
     assert plan.shard_group(3) == [2, 3] and plan.exchange_group(3) == [1, 3]
     assert plan.collectives_per_forward() == {"blocking_allreduce": 6, "overlapped_allreduce": 2,
                                               "conjunction_allreduce": 1}
+
+
+def test_ladder_plan_counts_its_async_sums():
+    assert ParallelPlan(tiny("ladder"), 2).collectives_per_forward() == {
+        "blocking_allreduce": 0, "overlapped_allreduce": 6, "conjunction_allreduce": 0}
+    hybrid = ParallelPlan(tiny("ladder", ladder_layers=2), 2).collectives_per_forward()
+    assert hybrid["blocking_allreduce"] == 1 and hybrid["overlapped_allreduce"] == 5
+    assert ParallelPlan(tiny("ladder"), 1).collectives_per_forward()["overlapped_allreduce"] == 0

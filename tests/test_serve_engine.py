@@ -73,7 +73,8 @@ def test_compiled_rows_equal_eager_generate():
 
 
 def test_tensor_parallel_rows_equal_single_device(tmp_path):
-    cases = {"gpt-mqa-rope": tiny("gpt", n_kv_head=1, position="rope"), "kraken": tiny("kraken")}
+    cases = {"gpt-mqa-rope": tiny("gpt", n_kv_head=1, position="rope"), "kraken": tiny("kraken"),
+             "ladder": tiny("ladder")}
     payload = {"out": str(tmp_path), "cases": {k: v.to_dict() for k, v in cases.items()}, "prompts": prompts(8)}
     assert run_ranks("tests.tp_workers:serving_rows", 2, payload, grace=30) == 0
     results = json.loads((tmp_path / "serving.json").read_text())

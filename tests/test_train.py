@@ -103,9 +103,10 @@ def test_schedule_warmup_then_cosine_to_a_tenth():
     assert lrs[999] == pytest.approx(1e-4, rel=1e-4) and lrs[1099] == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("arch,bias", [("kraken", True), ("gpt", True), ("kraken", False)])
+@pytest.mark.parametrize("arch,bias", [("kraken", True), ("gpt", True), ("kraken", False), ("ladder", False)])
 def test_weight_decay_only_on_matrices(arch, bias):
-    cfg = ModelConfig(**(TINY | dict(arch=arch, bias=bias, n_sub=2 if arch == "kraken" else 1)))
+    untied = {"norm": "rmsnorm", "tie_embeddings": False} if arch == "ladder" else {}
+    cfg = ModelConfig(**(TINY | dict(arch=arch, bias=bias, n_sub=2 if arch == "kraken" else 1) | untied))
     model = Transformer(cfg)
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -115,6 +116,7 @@ def test_weight_decay_only_on_matrices(arch, bias):
     assert not any("ln" in n or "bias" in n for n in names)
     want = {"wte.weight", "wpe.weight", "layers.0.attn.qkv_weight", "layers.1.mlp.down_weight"}
     assert want <= names and (("conj_weight" in names) == (arch == "kraken"))
+    assert ("lm_head.weight" in names) == bool(untied)  # an untied head is a matrix like the embedding
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
@@ -137,8 +139,12 @@ def test_fused_optimizer_steps_like_the_unfused_one():
 
 
 # checkpoints ---------------------------------------------------------------------------------------
-def test_trained_checkpoint_loads_and_generates(data_dir, tmp_path):
-    result = train(tiny_train_config(data_dir, tmp_path / "run"), ModelConfig(**TINY), progress=False)
+LADDER_LLAMA = TINY | dict(arch="ladder", n_sub=1, norm="rmsnorm", mlp="swiglu", position="rope", tie_embeddings=False)
+
+
+@pytest.mark.parametrize("fields", [TINY, LADDER_LLAMA], ids=["kraken", "ladder-llama"])
+def test_trained_checkpoint_loads_and_generates(data_dir, tmp_path, fields):
+    result = train(tiny_train_config(data_dir, tmp_path / "run"), ModelConfig(**fields), progress=False)
     assert result.step == 6 and result.checkpoint.name == "step-000006"
     records = read_metrics(tmp_path / "run" / METRICS_FILE)
     assert [r["step"] for r in records] == list(range(1, 7)) and "val_loss" in records[2]

@@ -48,7 +48,7 @@ def equivalence(payload: dict) -> int:
     for name, cfg_dict in cases.items():
         engine = engine_for({"config": cfg_dict, "seed": 0}, world, **payload.get("options", {}))
         results[name] = compare(engine, ModelConfig.from_dict(cfg_dict), payload["decode_steps"])
-        if payload.get("timeline") and engine.config.arch == "kraken":
+        if payload.get("timeline") and engine.config.arch in ("kraken", "ladder"):
             results[name]["timeline"] = _timeline(engine, out)
     if engine.rank == 0:
         (out / f"results-{world}.json").write_text(json.dumps(results))
@@ -66,11 +66,17 @@ def _timeline(engine: Engine, out: Path) -> dict:
     engine.forward(idx, logits_at="last")
     tl.enabled = False
     begins = {layer: mark for layer, mark in tl.layers}
+    completed = all(e.duration is not None and e.duration >= 0 for e in tl.collectives)
+    if engine.config.arch == "ladder":
+        # The paper's schedule: a module's sum is awaited only after the next module issued its own.
+        sums = [e for e in tl.collectives if e.name == "ladder"]
+        after = all(b.start <= a.wait_start for a, b in zip(sums, sums[1:], strict=False))
+        return {"ladder": len(sums), "awaited_after_next_issued": after, "completed": completed,
+                "hidden": tl.hidden_fraction()}
     exchanges = [e for e in tl.collectives if e.name == "exchange"]
     ordered = all(e.start < begins[e.layer + 1] for e in exchanges)  # issued before the next layer starts
     tl.chrome_trace(out / f"trace-rank{engine.rank}.json", engine.rank)
-    return {"exchanges": len(exchanges), "issued_before_next_layer": ordered,
-            "completed": all(e.duration is not None and e.duration >= 0 for e in exchanges),
+    return {"exchanges": len(exchanges), "issued_before_next_layer": ordered, "completed": completed,
             "hidden": tl.hidden_fraction()}
 
 
@@ -179,5 +185,15 @@ def serving_rows(payload: dict) -> int:
     if engine.rank == 0:
         (Path(payload["out"]) / "serving.json").write_text(json.dumps(results))
     engine.barrier()
+    engine.close()
+    return 0
+
+
+def logits(payload: dict) -> int:
+    """Full-forward logits of a model source on this TP degree; rank 0 saves them."""
+    engine = engine_for(payload["source"], int(os.environ["WORLD_SIZE"]))
+    out = engine.forward(torch.tensor(payload["idx"]))
+    if engine.rank == 0:
+        torch.save(out, payload["out"])
     engine.close()
     return 0

@@ -2,7 +2,8 @@
 
 One untimed forward runs under torch.profiler with a Comm wrapper that marks collectives
 (``bench::allreduce``: time the compute thread spent issuing or waiting for them) and the window in
-which a Kraken exchange is in flight (``bench::overlap``): GEMMs inside it are "overlapped GEMM".
+which a Kraken exchange or a ladder module's AllReduce is in flight (``bench::overlap``): GEMMs inside
+it are "overlapped GEMM".
 Everything is self CPU time on the calling thread, so the categories add up to the profiled wall
 time; what no category claims (elementwise ops, Python) is "other".
 """
@@ -28,23 +29,29 @@ _ATTENTION = PROFILE_RANGE
 
 
 class _MarkedPending:
-    def __init__(self, inner, window: record_function | None) -> None:
-        self.inner, self.window = inner, window
+    def __init__(self, inner, landed: Callable[[], None] | None) -> None:
+        self.inner, self.landed = inner, landed
 
     def wait(self) -> Tensor:
-        if self.window is not None:
-            self.window.__exit__(None, None, None)
-            self.window = None
+        if self.landed is not None:
+            self.landed()
+            self.landed = None
         with record_function(_ALLREDUCE):
             return self.inner.wait()
 
 
 class MarkedComm(PlainComm):
     """A DistComm whose collectives and in-flight windows show up as profiler ranges (the layout hooks are
-    PlainComm's: the breakdown profiles the Megatron and Kraken plans)."""
+    PlainComm's: the breakdown profiles the Megatron, Kraken and ladder plans).
+
+    The overlap window is open while at least one async collective is in flight: Kraken's exchange
+    from issue to wait; ladder's consecutive module sums overlap each other, so one window spans from
+    the first issue to the last wait (profiler ranges must nest)."""
 
     def __init__(self, inner: DistComm) -> None:
         self.inner = inner
+        self._in_flight = 0
+        self._window: record_function | None = None
 
     def layer_begin(self, layer: int) -> None:
         self.inner.layer_begin(layer)
@@ -56,6 +63,11 @@ class MarkedComm(PlainComm):
         with record_function(_ALLREDUCE):
             return self.inner.reduce_shard(x)
 
+    def reduce_shard_async(self, x: Tensor) -> _MarkedPending:
+        with record_function(_ALLREDUCE):
+            pending = self.inner.reduce_shard_async(x)
+        return self._track(pending, self.inner.shard_size)
+
     def reduce_conj(self, x: Tensor) -> Tensor:
         with record_function(_ALLREDUCE):
             return self.inner.reduce_conj(x)
@@ -63,11 +75,22 @@ class MarkedComm(PlainComm):
     def exchange(self, y: Tensor) -> _MarkedPending:
         with record_function(_ALLREDUCE):
             pending = self.inner.exchange(y)
-        in_flight = self.inner.overlap and not self.inner.no_comm and self.inner.exchange_size > 1
-        window = record_function(_OVERLAP) if in_flight else None
-        if window is not None:
-            window.__enter__()
-        return _MarkedPending(pending, window)
+        return self._track(pending, self.inner.exchange_size)
+
+    def _track(self, pending: object, group_size: int) -> _MarkedPending:
+        if not (self.inner.overlap and not self.inner.no_comm and group_size > 1):
+            return _MarkedPending(pending, None)
+        if self._in_flight == 0:
+            self._window = record_function(_OVERLAP)
+            self._window.__enter__()
+        self._in_flight += 1
+        return _MarkedPending(pending, self._landed)
+
+    def _landed(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._window is not None:
+            self._window.__exit__(None, None, None)
+            self._window = None
 
 
 def _category(name: str, shapes: list, ancestors: set[str], vocab: int) -> str:
@@ -79,7 +102,7 @@ def _category(name: str, shapes: list, ancestors: set[str], vocab: int) -> str:
         if any(vocab in s for s in shapes if isinstance(s, list)):
             return "LM head"
         return "overlapped GEMM" if _OVERLAP in ancestors else "GEMM"
-    if "layer_norm" in name:
+    if "layer_norm" in name or "rms_norm" in name:
         return "norm"
     if "scaled_dot_product" in name or "attention" in name:
         return "attention"

@@ -44,14 +44,15 @@ def _checkpoints(text: str) -> dict[str, str]:
     out = {}
     for item in filter(None, text.split(",")):
         arch, sep, path = item.partition("=")
-        if not sep or arch not in ("gpt", "parallel", "kraken") or not path:
-            raise argparse.ArgumentTypeError(f"expected gpt=DIR, parallel=DIR or kraken=DIR, got {item!r}")
+        if not sep or arch not in ("gpt", "parallel", "kraken", "ladder") or not path:
+            raise argparse.ArgumentTypeError(f"expected gpt=DIR, parallel=DIR, kraken=DIR or ladder=DIR, got {item!r}")
         out[arch] = path
     return out
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="TTFT / per-token latency sweep: gpt vs parallel vs Kraken, TP over gloo")
+    p = sub.add_parser("bench", help="TTFT / per-token latency sweep: gpt vs parallel vs Kraken vs ladder, "
+                                     "TP over gloo")
     p.add_argument("--shapes", type=_list(str), help="tiny, 124m, 1.3b, 6.7b, 13b, 65b, 175b; 'NAME:K' keeps K layers "
                    "(default 124m,1.3b:2)")
     p.add_argument("--checkpoints", type=_checkpoints, help="time trained models instead of a shape: "
@@ -140,6 +141,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         paths += plots.write_all(result, args.out)
     print(results.table(result))
+    if any("ladder" in c["variants"] for c in result["cells"]):
+        print(results.ladder_table(result))
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -22,7 +22,7 @@ import torch
 
 from krakenlm.bench.sweep import Options
 
-RECORD_VARIANTS = ("gpt", "parallel", "kraken", "gpt/single", "kraken/single")
+RECORD_VARIANTS = ("gpt", "parallel", "kraken", "ladder", "gpt/single", "kraken/single")
 
 
 def environment() -> dict[str, Any]:
@@ -118,6 +118,15 @@ def _compute_ratio(cell: dict[str, Any]) -> str:
     return f"{r['median'] / flops:.3f}" if r and flops else "-"
 
 
+def _where(c: dict[str, Any]) -> list[str]:
+    return [f"{c['link_gbps']:g} Gb/s" if c["link_gbps"] else "loopback", c["shape"], str(c["prompt_len"]),
+            str(c["batch"]), c["dtype"], f"{c['tp']}{' (oversubscribed)' if c.get('oversubscribed') else ''}"]
+
+
+def _share(stats: dict[str, Any] | None) -> str:
+    return f"{stats['median']:.0%}" if stats else "-"
+
+
 def table(result: dict[str, Any]) -> str:
     """Headline paired ratios per cell (medians over clean rounds) and each prefill's MFU against the GEMM
     throughput measured at its own shapes, as a Markdown table."""
@@ -127,12 +136,29 @@ def table(result: dict[str, Any]) -> str:
                "rounds kept/dropped"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in result["cells"]:
-        hidden = c["hidden_fraction"]["in_place"]
-        row = [f"{c['link_gbps']:g} Gb/s" if c["link_gbps"] else "loopback", c["shape"], str(c["prompt_len"]),
-               str(c["batch"]), c["dtype"], f"{c['tp']}{' (oversubscribed)' if c.get('oversubscribed') else ''}"]
-        row += [_ratio(c, "prefill", k) for k in cols]
+        row = _where(c) + [_ratio(c, "prefill", k) for k in cols]
         row += [_compute_ratio(c), f"{_mfu(c, 'gpt')} / {_mfu(c, 'kraken')}"]
-        row += [f"{hidden['median']:.0%}" if hidden else "-", _ratio(c, "decode", "kraken/gpt"),
+        row += [_share(c["hidden_fraction"]["in_place"]), _ratio(c, "decode", "kraken/gpt"),
                 f"{c['rounds']['kept']}/{c['rounds']['dropped']}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def ladder_table(result: dict[str, Any]) -> str:
+    """Ladder Residual beside Kraken and the standard model: paired TTFT and decode ratios, each
+    overlapping design against its no-comm ceiling, and the share of the blocking variant's exposed
+    AllReduce time that overlapping hid (in place, from the paired rounds)."""
+    cols = ["ladder/gpt", "kraken/gpt", "ladder/kraken", "gpt/no-comm", "kraken/no-comm", "ladder/no-comm",
+            "ladder/blocking"]
+    head = ["link", "shape", "T", "B", "dtype", "tp"] + [f"TTFT {c}" for c in cols] + [
+        "hidden kraken", "hidden ladder", "decode ladder/gpt", "decode ladder/kraken"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in result["cells"]:
+        if "ladder" not in c["variants"]:
+            continue
+        hidden = c["hidden_fraction"]
+        row = _where(c) + [_ratio(c, "prefill", k) for k in cols]
+        row += [_share(hidden["in_place"]), _share(hidden.get("ladder", {}).get("in_place")),
+                _ratio(c, "decode", "ladder/gpt"), _ratio(c, "decode", "ladder/kraken")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

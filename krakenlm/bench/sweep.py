@@ -2,8 +2,9 @@
 
 The coordinator (``run_sweep``) starts one subprocess per rank for every (link, TP degree), inside
 per-rank network namespaces for shaped links, and merges what rank 0 reports. Each rank
-(``run_rank``) measures one cell at a time: every variant of one shape (gpt, parallel, kraken, their
-no-comm ceilings, Kraken with blocking exchange, the DTensor peer, single-device models) is timed
+(``run_rank``) measures one cell at a time: every variant of one shape (gpt, parallel, kraken, ladder,
+their no-comm ceilings, Kraken and ladder with blocking AllReduces, the DTensor peer, single-device
+models) is timed
 once per round, round-robin, with a barrier before each forward; a sample is the max over ranks.
 """
 
@@ -47,7 +48,10 @@ RATIOS = [("kraken/gpt", "kraken", "gpt"), ("kraken/parallel", "kraken", "parall
           ("parallel-nc/gpt-nc", "parallel/no-comm", "gpt/no-comm"),
           ("gpt/dtensor", "gpt", "gpt/dtensor"), ("kraken-single/gpt-single", "kraken/single", "gpt/single"),
           ("kraken-compiled/gpt-compiled", "kraken/compiled", "gpt/compiled"),
-          ("gpt-compiled/gpt", "gpt/compiled", "gpt"), ("kraken-compiled/kraken", "kraken/compiled", "kraken")]
+          ("gpt-compiled/gpt", "gpt/compiled", "gpt"), ("kraken-compiled/kraken", "kraken/compiled", "kraken"),
+          ("ladder/gpt", "ladder", "gpt"), ("ladder/kraken", "ladder", "kraken"),
+          ("ladder/no-comm", "ladder", "ladder/no-comm"), ("ladder/blocking", "ladder", "ladder/blocking")]
+OVERLAPPING = ("kraken", "ladder")  # architectures whose AllReduces run during compute (a blocking variant each)
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def _tiny(arch: str, tp: int) -> ModelConfig:
 
 
 def resolve_shape(spec: str, tp: int, checkpoints: dict[str, str] | None = None) -> dict[str, Model]:
-    """gpt, parallel and Kraken (degree = tp) models of one shape; ``name:k`` truncates to k layers.
+    """gpt, parallel, Kraken (degree = tp) and ladder models of one shape; ``name:k`` truncates to k layers.
 
     Shapes: tiny (tests), 124m (GPT-2 124M vs the paper's equal-parameter Kraken), the latency
     study's 1.3b ... 175b (equal matmul parameters per layer), and "checkpoints": the trained models
@@ -113,14 +117,14 @@ def resolve_shape(spec: str, tp: int, checkpoints: dict[str, str] | None = None)
     if name == "checkpoints":
         return _checkpoint_models(checkpoints or {}, tp)
     if name == "tiny":
-        configs = {arch: (_tiny(arch, tp), None) for arch in ("gpt", "parallel", "kraken")}
+        configs = {arch: (_tiny(arch, tp), None) for arch in ("gpt", "parallel", "kraken", "ladder")}
     elif name == "124m":
         kraken = f"kraken-125m-{tp}way"
         if kraken not in PRESETS:
             raise ConfigError(f"bench: no equal-parameter Kraken 124M for tp={tp} (have 2, 4, 6)")
         gpt = PRESETS["gpt2-124m"]
         configs = {"gpt": (gpt, "gpt2-124m"), "parallel": (gpt.replace(arch="parallel", name="parallel-124m"), None),
-                   "kraken": (PRESETS[kraken], kraken)}
+                   "kraken": (PRESETS[kraken], kraken), "ladder": (PRESETS["ladder-124m"], "ladder-124m")}
     elif f"gpt-{name}" in PRESETS:
         gpt = PRESETS[f"gpt-{name}"]
         kraken_name = f"kraken{tp}-{name}"
@@ -130,7 +134,8 @@ def resolve_shape(spec: str, tp: int, checkpoints: dict[str, str] | None = None)
             sized = size_kraken(12 * gpt.n_embd ** 2, gpt.n_layer, gpt.n_head, tp, per_layer=True)
             kraken = gpt.replace(arch="kraken", n_sub=tp, n_embd=sized.n_embd, n_head=sized.n_head, name=kraken_name)
         configs = {"gpt": (gpt, gpt.name), "parallel": (PRESETS[f"parallel-{name}"], f"parallel-{name}"),
-                   "kraken": (kraken, kraken.name if kraken_name in PRESETS else None)}
+                   "kraken": (kraken, kraken.name if kraken_name in PRESETS else None),
+                   "ladder": (PRESETS[f"ladder-{name}"], f"ladder-{name}")}
     else:
         raise ConfigError(f"bench: unknown shape {name!r}; use tiny, 124m or one of "
                           + ", ".join(n[4:] for n in PRESETS if n.startswith("gpt-")))
@@ -149,8 +154,9 @@ def resolve_shape(spec: str, tp: int, checkpoints: dict[str, str] | None = None)
 def _checkpoint_models(checkpoints: dict[str, str], tp: int) -> dict[str, Model]:
     from krakenlm.checkpoint import load_config
 
-    if not checkpoints or set(checkpoints) - {"gpt", "parallel", "kraken"}:
-        raise ConfigError(f"bench: checkpoints must map gpt / parallel / kraken to directories, got {checkpoints}")
+    if not checkpoints or set(checkpoints) - {"gpt", "parallel", "kraken", "ladder"}:
+        raise ConfigError(f"bench: checkpoints must map gpt / parallel / kraken / ladder to directories, "
+                          f"got {checkpoints}")
     out = {}
     for arch, path in checkpoints.items():
         cfg = load_config(path)
@@ -228,8 +234,8 @@ def _build_variants(models: dict[str, Model], dtype: str, opts: Options, world: 
         dtype = engine.options.dtype  # 'auto' is resolved by the first model, once, for every variant
         variants.append(Variant(arch, model, engine, world))
         variants.append(Variant(f"{arch}/no-comm", model, engine.variant(no_comm=True), world))
-        if arch == "kraken":
-            variants.append(Variant("kraken/blocking", model, engine.variant(overlap=False), world))
+        if arch in OVERLAPPING:
+            variants.append(Variant(f"{arch}/blocking", model, engine.variant(overlap=False), world))
         if opts.compile:
             variants.append(Variant(f"{arch}/compiled", model, engine.variant(compile=True), world, phases=("decode",)))
     variants += _layout_variants(models, dtype, opts, world, rank)
@@ -390,17 +396,18 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, An
     """Untimed runs after the rounds: the exchange timeline, the per-category breakdown, the peer check."""
     by_label = {v.label: v for v in variants}
     out: dict[str, Any] = {}
-    kraken = by_label.get("kraken")
-    if kraken is not None and kraken.engine is not None and isinstance(kraken.engine.comm, DistComm):
-        timeline = kraken.engine.comm.timeline
-        timeline.clear()
-        timeline.enabled = True
-        kraken.prefill(idx)
-        timeline.enabled = False
-        out["timeline_hidden_fraction"] = timeline.hidden_fraction()
+    for arch in OVERLAPPING:
+        v = by_label.get(arch)
+        if v is not None and v.engine is not None and isinstance(v.engine.comm, DistComm):
+            timeline = v.engine.comm.timeline
+            timeline.clear()
+            timeline.enabled = True
+            v.prefill(idx)
+            timeline.enabled = False
+            out[f"{arch}_timeline_hidden_fraction"] = timeline.hidden_fraction()
     if opts.breakdown:
         out["breakdown"] = {}
-        for label in ("gpt", "parallel", "kraken", "kraken/blocking"):
+        for label in ("gpt", "parallel", "kraken", "kraken/blocking", "ladder", "ladder/blocking"):
             if label not in by_label:
                 continue
             engine = by_label[label].engine
@@ -439,17 +446,20 @@ def _summarise(jobs: list[Job], samples: list[list[float]], log: RoundLog, extra
     for phase, by_label in series.items():
         ratios[phase] = {name: asdict(paired_ratio(by_label[a], by_label[b])) for name, a, b in RATIOS
                          if a in by_label and b in by_label}
-    pre = series["prefill"]
-    hidden = None
-    if all(k in pre for k in ("kraken", "kraken/blocking", "kraken/no-comm")):
-        # Share of the blocking exchange's exposed time that overlapping removed, per round.
-        per_round = [(b - o) / (b - n) if b > n else float("nan")
-                     for o, b, n in zip(pre["kraken"], pre["kraken/blocking"], pre["kraken/no-comm"], strict=True)]
-        finite = [x for x in per_round if x == x]
-        hidden = asdict(Stats.of(finite)) if finite else None
+    hidden = {arch: {"in_place": _hidden_in_place(series["prefill"], arch),
+                     "timeline": extras.pop(f"{arch}_timeline_hidden_fraction", None)} for arch in OVERLAPPING}
     return {"rounds": log.to_dict(), "variants": variants, "ratios": ratios,
-            "hidden_fraction": {"in_place": hidden, "timeline": extras.pop("timeline_hidden_fraction", None)},
-            **extras}
+            "hidden_fraction": hidden["kraken"] | {"ladder": hidden["ladder"]}, **extras}
+
+
+def _hidden_in_place(pre: dict[str, list[float]], arch: str) -> dict[str, Any] | None:
+    """Share of the blocking variant's exposed AllReduce time that overlapping removed, per round."""
+    if not all(k in pre for k in (arch, f"{arch}/blocking", f"{arch}/no-comm")):
+        return None
+    per_round = [(b - o) / (b - n) if b > n else float("nan")
+                 for o, b, n in zip(pre[arch], pre[f"{arch}/blocking"], pre[f"{arch}/no-comm"], strict=True)]
+    finite = [x for x in per_round if x == x]
+    return asdict(Stats.of(finite)) if finite else None
 
 
 def run_rank(payload: dict[str, Any]) -> int:
@@ -491,8 +501,9 @@ def _resolved_dtype(variants: list[Variant]) -> str:
 
 def _headline(result: dict[str, Any]) -> str:
     r = result["ratios"]["prefill"]
-    return ", ".join(f"{k} {r[k]['median']:.3f}" for k in ("kraken/gpt", "kraken/parallel", "kraken/no-comm")
-                     if k in r) + f" ({result['rounds']['kept']} rounds kept, {result['rounds']['dropped']} dropped)"
+    keys = ("kraken/gpt", "kraken/parallel", "kraken/no-comm", "ladder/gpt", "ladder/no-comm")
+    return ", ".join(f"{k} {r[k]['median']:.3f}" for k in keys if k in r) \
+        + f" ({result['rounds']['kept']} rounds kept, {result['rounds']['dropped']} dropped)"
 
 
 # Coordinator ----------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Record format (one JSON object per measurement; a list of them, or {"records": [...]}):
 
-    arch        "gpt" | "parallel" | "kraken"  (checked against the config)
+    arch        "gpt" | "parallel" | "kraken" | "ladder"  (checked against the config)
     preset      name from krakenlm.presets, or
     config      a ModelConfig dict (one of the two is required)
     tp          number of ranks (chips)

@@ -12,6 +12,11 @@ Composition of one layer on one chip (all times per forward):
     overlap "full":  layer = max(C, M, X) + layer_overhead_s
     Kraken:  layer = max(max(C_attn, M_attn), X_overlapped) + max(C_ffn, M_ffn) + X_blocking + overhead
              (the previous layer's all-reduce runs under this layer's attention; layer 0 has none)
+    Ladder:  modules u_1..u_2L (attention, FFN, ...) of time c_k = max(C_k, M_k) and all-reduce X_k;
+             u_k's all-reduce runs under u_{k+1}'s compute, so each step costs max(c_{k+1}, X_k)
+             (exposed comm max(0, X_k - c_{k+1})) and the last X_2L is awaited after the stack;
+             layers below ``ladder_start`` pay their all-reduces in line (Megatron 1d-ws only); a
+             pipeline stage runs this over its own layers and awaits its last X before the hand-off
     (``LAYER_RULES`` holds the per-architecture rule: a new architecture adds its own overlap there.)
 
 A phase is n_layer layers plus the LM head (2*V*E FLOPs per sequence, prefill: only the last
@@ -61,6 +66,7 @@ OVERLAP = ("none", "full")
 PREFILL_LAYOUTS = FFN_LAYOUTS
 DECODE_LAYOUTS = ("1d-ws", "2d-ws")  # the paper always decodes weight-stationary
 LM_HEAD = ("sharded", "replicated")
+LADDER_LAYOUT = "1d-ws/attn-heads"  # Megatron TP, what the Ladder Residual schedule overlaps
 MAX_BATCH = 1 << 30
 
 
@@ -251,6 +257,8 @@ class _Costs:
     x_head: float
     flop_rate: float
     mem_rate: float
+    x_attn: float = 0.0  # ladder: the attention module's all-reduce, hidden under the next module
+    x_ffn: float = 0.0   # ladder: the FFN module's
 
     @property
     def compute(self) -> float:
@@ -278,6 +286,17 @@ def _layer_ops(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int) -
     return ops, gathered_fraction(layout.ffn, mesh)
 
 
+def _module_comm(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int, a_bytes: int,
+                 w_bytes: int) -> tuple[float, float]:
+    """Ladder: the (attention, FFN) modules' all-reduce times, which ladder_stack overlaps one by one."""
+    if config.arch != "ladder":
+        return 0.0, 0.0
+    mesh = make_mesh(layout.chips, hw.torus_axes)
+    x_attn, x_ffn = (sum(_ops_time(pair_ops(layout.ffn, pair, tokens, mesh, hw.chips_per_node), hw, a_bytes,
+                                   w_bytes)) for pair in layer_pairs(config))
+    return x_attn, x_ffn
+
+
 def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout, b: int) -> _Costs:
     """The per-layer and head terms for ``b`` sequences of ``phase`` under ``layout``."""
     n = layout.chips
@@ -297,6 +316,7 @@ def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, la
     attn_flops = 4 * tokens * context * q_width / n
     ops, fraction = _layer_ops(config, hw, layout, tokens)
     blocking, overlapped = _ops_time(ops, hw, a_bytes, w_bytes)
+    x_attn, x_ffn = _module_comm(config, hw, layout, tokens, a_bytes, w_bytes)
     # Head: LM head on the last position of each sequence (plus Kraken's conjunction).
     kraken = config.arch == "kraken"
     vocab_p = config.vocab_size * config.n_embd / (n if layout.head == "sharded" else 1)
@@ -309,7 +329,7 @@ def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, la
         m_ffn=ffn_p * fraction * w_bytes / mem_rate, blocking=blocking, overlapped=overlapped,
         layer_flops=2 * tokens * (attn_p + ffn_p) / n + attn_flops, layer_comm_bytes=_comm_bytes(ops, a_bytes, w_bytes),
         c_head=2 * b * head_p / flop_rate, m_head=head_p * w_bytes / mem_rate, x_head=x_head, flop_rate=flop_rate,
-        mem_rate=mem_rate)
+        mem_rate=mem_rate, x_attn=x_attn, x_ffn=x_ffn)
 
 
 # Composition ----------------------------------------------------------------------------------------
@@ -329,15 +349,31 @@ def _kraken_layer(k: _Costs, overlap: str) -> tuple[float | None, float]:
             max(max(k.c_attn, k.m_attn), k.overlapped) + ffn + k.blocking)
 
 
-# arch -> (time of layer 0 or None when it is like the others, time of any later layer)
-LAYER_RULES = {"gpt": _standard_layer, "parallel": _standard_layer, "kraken": _kraken_layer}
+# arch -> (time of layer 0 or None when it is like the others, time of any later layer); with no full
+# overlap a ladder stage is priced module by module instead (_ladder_stage)
+LAYER_RULES = {"gpt": _standard_layer, "parallel": _standard_layer, "kraken": _kraken_layer,
+               "ladder": _standard_layer}
 
 
-def _stage_time(config: ModelConfig, k: _Costs, hw: Hardware, overlap: str, layers: int, first: bool,
+def _ladder_stage(config: ModelConfig, k: _Costs, overlap: str, start: int, layers: int) -> tuple[float, float] | None:
+    """(time, exposed comm) of ladder layers start..start+layers-1 by ladder_stack, None unless ladder
+    without full overlap. Below ``ladder_start`` modules reduce in line; the stage's first async module
+    is at max(2 * (ladder_start - start) - 1, 0), and its last all-reduce is awaited at the stage's end."""
+    if config.arch != "ladder" or overlap == "full":
+        return None
+    modules = [(max(k.c_attn, k.m_attn), k.x_attn), (max(k.c_ffn, k.m_ffn), k.x_ffn)] * layers
+    return ladder_stack(modules, max(2 * (config.ladder_start - start) - 1, 0))
+
+
+def _stage_time(config: ModelConfig, k: _Costs, hw: Hardware, overlap: str, start: int, layers: int,
                 last: bool) -> float:
-    """One micro-batch through a stage of ``layers`` layers (``first``: it holds layer 0; ``last``: the head)."""
-    t_first, t_rest = LAYER_RULES[config.arch](k, overlap)
-    t = t_first + (layers - 1) * t_rest if first and t_first is not None else layers * t_rest
+    """One micro-batch through a stage of ``layers`` layers from layer ``start`` (``last``: the head)."""
+    ladder = _ladder_stage(config, k, overlap, start, layers)
+    if ladder is not None:
+        t = ladder[0]
+    else:
+        t_first, t_rest = LAYER_RULES[config.arch](k, overlap)
+        t = t_first + (layers - 1) * t_rest if start == 0 and t_first is not None else layers * t_rest
     if last:
         t = t + max(k.c_head, k.m_head) + k.x_head
     return t + layers * hw.layer_overhead_s
@@ -351,7 +387,10 @@ def _check_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: s
         raise ConfigError(f"overlap: must be one of {OVERLAP}, got {overlap!r}")
     if (config.arch == "kraken") != (layout.ffn == KRAKEN_LAYOUT):
         raise ConfigError(f"layout: {layout.ffn!r} does not apply to arch={config.arch!r} "
-                          f"(Kraken models use 'kraken', gpt/parallel models one of {FFN_LAYOUTS})")
+                          f"(Kraken models use 'kraken', gpt/parallel/ladder models one of {FFN_LAYOUTS})")
+    if config.arch == "ladder" and str(layout) != LADDER_LAYOUT:
+        raise ConfigError(f"layout: ladder models run Megatron TP, {LADDER_LAYOUT!r} (one all-reduce per "
+                          f"module, which ladder overlaps), got {str(layout)!r}")
     check_context(config, workload)
     check_split(config, layout.chips, stages, hw.chips_per_node)
 
@@ -378,7 +417,8 @@ def _pipelined(config: ModelConfig, hw: Hardware, workload: Workload, phase: str
     batch = workload.phase_batch(phase)
     k = _costs(config, hw, workload, phase, layout, batch // m)
     layers = stage_layers(config.n_layer, stages)
-    times = [_stage_time(config, k, hw, overlap, n, s == 0, s == stages - 1) for s, n in enumerate(layers)]
+    starts = [sum(layers[:s]) for s in range(stages)]
+    times = [_stage_time(config, k, hw, overlap, starts[s], n, s == stages - 1) for s, n in enumerate(layers)]
     p2p_bytes = k.tokens * config.n_embd * config.n_sub * workload.act_bytes / layout.chips
     p2p = [p2p_time(p2p_bytes, hw, crosses_node(s, layout.chips, hw.chips_per_node)) for s in range(stages - 1)]
     total = pipeline_time(phase, times, p2p, m)
@@ -387,7 +427,9 @@ def _pipelined(config: ModelConfig, hw: Hardware, workload: Workload, phase: str
     c_head, m_head, x_head = (k.c_head, k.m_head, k.x_head) if last else (0.0, 0.0, 0.0)
     overhead = n_layers * hw.layer_overhead_s
     n_overlapped = n_layers - 1 if config.arch == "kraken" and first else n_layers
-    exposed = times[s] - overhead - n_layers * max(k.compute, k.memory) - max(c_head, m_head)
+    ladder = _ladder_stage(config, k, overlap, starts[s], n_layers)
+    exposed = (times[s] - overhead - n_layers * max(k.compute, k.memory) - max(c_head, m_head) if ladder is None
+               else ladder[1] + x_head)
     chips = layout.chips * stages
     tokens = batch * (workload.prompt if phase == "prefill" else 1)
     return PhaseEstimate(
@@ -401,6 +443,24 @@ def _pipelined(config: ModelConfig, hw: Hardware, workload: Workload, phase: str
         mfu=2 * config.num_params() * tokens / (chips * hw.peak(workload.dtype) * total),
         chip_seconds_per_token=chips * total / tokens, stages=stages, microbatches=m, p2p_s=sum(p2p),
         bubble_s=max(total - m * times[s], 0.0))
+
+
+def ladder_stack(modules: list[tuple[float, float]], first_async: int) -> tuple[float, float]:
+    """(time, exposed comm) of a module sequence given as (compute, all-reduce) seconds.
+
+    Modules from index ``first_async`` on issue their all-reduce async, so it runs under the next
+    module's compute and only max(0, X_k - c_{k+1}) shows (the next module waits for it before it
+    starts: the runtime awaits u_k before u_{k+2}, so the link carries one all-reduce at a time);
+    earlier modules reduce in line; the last in-flight all-reduce is awaited after the stack.
+    """
+    time = exposed = inflight = 0.0
+    for index, (compute, comm) in enumerate(modules):
+        time += max(compute, inflight)
+        exposed += max(inflight - compute, 0.0)
+        inflight = comm if index >= first_async else 0.0
+        if index < first_async:
+            time, exposed = time + comm, exposed + comm
+    return time + inflight, exposed + inflight
 
 
 # Memory ---------------------------------------------------------------------------------------------
@@ -461,9 +521,12 @@ def max_context(config: ModelConfig, hw: Hardware, chips: int, batch: int, atten
 
 # Layout choice and the public entry point -----------------------------------------------------------
 def candidate_layouts(config: ModelConfig, chips: int, phase: str) -> list[Layout]:
-    """Layouts worth trying for ``phase`` (``chips`` per stage): Kraken models have one; others the paper's."""
+    """Layouts worth trying for ``phase`` (``chips`` per stage): Kraken and ladder models have one; others
+    the paper's."""
     if config.arch == "kraken":
         return [Layout(KRAKEN_LAYOUT, "heads", chips)]
+    if config.arch == "ladder":
+        return [Layout("1d-ws", "heads", chips)]
     names = PREFILL_LAYOUTS if phase == "prefill" else DECODE_LAYOUTS
     return [Layout(f, a, chips) for f in names for a in ATTENTION]
 

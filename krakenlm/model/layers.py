@@ -71,18 +71,24 @@ def stacked_linear(x: Tensor, weight: Tensor | Int8Weight, bias: Tensor | None =
     return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # bias added inside the GEMM
 
 
-class StackedLayerNorm(nn.Module):
-    """S independent LayerNorms over the last dimension (one per stream)."""
+class StackedNorm(nn.Module):
+    """S independent LayerNorms or RMSNorms over the last dimension (one per stream).
 
-    def __init__(self, streams: int, dim: int, bias: bool, eps: float) -> None:
+    RMSNorm normalises in fp32 and applies the gain in the input dtype, as Llama does, so imported
+    models compute what their trainers computed."""
+
+    def __init__(self, streams: int, dim: int, kind: str, bias: bool, eps: float) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.rms = eps, kind == "rmsnorm"
         self.weight = nn.Parameter(torch.ones(streams, dim))
-        self.bias = nn.Parameter(torch.zeros(streams, dim)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(streams, dim)) if bias and not self.rms else None
 
     def forward(self, x: Tensor) -> Tensor:
         """x [S or 1, M, dim] -> [S, M, dim]. One stream: the affine runs inside layer_norm's one pass;
-        several: one fused multiply-add over the normalized rows (no separate scale and shift passes)."""
+        several: one fused multiply-add over the normalized rows (no separate scale and shift passes).
+        RMSNorm (Llama) normalizes in fp32, as transformers' LlamaRMSNorm does."""
+        if self.rms:
+            return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight.unsqueeze(1)
         if self.weight.shape[0] == 1:
             bias = None if self.bias is None else self.bias[0]
             return F.layer_norm(x, x.shape[-1:], self.weight[0], bias, self.eps)
@@ -164,7 +170,7 @@ class PairHooks(Protocol):
     """Where one matrix pair (in-projection, inner op, out-projection: attention or FFN) communicates
     under a partitioning layout (krakenlm.parallel.layouts). Identity on one device."""
 
-    def norm(self, ln: StackedLayerNorm, y: Tensor) -> Tensor: ...  # residual -> normalized pair input
+    def norm(self, ln: StackedNorm, y: Tensor) -> Tensor: ...  # residual -> normalized pair input
 
     def scatter_inner(self, h: Tensor) -> Tensor: ...  # after the in-projection (2D: reduce-scatter over x)
 
@@ -183,7 +189,7 @@ class PairHooks(Protocol):
 class NoHooks:
     """One device (and Megatron, which only sums in ``leave``): every hook is the identity."""
 
-    def norm(self, ln: StackedLayerNorm, y: Tensor) -> Tensor:
+    def norm(self, ln: StackedNorm, y: Tensor) -> Tensor:
         return ln(y)
 
     def scatter_inner(self, h: Tensor) -> Tensor:

@@ -134,9 +134,9 @@ class Int8Embedding(nn.Module):
         return self.weight.q[idx].to(self.weight.scale.dtype) * self.weight.scale[idx].unsqueeze(-1)
 
 
-# Names of the matmul weights quantized (every matmul of the model, the tied embedding included).
+# Names of the matmul weights quantized (every matmul of the model, the embedding and an untied LM head included).
 QUANTIZED = ("attn.qkv_weight", "attn.proj_weight", "mlp.up_weight", "mlp.down_weight", "conj_weight", "wte.weight",
-             "wpe.weight")
+             "wpe.weight", "lm_head.weight")
 
 
 def quantize_model(model: nn.Module) -> nn.Module:

@@ -1,12 +1,18 @@
-"""One Transformer for gpt, parallel-block and Kraken models, on one device or as one rank's shard.
+"""One Transformer for gpt, parallel-block, Kraken and Ladder Residual models, on one device or as one
+rank's shard.
 
-Forward schedule per layer l (streams y: [S, B*T, d]; S local sub-layers; GPT/parallel have S = 1):
+Forward schedule per layer l (streams y: [S, B*T, d]; S local sub-layers; GPT/parallel/ladder have S = 1):
 
     kraken / gpt:  h = Σshard Attn(LN1(y));  a = y + h
                    ffn_in = h + Σsub y_prev  (kraken, l >= 1: awaited here, issued at the end of l-1)
                           = a                (otherwise)
                    y = a + Σshard FFN(LN2(ffn_in))
     parallel:      y = y + Σshard (Attn(LN(y)) + FFN(LN(y)))
+    ladder:        modules u_1, u_2, ... (attention, MLP, attention, ...); a ladder module k reads
+                   x + u_1 + ... + u_{k-2}: the previous module's output u_{k-1} is still in its
+                   AllReduce (issued async) while module k computes, and is added right before
+                   module k+1 (Zhang et al. 2025). Standard layers below ``ladder_start`` read
+                   x + u_1 + ... + u_{k-1} (the gpt schedule).
 
 Σshard sums partial matmul outputs over the ranks sharing one sub-layer (Megatron TP); Σsub sums
 sub-layer outputs over ranks holding different sub-layers (Kraken's one exchange per layer). Both
@@ -33,8 +39,8 @@ from krakenlm.model.layers import (
     NoHooks,
     PairHooks,
     StackedAttention,
-    StackedLayerNorm,
     StackedMLP,
+    StackedNorm,
     attention_mask,
     decode_mask,
     init_std,
@@ -85,9 +91,15 @@ class Pending(Protocol):
 class Comm(Protocol):
     """Where a forward pass communicates. Implementations: LocalComm (one device) and the
     torch.distributed runtime in krakenlm.parallel (Megatron / Kraken plans, and the partitioning
-    layouts of krakenlm.parallel.layouts, which also use the layout hooks below)."""
+    layouts of krakenlm.parallel.layouts, which also use the layout hooks below).
+
+    reduce_shard: the Megatron shard sum, blocking. reduce_shard_async: the same sum issued now and
+    awaited by the caller (Ladder Residual's per-module AllReduce). exchange: Kraken's sum over
+    sub-layers, issued async. reduce_conj: the conjunction's sum. agree: rank 0's tokens for everyone."""
 
     def reduce_shard(self, x: Tensor) -> Tensor: ...
+
+    def reduce_shard_async(self, x: Tensor) -> Pending: ...
 
     def exchange(self, y: Tensor) -> Pending: ...
 
@@ -169,6 +181,9 @@ class LocalComm(PlainComm):
     def pair(self, name: str) -> PairHooks:
         return NO_HOOKS
 
+    def reduce_shard_async(self, x: Tensor) -> Pending:
+        return _Ready(x)
+
     def exchange(self, y: Tensor) -> Pending:
         return _Ready(y.sum(0))
 
@@ -190,9 +205,9 @@ class Layer(nn.Module):
         super().__init__()
         s, d = shard.sub_count, config.n_embd
         self.parallel_block = config.arch == "parallel"
-        self.ln1 = StackedLayerNorm(s, d, config.bias, config.norm_eps)
+        self.ln1 = StackedNorm(s, d, config.norm, config.bias, config.norm_eps)
         self.attn = StackedAttention(s, d, shard.attention(config), config.bias)
-        self.ln2 = None if self.parallel_block else StackedLayerNorm(s, d, config.bias, config.norm_eps)
+        self.ln2 = None if self.parallel_block else StackedNorm(s, d, config.norm, config.bias, config.norm_eps)
         self.mlp = StackedMLP(s, d, config.ffn_size // shard.parts, config.bias, config.mlp)
         # Biases of row-parallel projections are added once, after the shard sum.
         self.proj_bias = nn.Parameter(torch.zeros(s, d)) if config.bias else None
@@ -204,7 +219,8 @@ def _add_bias(x: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class Transformer(nn.Module):
-    """gpt | parallel | kraken decoder with tied LM head; full model or one rank's shard."""
+    """gpt | parallel | kraken | ladder decoder; full model or one rank's shard. The LM head (tied to
+    the embedding, or untied) is replicated on every rank."""
 
     def __init__(self, config: ModelConfig, shard: Shard | None = None, *, init: bool = True) -> None:
         super().__init__()
@@ -218,7 +234,8 @@ class Transformer(nn.Module):
         if config.has_conjunction:
             self.conj_weight = nn.Parameter(torch.empty(d, self.shard.sub_count * d // self.shard.parts))
             self.conj_bias = nn.Parameter(torch.zeros(d)) if config.bias else None
-        self.ln_f = StackedLayerNorm(1, d, config.bias, config.norm_eps)
+        self.ln_f = StackedNorm(1, d, config.norm, config.bias, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         if init:
             self.reset_parameters()
 
@@ -317,8 +334,10 @@ class Transformer(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        rope = rope_tables(positions, cfg.head_size) if cfg.position == "rope" else None
+        rope = rope_tables(positions, cfg.head_size, cfg.rope_theta) if cfg.position == "rope" else None
         y = comm.residual(x.reshape(1, batch * t, cfg.n_embd))  # layer 0: every sub-layer reads the embedding
+        if cfg.arch == "ladder":
+            return self._head(self._ladder(y, t, rope, step, comm), batch, t, logits_at, comm)
         pending = None
         for i, layer in enumerate(self.layers):
             comm.layer_begin(i)
@@ -341,6 +360,36 @@ class Transformer(nn.Module):
         pair = comm.pair("ffn")
         return a + _add_bias(pair.leave(layer.mlp(pair.norm(layer.ln2, ffn_in), pair)), pair.local(layer.down_bias))
 
+    def _ladder(self, y: Tensor, t: int, rope: tuple[Tensor, Tensor] | None, step: AttentionStep,
+                comm: Comm) -> Tensor:
+        """The Ladder Residual schedule, module by module (attention, MLP, attention, ...).
+
+        A module whose successor is a ladder module (and the last module, when it is one) issues its
+        AllReduce asynchronously; a ladder module k first adds every finished output but the previous
+        one (u_{k-1}, still in flight), so u_{k-1} is awaited right before module k+1 computes and the
+        last two are awaited after the last module, as the paper's code does. Other modules add
+        everything first and reduce blocking. Bias of a row-parallel projection joins after its sum.
+        """
+        start, last = self.config.ladder_start, 2 * len(self.layers) - 1
+        inflight: list[tuple[Pending, Tensor | None]] = []
+        for i, layer in enumerate(self.layers):
+            comm.layer_begin(i)
+            layer = comm.weights(layer, i)
+            for k, (norm, bias) in enumerate(((layer.ln1, layer.proj_bias), (layer.ln2, layer.down_bias))):
+                index = 2 * i + k
+                while len(inflight) > (1 if i >= start else 0):
+                    pending, done_bias = inflight.pop(0)
+                    y = y + _add_bias(pending.wait(), done_bias)
+                h = norm(y)
+                out = layer.attn(h, t, rope, step, i) if k == 0 else layer.mlp(h)
+                if min(index + 1, last) // 2 >= start:
+                    inflight.append((comm.reduce_shard_async(out), bias))
+                else:
+                    inflight.append((_Ready(comm.reduce_shard(out)), bias))
+        for pending, done_bias in inflight:
+            y = y + _add_bias(pending.wait(), done_bias)
+        return y
+
     def _head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor, comm: Comm) -> Tensor:
         y = comm.head(y, batch, t, logits_at)  # [S, B, t_out, d], whole rows on every rank
         s, _, t_out, d = y.shape
@@ -357,6 +406,6 @@ class Transformer(nn.Module):
         else:
             z = y.reshape(1, batch * t_out, d)
         z = self.ln_f(z)[0]
-        logits = linear(z, self.wte.weight)
+        logits = linear(z, self.wte.weight if self.lm_head is None else self.lm_head.weight)
         return logits.view(batch, t_out, -1)
 

@@ -1,6 +1,8 @@
 """The torch.distributed implementation of the model's Comm hooks, with a device-aware timeline.
 
 - reduce_shard: blocking all_reduce over the ranks sharing a sub-layer (Megatron).
+- reduce_shard_async: the same sum issued asynchronously (Ladder Residual: a module's AllReduce runs
+  while the next module computes; the model awaits it right before the module after that).
 - exchange: Kraken's sum over sub-layers, issued asynchronously at the end of a layer and awaited by
   the model right before the next layer's FFN, so it runs during that layer's attention. On CUDA the
   collective runs on NCCL's stream and the wait only makes the compute stream wait (no host block).
@@ -11,7 +13,8 @@ Two ways to issue the same collectives: c10d calls with work handles (eager; the
 them) or functional collectives (``functional=True``), which torch.compile traces into the graph
 without breaks; the wait then sits where the value is first used, so the overlap is the same.
 ``no_comm`` skips every collective (wrong numbers, right shapes): the compute-only ceiling.
-``overlap=False`` waits for each exchange at once: the same Kraken with blocking AllReduces.
+``overlap=False`` waits for each exchange (and each ladder AllReduce) at once: the same model with
+blocking AllReduces.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from krakenlm.errors import DistributedError
 from krakenlm.model.transformer import PlainComm
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
+
+OVERLAPPED = ("exchange", "ladder")  # collectives issued async: Kraken's exchange, ladder's per-module sums
 
 
 class HostClock:
@@ -90,9 +95,9 @@ class Timeline:
     def _exposed(self, e: Event) -> float:
         return self.clock.seconds(e.wait_start, e.wait_end) if e.wait_start is not None else 0.0
 
-    def hidden_fraction(self, name: str = "exchange") -> float:
-        """Share of the collective's in-flight time that the compute stream did not wait for."""
-        events = [e for e in self.collectives if e.name == name and e.duration]
+    def hidden_fraction(self, names: tuple[str, ...] = OVERLAPPED) -> float:
+        """Share of the overlapped collectives' in-flight time that the compute stream did not wait for."""
+        events = [e for e in self.collectives if e.name in names and e.duration]
         total = sum(e.duration for e in events)
         exposed = sum(min(self._exposed(e), e.duration) for e in events)
         return 1.0 - exposed / total if total > 0 else float("nan")
@@ -144,8 +149,8 @@ class _Functional:
 class _InFlight:
     """An exchange issued with a c10d work handle (eager), watched by the timeline when enabled."""
 
-    def __init__(self, work: Any, value: Tensor, event: Event | None, timeline: Timeline) -> None:
-        self.work, self.value, self.event, self.timeline = work, value, event, timeline
+    def __init__(self, work: Any, value: Tensor, event: Event | None, timeline: Timeline, what: str) -> None:
+        self.work, self.value, self.event, self.timeline, self.what = work, value, event, timeline, what
         if event is not None and isinstance(timeline.clock, HostClock):
             work.get_future().then(lambda _: setattr(event, "duration", time.perf_counter() - event.start))
 
@@ -153,7 +158,7 @@ class _InFlight:
         event, clock = self.event, self.timeline.clock
         if event is not None:
             event.wait_start = clock.mark()
-        _guard(self.work.wait, "Kraken exchange all_reduce")
+        _guard(self.work.wait, self.what)
         if event is not None:
             event.wait_end = clock.mark()
             if isinstance(clock, CudaClock):
@@ -239,17 +244,24 @@ class DistComm(PlainComm):
     def reduce_shard(self, x: Tensor) -> Tensor:
         return self._blocking(x, self.shard_group, self.shard_size, "megatron")
 
+    def reduce_shard_async(self, x: Tensor) -> _Ready | _Functional | _InFlight:
+        return self._issue(x, self.shard_group, self.shard_size, "ladder")
+
     def exchange(self, y: Tensor) -> _Ready | _Functional | _InFlight:
-        local = y.sum(0)
-        if self.no_comm or self.exchange_size == 1:
-            return _Ready(local)
-        self._note("all_reduce", self.exchange_group, local, "exchange", self._layer)
+        return self._issue(y.sum(0), self.exchange_group, self.exchange_size, "exchange")
+
+    def _issue(self, x: Tensor, group: Any, size: int, name: str) -> _Ready | _Functional | _InFlight:
+        """An all_reduce issued now and awaited by the model (at once when ``overlap`` is off)."""
+        if self.no_comm or size == 1:
+            return _Ready(x)
+        self._note("all_reduce", group, x, name, self._layer)
         if self.functional:
-            pending: Any = _Functional(funcol.all_reduce(local, "sum", self.exchange_group))
+            pending: Any = _Functional(funcol.all_reduce(x, "sum", group))
             return _Ready(pending.wait()) if not self.overlap else pending
-        event = self._record("exchange")
-        work = _guard(lambda: dist.all_reduce(local, group=self.exchange_group, async_op=True), "exchange")
-        pending = _InFlight(work, local, event, self.timeline)
+        event = self._record(name)
+        x = x.contiguous()
+        work = _guard(lambda: dist.all_reduce(x, group=group, async_op=True), name)
+        pending = _InFlight(work, x, event, self.timeline, f"{name} all_reduce")
         if not self.overlap:
             pending.wait()
         return pending

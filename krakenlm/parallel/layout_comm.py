@@ -25,7 +25,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from krakenlm.errors import InputError
-from krakenlm.model.layers import AttentionStep, KVCache, NoHooks, StackedLayerNorm
+from krakenlm.model.layers import AttentionStep, KVCache, NoHooks, StackedNorm
 from krakenlm.model.quant import Int8Weight
 from krakenlm.model.transformer import Layer, Transformer, select_positions
 from krakenlm.parallel.comm import DistComm, _guard
@@ -272,8 +272,8 @@ class _GatheredLayer:
     """A layer as the forward sees it under a weight-gathered phase (norms and biases are the stored ones)."""
 
     parallel_block: bool
-    ln1: StackedLayerNorm
-    ln2: StackedLayerNorm | None
+    ln1: StackedNorm
+    ln2: StackedNorm | None
     attn: nn.Module
     mlp: nn.Module
     proj_bias: Tensor | None
@@ -369,16 +369,17 @@ class _TwoD(_PairHooks):
         self.yz = comm.group(tuple(a for a in dims if a not in self.split.x_axes))
         self.e_index = torch.tensor(indices(self.split.e_block))
 
-    def norm(self, ln: StackedLayerNorm, y: Tensor) -> Tensor:
+    def norm(self, ln: StackedNorm, y: Tensor) -> Tensor:
         x = self.comm.all_gather(y, self.yz, -1, f"{self.pair_name} enter")
         if self.x.size == 1:
             return ln(x)
-        # E is split over x: the mean and variance need every chunk (two float32 sums per token).
+        # E is split over x: the mean and variance (RMSNorm: the mean square) need every chunk
+        # (two float32 sums per token).
         xf = x.float()
         stats = self.comm.all_reduce(torch.stack([xf.sum(-1), (xf * xf).sum(-1)], -1), self.x,
                                      f"{self.pair_name} norm", tensor="stats")
         width = self.comm.rank_plan.config.n_embd
-        mean = stats[..., :1] / width
+        mean = stats[..., :1] / width * (0.0 if ln.rms else 1.0)  # RMSNorm: no centering
         var = stats[..., 1:] / width - mean * mean
         out = ((xf - mean) * torch.rsqrt(var + ln.eps)).to(x.dtype)
         index = self.e_index.to(x.device)
@@ -406,7 +407,7 @@ class _Gathered(_PairHooks):
         super().__init__(comm, pair, layout)
         self.rest = comm.group(comm.rank_plan.rest_axes(layout))
 
-    def norm(self, ln: StackedLayerNorm, y: Tensor) -> Tensor:
+    def norm(self, ln: StackedNorm, y: Tensor) -> Tensor:
         return ln(self.comm.all_gather(y, self.rest, 1, f"{self.pair_name} enter"))
 
     def leave(self, h: Tensor) -> Tensor:

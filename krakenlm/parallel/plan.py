@@ -60,6 +60,11 @@ class ParallelPlan:
         """Blocking / overlapped collectives per forward pass (for reports and the cost model)."""
         cfg = self.config
         megatron = 0 if self.parts == 1 else (1 if cfg.arch == "parallel" else 2) * cfg.n_layer
-        exchange = cfg.n_layer - 1 if cfg.arch == "kraken" and self.tp // self.parts > 1 else 0
-        return {"blocking_allreduce": megatron, "overlapped_allreduce": exchange,
+        overlapped = cfg.n_layer - 1 if cfg.arch == "kraken" and self.tp // self.parts > 1 else 0
+        if self.parts > 1 and cfg.arch == "ladder":
+            # Every module followed by a ladder module, and the last one, issues its sum async.
+            ladder_modules = 2 * (cfg.n_layer - cfg.ladder_start)
+            overlapped = ladder_modules + 1 - (1 if cfg.ladder_start == 0 else 0) if ladder_modules else 0
+            megatron -= overlapped
+        return {"blocking_allreduce": megatron, "overlapped_allreduce": overlapped,
                 "conjunction_allreduce": int(cfg.arch == "kraken" and self.tp > 1)}

@@ -1,0 +1,191 @@
+"""Hugging Face Llama checkpoints (config.json + model.safetensors, or shards with
+model.safetensors.index.json, as transformers writes them) read as krakenlm models.
+
+A Llama block is a gpt block with RMSNorm, RoPE (half-split rotation, as HF stores q/k), SwiGLU,
+GQA and usually an untied LM head, so the weights map one to one: q/k/v are fused into one QKV
+matrix and gate/up into one up matrix. A tensor-parallel rank reads only its slices, straight from
+the safetensors files, also through the fused tensors. Anything this runtime would compute
+differently (RoPE scaling, biases, another activation) is refused with the field named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from krakenlm.config import ModelConfig
+from krakenlm.errors import CheckpointError, ConfigError
+from krakenlm.model import Shard
+from krakenlm.model.sharding import shard_ranges, take
+
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Native per-layer name -> the HF tensors (under model.layers.{i}.) concatenated along their first dim.
+_LAYER = {
+    "ln1.weight": ("input_layernorm.weight",),
+    "ln2.weight": ("post_attention_layernorm.weight",),
+    "attn.qkv_weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.proj_weight": ("self_attn.o_proj.weight",),
+    "mlp.up_weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.down_weight": ("mlp.down_proj.weight",),
+}
+_GLOBAL = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+_IGNORED = ("rotary_emb.inv_freq",)  # buffers older transformers saved; recomputed here
+
+
+def _refuse(field: str, message: str) -> CheckpointError:
+    return CheckpointError(f"HF Llama config.json: {field}: {message}")
+
+
+def _rope(doc: dict[str, Any]) -> float:
+    """RoPE base from ``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
+    params = doc.get("rope_parameters")
+    field = "rope_parameters" if params is not None else "rope_scaling"
+    scaling = params if params is not None else doc.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise _refuse(field, f"expected an object, got {scaling!r}")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind != "default":
+        raise _refuse(field, f"RoPE scaling type {kind!r} is not implemented (only plain RoPE, 'default')")
+    theta = (params or {}).get("rope_theta", doc.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise _refuse("rope_theta", f"must be a positive number, got {theta!r}")
+    return float(theta)
+
+
+def _check_blocks(doc: dict[str, Any]) -> None:
+    """Refuse what a krakenlm Llama block would compute differently."""
+    if doc.get("hidden_act", "silu") != "silu":
+        raise _refuse("hidden_act", f"{doc['hidden_act']!r} is not supported (Llama's SwiGLU uses 'silu')")
+    for name in ("attention_bias", "mlp_bias"):
+        if doc.get(name, False):
+            raise _refuse(name, "biases in Llama projections are not supported")
+    arch = doc.get("architectures")
+    if arch is not None and "LlamaForCausalLM" not in arch:
+        raise _refuse("architectures", f"{arch} has no causal LM head (need LlamaForCausalLM)")
+
+
+def _int(doc: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = doc.get(name, default)
+    if value is None:
+        raise _refuse(name, "missing")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise _refuse(name, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def llama_config(doc: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of an HF Llama config.json (arch gpt); CheckpointError naming the HF field."""
+    _check_blocks(doc)
+    d, heads = _int(doc, "hidden_size"), _int(doc, "num_attention_heads")
+    kv = _int(doc, "num_key_value_heads", heads)
+    if heads % kv:
+        raise _refuse("num_key_value_heads", f"num_attention_heads={heads} is not a multiple of {kv}")
+    head_dim = doc.get("head_dim")
+    if head_dim is None and d % heads:
+        raise _refuse("num_attention_heads", f"hidden_size={d} is not divisible by {heads} and head_dim is unset")
+    head_dim = _int(doc, "head_dim", d // heads)
+    eps = doc.get("rms_norm_eps", 1e-6)
+    try:
+        return ModelConfig(arch="gpt", n_layer=_int(doc, "num_hidden_layers"), n_embd=d, n_head=heads,
+                           n_kv_head=kv, head_dim=None if head_dim * heads == d else head_dim,
+                           ffn_hidden=_int(doc, "intermediate_size"), vocab_size=_int(doc, "vocab_size"),
+                           block_size=_int(doc, "max_position_embeddings", 2048), bias=False, mlp="swiglu",
+                           position="rope", norm="rmsnorm", norm_eps=eps, rope_theta=_rope(doc),
+                           tie_embeddings=bool(doc.get("tie_word_embeddings", False)))
+    except ConfigError as err:
+        raise CheckpointError(f"HF Llama config.json: {err}") from err
+
+
+def _weight_files(path: Path) -> dict[str, str]:
+    """HF tensor name -> the safetensors file holding it (one file, or the shards of the index)."""
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a readable safetensors index ({err})") from err
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object")
+        return {str(k): str(v) for k, v in weight_map.items()}
+    if not (path / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors HF checkpoints are read; "
+                              "pickled pytorch_model.bin files are refused)")
+    return dict.fromkeys(_keys(path / WEIGHTS_FILE), WEIGHTS_FILE)
+
+
+def _keys(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from err
+
+
+def _sources(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Native name -> HF names whose concatenation (first dim) it is."""
+    out = {native: (hf,) for native, hf in _GLOBAL.items() if native != "lm_head.weight" or not config.tie_embeddings}
+    for i in range(config.n_layer):
+        out |= {f"layers.{i}.{leaf}": tuple(f"model.layers.{i}.{p}" for p in parts) for leaf, parts in _LAYER.items()}
+    return out
+
+
+class _Concat:
+    """Slices of HF tensors joined along their first dim, read without materialising the whole."""
+
+    def __init__(self, parts: list[Any], stacked: bool) -> None:
+        self.parts, self.stacked = parts, stacked
+        self.sizes = [p.get_shape()[0] for p in parts]
+
+    def shape(self) -> tuple[int, ...]:
+        rest = tuple(self.parts[0].get_shape()[1:])
+        return ((1,) if self.stacked else ()) + (sum(self.sizes),) + rest
+
+    def read(self, index: tuple[slice, ...]) -> Tensor:
+        if self.stacked:
+            index = index[1:]  # the native stream dimension (one stream) is not in the HF tensor
+        a, b = index[0].start, index[0].stop
+        pieces, offset = [], 0
+        for part, size in zip(self.parts, self.sizes, strict=True):
+            lo, hi = max(a, offset), min(b, offset + size)
+            if lo < hi:
+                pieces.append(part[(slice(lo - offset, hi - offset), *index[1:])])
+            offset += size
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out.unsqueeze(0) if self.stacked else out
+
+
+def read_llama(path: Path, config: ModelConfig, shard: Shard,
+               expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """This shard's native state dict from an HF Llama directory (each rank reads only its slices)."""
+    files = _weight_files(path)
+    sources = _sources(config)
+    wanted = {hf for parts in sources.values() for hf in parts}
+    missing = sorted(wanted - set(files))
+    extra = sorted(n for n in set(files) - wanted if not n.endswith(_IGNORED)
+                   and not (n == "lm_head.weight" and config.tie_embeddings))
+    if missing or extra:
+        raise CheckpointError(f"{path}: tensors do not match config.json: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    state = {}
+    with contextlib.ExitStack() as stack:
+        try:
+            handles = {f: stack.enter_context(safe_open(str(path / f), framework="pt")) for f in set(files.values())}
+            for native, parts in sources.items():
+                stacked = native.startswith(("layers.", "ln_f"))
+                joined = _Concat([handles[files[hf]].get_slice(hf) for hf in parts], stacked)
+                if joined.shape() != expected[native]:
+                    raise CheckpointError(f"{path}: {' + '.join(parts)} has shape {joined.shape()}, config.json "
+                                          f"needs {expected[native]} (as {native})")
+                state[native] = take(joined.read, shard_ranges(native, expected[native], config, shard))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({err})") from err
+    return state
