@@ -50,10 +50,11 @@ class RowSampler:
         self.vocab_limit = vocab_limit
         self.all_greedy = all(c.greedy for c in configs)
         self.greedy = torch.tensor([c.greedy for c in configs], device=device)
-        self.temperature = torch.tensor([c.temperature or 1.0 for c in configs], device=device)
+        temperature = torch.tensor([c.temperature or 1.0 for c in configs], dtype=torch.float32, device=device)
+        self.temperature = temperature.clamp(min=torch.finfo(temperature.dtype).tiny)  # 1e-300 is not 0 in fp32
         self.top_k = torch.tensor([min(c.top_k or 0, 2**31) for c in configs], device=device)  # > vocab: all
         # a top_p below float32's smallest normal would round to 0 and drop even the first token (NaN draw)
-        top_p = torch.tensor([c.top_p or 1.0 for c in configs], device=device)
+        top_p = torch.tensor([c.top_p or 1.0 for c in configs], dtype=torch.float32, device=device)
         self.top_p = top_p.clamp(min=torch.finfo(top_p.dtype).tiny)
         seeds = configs[:1] if shared_seed else configs
         self.generators = (list(generators) if generators is not None
@@ -64,10 +65,12 @@ class RowSampler:
         logits = logits.float()
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit:] = float("-inf")
-        best = logits.argmax(dim=-1)
+        top, best = logits.max(dim=-1, keepdim=True)
+        best = best.squeeze(1)
         if self.all_greedy:
             return best
-        ordered, order = (logits / self.temperature.unsqueeze(1)).sort(dim=-1, descending=True)
+        # shifted so the largest is 0: a tiny temperature sends the others to -inf, never to inf - inf = NaN
+        ordered, order = ((logits - top) / self.temperature.unsqueeze(1)).sort(dim=-1, descending=True)
         # top-k keeps every logit >= the k-th largest (ties included); k = 0 keeps all
         kth = ordered.gather(1, (self.top_k.clamp(1, ordered.shape[-1]) - 1).unsqueeze(1))
         drop = (self.top_k.unsqueeze(1) > 0) & (ordered < kth)

@@ -252,3 +252,11 @@ def test_top_p_below_float32_range_keeps_the_most_likely_token():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 4
     got = sample(logits, SamplingConfig(temperature=1e30, top_p=1e-300, seed=1))
     assert torch.equal(got, (logits / 1e30).argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-30])
+def test_temperature_below_float32_range_is_greedy_not_nan(temperature):
+    """1e-300 rounds to 0 in float32 and 1e-40 divides logits to inf: both must sample the argmax."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2)) * 4
+    got = sample(logits, SamplingConfig(temperature=temperature, seed=3))
+    assert torch.equal(got, logits.argmax(-1))
