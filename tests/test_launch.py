@@ -50,8 +50,9 @@ def test_ctrl_c_stops_the_leader_and_every_follower():
     import sys
     import time
 
-    cmd = [sys.executable, "-m", "krakenlm", "generate", "--preset", "mini-kraken-2way", "--prompt", "To be",
-           "--tp", "2", "--device", "cpu", "--max-new-tokens", "250"]
+    # a run that lasts tens of seconds (124M, fp32, 800 tokens), so the interrupt always lands mid-run
+    cmd = [sys.executable, "-m", "krakenlm", "generate", "--preset", "kraken-125m-2way", "--prompt", "To be",
+           "--tp", "2", "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "800"]
     leader = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     followers: list[str] = []
@@ -59,7 +60,8 @@ def test_ctrl_c_stops_the_leader_and_every_follower():
     while not followers and time.monotonic() < deadline and leader.poll() is None:
         time.sleep(0.2)
         followers = subprocess.run(["pgrep", "-P", str(leader.pid)], capture_output=True, text=True).stdout.split()
-    time.sleep(0.5)
+    time.sleep(2.0)
+    assert leader.poll() is None, "the run ended before the interrupt"
     os.killpg(leader.pid, signal.SIGINT)
     assert leader.wait(timeout=30) == 130
     assert "interrupted" in leader.stderr.read()
