@@ -40,6 +40,12 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+def _positive(values: list[float], device: torch.device) -> Tensor:
+    """float32 values floored at float32's smallest normal: a valid 1e-300 would round to 0 and turn a
+    division (temperature) or a threshold (top_p: even the first token dropped) into a NaN draw."""
+    return torch.tensor(values, dtype=torch.float32, device=device).clamp(min=torch.finfo(torch.float32).tiny)
+
+
 class RowSampler:
     """Per-row sampling parameters as device tensors: one batch may mix greedy and sampled rows with
     their own seeds (a server's requests), or share one config and generator (a batch generate).
@@ -50,12 +56,9 @@ class RowSampler:
         self.vocab_limit = vocab_limit
         self.all_greedy = all(c.greedy for c in configs)
         self.greedy = torch.tensor([c.greedy for c in configs], device=device)
-        temperature = torch.tensor([c.temperature or 1.0 for c in configs], dtype=torch.float32, device=device)
-        self.temperature = temperature.clamp(min=torch.finfo(temperature.dtype).tiny)  # 1e-300 is not 0 in fp32
+        self.temperature = _positive([c.temperature or 1.0 for c in configs], device)
         self.top_k = torch.tensor([min(c.top_k or 0, 2**31) for c in configs], device=device)  # > vocab: all
-        # a top_p below float32's smallest normal would round to 0 and drop even the first token (NaN draw)
-        top_p = torch.tensor([c.top_p or 1.0 for c in configs], dtype=torch.float32, device=device)
-        self.top_p = top_p.clamp(min=torch.finfo(top_p.dtype).tiny)
+        self.top_p = _positive([c.top_p or 1.0 for c in configs], device)
         seeds = configs[:1] if shared_seed else configs
         self.generators = (list(generators) if generators is not None
                            else [torch.Generator(device=device).manual_seed(c.seed) for c in seeds])

@@ -379,7 +379,7 @@ class _TwoD(_PairHooks):
         stats = self.comm.all_reduce(torch.stack([xf.sum(-1), (xf * xf).sum(-1)], -1), self.x,
                                      f"{self.pair_name} norm", tensor="stats")
         width = self.comm.rank_plan.config.n_embd
-        mean = stats[..., :1] / width * (0.0 if ln.rms else 1.0)  # RMSNorm: no centering
+        mean = torch.zeros_like(stats[..., :1]) if ln.rms else stats[..., :1] / width  # RMSNorm: no centering
         var = stats[..., 1:] / width - mean * mean
         out = ((xf - mean) * torch.rsqrt(var + ln.eps)).to(x.dtype)
         index = self.e_index.to(x.device)
