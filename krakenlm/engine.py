@@ -509,11 +509,8 @@ class Engine:
     def open_serving(self, max_batch: int, *, vocab_limit: int | None = None) -> None:
         """Allocate the serving cache: ``max_batch`` rows of the model's whole context (replacing any
         earlier one). ``vocab_limit``: never sample ids at or above it."""
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise ConfigError(f"max_batch: must be an integer >= 1, got {max_batch!r}")
-        if vocab_limit is not None and (not isinstance(vocab_limit, int) or isinstance(vocab_limit, bool)
-                                        or not 1 <= vocab_limit <= self.config.vocab_size):
-            raise ConfigError(f"vocab_limit: must be an integer in 1..{self.config.vocab_size}, got {vocab_limit!r}")
+        check_int(max_batch, "max_batch")
+        check_int(vocab_limit, "vocab_limit", maximum=self.config.vocab_size, optional=True)
         if self.layout.decode.attention == "batch" or self.layout.prefill.gathered:
             raise ConfigError(f"serving: layout {self.layout} shards the batch over the ranks; a server prefills one "
                               "request row at a time, which needs attn-heads and a weight-stationary prefill")

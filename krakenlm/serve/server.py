@@ -26,6 +26,7 @@ from krakenlm.serve.runner import Runner
 from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.source import ModelSource
 from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
+from krakenlm.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,8 @@ class ServeConfig:
     model_name: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: must be an integer in 0..65535, got {self.port!r}")
-        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
-            raise ConfigError(f"max_body_bytes: must be an integer >= 1, got {self.max_body_bytes!r}")
+        check_int(self.port, "port", minimum=0, maximum=65535)
+        check_int(self.max_body_bytes, "max_body_bytes")
         if not self.drain_timeout > 0:
             raise ConfigError(f"drain_timeout: must be > 0 seconds, got {self.drain_timeout!r}")
         if self.api_key is not None and not self.api_key:

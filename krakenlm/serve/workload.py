@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
+from krakenlm.validation import check_int
 
 ARRIVALS = ("poisson", "constant")
 MAX_REQUESTS = 1_000_000
@@ -87,8 +88,7 @@ def arrivals(kind: str, rate: float, requests: int, prompt: Lengths, output: Len
     if kind not in ARRIVALS:
         raise ConfigError(f"arrivals: must be one of {ARRIVALS} or a trace file, got {kind!r}")
     _check_rate(rate)
-    if not isinstance(requests, int) or isinstance(requests, bool) or not 1 <= requests <= MAX_REQUESTS:
-        raise ConfigError(f"requests: must be an integer in [1, {MAX_REQUESTS}], got {requests!r}")
+    check_int(requests, "requests", maximum=MAX_REQUESTS)
     rng = random.Random(seed)
     out, t = [], 0.0
     for i in range(requests):
