@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ import torch
 
 from krakenlm.checkpoint import export_hf_gpt2
 from krakenlm.engine import Engine, EngineOptions
+from krakenlm.machine import cpu_model
 from krakenlm.source import ModelSource
 
 PROMPT, NEW = 128, 32
@@ -112,12 +111,6 @@ def measure(dtype: str, rounds: int) -> dict[str, object]:
                        "ours eager e2e / hf": paired("gpt eager e2e", "hf generate e2e"),
                        "ours compiled e2e / hf": paired("gpt compiled e2e", "hf generate e2e")},
             "samples": samples}
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                platform.processor())
 
 
 def main() -> None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,15 +23,10 @@ from krakenlm.bench import results
 from krakenlm.bench.sweep import Options, run_sweep
 from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, evaluate
 from krakenlm.costmodel.hardware import load_hardware
+from krakenlm.machine import cpu_model
 
 LAYOUTS = ["1d-ws/attn-batch", "2d-ws/attn-heads", "2d-ws/attn-batch", "wg-xy/attn-batch,2d-ws/attn-batch",
            "wg-xy/attn-batch,1d-ws/attn-batch"]
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                platform.processor())
 
 
 def measure(args: argparse.Namespace) -> dict:
