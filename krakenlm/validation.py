@@ -24,12 +24,17 @@ def check_int(value: Any, name: str, *, minimum: int | None = 1, maximum: int | 
     return value
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real int or float (not a bool, which Python counts as an int), neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_float(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None,
                 exclusive: bool = False, optional: bool = False) -> float | None:
     """`value` as a float if it is a finite number in the range (open at `minimum` when `exclusive`)."""
     if value is None and optional:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_finite_number(value)
     if ok and minimum is not None:
         ok = value > minimum if exclusive else value >= minimum
     ok = ok and (maximum is None or value <= maximum)

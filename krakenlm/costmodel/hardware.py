@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from krakenlm.config import dataclass_fields
 from krakenlm.errors import ConfigError
 from krakenlm.machine import machine_spec
+from krakenlm.validation import is_finite_number
 
 SPEC_DIR = Path(__file__).with_name("hardware")
 TOPOLOGIES = ("ring", "switch", "torus")
@@ -39,13 +39,9 @@ def compute_dtype(dtype: str) -> str:
     return "bf16" if dtype == "int8" else dtype
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_number(spec: str, key: str, value: Any, lo: float, hi: float, lo_open: bool = True) -> None:
     """``value`` must be a finite number in (lo, hi] (or [lo, hi] with ``lo_open=False``)."""
-    ok = _is_number(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    ok = is_finite_number(value) and (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
         bound = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise ConfigError(f"hardware {spec}: {key} must be a finite number in {bound}, got {value!r}")
@@ -145,7 +141,7 @@ class Hardware:
                                   f"{sorted(self.peak_flops)}, got {sorted(value)}")
             for dtype, v in value.items():
                 _check_number(self.name, f"{key}[{dtype}]", v, 0.0, 1.0)
-        elif not _is_number(value) or not 0 < value <= 1:
+        elif not is_finite_number(value) or not 0 < value <= 1:
             raise ConfigError(f"hardware {self.name}: {key} must be a number in (0, 1] or a mapping "
                               f"dtype -> number in (0, 1], got {value!r}")
 

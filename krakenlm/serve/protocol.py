@@ -10,12 +10,12 @@ logit_bias, penalties, n > 1) are refused by name rather than silently ignored.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from krakenlm.errors import KrakenError
+from krakenlm.validation import is_finite_number
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_SEED = (1 << 63) - 1
@@ -47,10 +47,6 @@ def _bad(param: str, message: str) -> ApiError:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -141,7 +137,7 @@ def _number(data: dict[str, Any], key: str, default: float, low: float, high: fl
     value = data.get(key, default)
     if value is None:
         value = default
-    if not _is_number(value) or not low <= value <= high:
+    if not is_finite_number(value) or not low <= value <= high:
         raise _bad(key, f"must be a number in [{low:g}, {high:g}], got {json.dumps(value)}")
     return float(value)
 
@@ -150,7 +146,7 @@ def _optional_top_p(data: dict[str, Any]) -> float | None:
     value = data.get("top_p")
     if value is None:
         return None
-    if not _is_number(value) or not 0 < value <= 1:
+    if not is_finite_number(value) or not 0 < value <= 1:
         raise _bad("top_p", f"must be a number in (0, 1], got {json.dumps(value)}")
     return float(value)
 

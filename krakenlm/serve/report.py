@@ -22,15 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from krakenlm.errors import InputError
+from krakenlm.validation import is_finite_number
 
 METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 SLO_KEYS = ("ttft_s", "tpot_s", "e2e_s")  # per-request thresholds for goodput
 STATS = ("p50", "p90", "p99", "mean")
 _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class RequestRecord:
     def __post_init__(self) -> None:
         object.__setattr__(self, "token_times", tuple(self.token_times))
         times = [self.arrival, *self.token_times] + [t for t in (self.first_token, self.end) if t is not None]
-        if not all(_finite(t) for t in times):
+        if not all(is_finite_number(t) for t in times):
             raise InputError(f"request record: times must be finite numbers, got {self}")
         if not isinstance(self.output_tokens, int) or isinstance(self.output_tokens, bool) or self.output_tokens < 0:
             raise InputError(f"request record: output_tokens must be an integer >= 0, got {self.output_tokens!r}")
@@ -84,7 +81,7 @@ def check_slo(slo: dict[str, float] | None) -> dict[str, float]:
     for key, value in slo.items():
         if key not in SLO_KEYS:
             raise InputError(f"slo: unknown key {key!r}; known: {SLO_KEYS}")
-        if not _finite(value) or value <= 0:
+        if not is_finite_number(value) or value <= 0:
             raise InputError(f"slo: {key} must be a positive number of seconds, got {value!r}")
     return slo
 
@@ -103,7 +100,7 @@ def summarize(records: Iterable[RequestRecord], rate: float | None = None, slo: 
     if duration_s is None:
         ends = [t for r in recs for t in (r.end, r.arrival) if t is not None]
         duration_s = max(ends) - min(r.arrival for r in recs) if recs else 0.0
-    if not _finite(duration_s) or duration_s < 0:
+    if not is_finite_number(duration_s) or duration_s < 0:
         raise InputError(f"report: duration_s must be a finite number >= 0, got {duration_s!r}")
 
     def per_s(n: int) -> float | None:
