@@ -162,9 +162,9 @@ class Engine:
     """One rank of a model: shard, Comm, device, dtype; prefill / decode / generate / score."""
 
     def __init__(self, source: ModelSource, options: EngineOptions | None = None, *,
-                 rendezvous: tuple[int, int, int] | None = None, local: bool = False,
+                 rendezvous: tuple[int, int, dist.Store] | None = None, local: bool = False,
                  workload: Workload | None = None) -> None:
-        """SPMD construction on this rank. ``rendezvous`` = (rank, world, port) for an in-process rank 0;
+        """SPMD construction on this rank. ``rendezvous`` = (rank, world, store) for an in-process rank 0;
         otherwise a process started by torchrun or the launcher joins from its environment. ``local``:
         a single-device engine inside a rank (the benchmark's single-device baselines). ``workload``:
         what ``layout="auto"`` is chosen for."""
@@ -182,8 +182,8 @@ class Engine:
         self._serving: _Serving | None = None
         self._joined = False
         if self.distributed:
-            rank, world, port = rendezvous or (None, None, None)
-            self._joined = init_distributed(self.options.timeout, self.device, rank=rank, world=world, port=port)
+            rank, world, store = rendezvous or (None, None, None)
+            self._joined = init_distributed(self.options.timeout, self.device, rank=rank, world=world, store=store)
         try:
             self._build()
         except BaseException:
@@ -267,10 +267,13 @@ class Engine:
         followers = Ranks("krakenlm.engine:follow", {"source": source.to_dict(), "options": options.to_dict(),
                                                      "workload": work}, options.tp, range(1, options.tp))
         try:
-            engine = cls(source, options, rendezvous=(0, options.tp, followers.port), workload=workload)
+            engine = cls(source, options, rendezvous=(0, options.tp, followers.store), workload=workload)
             engine._open_control()
         except BaseException as err:
             code = followers.failed()
+            if not isinstance(err, Exception):  # Ctrl-C: the followers wait in a collective rank 0 left
+                followers.kill()
+                raise
             followers.stop(grace=min(5.0, options.timeout))
             if code is not None and isinstance(err, DistributedError):
                 raise DistributedError(f"{err} (a follower rank exited with code {code} before joining)") from err

@@ -1,17 +1,29 @@
 """The launcher and process-group setup: JSON payloads, failures reported, multi-node mistakes named."""
 
+import json
 import socket
 
 import pytest
 
 from krakenlm.errors import DistributedError
 from krakenlm.parallel.group import check_multinode
-from krakenlm.parallel.launch import run_ranks
+from krakenlm.parallel.launch import Ranks, run_ranks
 
 
 def test_a_rank_target_that_is_not_importable_fails_with_a_clear_code(capfd):
     assert run_ranks("tests.no_such_module:main", 2, {}, grace=5) != 0
     assert "No module named 'tests.no_such_module'" in capfd.readouterr().err
+
+
+def test_the_rendezvous_port_is_held_from_before_the_ranks_start_and_values_travel_as_json(tmp_path):
+    """No window between choosing the port and binding it: another program cannot take it."""
+    out = tmp_path / "gathered.json"
+    ranks = Ranks("tests.tp_workers:gather", {"text": "ü'\"", "out": str(out)}, 3)
+    with socket.socket() as probe, pytest.raises(OSError):
+        probe.bind(("127.0.0.1", ranks.port))
+    assert ranks.wait(timeout=120) == 0
+    expected = [{"rank": r, "text": "ü'\"" * (r + 1), "nested": [[r], None, 1.5]} for r in range(3)]
+    assert json.loads(out.read_text()) == expected
 
 
 def test_multi_node_with_a_loopback_master_address_is_refused(monkeypatch):
@@ -42,8 +54,10 @@ def test_a_single_node_run_is_never_questioned(monkeypatch):
     check_multinode("gloo")
 
 
-def test_ctrl_c_stops_the_leader_and_every_follower():
-    """A terminal's Ctrl-C (SIGINT to the foreground process group) mid-run: exit 130, no rank left behind."""
+@pytest.mark.parametrize("after_s", [0.0, 2.0], ids=["start-up", "mid-run"])
+def test_ctrl_c_stops_the_leader_and_every_follower(after_s):
+    """A terminal's Ctrl-C (SIGINT to the foreground process group) while the ranks start (rank 0 waits for
+    a follower in a collective) or mid-run: exit 130, no rank left behind."""
     import os
     import signal
     import subprocess
@@ -60,7 +74,7 @@ def test_ctrl_c_stops_the_leader_and_every_follower():
     while not followers and time.monotonic() < deadline and leader.poll() is None:
         time.sleep(0.2)
         followers = subprocess.run(["pgrep", "-P", str(leader.pid)], capture_output=True, text=True).stdout.split()
-    time.sleep(2.0)
+    time.sleep(after_s)
     assert leader.poll() is None, "the run ended before the interrupt"
     os.killpg(leader.pid, signal.SIGINT)
     assert leader.wait(timeout=30) == 130

@@ -197,3 +197,18 @@ def logits(payload: dict) -> int:
         torch.save(out, payload["out"])
     engine.close()
     return 0
+
+
+def gather(payload: dict) -> int:
+    """Join through the launcher's rendezvous and gather one JSON value per rank."""
+    import torch.distributed as dist
+
+    from krakenlm.parallel.group import gather_json, init_distributed
+
+    init_distributed(30, torch.device("cpu"))
+    rank = dist.get_rank()
+    values = gather_json({"rank": rank, "text": payload["text"] * (rank + 1), "nested": [[rank], None, 1.5]})
+    if rank == 0:
+        Path(payload["out"]).write_text(json.dumps(values))
+    dist.destroy_process_group()
+    return 0

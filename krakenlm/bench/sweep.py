@@ -33,7 +33,7 @@ from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError, DistributedError
 from krakenlm.model.layers import KVCache
 from krakenlm.parallel.comm import DistComm
-from krakenlm.parallel.group import init_distributed, resolve_device
+from krakenlm.parallel.group import gather_json, init_distributed, resolve_device
 from krakenlm.parallel.launch import run_ranks
 from krakenlm.parallel.layouts import Layout, check_layout
 from krakenlm.presets import PRESETS
@@ -468,8 +468,7 @@ def run_rank(payload: dict[str, Any]) -> int:
     init_distributed(opts.timeout_s, resolve_device(opts.device))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    pids: list[Any] = [None] * world
-    dist.all_gather_object(pids, os.getpid())
+    pids = gather_json(os.getpid())
     cells = []
     for dtype in opts.dtypes:
         for shape in opts.shapes:

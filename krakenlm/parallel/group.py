@@ -79,9 +79,9 @@ def check_multinode(backend: str) -> None:
 
 
 def init_distributed(timeout: float, device: torch.device, *, rank: int | None = None, world: int | None = None,
-                     port: int | None = None) -> bool:
-    """Join the process group (from the torchrun-style environment, or as ``rank`` of ``world`` on a
-    local port). Returns True when this call made the group (the caller then owns its teardown)."""
+                     store: dist.Store | None = None) -> bool:
+    """Join the process group (from the torchrun-style environment, or as ``rank`` of ``world`` meeting
+    at ``store``, the launcher's). Returns True when this call made the group (the caller owns its teardown)."""
     if dist.is_initialized():
         return False
     ranks_here = world if rank is not None else int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
@@ -90,7 +90,8 @@ def init_distributed(timeout: float, device: torch.device, *, rank: int | None =
         os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")  # the timeline reads NCCL's own durations
     kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout)}
     if rank is not None:
-        kwargs.update(rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+        # the followers join through env:// (torch prefixes their keys "default_pg"): share their key space
+        kwargs.update(rank=rank, world_size=world, store=dist.PrefixStore("default_pg", store))
     else:
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
@@ -107,14 +108,30 @@ def init_distributed(timeout: float, device: torch.device, *, rank: int | None =
     return True
 
 
+def gather_json(value: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``value`` as JSON text, never pickled: a peer's bytes are data, not objects to run.
+    Over the group's own device (NCCL carries only CUDA tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    data = torch.frombuffer(bytearray(json.dumps(value, sort_keys=True, default=str).encode()), dtype=torch.uint8)
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], device=device), group=group)
+    lengths = [int(size.item()) for size in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data.to(padded.device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return [json.loads(g[:n].cpu().numpy().tobytes()) for g, n in zip(gathered, lengths, strict=True)]
+
+
 def agree(facts: dict[str, Any]) -> None:
     """Every rank must bring the same facts (config, weights, options, request); a rank that could not
     load its model says so (``load_error``) and everyone fails at once, naming it."""
-    gathered: list[Any] = [None] * dist.get_world_size()
     try:
-        dist.all_gather_object(gathered, facts)
+        gathered = gather_json(facts)
     except (RuntimeError, dist.DistBackendError) as err:
         raise DistributedError(f"rank {dist.get_rank()}: start-up check failed: a peer died ({err})") from err
+    facts = gathered[dist.get_rank()]  # compared as every rank's facts are: after the same JSON round trip
     for rank, other in enumerate(gathered):
         if other.get("load_error"):
             raise DistributedError(f"rank {rank} could not load the model: {other['load_error']}")

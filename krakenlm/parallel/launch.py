@@ -6,6 +6,11 @@ arguments. The torchrun-style environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_
 who it is, so a target runs unchanged under this launcher and under torchrun. A command prefix per
 rank (e.g. ``ip netns exec NS``) runs ranks inside network namespaces with shaped links.
 
+Ranks started on this host (no command prefix) meet at a TCPStore this process hosts on a port the
+kernel picked, as torchrun's agent does (``TORCHELASTIC_USE_AGENT_STORE``): the port is held from
+before any rank starts until the last one ends, so no other program can take it between a port probe
+and rank 0's bind, and a rank that stops early cannot take the rendezvous down with it.
+
 The launcher watches its children: when one fails, the others get ``grace`` seconds to exit on their
 own (their collectives time out or see the closed connection) and are then killed, so a run never
 hangs on a dead rank.
@@ -23,10 +28,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch.distributed as dist
+
 from krakenlm.errors import DistributedError
 
 Prefix = Callable[[int], list[str]]
 Env = Callable[[int], dict[str, str]]
+
+
+def host_store(world: int) -> dist.TCPStore:
+    """A rendezvous store served by this process on a free loopback port (``.port``)."""
+    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
 
 
 def free_port() -> int:
@@ -47,7 +59,10 @@ class Ranks:
                  master_addr: str = "127.0.0.1", port: int | None = None, prefix: Prefix | None = None,
                  env: Env | None = None) -> None:
         self.world = world
-        self.port = port or free_port()
+        # ranks in other network namespaces (a prefix) cannot reach this process's loopback
+        self.store = host_store(world) if port is None and prefix is None else None
+        self.port = self.store.port if self.store is not None else port or free_port()
+        hosted = {"TORCHELASTIC_USE_AGENT_STORE": str(self.store is not None)}
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="krakenlm-ranks-", delete=False) as f:
             json.dump({"target": target, "args": args}, f)
         self.payload = f.name
@@ -56,7 +71,7 @@ class Ranks:
             for rank in range(world) if ranks is None else ranks:
                 rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                             "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master_addr,
-                            "MASTER_PORT": str(self.port)} | (env(rank) if env else {})
+                            "MASTER_PORT": str(self.port)} | hosted | (env(rank) if env else {})
                 command = (prefix(rank) if prefix else []) + [sys.executable, "-m", "krakenlm.parallel.rank",
                                                                self.payload]
                 # a session of its own: a terminal's Ctrl-C reaches this process, which stops the ranks
@@ -100,6 +115,7 @@ class Ranks:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        self.store = None  # every rank has ended (an in-process rank 0's group keeps its own reference)
         if os.path.exists(self.payload):
             os.unlink(self.payload)
 

@@ -9,6 +9,8 @@ import sys
 import traceback
 from typing import Any
 
+import torch.distributed as dist
+
 from krakenlm.errors import ConfigError, KrakenError
 
 
@@ -31,6 +33,10 @@ def main(path: str) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except dist.DistError as err:  # a peer went away outside the engine's own checks: one line, no C++ stack
+        print(f"krakenlm rank {rank}: error: lost contact with the other ranks: {str(err).splitlines()[0][:200]}",
+              file=sys.stderr, flush=True)
+        return 2
     except Exception:  # a bug: show it, and exit so the launcher can stop the others
         traceback.print_exc()
         return 1
