@@ -125,47 +125,20 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_dataset: str | None = None,
-            hf_config: str | None = None, tokenizer: str = "gpt2", val_fraction: float = 0.1,
-            split_by: str = "tail", progress: bool = False) -> dict[str, Any]:
-    """Tokenize a corpus into out_dir/{train,val}.bin (uint16) + meta.json; returns the meta dict.
-
-    Sources: text files / directories, a Hugging Face dataset name, or (neither) the Shakespeare
-    plays. Documents are separated by the end-of-text token. split_by: "tail" (the last val_fraction
-    of every document; suits a few long documents) or "documents" (a val_fraction share of whole
-    documents; suits millions of short ones, e.g. OpenWebText). meta.json is written last, so a
-    directory with meta.json is complete.
-    """
-    if check_float(val_fraction, "val_fraction", minimum=0, maximum=1, exclusive=True) == 1:
-        raise ConfigError(f"val_fraction: must be in (0, 1), got {val_fraction}")
-    if split_by not in SPLIT_BY:
-        raise ConfigError(f"split_by: must be one of {SPLIT_BY}, got {split_by!r}")
-    if inputs and hf_dataset:
-        raise InputError("prepare: give text inputs or --hf-dataset, not both")
-    check_output_dir(out_dir, "out")
+def _corpus(inputs: Sequence[str | Path], hf_dataset: str | None,
+            hf_config: str | None) -> tuple[list[str], Iterable[str]]:
+    """(source names, document texts): a Hugging Face dataset, text files, or the bundled plays."""
     if hf_dataset:
-        sources = [f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "")]
-        texts: Iterable[str] = hf_dataset_texts(hf_dataset, config=hf_config)
-    else:
-        files = text_files(inputs) if inputs else shakespeare_files()
-        sources = [str(f) for f in files]
-        texts = _read_texts(files)
-    tok: Tokenizer
-    if tokenizer.startswith("bpe:"):
-        texts = list(texts)  # the BPE is fitted on the whole corpus first
-        tok = train_bpe(texts, _bpe_size(tokenizer))
-    else:
-        tok = get_tokenizer(tokenizer)
-    if tok.vocab_size > 65536:
-        raise ConfigError(f"tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token files")
+        return [f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "")], hf_dataset_texts(hf_dataset,
+                                                                                                config=hf_config)
+    files = text_files(inputs) if inputs else shakespeare_files()
+    return [str(f) for f in files], _read_texts(files)
 
-    if progress:
-        from tqdm import tqdm
 
-        texts = tqdm(texts, desc="tokenize", unit="doc", total=len(sources) if not hf_dataset else None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
+def _write_splits(out: Path, texts: Iterable[str], tok: Tokenizer, val_fraction: float,
+                  split_by: str) -> tuple[dict[str, int], int]:
+    """Stream every document's tokens into train.bin / val.bin (through temporary files renamed at the
+    end, so a failure leaves no half-written split); returns tokens per split and documents."""
     tmp = {s: out / f".{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     documents = 0
@@ -192,6 +165,44 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
+    return counts, documents
+
+
+def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_dataset: str | None = None,
+            hf_config: str | None = None, tokenizer: str = "gpt2", val_fraction: float = 0.1,
+            split_by: str = "tail", progress: bool = False) -> dict[str, Any]:
+    """Tokenize a corpus into out_dir/{train,val}.bin (uint16) + meta.json; returns the meta dict.
+
+    Sources: text files / directories, a Hugging Face dataset name, or (neither) the Shakespeare
+    plays. Documents are separated by the end-of-text token. split_by: "tail" (the last val_fraction
+    of every document; suits a few long documents) or "documents" (a val_fraction share of whole
+    documents; suits millions of short ones, e.g. OpenWebText). meta.json is written last, so a
+    directory with meta.json is complete.
+    """
+    if check_float(val_fraction, "val_fraction", minimum=0, maximum=1, exclusive=True) == 1:
+        raise ConfigError(f"val_fraction: must be in (0, 1), got {val_fraction}")
+    if split_by not in SPLIT_BY:
+        raise ConfigError(f"split_by: must be one of {SPLIT_BY}, got {split_by!r}")
+    if inputs and hf_dataset:
+        raise InputError("prepare: give text inputs or --hf-dataset, not both")
+    check_output_dir(out_dir, "out")
+    sources, texts = _corpus(inputs, hf_dataset, hf_config)
+    tok: Tokenizer
+    if tokenizer.startswith("bpe:"):
+        texts = list(texts)  # the BPE is fitted on the whole corpus first
+        tok = train_bpe(texts, _bpe_size(tokenizer))
+    else:
+        tok = get_tokenizer(tokenizer)
+    if tok.vocab_size > 65536:
+        raise ConfigError(f"tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token files")
+    if progress:
+        from tqdm import tqdm
+
+        texts = tqdm(texts, desc="tokenize", unit="doc", total=len(sources) if not hf_dataset else None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
+    counts, documents = _write_splits(out, texts, tok, val_fraction, split_by)
     if isinstance(tok, BPETokenizer):
         tok.save(out / BPE_TOKENIZER_FILE)
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token, "dtype": "uint16",

@@ -33,10 +33,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def check_dtype(name: str) -> str:
-    """Validate a dtype name that may be 'auto' (options are checked before any model exists)."""
-    if name != AUTO:
-        parse_dtype(name)
-    return name
+    """Validate a dtype name that may be 'auto' (options are checked before any model exists); returns
+    its short name ('bf16' for 'bfloat16'), so every config spells a dtype one way."""
+    if not isinstance(name, str):
+        raise ConfigError(f"dtype: expected one of {sorted(DTYPES)} or auto, got {name!r}")
+    return name if name == AUTO else dtype_name(parse_dtype(name))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -51,7 +51,7 @@ from krakenlm.model import LOCAL, Comm, KVCache
 from krakenlm.model.attention import check_kernel
 from krakenlm.model.quant import QUANTIZE
 from krakenlm.parallel.comm import DistComm
-from krakenlm.parallel.group import agree, init_distributed, resolve_device
+from krakenlm.parallel.group import agree, check_device_name, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
 from krakenlm.parallel.layout_comm import LayoutComm
 from krakenlm.parallel.layouts import Layout, RankPlan, resolve
@@ -99,8 +99,7 @@ class EngineOptions:
         for name in ("no_comm", "overlap", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.device, str):
-            raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
+        check_device_name(self.device)
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize: must be one of {QUANTIZE} or null, got {self.quantize!r}")
         if self.layout is not None and self.layout != "auto":

@@ -42,11 +42,11 @@ def test_stop_tokens_end_a_row_and_are_not_part_of_its_output(engine):
 
 
 @pytest.mark.parametrize("options", [dict(tp=0), dict(timeout=float("nan")), dict(dtype="int8"), dict(threads=0),
-                                     dict(device="gpu")])
-def test_bad_options_are_refused_naming_the_field(options):
+                                     dict(device="gpu"), dict(device="cuda:x")])
+def test_bad_options_are_refused_at_construction_naming_the_field(options):
     field = next(iter(options))
     with pytest.raises(ConfigError, match=field):
-        Engine(ModelSource(config=tiny("gpt")), EngineOptions(**options))
+        EngineOptions(**options)
 
 
 def test_prompts_the_model_cannot_serve_are_refused_before_any_work(engine):

@@ -42,10 +42,16 @@ def one_line_error(capsys, *needles: str) -> str:
     ("weight_decay", -0.1), ("grad_clip", float("nan")), ("grad_clip", float("inf")), ("beta1", 1.0),
     ("beta2", float("nan")), ("min_lr_ratio", float("nan")), ("peak_tflops", 0.0), ("peak_tflops", -1.0),
     ("peak_tflops", float("inf")), ("steps", True), ("batch_size", 1.5), ("warmup_steps", -1), ("compile", "yes"),
+    ("dtype", "int8"), ("dtype", 16),
 ])
 def test_train_config_values_are_validated(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_train_config_spells_a_dtype_as_the_engine_does():
+    """'bfloat16' is accepted as everywhere else, and kept as 'bf16' (checkpoints and resume compare it)."""
+    assert TrainConfig(dtype="bfloat16").dtype == "bf16" and TrainConfig(dtype="auto").dtype == "auto"
 
 
 @pytest.mark.parametrize("flag,value,field", [

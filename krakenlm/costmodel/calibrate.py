@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,37 @@ def evaluate(hw: Hardware, records: list[dict[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
+def _least_squares(residual: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, lo: np.ndarray,
+                   hi: np.ndarray, iterations: int) -> np.ndarray:
+    """Levenberg-Marquardt within the box [lo, hi]: few parameters, cheap residuals, no scipy needed."""
+    r = residual(theta)
+    cost, lam = float(r @ r), 1e-3
+    for _ in range(iterations):
+        jac = np.empty((len(r), len(theta)))
+        for j in range(len(theta)):
+            step = np.zeros(len(theta))
+            step[j] = 1e-5
+            jac[:, j] = (r - residual(theta - step)) / 1e-5  # backward: theta may sit on the upper bound
+        jtj = jac.T @ jac
+        grad = jac.T @ r
+        improved = done = False
+        while lam < 1e10:
+            delta = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), -grad)
+            cand = np.clip(theta + delta, lo, hi)
+            r_new = residual(cand)
+            c_new = float(r_new @ r_new)
+            if c_new < cost:
+                theta, r, improved = cand, r_new, True
+                lam = max(lam / 3, 1e-12)
+                done = cost - c_new < 1e-14
+                cost = c_new
+                break
+            lam *= 4
+        if not improved or done:
+            break
+    return theta
+
+
 def calibrate(hw: Hardware, records: list[dict[str, Any]],
               fields: tuple[str, ...] = ("matmul_eff", "memory_eff", "comm_eff"), per_dtype: bool = True,
               iterations: int = 200) -> Calibration:
@@ -253,31 +285,7 @@ def calibrate(hw: Hardware, records: list[dict[str, Any]],
         s = spec(th)
         return np.log([predict_point(p, s) for p in points]) - measured
 
-    r = residual(theta)
-    cost, lam = float(r @ r), 1e-3
-    for _ in range(iterations):
-        jac = np.empty((len(points), len(params)))
-        for j in range(len(params)):
-            step = np.zeros(len(params))
-            step[j] = 1e-5
-            jac[:, j] = (r - residual(theta - step)) / 1e-5  # backward: theta may sit on the upper bound
-        jtj = jac.T @ jac
-        grad = jac.T @ r
-        improved = done = False
-        while lam < 1e10:
-            delta = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), -grad)
-            cand = np.clip(theta + delta, lo, hi)
-            r_new = residual(cand)
-            c_new = float(r_new @ r_new)
-            if c_new < cost:
-                theta, r, improved = cand, r_new, True
-                lam = max(lam / 3, 1e-12)
-                done = cost - c_new < 1e-14
-                cost = c_new
-                break
-            lam *= 4
-        if not improved or done:
-            break
+    theta = _least_squares(residual, theta, lo, hi, iterations)
     fitted_hw = spec(theta)
     before = [predict_point(p, hw) for p in points]
     after = [predict_point(p, fitted_hw) for p in points]

@@ -27,14 +27,20 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def check_device_name(name: object) -> None:
+    """A device the engine can run on, named as options spell it (checked before anything starts)."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or
+                                         (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+
+
 def resolve_device(name: str) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when there is one) -> this rank's device, made current."""
+    check_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
-    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {name!r}")
     if not torch.cuda.is_available():
         raise ConfigError(f"device: {name} requested but torch sees no CUDA device "
                           f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)")

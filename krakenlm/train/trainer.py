@@ -49,7 +49,7 @@ from krakenlm.checkpoint import (
 )
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.data import WindowSampler, load_tokens, read_meta
-from krakenlm.dtypes import AUTO, DTYPES
+from krakenlm.dtypes import DTYPES, check_dtype
 from krakenlm.errors import CheckpointError, ConfigError, TrainingError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
@@ -123,8 +123,7 @@ class TrainConfig:
             if getattr(self, name) == 1:
                 raise ConfigError(f"{name}: must be < 1 (AdamW's moment would never decay), got 1")
         check_float(self.peak_tflops, "peak_tflops", minimum=0, exclusive=True, optional=True)
-        if self.dtype not in DTYPES and self.dtype != AUTO:
-            raise ConfigError(f"dtype: must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))  # 'bfloat16' is 'bf16' from here on
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         for name in ("data", "out"):
