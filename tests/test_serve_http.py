@@ -140,9 +140,11 @@ def test_bad_inputs_get_their_status_while_another_request_completes(gpt_server)
 
 
 def test_health_models_and_metrics(gpt_server):
+    openai_client(gpt_server).completions.create(model=MODEL, prompt="x", max_tokens=2)  # finishes by length
     with httpx.Client(base_url=gpt_server.url, timeout=30) as http:
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["ranks"] == 1
+        assert health.json()["max_batch"] == 8
         card = http.get("/v1/models").json()["data"][0]
         assert card["id"] == MODEL and card["max_model_len"] == GPT.block_size and card["vocab_size"] == 50257
         metrics = http.get("/metrics").text
@@ -259,6 +261,26 @@ def test_loadtest_reports_and_compares(gpt_server, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| rate (req/s) | metric | a | b |" in table and "TTFT p99 (ms)" in table
     assert png.stat().st_size > 0
+
+
+def test_a_profile_measured_on_the_server_feeds_the_simulator(gpt_server, tmp_path, capsys):
+    """loadtest --profile: TTFT alone at the low / middle / high prompt, ITL at every engine width (from the
+    server's max_batch 8); simulate --profile fits the host overhead to it."""
+    from krakenlm.cli import main
+    from krakenlm.serve.profile import load_profile
+
+    out = tmp_path / "profile.json"
+    assert main(["loadtest", "--url", gpt_server.url, "--profile", "--profile-reps", "1", "--prompt-len", "8-16",
+                 "--output-len", "4", "--out", str(out)]) == 0
+    profile = load_profile(str(out))
+    assert profile.prompts == (8, 12, 16) and profile.widths == (1, 2, 4, 8) and profile.output == 4
+    assert all(t > 0 for t in profile.ttft_alone_s + profile.itl_s)
+    assert "capacity" in capsys.readouterr().out
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(GPT.to_dict()))
+    assert main(["simulate", "--config", str(config), "--hardware", "cpu-gloo", "--rate", "5", "--requests", "4",
+                 "--profile", str(out)]) == 0
+    assert "host overhead fitted to" in capsys.readouterr().err
 
 
 def test_loadtest_and_simulate_run_the_same_load(gpt_server, tmp_path, capsys):

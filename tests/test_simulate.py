@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -247,3 +248,80 @@ def test_simulate_and_plan_slo_cli(tmp_path, capsys) -> None:
                  "p99_ttft<=100ms", "--rate", "10", "--requests", "40", "--batches", "4,8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["best"]["report"]["ttft_s"]["p99"] <= 0.1 and data["tried"]
+
+
+def _profile_from(times, overhead: HostOverhead, widths=(1, 2, 4, 8), engine_shapes: bool = False):
+    """A profile a server with exactly this host overhead would measure (the fit must give it back)."""
+    from krakenlm.serve.profile import EngineProfile
+
+    prompt, output, context = 128, 32, times.config.block_size
+    mid = prompt + output // 2
+
+    def step(w: int) -> float:
+        if not engine_shapes:
+            return times.decode([mid] * w)
+        width, keys = decode_shape(list(range(w)), [mid - 1] * w, 8, context)
+        return times.decode([keys] * width)
+
+    return EngineProfile(prompt, output, (64, 128, 192), tuple(times.prefill(p) + overhead.prefill_s for p in
+                                                                 (64, 128, 192)),
+                         widths, tuple(step(w) + overhead.step_s + w * overhead.row_s for w in widths))
+
+
+@pytest.mark.parametrize("engine_shapes", [False, True])
+def test_host_overhead_fitted_to_a_profile_is_the_one_that_made_it(engine_shapes) -> None:
+    from krakenlm.costmodel.simulate import fit_host_overhead
+
+    cfg = get_preset("gpt2-124m")
+    bare = CostModelTimes(cfg, load_hardware("cpu-gloo"), 2, dtype="fp32", lm_head="replicated")
+    truth = HostOverhead(prefill_s=0.05, step_s=0.012, row_s=0.004)
+    fitted = fit_host_overhead(bare, _profile_from(bare, truth, engine_shapes=engine_shapes), 8, cfg.block_size,
+                               engine_shapes)
+    assert fitted.prefill_s == pytest.approx(0.05) and fitted.step_s == pytest.approx(0.012)
+    assert fitted.row_s == pytest.approx(0.004)
+    # a server faster per row than the model says: the slope would be negative, so no per-row term
+    slower = HostOverhead(step_s=0.03, row_s=0.0)
+    profile = _profile_from(bare, slower)
+    shrunk = dataclasses.replace(profile, itl_s=tuple(t - 0.001 * w for t, w in
+                                                      zip(profile.itl_s, profile.widths, strict=True)))
+    refit = fit_host_overhead(bare, shrunk, 8, cfg.block_size)
+    assert refit.row_s == 0 and refit.step_s > 0
+
+
+def test_engine_profiles_are_checked_and_read_by_name(tmp_path) -> None:
+    from krakenlm.serve.profile import EngineProfile, engine_widths, load_profile, save_profiles
+
+    assert engine_widths(8) == (1, 2, 4, 8) and engine_widths(6) == (1, 2, 4, 6) and engine_widths(1) == (1,)
+    good = dict(prompt=128, output=32, prompts=(64, 128), ttft_alone_s=(0.1, 0.2), widths=(1, 2), itl_s=(0.05, 0.07))
+    for bad, match in [({"itl_s": (0.05,)}, "same non-zero length"), ({"itl_s": (0.05, float("nan"))}, "positive"),
+                       ({"widths": (2, 2)}, "two distinct widths"), ({"prompt": 0}, "prompt")]:
+        with pytest.raises(ConfigError, match=match):
+            EngineProfile(**(good | bad))
+    one = EngineProfile(**good)
+    assert one.capacity_rps == pytest.approx(1 / (0.15 + 32 * 0.035))
+    save_profiles(tmp_path / "p.json", {"a": one, "b": one})
+    assert load_profile(f"{tmp_path / 'p.json'}:b") == one
+    for spec, match in [(str(tmp_path / "p.json"), "name one"), (f"{tmp_path / 'p.json'}:c", "not 'c'"),
+                        (str(tmp_path / "missing.json"), "cannot read")]:
+        with pytest.raises(ConfigError, match=match):
+            load_profile(spec)
+
+
+def test_simulate_cli_fits_the_host_overhead_to_a_profile(tmp_path, capsys) -> None:
+    from krakenlm.costmodel.simulate import fit_host_overhead
+    from krakenlm.serve.profile import save_profiles
+
+    cfg = get_preset("gpt2-124m")
+    bare = CostModelTimes(cfg, load_hardware("cpu-gloo"), 2, dtype="fp32")
+    profile = _profile_from(bare, HostOverhead(prefill_s=0.03, step_s=0.01, row_s=0.002))
+    save_profiles(tmp_path / "p.json", {"server": profile})
+    argv = ["simulate", "--preset", "gpt2-124m", "--hardware", "cpu-gloo", "--chips", "2", "--dtype", "fp32",
+            "--rate", "1", "--requests", "5", "--profile", str(tmp_path / "p.json")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    used = json.loads(out)["simulation"]["host_overhead"]
+    assert used == pytest.approx({"prefill_s": 0.03, "step_s": 0.01, "row_s": 0.002})
+    assert "host overhead fitted to" in err
+    assert main(argv + ["--host-overhead", '{"step_s": 0.01}']) == 2
+    assert "not both" in capsys.readouterr().err
+    assert fit_host_overhead(bare, profile, 8, cfg.block_size).row_s == pytest.approx(0.002)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from krakenlm.costmodel.estimator import (
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import OBJECTIVES, plan
-from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, plan_slo, simulate
+from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, fit_host_overhead, plan_slo, simulate
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 from krakenlm.serve.report import parse_slo_targets
@@ -125,6 +126,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host-overhead", default="{}",
                    help='measured engine host time the cost model leaves out, JSON seconds: {"prefill_s": 0.07, '
                         '"step_s": 0.014, "row_s": 0.003} (per prefill, per decode step, per running row)')
+    p.add_argument("--profile", help="FILE[:NAME]: fit the host overhead to a server's profile measured by "
+                                     "`krakenlm loadtest --profile --out FILE` (instead of --host-overhead)")
     p.add_argument("--engine-shapes", action="store_true",
                    help="price each decode step at krakenlm's eager engine shape (rows up to the highest in use, "
                         "bucketed keys) instead of the running requests")
@@ -320,6 +323,26 @@ def _json_object(text: str, flag: str, example: str) -> dict:
     return value
 
 
+def _host_overhead(args: argparse.Namespace, config: ModelConfig, hw: Hardware) -> HostOverhead:
+    """--host-overhead as given, or fitted to --profile's server for this model and hardware."""
+    overhead = _json_object(args.host_overhead, "--host-overhead", '{"step_s": 0.01}')
+    if args.profile is None:
+        try:
+            return HostOverhead(**overhead)
+        except TypeError:
+            raise ConfigError(f"--host-overhead: keys are prefill_s, step_s, row_s, got {sorted(overhead)}") from None
+    if overhead:
+        raise ConfigError("simulate: give --host-overhead or --profile, not both")
+    from krakenlm.serve.profile import load_profile  # the HTTP client only when a profile is read
+
+    profile = load_profile(args.profile)
+    bare = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head)
+    host = fit_host_overhead(bare, profile, args.max_batch, config.block_size, args.engine_shapes)
+    fitted = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in asdict(host).items())
+    print(f"host overhead fitted to {args.profile}: {fitted}", file=sys.stderr)
+    return host
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config, hw = _config(args), load_hardware(args.hardware)
     if args.out:
@@ -328,11 +351,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     spec = _load(args, prompt, output)
     load = spec.generate()
     slo = _json_object(args.goodput_slo, "--goodput-slo", '{"ttft_s": 0.2}')
-    overhead = _json_object(args.host_overhead, "--host-overhead", '{"step_s": 0.01}')
-    try:
-        host = HostOverhead(**overhead)
-    except TypeError:
-        raise ConfigError(f"--host-overhead: keys are prefill_s, step_s, row_s, got {sorted(overhead)}") from None
+    host = _host_overhead(args, config, hw)
     longest = max(a.prompt_len + a.output_len for a in load)
     policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=args.max_tokens or args.max_batch * longest,
                             max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.estimator import (
@@ -41,6 +41,9 @@ from krakenlm.errors import ConfigError, InputError
 from krakenlm.serve.report import RequestRecord, SloTarget, summarize
 from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, decode_shape
 from krakenlm.serve.workload import Arrival
+
+if TYPE_CHECKING:
+    from krakenlm.serve.profile import EngineProfile
 
 
 class StepTimes(Protocol):
@@ -82,6 +85,37 @@ class HostOverhead:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 60:
                 raise ConfigError(f"host overhead: {key} must be seconds in [0, 60), got {value!r}")
+
+
+def fit_host_overhead(times: StepTimes, profile: EngineProfile, max_batch: int, context: int,
+                      engine_shapes: bool = False) -> HostOverhead:
+    """The host time a measured server spends beyond ``times`` (the cost model's, no overhead): per prefill,
+    the mean of TTFT alone - predicted prefill over the profile's prompt lengths; per step and per row, a
+    least-squares line through ITL at width w - predicted decode step of w rows (at the engine's padded
+    shape with ``engine_shapes``), both terms kept >= 0."""
+    mid_context = profile.prompt + profile.output // 2
+
+    def decode(rows: int) -> float:
+        if not engine_shapes:
+            return times.decode([mid_context] * rows)
+        width, keys = decode_shape(list(range(rows)), [mid_context - 1] * rows, max_batch, context)
+        return times.decode([keys] * width)
+
+    prefill = sum(t - times.prefill(p) for p, t in zip(profile.prompts, profile.ttft_alone_s, strict=True))
+    extra = [t - decode(w) for w, t in zip(profile.widths, profile.itl_s, strict=True)]
+    step, row = _nonnegative_line([float(w) for w in profile.widths], extra)
+    return HostOverhead(prefill_s=max(0.0, prefill / len(profile.prompts)), step_s=step, row_s=row)
+
+
+def _nonnegative_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope, both >= 0 (a negative one is dropped and the other refitted)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    if slope < 0:
+        return max(0.0, my), 0.0
+    if my - slope * mx < 0:
+        return 0.0, max(0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs))
+    return my - slope * mx, slope
 
 
 class CostModelTimes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from krakenlm.cli import add_engine_args, add_model_args, engine_options, model_source
 from krakenlm.errors import ConfigError
-from krakenlm.serve.workload import ARRIVALS
+from krakenlm.serve.workload import ARRIVALS, Lengths
 from krakenlm.validation import check_output_file
 
 
@@ -52,7 +52,7 @@ def _rates(text: str) -> list[float]:
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
     from krakenlm.serve.loadtest import Target, parse_targets, plot, run_loads, table
-    from krakenlm.serve.workload import Lengths, LoadSpec
+    from krakenlm.serve.workload import LoadSpec
 
     if (args.url is None) == (args.compare is None):
         raise ConfigError("loadtest: give exactly one of --url or --compare")
@@ -68,6 +68,8 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     targets = parse_targets(args.compare, args.api_key) if args.compare else [Target("server", args.url.rstrip("/"),
                                                                                       args.api_key)]
     prompt, output = Lengths.parse(args.prompt_len, "--prompt-len"), Lengths.parse(args.output_len, "--output-len")
+    if args.profile:
+        return _profile(targets, prompt, output, args.profile_reps, args.out)
     rates = args.rate[:1] if args.arrivals not in ARRIVALS else args.rate  # a trace has its own times
     specs = [LoadSpec(rate, args.requests, prompt, output, args.seed, args.arrivals) for rate in rates]
     reports = run_loads(targets, specs, slo, args.timeout)
@@ -83,6 +85,24 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {plot(reports, args.plot)}", file=sys.stderr)
     return 0 if all(r["completed"] == r["requests"] for r in reports) else 1
+
+
+def _profile(targets: list, prompt: Lengths, output: Lengths, reps: int, out: str | None) -> int:
+    """`loadtest --profile`: each server's step-time profile (krakenlm.serve.profile), printed and saved."""
+    from krakenlm.serve.profile import measure_profiles, save_profiles
+
+    middle = (prompt.low + prompt.high) // 2
+    profiles = measure_profiles(targets, tuple(sorted({prompt.low, middle, prompt.high})), middle,
+                                max(2, (output.low + output.high) // 2), reps)
+    for name, p in profiles.items():
+        alone = ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in zip(p.prompts, p.ttft_alone_s, strict=True))
+        gaps = ", ".join(f"{w}: {t * 1e3:.1f} ms" for w, t in zip(p.widths, p.itl_s, strict=True))
+        print(f"{name}: TTFT alone {alone}; ITL at width {gaps}; capacity {p.capacity_rps:.3g} requests/s")
+    if out:
+        save_profiles(out, profiles)
+        print(f"wrote {out} (krakenlm simulate --profile {out}" + (":NAME" if len(profiles) > 1 else "") + ")",
+              file=sys.stderr)
+    return 0
 
 
 def add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
@@ -104,6 +124,11 @@ def add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo", default="{}", help='per-request SLO for goodput, JSON: {"ttft_s": 0.5, "tpot_s": 0.05}')
     p.add_argument("--api-key")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
-    p.add_argument("--out", help="write the reports as JSON here")
+    p.add_argument("--out", help="write the reports (or the profiles) as JSON here")
     p.add_argument("--plot", help="write latency percentiles vs rate as a PNG here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of a load, measure each server's step-time profile for `krakenlm simulate "
+                        "--profile`: lone requests at the low / middle / high --prompt-len, and requests decoded "
+                        "together at every engine width for the middle --output-len")
+    p.add_argument("--profile-reps", type=int, default=4, help="repetitions of each profile measurement")
     p.set_defaults(func=_cmd_loadtest)

@@ -129,7 +129,8 @@ class Runner:
         status = "unhealthy" if reason else "draining" if self._stopping else "ok"
         with self._lock:
             counts = {"running": self.scheduler.running, "waiting": self.scheduler.waiting}
-        return {"status": status, "ranks": self.engine.world, **counts} | ({"error": reason} if reason else {})
+        return ({"status": status, "ranks": self.engine.world, "max_batch": self.scheduler.policy.max_batch, **counts}
+                | ({"error": reason} if reason else {}))
 
     def warmup(self) -> None:
         """One prefill and one decode step before serving (allocations; a compiled step's first graph)."""
