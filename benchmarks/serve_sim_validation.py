@@ -8,7 +8,7 @@ output lengths drawn uniformly). The simulator steps the server's scheduler with
 from bench records (``cpu-gloo`` refitted by ``krakenlm calibrate``'s fit to a short bench run taken
 first, at the servers' shapes: prefill of 128 tokens, decode at batch 1 and 8; ``--bundled-spec`` uses
 the shipped fit), priced in the runtime's own layout (Megatron 1D / Kraken, LM head whole on every
-rank). Three simulations per cell:
+rank). Four simulations per cell:
 
 * cost model only: the running requests at their mean context, no host time;
 * + host overhead (krakenlm.costmodel.simulate.HostOverhead: per prefill, per decode step, per row),
@@ -16,7 +16,9 @@ rank). Three simulations per cell:
   requests at once for each decode width the engine computes, w = 1, 2, 4, 8, and a least-squares line
   through them), never to the validation loads;
 * + engine shapes: each decode step priced at the shape the eager engine computes (every row up to the
-  highest one in use, keys up to the bucketed longest context; krakenlm.serve.scheduler.decode_shape).
+  highest one in use, keys up to the bucketed longest context; krakenlm.serve.scheduler.decode_shape);
+* profile: no cost model; the step times read off the profile itself (krakenlm.costmodel.simulate.
+  ProfileTimes, at the engine's shapes), as profiling-based simulators such as Vidur do.
 
     flock -x /tmp/krakenlm-timing.lock .venv/bin/python benchmarks/serve_sim_validation.py
     .venv/bin/python benchmarks/serve_sim_validation.py --measured docs/results/serve-sim-validation.json
@@ -38,7 +40,14 @@ from krakenlm.costmodel.calibrate import calibrate
 from krakenlm.costmodel.estimator import Layout
 from krakenlm.costmodel.hardware import Hardware, load_hardware
 from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
-from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, fit_host_overhead, simulate
+from krakenlm.costmodel.simulate import (
+    CostModelTimes,
+    HostOverhead,
+    ProfileTimes,
+    StepTimes,
+    fit_host_overhead,
+    simulate,
+)
 from krakenlm.presets import get_preset
 from krakenlm.serve.loadtest import Target, run_loads
 from krakenlm.serve.process import ServerProcess
@@ -47,7 +56,7 @@ from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.serve.workload import Lengths, LoadSpec
 
 TP, MAX_BATCH = 2, 8
-VARIANTS = ("model", "overhead", "engine")  # the three simulations of the module docstring
+VARIANTS = ("model", "overhead", "engine", "profile")  # the four simulations of the module docstring
 
 
 def fresh_spec(hardware: str) -> tuple[Hardware, dict]:
@@ -83,10 +92,12 @@ def cells(name: str, preset: str, specs: list[LoadSpec], measured: list[dict], h
     bare = model_times(preset, hw)
     overheads = {"model": HostOverhead(), "overhead": fit_host_overhead(bare, seen, MAX_BATCH, block),
                  "engine": fit_host_overhead(bare, seen, MAX_BATCH, block, engine_shapes=True)}
+    times: dict[str, StepTimes] = {v: model_times(preset, hw, o) for v, o in overheads.items()}
+    times["profile"] = ProfileTimes(seen)
     out = []
     for spec, meas in zip(specs, measured, strict=True):
-        reports = {v: simulate(spec.generate(), policy, block, model_times(preset, hw, overheads[v]),
-                               spec.offered_rate, engine_shapes=v == "engine").report for v in VARIANTS}
+        reports = {v: simulate(spec.generate(), policy, block, times[v], spec.offered_rate,
+                               engine_shapes=v in ("engine", "profile")).report for v in VARIANTS}
         for metric in ("ttft_s", "tpot_s"):
             m = meas[metric]["p50"]
             row = {"arch": name, "rate": spec.rate, "metric": f"p50 {metric[:-2].upper()}", "measured_s": m}
@@ -98,7 +109,7 @@ def cells(name: str, preset: str, specs: list[LoadSpec], measured: list[dict], h
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | rate req/s | metric | measured ms | cost model only ms | error | + host overhead ms | error "
-             "| + engine shapes ms | error |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| + engine shapes ms | error | profile ms | error |", "|---|---:|---|---:" + "|---:" * 8 + "|"]
     for r in rows:
         sims = " | ".join(f"{1e3 * r[f'{v}_s']:.1f} | {r[f'{v}_error_pct']:+.1f}%" for v in VARIANTS)
         lines.append(f"| {r['arch']} | {r['rate']:g} | {r['metric']} | {1e3 * r['measured_s']:.1f} | {sims} |")

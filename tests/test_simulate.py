@@ -325,3 +325,20 @@ def test_simulate_cli_fits_the_host_overhead_to_a_profile(tmp_path, capsys) -> N
     assert main(argv + ["--host-overhead", '{"step_s": 0.01}']) == 2
     assert "not both" in capsys.readouterr().err
     assert fit_host_overhead(bare, profile, 8, cfg.block_size).row_s == pytest.approx(0.002)
+
+
+def test_profile_times_read_the_measured_steps() -> None:
+    """Prefill on the line through TTFT alone; a decode step at a measured width is that width's gap,
+    between widths it is interpolated, past the widest it stays there."""
+    from krakenlm.costmodel.simulate import ProfileTimes
+    from krakenlm.serve.profile import EngineProfile
+
+    profile = EngineProfile(128, 32, (64, 128, 192), (0.10, 0.14, 0.18), (1, 2, 4, 8), (0.05, 0.06, 0.10, 0.30))
+    times = ProfileTimes(profile)
+    assert times.prefill(64) == pytest.approx(0.10) and times.prefill(160) == pytest.approx(0.16)
+    assert times.decode([100]) == pytest.approx(0.05) and times.decode([100] * 4) == pytest.approx(0.10)
+    assert times.decode([100] * 3) == pytest.approx(0.08) and times.decode([100] * 6) == pytest.approx(0.20)
+    assert times.decode([100] * 12) == pytest.approx(0.30)
+    # through the simulator at the engine's widths: a lone request costs its prefill then one gap per token
+    sim = simulate([Arrival(0.0, 128, 4)], BatchingPolicy(max_batch=8), 1024, times, engine_shapes=True)
+    assert sim.records[0].token_times == pytest.approx((0.14, 0.19, 0.24, 0.29))

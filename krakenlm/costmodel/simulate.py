@@ -118,6 +118,30 @@ def _nonnegative_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+class ProfileTimes:
+    """Step times read off a server's measured profile (krakenlm.serve.profile), the way Vidur-style
+    simulators use profiled operators: a prefill from the least-squares line of TTFT alone over prompt
+    length; a decode step of w rows from the inter-token gap measured at the engine widths, linear between
+    them (simulate with ``engine_shapes``, whose widths are the engine's own). Host time is in the
+    measurements, so nothing is added; context enters only through the widths' mid context."""
+
+    def __init__(self, profile: EngineProfile) -> None:
+        self.profile = profile
+        self._intercept, self._slope = _nonnegative_line([float(p) for p in profile.prompts],
+                                                         list(profile.ttft_alone_s))
+        self._widths = sorted(zip(profile.widths, profile.itl_s, strict=True))
+
+    def prefill(self, prompt_len: int) -> float:
+        return self._intercept + self._slope * prompt_len
+
+    def decode(self, contexts: Sequence[int]) -> float:
+        rows = len(contexts)
+        below = [(w, t) for w, t in self._widths if w <= rows] or self._widths[:1]
+        above = [(w, t) for w, t in self._widths if w >= rows] or self._widths[-1:]
+        (w0, t0), (w1, t1) = below[-1], above[0]
+        return t0 if w1 == w0 else t0 + (t1 - t0) * (rows - w0) / (w1 - w0)
+
+
 class CostModelTimes:
     """Step times from the estimator: prefill at batch 1, decode at the batch and its mean context, the
     fastest layout per phase (or ``layout``, e.g. the runtime's own), on ``chips`` chips in ``stages``
