@@ -11,13 +11,15 @@ re-measurement next time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +192,27 @@ def fastest_seconds(run: Callable[[], object], device: torch.device, repeats: in
         sync()
         best = min(best, (clock() - start) / calls)
     return best
+
+
+@contextlib.contextmanager
+def busy_cores(count: int, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """``count`` threads doing one-thread GEMMs while the caller measures: a run with one rank per core
+    has every core computing at once (shared caches and memory bandwidth; on a VM perhaps one physical
+    core's hyperthreads), which a probe on otherwise idle cores never sees. Torch releases the GIL inside
+    each GEMM, so the threads run in parallel with the caller."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        a = torch.randn(384, 384).to(dtype)
+        while not stop.is_set():
+            torch.mm(a, a)
+
+    threads = [threading.Thread(target=spin, name=f"krakenlm-busy-{i}", daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

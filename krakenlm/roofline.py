@@ -125,9 +125,11 @@ def gemm_key(g: Gemm, dtype: str, device: torch.device) -> str:
     return f"{machine_key(device)}|{dtype}|gemm {g.streams}x{g.m}x{g.k}x{g.n}"
 
 
-def probe(shape: ForwardShape, dtype: str, device: torch.device | str = "cpu", memory: bool = True) -> Roofline:
+def probe(shape: ForwardShape, dtype: str, device: torch.device | str = "cpu", memory: bool = True,
+          busy: int = 0) -> Roofline:
     """Measure (or read from the cache) the GEMM throughput of ``shape``'s weight GEMMs in ``dtype`` and,
-    with ``memory``, the memory bandwidth."""
+    with ``memory``, the memory bandwidth. ``busy``: how many other cores the caller keeps computing
+    meanwhile (krakenlm.machine.busy_cores), part of what is cached."""
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype)
     per_gemm: dict[str, float] = {}
@@ -135,7 +137,7 @@ def probe(shape: ForwardShape, dtype: str, device: torch.device | str = "cpu", m
     for g in shape.gemms:
         if g.count == 1 and g.name == "conj":
             continue  # one small GEMM per forward: not what the model's time is made of
-        key = gemm_key(g, dtype, device)
+        key = gemm_key(g, dtype, device) + (f"|busy {busy}" if busy else "")
         rate = PROBES.get(key)
         if not isinstance(rate, (int, float)) or rate <= 0:
             rate = 2.0 * g.streams * g.m * g.k * g.n / _time_gemm(g, torch_dtype, device)

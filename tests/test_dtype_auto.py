@@ -69,3 +69,19 @@ def test_bad_dtype_names_fail_early():
             TrainConfig(dtype=bad)
         with pytest.raises(ConfigError, match="dtype"):
             EngineOptions(dtype=bad)
+
+
+def test_busy_cores_run_while_the_context_lasts_and_stop_after():
+    """The calibration's stand-in for the run's other ranks: threads computing during the probe, gone after."""
+    import threading
+
+    from krakenlm.machine import busy_cores
+
+    def busy() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("krakenlm-busy-")]
+
+    with busy_cores(2):
+        assert len(busy()) == 2 and all(t.is_alive() for t in busy())
+    assert busy() == []
+    with busy_cores(0):
+        assert busy() == []

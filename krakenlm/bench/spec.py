@@ -5,11 +5,12 @@ sessions, and on another CPU it predicted a third of the measured time. This spe
 probes instead of a fit to the thing it predicts:
 
 - peak_flops per dtype: the GEMM throughput at the model's own per-rank shapes (krakenlm/roofline.py),
-  so matmul_eff is 1;
+  so matmul_eff is 1; this and the two compute probes below run while the machine's other cores (one per
+  other rank of the run) do GEMMs too, as they do in the run predicted (krakenlm.machine.busy_cores);
 - attention_eff: causal attention's measured rate (the kernel chosen for the shape) over that peak;
 - memory_bw: a large copy;
-- link_bw and alpha: a loopback all-reduce between two gloo ranks at several sizes, fitted to
-  t = 2 alpha + bytes / bw (the 2-rank ring the estimator assumes);
+- link_bw and alpha: a loopback all-reduce between two gloo ranks at several sizes (the median of
+  each, see allreduce_rank), fitted to t = 2 alpha + bytes / bw (the 2-rank ring the estimator assumes);
 - layer_overhead_s: a one-layer forward's time beyond its GEMMs and attention (norms, activations,
   residuals, Python), from the difference of a 2-layer and a 1-layer model.
 
@@ -20,6 +21,7 @@ and ``load_hardware("cpu-gloo")`` prefers it to the bundled file.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.costmodel.hardware import Hardware, load_hardware
 from krakenlm.dtypes import parse_dtype
 from krakenlm.errors import DistributedError
-from krakenlm.machine import MACHINE_SPECS, cpu_model, fastest_seconds, spec_key
+from krakenlm.machine import MACHINE_SPECS, busy_cores, cpu_model, fastest_seconds, spec_key
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.attention import causal_attention
 from krakenlm.parallel.launch import run_ranks
@@ -43,7 +45,10 @@ ALLREDUCE_SIZES = (4096, 65536, 1 << 20, 8 << 20)
 
 
 def allreduce_rank(payload: dict[str, Any]) -> int:
-    """One rank of the loopback probe: best seconds of an all-reduce per size (rank 0 writes them)."""
+    """One rank of the loopback probe: median seconds of an all-reduce per size (rank 0 writes them).
+    The median, not the best: on a VM a rank that waited (here after a barrier, in a forward after its
+    compute) often needs its idle vCPU woken, and a forward's time is the sum of many such collectives
+    (2 vCPU AMD EPYC: best ~0.1 ms, median ~2.3 ms for 4 KiB to 1 MiB)."""
     import torch.distributed as dist
 
     from krakenlm.parallel.group import init_distributed
@@ -54,12 +59,12 @@ def allreduce_rank(payload: dict[str, Any]) -> int:
     for size in payload["sizes"]:
         x = torch.ones(size // 4)
         times = []
-        for _ in range(12):
+        for _ in range(15):
             dist.barrier()
             start = time.perf_counter()
             dist.all_reduce(x)
             times.append(time.perf_counter() - start)
-        best[size] = min(times[2:])
+        best[size] = float(np.median(times[3:]))
     if dist.get_rank() == 0:
         Path(payload["out"]).write_text(json.dumps(best))
     dist.barrier()
@@ -68,7 +73,7 @@ def allreduce_rank(payload: dict[str, Any]) -> int:
 
 
 def loopback_link(sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> tuple[float, float, dict[int, float]]:
-    """(alpha s, link bytes/s, measured seconds per size) of a 2-rank loopback all-reduce."""
+    """(alpha s, link bytes/s, median seconds per size) of a 2-rank loopback all-reduce."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "allreduce.json"
         code = run_ranks("krakenlm.bench.spec:allreduce_rank", 2, {"sizes": list(sizes), "out": str(out)},
@@ -108,18 +113,21 @@ def calibrate_machine(config: ModelConfig, tp: int = 2, prompt: int = 256, batch
     (also as the machine's ``cpu-gloo``). ``link``: a loopback (alpha, bytes/s) measured already."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    siblings = max(0, min(tp, os.cpu_count() or 1) - 1)  # the other ranks on this machine compute meanwhile
     try:
         shard = ParallelPlan(config, tp).shard(0)
         shape = forward_shape(config, shard, batch=batch, prompt=prompt)
         peak, attention, overhead = {}, {}, []
         for name in dtypes:
             dtype = parse_dtype(name)
-            roof = probe(shape, name)
-            peak[name] = roof.gemm_flops_per_s
-            layer_flops = shape.flops()["GEMM"] / config.n_layer
-            attn_s = _attention_seconds(shape, config, shard, batch, prompt, dtype)
-            attention[name] = min(1.0, shape.attention_flops / config.n_layer / attn_s / peak[name])
-            overhead.append(_layer_seconds(config, shard, batch, prompt, dtype) - layer_flops / peak[name] - attn_s)
+            with busy_cores(siblings, dtype):
+                roof = probe(shape, name, busy=siblings)
+                peak[name] = roof.gemm_flops_per_s
+                layer_flops = shape.flops()["GEMM"] / config.n_layer
+                attn_s = _attention_seconds(shape, config, shard, batch, prompt, dtype)
+                attention[name] = min(1.0, shape.attention_flops / config.n_layer / attn_s / peak[name])
+                layer_s = _layer_seconds(config, shard, batch, prompt, dtype)
+            overhead.append(layer_s - layer_flops / peak[name] - attn_s)
         alpha, link_bw = link or loopback_link()[:2]
     finally:
         torch.set_num_threads(threads)
