@@ -42,6 +42,7 @@ from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.roofline import ForwardShape, forward_shape, probe
 
 ALLREDUCE_SIZES = (4096, 65536, 1 << 20, 8 << 20)
+PROBES_VERSION = 2  # part of the cache key: a spec probed the way an earlier version did is measured again
 
 
 def allreduce_rank(payload: dict[str, Any]) -> int:
@@ -147,7 +148,7 @@ def calibrate_machine(config: ModelConfig, tp: int = 2, prompt: int = 256, batch
 
 def _shape_key(config: ModelConfig, tp: int, prompt: int, batch: int) -> str:
     shape = json.dumps(config.replace(name="").to_dict(), sort_keys=True)
-    return f"{spec_key()}|tp {tp}|batch {batch}|prompt {prompt}|{shape}"
+    return f"{spec_key()}|probes v{PROBES_VERSION}|tp {tp}|batch {batch}|prompt {prompt}|{shape}"
 
 
 def calibrated_spec(config: ModelConfig, tp: int = 2, prompt: int = 256, batch: int = 1,
