@@ -130,6 +130,7 @@ def run_servers(presets: dict[str, str], args: argparse.Namespace, prompt: Lengt
     """Both servers side by side: the profile, then the validation loads (servers in turn)."""
     with contextlib.ExitStack() as stack:
         servers = {name: stack.enter_context(ServerProcess(["--preset", preset, "--tp", str(TP), "--device", "cpu",
+                                                            "--dtype", "fp32",  # what the cost model prices
                                                             "--max-batch", str(MAX_BATCH)]))
                    for name, preset in presets.items()}
         targets = [Target(name, server.url) for name, server in servers.items()]
