@@ -68,7 +68,7 @@ def _grid_panel(ax: Any, cells: list[dict[str, Any]], shapes: list[str], prompts
         text = f"{grid[i][j]:.2f}x"
         if "kraken/parallel" in ratios:
             text += f"\nvs par {1 / ratios['kraken/parallel']['median']:.2f}x"
-        ax.text(j, i, text, ha="center", va="center", fontsize=7)
+        ax.text(j, i, text, ha="center", va="center", fontsize=6)
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.5, aspect="auto")
     ax.set_xticks(range(len(prompts)), [f"T={t}" for t in prompts], fontsize=7)
     return image
@@ -81,8 +81,8 @@ def speedup_grid(result: dict[str, Any], path: Path) -> Path:
     rows = sorted({(c["dtype"], c["batch"], c["tp"]) for c in result["cells"]})
     shapes = [s for _, s in sorted({(_shape_size(c), c["shape"]) for c in result["cells"]})]
     prompts = sorted({c["prompt_len"] for c in result["cells"]})
-    fig, axes = plt.subplots(len(rows), len(links), figsize=(2.8 * len(links) + 1.2, 2.2 * len(rows) + 0.6),
-                             squeeze=False, layout="constrained")
+    size = (0.9 * len(links) * len(prompts) + 1.2, 2.2 * len(rows) + 0.6)  # room for two lines per cell
+    fig, axes = plt.subplots(len(rows), len(links), figsize=size, squeeze=False, layout="constrained")
     image = None
     for r, (dtype, batch, tp) in enumerate(rows):
         for k, link in enumerate(links):
