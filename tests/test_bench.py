@@ -93,3 +93,30 @@ def test_round_log_drops_rounds_where_others_used_the_cpu():
     assert not log.add(other_cpu_s=0.9, wall_s=1.0, idle_wait_s=0.0, max_other_cores=0.25)
     assert log.to_dict()["kept"] == 1 and log.to_dict()["dropped"] == 1
     assert paired_ratio([1.0, 4.0, 3.0], [2.0, 2.0, 3.0]).median == 1.0  # ratio per round, then the median
+
+
+def _synthetic_cell(shape: str, width: int, prompt: int, link: float | None, ratio: float) -> dict:
+    """A measured-looking cell without running anything: what the merge and the grid figure read."""
+    variants = {arch: {"arch": arch, "tp": 2, "preset": None, "config": {"n_embd": width, "n_layer": 2},
+                       "prefill": {"median": 0.1 * (ratio if arch == "kraken" else 1.0)}}
+                for arch in ("gpt", "parallel", "kraken")}
+    return {"shape": shape, "tp": 2, "prompt_len": prompt, "batch": 1, "dtype": "bf16", "link_gbps": link,
+            "variants": variants, "rounds": {"kept": 1, "dropped": 0, "other_cpu_s": [0.0], "wall_s": [1.0]},
+            "ratios": {"prefill": {"kraken/gpt": {"median": ratio}, "kraken/parallel": {"median": ratio}}}}
+
+
+def test_merge_runs_and_plot_speedup_grid(tmp_path):
+    from krakenlm.bench import plots, results
+
+    def run(cpu: str, cells: list[dict]) -> dict:
+        return {"environment": {"cpu": cpu, "git_commit": "abc"}, "argv": ["bench"], "options": {"decode_steps": 0},
+                "skipped": [], "contamination": {}, "cells": cells}
+
+    small = run("cpu A", [_synthetic_cell("small", 64, t, None, 0.9) for t in (128, 512)])
+    big = run("cpu A", [_synthetic_cell("big:2", 256, 2048, 1.0, 0.6), _synthetic_cell("big:2", 256, 512, None, 1.1)])
+    merged = results.merge([small, big])
+    assert [c["run"] for c in merged["cells"]] == [0, 0, 1, 1] and merged["environment"]["cpu"] == "cpu A"
+    assert merged["cells"][2]["environment"]["git_commit"] == "abc" and len(merged["records"]) == 12
+    assert plots.speedup_grid(merged, tmp_path / "grid.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="more than one run"):
+        results.merge([small, small])

@@ -49,6 +49,59 @@ def speedup(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _shape_size(cell: dict[str, Any]) -> tuple[int, int, str]:
+    """Order shapes by the standard model's width, then depth (a depth-truncated shape keeps its width)."""
+    cfg = cell["variants"].get("gpt", {}).get("config") or {}
+    return cfg.get("n_embd", 0), cfg.get("n_layer", 0), cell["shape"]
+
+
+def _grid_panel(ax: Any, cells: list[dict[str, Any]], shapes: list[str], prompts: list[int]) -> Any:
+    """One heatmap: model shape (rows) x prompt length (columns), Kraken's TTFT speedup over standard
+    (and over the parallel block, second line) in each measured cell; unmeasured cells stay blank."""
+    grid = [[float("nan")] * len(prompts) for _ in shapes]
+    for c in cells:
+        i, j = shapes.index(c["shape"]), prompts.index(c["prompt_len"])
+        ratios = c["ratios"]["prefill"]
+        if "kraken/gpt" not in ratios:
+            continue
+        grid[i][j] = 1 / ratios["kraken/gpt"]["median"]
+        text = f"{grid[i][j]:.2f}x"
+        if "kraken/parallel" in ratios:
+            text += f"\nvs par {1 / ratios['kraken/parallel']['median']:.2f}x"
+        ax.text(j, i, text, ha="center", va="center", fontsize=6)
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.5, aspect="auto")
+    ax.set_xticks(range(len(prompts)), [f"T={t}" for t in prompts], fontsize=7)
+    return image
+
+
+def speedup_grid(result: dict[str, Any], path: Path) -> Path:
+    """Kraken's TTFT speedup over standard TP on the paper's grid (model size x prompt length, Figs. 4-5):
+    one heatmap per link (columns) and dtype / batch / TP degree (rows); 1.0 = parity."""
+    links = sorted({c["link_gbps"] or 0.0 for c in result["cells"]})
+    rows = sorted({(c["dtype"], c["batch"], c["tp"]) for c in result["cells"]})
+    shapes = [s for _, s in sorted({(_shape_size(c), c["shape"]) for c in result["cells"]})]
+    prompts = sorted({c["prompt_len"] for c in result["cells"]})
+    size = (0.9 * len(links) * len(prompts) + 1.2, 2.2 * len(rows) + 0.6)  # room for two lines per cell
+    fig, axes = plt.subplots(len(rows), len(links), figsize=size, squeeze=False, layout="constrained")
+    image = None
+    for r, (dtype, batch, tp) in enumerate(rows):
+        for k, link in enumerate(links):
+            ax = axes[r, k]
+            cells = [c for c in result["cells"] if (c["link_gbps"] or 0.0) == link
+                     and (c["dtype"], c["batch"], c["tp"]) == (dtype, batch, tp)]
+            if not cells:
+                ax.axis("off")
+                continue
+            image = _grid_panel(ax, cells, shapes, prompts)
+            ax.set_yticks(range(len(shapes)), shapes, fontsize=7)
+            ax.set_title(f"{_link(cells[0])}, {dtype} B={batch} tp={tp}", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="Kraken TTFT speedup over standard TP")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def breakdown(result: dict[str, Any], path: Path) -> Path:
     """Stacked per-category prefill time (profiled rank 0, seconds) for each cell and architecture."""
     bars = [(c, arch) for c in result["cells"] if "breakdown" in c for arch in c["breakdown"]]

@@ -82,6 +82,29 @@ def build(opts: Options, sweep: dict[str, Any], argv: list[str]) -> dict[str, An
             "records": records(sweep["cells"], opts.decode_steps)}
 
 
+def _cell_key(cell: dict[str, Any]) -> tuple[Any, ...]:
+    return cell["link_gbps"], cell["tp"], cell["shape"], cell["prompt_len"], cell["batch"], cell["dtype"]
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several bench runs (e.g. one session's commands, each a slice of the grid): every
+    cell keeps its own run's environment (CPU, versions, commit) and command line under ``run``; the
+    records are rebuilt per run. The same cell measured twice is refused: pick one before merging."""
+    runs, cells, recs = [], [], []
+    for i, part in enumerate(parts):
+        runs.append({k: part[k] for k in ("environment", "argv", "options", "skipped", "contamination")})
+        mine = [c | {"run": i, "environment": part["environment"], "argv": part["argv"]} for c in part["cells"]]
+        cells += mine
+        recs += records(mine, part["options"]["decode_steps"])
+    keys = [_cell_key(c) for c in cells]
+    dupes = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+    if dupes:
+        raise ValueError(f"merge: cells measured in more than one run: {dupes}")
+    cpus = sorted({r["environment"]["cpu"] for r in runs})
+    return {"environment": {"merged_runs": len(runs), "cpu": cpus[0] if len(cpus) == 1 else cpus},
+            "runs": runs, "contamination": summary(cells), "cells": cells, "records": recs}
+
+
 def write(result: dict[str, Any], out_dir: Path, stem: str = "bench") -> list[Path]:
     """bench.json (everything) and bench.csv (one row per cell, variant and phase)."""
     out_dir.mkdir(parents=True, exist_ok=True)
