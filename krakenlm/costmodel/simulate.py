@@ -73,8 +73,8 @@ class HostOverhead:
     """Host seconds a serving engine spends around the model, which the cost model's step times leave out:
     per prefill (request handling, sampling, the first token's publishing), per decode step (scheduling,
     the step's dispatch to every rank) and per running row of a decode step (sampling, detokenising and
-    streaming its token). Measured on the server itself, e.g. by ``benchmarks/serve_sim_validation.py``
-    from bursts of requests (not from the loads the simulator is validated on)."""
+    streaming its token). Fitted to the server's own profile (``fit_host_overhead``; ``krakenlm loadtest
+    --profile``), never to the loads the simulator is validated on."""
 
     prefill_s: float = 0.0
     step_s: float = 0.0
