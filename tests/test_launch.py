@@ -2,6 +2,7 @@
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -67,8 +68,12 @@ def test_ctrl_c_stops_the_leader_and_every_follower(after_s):
     # a run that lasts tens of seconds (124M, fp32, 800 tokens), so the interrupt always lands mid-run
     cmd = [sys.executable, "-m", "krakenlm", "generate", "--preset", "kraken-125m-2way", "--prompt", "To be",
            "--tp", "2", "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "800"]
+    def as_a_terminal_starts_it() -> None:  # SIGINT handled and unblocked, whatever this test process inherited
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     leader = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, preexec_fn=as_a_terminal_starts_it)
     followers: list[str] = []
     deadline = time.monotonic() + 60
     while not followers and time.monotonic() < deadline and leader.poll() is None:
@@ -76,6 +81,9 @@ def test_ctrl_c_stops_the_leader_and_every_follower(after_s):
         followers = subprocess.run(["pgrep", "-P", str(leader.pid)], capture_output=True, text=True).stdout.split()
     time.sleep(after_s)
     assert leader.poll() is None, "the run ended before the interrupt"
+    status = Path(f"/proc/{leader.pid}/status").read_text().splitlines()
+    masks = {k: v.strip() for k, v in (line.split(":", 1) for line in status if line.startswith(("SigIgn", "SigBlk")))}
+    assert not any(int(m, 16) & (1 << (signal.SIGINT - 1)) for m in masks.values()), masks
     os.killpg(leader.pid, signal.SIGINT)
     assert leader.wait(timeout=30) == 130
     assert "interrupted" in leader.stderr.read()
