@@ -134,9 +134,7 @@ def run_servers(presets: dict[str, str], args: argparse.Namespace, prompt: Lengt
                                                             "--max-batch", str(MAX_BATCH)]))
                    for name, preset in presets.items()}
         targets = [Target(name, server.url) for name, server in servers.items()]
-        middle = (prompt.low + prompt.high) // 2
-        profiles = measure_profiles(targets, (prompt.low, middle, prompt.high), middle,
-                                    (output.low + output.high) // 2)
+        profiles = measure_profiles(targets, prompt, output)
         rates = [float(r) for r in args.rates.split(",")] if args.rates else rates_for(profiles, args.loads)
         specs = [LoadSpec(r, args.requests, prompt, output, seed=0) for r in rates]
         return profiles, rates, run_loads(targets, specs)

@@ -56,7 +56,7 @@ def allreduce_rank(payload: dict[str, Any]) -> int:
 
     init_distributed(60.0, torch.device("cpu"))
     torch.set_num_threads(1)
-    best = {}
+    median = {}
     for size in payload["sizes"]:
         x = torch.ones(size // 4)
         times = []
@@ -65,9 +65,9 @@ def allreduce_rank(payload: dict[str, Any]) -> int:
             start = time.perf_counter()
             dist.all_reduce(x)
             times.append(time.perf_counter() - start)
-        best[size] = float(np.median(times[3:]))
+        median[size] = float(np.median(times[3:]))
     if dist.get_rank() == 0:
-        Path(payload["out"]).write_text(json.dumps(best))
+        Path(payload["out"]).write_text(json.dumps(median))
     dist.barrier()
     dist.destroy_process_group()
     return 0

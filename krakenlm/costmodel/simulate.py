@@ -126,7 +126,6 @@ class ProfileTimes:
     measurements, so nothing is added; context enters only through the widths' mid context."""
 
     def __init__(self, profile: EngineProfile) -> None:
-        self.profile = profile
         self._intercept, self._slope = _nonnegative_line([float(p) for p in profile.prompts],
                                                          list(profile.ttft_alone_s))
         self._widths = sorted(zip(profile.widths, profile.itl_s, strict=True))

@@ -91,9 +91,7 @@ def _profile(targets: list, prompt: Lengths, output: Lengths, reps: int, out: st
     """`loadtest --profile`: each server's step-time profile (krakenlm.serve.profile), printed and saved."""
     from krakenlm.serve.profile import measure_profiles, save_profiles
 
-    middle = (prompt.low + prompt.high) // 2
-    profiles = measure_profiles(targets, tuple(sorted({prompt.low, middle, prompt.high})), middle,
-                                max(2, (output.low + output.high) // 2), reps)
+    profiles = measure_profiles(targets, prompt, output, reps)
     for name, p in profiles.items():
         alone = ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in zip(p.prompts, p.ttft_alone_s, strict=True))
         gaps = ", ".join(f"{w}: {t * 1e3:.1f} ms" for w, t in zip(p.widths, p.itl_s, strict=True))

@@ -85,12 +85,16 @@ def server_max_batch(target: Target) -> int:
         raise ConfigError(f"{target.name}: cannot read max_batch from {target.url}/health: {err}") from None
 
 
-def measure_profiles(targets: list[Target], prompts: tuple[int, ...], prompt: int, output: int,
+def measure_profiles(targets: list[Target], prompt_lengths: Lengths, output_lengths: Lengths,
                      reps: int = 4) -> dict[str, EngineProfile]:
-    """Each server's profile, the servers in turn so that drift of a shared machine hits them alike, after
-    a warm-up request: a lone 2-token request per prompt length 2 * ``reps`` times, and ``w`` requests of
-    ``output`` tokens at once per engine width, ``reps`` times; medians of the p50s."""
+    """Each server's profile for a load of these lengths, the servers in turn so that drift of a shared
+    machine hits them alike, after a warm-up request: a lone 2-token request at the low, middle and high
+    prompt length 2 * ``reps`` times, and ``w`` requests of the middle prompt and output length at once
+    per engine width, ``reps`` times; medians of the p50s."""
     check_int(reps, "profile: reps")
+    prompt = (prompt_lengths.low + prompt_lengths.high) // 2
+    prompts = tuple(sorted({prompt_lengths.low, prompt, prompt_lengths.high}))
+    output = max(2, (output_lengths.low + output_lengths.high) // 2)  # a gap needs two tokens
     widths = {t.name: engine_widths(server_max_batch(t)) for t in targets}
     for t in targets:
         run_load(t, LoadSpec(math.inf, 1, Lengths(prompt, prompt), Lengths(output, output), seed=100))
@@ -107,7 +111,7 @@ def measure_profiles(targets: list[Target], prompts: tuple[int, ...], prompt: in
                 burst = run_load(t, LoadSpec(math.inf, w, Lengths(prompt, prompt), Lengths(output, output),
                                              seed=10 + rep))
                 itl[t.name][w].append(burst["itl_s"]["p50"])
-    return {t.name: EngineProfile(prompt, output, tuple(prompts),
+    return {t.name: EngineProfile(prompt, output, prompts,
                                   tuple(statistics.median(ttft[t.name][p]) for p in prompts), widths[t.name],
                                   tuple(statistics.median(itl[t.name][w]) for w in widths[t.name]))
             for t in targets}
