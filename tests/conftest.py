@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -23,6 +24,13 @@ def tiny(arch: str = "gpt", **overrides) -> ModelConfig:
         base.update(n_sub=2, n_head=2)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def as_a_terminal_starts_it() -> None:
+    """preexec_fn of a child that a test interrupts: SIGINT handled and unblocked, as a terminal starts a
+    command, whatever the test process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @pytest.fixture

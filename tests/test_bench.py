@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from krakenlm.bench import netns
 from krakenlm.cli import main
 from krakenlm.costmodel.calibrate import load_records, parse_record
+from tests.conftest import as_a_terminal_starts_it
 
 VARIANTS = {"gpt", "gpt/no-comm", "parallel", "parallel/no-comm", "kraken", "kraken/no-comm", "kraken/blocking",
             "ladder", "ladder/no-comm", "ladder/blocking", "gpt/dtensor", "gpt/single", "kraken/single"}
@@ -48,6 +55,29 @@ def test_bench_quick_loopback(tmp_path, capsys):
     for rec in records:
         parse_record(rec)  # the cost model's calibration accepts every record as it is
     assert (tmp_path / "bench.csv").read_text().count("\n") > len(VARIANTS)
+
+
+def test_bench_interrupted_keeps_the_cells_it_finished(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) after the first cell of a sweep: exit
+    130 within seconds, and bench.json holds the finished cells, marked interrupted."""
+    prompts = [16, 24, 32, 40, 48, 56, 64, 72]
+    cmd = [sys.executable, "-m", "krakenlm", "bench", "--quick", "--no-plots", "--no-peer", "--no-breakdown",
+           "--prompts", ",".join(map(str, prompts)), "--out", str(tmp_path)]
+    leader = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, preexec_fn=as_a_terminal_starts_it)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(leader.stderr), daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("[bench]") for line in lines) and time.monotonic() < deadline:
+        assert leader.poll() is None, "".join(lines)
+        time.sleep(0.1)
+    os.killpg(leader.pid, signal.SIGINT)
+    assert leader.wait(timeout=60) == 130, "".join(lines)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["interrupted"] and 1 <= len(result["cells"]) < len(prompts)
+    assert [c["prompt_len"] for c in result["cells"]] == prompts[:len(result["cells"])]
+    for cell in result["cells"]:
+        assert cell["ratios"]["prefill"]["kraken/gpt"]["median"] > 0
 
 
 def test_bench_shaped_link_cleans_up_namespaces(tmp_path):

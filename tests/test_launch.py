@@ -9,6 +9,7 @@ import pytest
 from krakenlm.errors import DistributedError
 from krakenlm.parallel.group import check_multinode
 from krakenlm.parallel.launch import Ranks, run_ranks
+from tests.conftest import as_a_terminal_starts_it
 
 
 def test_a_rank_target_that_is_not_importable_fails_with_a_clear_code(capfd):
@@ -68,10 +69,6 @@ def test_ctrl_c_stops_the_leader_and_every_follower(after_s):
     # a run that lasts tens of seconds (124M, fp32, 800 tokens), so the interrupt always lands mid-run
     cmd = [sys.executable, "-m", "krakenlm", "generate", "--preset", "kraken-125m-2way", "--prompt", "To be",
            "--tp", "2", "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "800"]
-    def as_a_terminal_starts_it() -> None:  # SIGINT handled and unblocked, whatever this test process inherited
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
     leader = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, preexec_fn=as_a_terminal_starts_it)
     followers: list[str] = []

@@ -87,6 +87,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                         "divide skip weight-gathered prefills")
     p.add_argument("--int8", action="store_true", default=None, help="also time int8 weights (gpt, TP and one device)")
     p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds, loopback: a smoke run for tests")
+    p.add_argument("--timeout", dest="timeout_s", type=float,
+                   help="seconds per cell (default 900): a rank waiting longer on another, or a launch running "
+                        "longer than this per cell, fails that launch; finished cells are kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for bench.json/.csv and plots")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.set_defaults(func=_cmd_bench)
@@ -105,6 +108,7 @@ def _check_options(opts: Any) -> None:
     check_int(opts.pad_heads, "bench: --pad-heads", optional=True)
     check_float(opts.max_other_cores, "bench: --max-other-cores", minimum=0)
     check_float(opts.idle_wait_s, "bench: --idle-wait", minimum=0)
+    check_float(opts.timeout_s, "bench: --timeout", minimum=0, exclusive=True)
     for link in opts.links:
         check_float(link, "bench: --links (Gbit/s)", minimum=0, exclusive=True, optional=True)
 
@@ -119,7 +123,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",
                                             "max_rounds", "decode_steps", "peer", "single", "breakdown",
                                             "max_other_cores", "idle_wait_s", "checkpoints", "pad_heads", "device",
-                                            "compile", "layouts", "int8", "roofline", "attention")
+                                            "compile", "layouts", "int8", "roofline", "attention", "timeout_s")
              if getattr(args, k) is not None}
     if args.checkpoints:
         given["shapes"] = ["checkpoints"]
@@ -145,7 +149,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(results.ladder_table(result))
     for path in paths:
         print(f"wrote {path}")
-    return 0
+    for failure in result["failed"]:
+        print(f"bench: not every cell was measured: {failure['reason']}", file=sys.stderr)
+    if result["interrupted"]:
+        return 130
+    return 1 if result["failed"] else 0
 
 
 def add_roofline_parser(sub: argparse._SubParsersAction) -> None:

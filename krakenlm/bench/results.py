@@ -78,6 +78,7 @@ def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build(opts: Options, sweep: dict[str, Any], argv: list[str]) -> dict[str, Any]:
     return {"environment": environment(), "argv": argv, "options": asdict(opts), "skipped": sweep["skipped"],
+            "failed": sweep.get("failed", []), "interrupted": sweep.get("interrupted", False),
             "contamination": summary(sweep["cells"]), "cells": sweep["cells"],
             "records": records(sweep["cells"], opts.decode_steps)}
 

@@ -486,12 +486,19 @@ def run_rank(payload: dict[str, Any]) -> int:
                         link = payload["link_gbps"] or "loopback"
                         print(f"[bench] tp={world} link={link} {shape} {cells[-1]['dtype']} T={prompt} B={batch}: "
                               + _headline(result), file=sys.stderr, flush=True)
+                        _save_cells(cells, Path(payload["out"]))
             del variants
-    if rank == 0:
-        Path(payload["out"]).write_text(json.dumps(cells))
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _save_cells(cells: list[dict[str, Any]], out: Path) -> None:
+    """Every finished cell, rewritten after each one (whole, via a rename): a launch that fails or is
+    interrupted later keeps what it measured."""
+    partial = out.with_suffix(".part")
+    partial.write_text(json.dumps(cells))
+    partial.replace(out)
 
 
 def _resolved_dtype(variants: list[Variant]) -> str:
@@ -519,7 +526,8 @@ def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: f
 
 
 def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every (link, TP degree) launch of the grid; returns cells plus the links that were skipped."""
+    """Every (link, TP degree) launch of the grid. Returns the cells, the links that were skipped, the
+    launches that failed (their finished cells kept) and whether Ctrl-C stopped the sweep early."""
     for tp in opts.tps:  # bad shapes and layouts fail here, in one line, before any process starts
         for shape in opts.shapes:
             models = resolve_shape(shape, tp, opts.checkpoints)
@@ -527,26 +535,44 @@ def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[st
                 for arch in ("gpt", "parallel"):
                     if arch in models:
                         check_layout(models[arch].config, Layout.parse(lay), tp)
-    cells: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
+    sweep: dict[str, Any] = {"cells": [], "skipped": [], "failed": [], "interrupted": False}
+    # the stated timeout is per cell: a launch runs every cell of its link, so a long grid is not cut short
+    deadline = opts.timeout_s * len(opts.dtypes) * len(opts.shapes) * len(opts.prompts) * len(opts.batches)
     for gbps in opts.links:
         for tp in opts.tps:
+            label = f"tp={tp} link={'loopback' if gbps is None else f'{gbps:g} Gbit/s'}"
+            progress(f"bench: {label}")
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "cells.json"
                 payload = {"options": asdict(opts) | {"links": [], "single": opts.single and gbps is None},
                            "link_gbps": gbps, "out": str(out)}
-                progress(f"bench: tp={tp} link={'loopback' if gbps is None else f'{gbps:g} Gbit/s'}")
-                if gbps is None:
-                    _launch(payload, tp, None, opts.timeout_s)
-                else:
-                    from krakenlm.bench.netns import NetnsUnavailable
+                try:
+                    _launch_link(payload, tp, gbps, deadline, sweep["skipped"], progress)
+                except DistributedError as err:
+                    progress(f"bench: {label} failed ({err}); keeping the cells it finished")
+                    sweep["failed"].append({"link_gbps": gbps, "tp": tp, "reason": str(err)})
+                except KeyboardInterrupt:
+                    progress(f"bench: interrupted during {label}; keeping the cells finished so far")
+                    sweep["interrupted"] = True
+                if out.exists():
+                    sweep["cells"] += json.loads(out.read_text())
+            if sweep["interrupted"]:
+                return sweep
+    return sweep
 
-                    try:
-                        with Links(tp, gbps) as links:
-                            _launch(payload, tp, links, opts.timeout_s)
-                    except NetnsUnavailable as err:
-                        progress(f"bench: skipping {gbps:g} Gbit/s: {err}")
-                        skipped.append({"link_gbps": gbps, "tp": tp, "reason": str(err)})
-                        continue
-                cells += json.loads(out.read_text())
-    return {"cells": cells, "skipped": skipped}
+
+def _launch_link(payload: dict[str, Any], tp: int, gbps: float | None, deadline: float,
+                 skipped: list[dict[str, Any]], progress: Callable[[str], None]) -> None:
+    """One launch: loopback, or inside shaped network namespaces (skipped, with the reason, where the
+    machine cannot make them)."""
+    if gbps is None:
+        _launch(payload, tp, None, deadline)
+        return
+    from krakenlm.bench.netns import NetnsUnavailable
+
+    try:
+        with Links(tp, gbps) as links:
+            _launch(payload, tp, links, deadline)
+    except NetnsUnavailable as err:
+        progress(f"bench: skipping {gbps:g} Gbit/s: {err}")
+        skipped.append({"link_gbps": gbps, "tp": tp, "reason": str(err)})
