@@ -85,3 +85,23 @@ def test_busy_cores_run_while_the_context_lasts_and_stop_after():
     assert busy() == []
     with busy_cores(0):
         assert busy() == []
+
+
+@pytest.mark.parametrize("call_s, calls", [(0.0, 7), (0.6, 2), (1.2, 1)], ids=["quick", "long", "very-long"])
+def test_long_calls_are_timed_once(monkeypatch, call_s, calls):
+    """A probe of a call that takes seconds (bf16 GEMMs without bf16 instructions) costs one or two calls,
+    not minutes; quick calls still get their repeats. The clock is faked: the count is what is tested."""
+    from krakenlm import machine
+
+    now = [0.0]
+    count = [0]
+
+    def run() -> None:
+        count[0] += 1
+        now[0] += call_s
+
+    monkeypatch.setattr(machine.time, "thread_time", lambda: now[0])
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(machine, "LONG_CALL_S", 0.5)
+    seconds = machine.fastest_seconds(run, torch.device("cpu"), repeats=5, budget_s=0.0, idle_wait_s=0.0)
+    assert count[0] == calls and seconds == call_s
