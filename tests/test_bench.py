@@ -40,8 +40,10 @@ def _check_cell(cell: dict) -> None:
 
 
 def test_bench_quick_loopback(tmp_path, capsys):
-    result = _run(tmp_path)
-    out = capsys.readouterr().out
+    result = _run(tmp_path, "--prompts", "32,5000")  # 5000 is past the tiny models' 4096-token context
+    out, err = capsys.readouterr()
+    assert [(s["prompt_len"], "context (4096 tokens)" in s["reason"]) for s in result["skipped"]] == [(5000, True)]
+    assert "skipping tiny T=5000" in err
     assert "kraken/gpt" in out and "TTFT ladder/kraken" in out
     (cell,) = result["cells"]
     assert set(cell["variants"]) == VARIANTS

@@ -474,7 +474,7 @@ def run_rank(payload: dict[str, Any]) -> int:
         for shape in opts.shapes:
             models = resolve_shape(shape, world, opts.checkpoints)
             variants = _build_variants(models, dtype, opts, world, rank)
-            for prompt in opts.prompts:
+            for prompt in (p for p in opts.prompts if p <= _context(models)):  # run_sweep names the rest
                 for batch in opts.batches:
                     vocab = min(m.config.vocab_size for m in models.values())
                     result = measure_cell(variants, batch, prompt, opts, pids, vocab)
@@ -491,6 +491,10 @@ def run_rank(payload: dict[str, Any]) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _context(models: dict[str, Model]) -> int:
+    return min(m.config.block_size for m in models.values())
 
 
 def _save_cells(cells: list[dict[str, Any]], out: Path) -> None:
@@ -528,6 +532,7 @@ def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: f
 def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Every (link, TP degree) launch of the grid. Returns the cells, the links that were skipped, the
     launches that failed (their finished cells kept) and whether Ctrl-C stopped the sweep early."""
+    sweep: dict[str, Any] = {"cells": [], "skipped": [], "failed": [], "interrupted": False}
     for tp in opts.tps:  # bad shapes and layouts fail here, in one line, before any process starts
         for shape in opts.shapes:
             models = resolve_shape(shape, tp, opts.checkpoints)
@@ -535,7 +540,10 @@ def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[st
                 for arch in ("gpt", "parallel"):
                     if arch in models:
                         check_layout(models[arch].config, Layout.parse(lay), tp)
-    sweep: dict[str, Any] = {"cells": [], "skipped": [], "failed": [], "interrupted": False}
+            for prompt in (p for p in opts.prompts if p > _context(models)):
+                reason = f"{shape} T={prompt}: longer than the models' context ({_context(models)} tokens)"
+                progress(f"bench: skipping {reason}")
+                sweep["skipped"].append({"shape": shape, "tp": tp, "prompt_len": prompt, "reason": reason})
     # the stated timeout is per cell: a launch runs every cell of its link, so a long grid is not cut short
     deadline = opts.timeout_s * len(opts.dtypes) * len(opts.shapes) * len(opts.prompts) * len(opts.batches)
     for gbps in opts.links:
