@@ -137,7 +137,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if any(tp > 2 for tp in opts.tps):
         print("bench: note: tp > 2 oversubscribes a 2-core machine; those cells are not timing claims",
               file=sys.stderr)
-    sweep = run_sweep(opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    sweep = run_sweep(opts, progress=lambda m: print(m, file=sys.stderr, flush=True), partial=True)
     result = results.build(opts, sweep, sys.argv)
     paths = results.write(result, args.out)
     if args.plots and result["cells"]:

@@ -529,9 +529,10 @@ def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: f
         raise DistributedError(f"bench: a rank failed (exit code {code})")
 
 
-def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every (link, TP degree) launch of the grid. Returns the cells, the links that were skipped, the
-    launches that failed (their finished cells kept) and whether Ctrl-C stopped the sweep early."""
+def run_sweep(opts: Options, progress: Callable[[str], None] = print, partial: bool = False) -> dict[str, Any]:
+    """Every (link, TP degree) launch of the grid. Returns the cells and what was skipped. A failed launch
+    or Ctrl-C raises, unless ``partial``: then the sweep keeps the cells finished so far, goes on past a
+    failed launch (listed under "failed") and stops at Ctrl-C ("interrupted")."""
     sweep: dict[str, Any] = {"cells": [], "skipped": [], "failed": [], "interrupted": False}
     for tp in opts.tps:  # bad shapes and layouts fail here, in one line, before any process starts
         for shape in opts.shapes:
@@ -557,9 +558,13 @@ def run_sweep(opts: Options, progress: Callable[[str], None] = print) -> dict[st
                 try:
                     _launch_link(payload, tp, gbps, deadline, sweep["skipped"], progress)
                 except DistributedError as err:
+                    if not partial:
+                        raise
                     progress(f"bench: {label} failed ({err}); keeping the cells it finished")
                     sweep["failed"].append({"link_gbps": gbps, "tp": tp, "reason": str(err)})
                 except KeyboardInterrupt:
+                    if not partial:
+                        raise
                     progress(f"bench: interrupted during {label}; keeping the cells finished so far")
                     sweep["interrupted"] = True
                 if out.exists():
