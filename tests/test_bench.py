@@ -152,3 +152,28 @@ def test_merge_runs_and_plot_speedup_grid(tmp_path):
     assert plots.speedup_grid(merged, tmp_path / "grid.png").stat().st_size > 0
     with pytest.raises(ValueError, match="more than one run"):
         results.merge([small, small])
+
+
+def test_grid_targets_script_reads_a_committed_grid():
+    """benchmarks/grid_targets.py on the committed grid: every per-FLOP value equals the cell's paired
+    no-comm ratio over its FLOP ratio (computed here from the JSON), and each miss names its causes."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    grid = root / "docs/results/bench-grid.json"
+    out = subprocess.run([sys.executable, str(root / "benchmarks/grid_targets.py"), str(grid), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out[:out.rindex("]") + 1])
+    cells = json.loads(grid.read_text())["cells"]
+    expected = {}
+    for c in cells:
+        if c["prompt_len"] in (512, 2048) and c["batch"] == 1:
+            link = "loopback" if c["link_gbps"] is None else f"{c['link_gbps']:g} Gbit/s"
+            key = f"{c['shape']} T={c['prompt_len']} B=1 {c['dtype']} {link}"
+            expected[key] = c["ratios"]["prefill"]["kraken-nc/gpt-nc"]["median"] / c["flop_ratio"]["kraken/gpt"]
+    compute = [r for r in rows if r["target"].startswith("compute")]
+    assert {r["cell"]: r["value"] for r in compute} == pytest.approx(expected)
+    for r in rows:
+        assert r["met"] == (r["value"] <= float(r["target"].split()[-1]) if "<=" in r["target"]
+                            else r["value"] >= float(r["target"].split()[-1]))
+        assert r["met"] or "ms" in r["why"] or "no-comm" in r["why"]
