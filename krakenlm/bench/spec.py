@@ -9,8 +9,9 @@ probes instead of a fit to the thing it predicts:
   other rank of the run) do GEMMs too, as they do in the run predicted (krakenlm.machine.busy_cores);
 - attention_eff: causal attention's measured rate (the kernel chosen for the shape) over that peak;
 - memory_bw: a large copy;
-- link_bw and alpha: a loopback all-reduce between two gloo ranks at several sizes (the median of
-  each, see allreduce_rank), fitted to t = 2 alpha + bytes / bw (the 2-rank ring the estimator assumes);
+- link_bw and alpha: what a loopback all-reduce between two gloo ranks adds to a forward-like step
+  (a GEMM, then the collective) at several sizes (see allreduce_rank), fitted to t = 2 alpha + bytes / bw
+  (the 2-rank ring the estimator assumes);
 - layer_overhead_s: a one-layer forward's time beyond its GEMMs and attention (norms, activations,
   residuals, Python), from the difference of a 2-layer and a 1-layer model.
 
@@ -42,39 +43,58 @@ from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.roofline import ForwardShape, forward_shape, probe
 
 ALLREDUCE_SIZES = (4096, 65536, 1 << 20, 8 << 20)
-PROBES_VERSION = 2  # part of the cache key: a spec probed the way an earlier version did is measured again
+PROBE_GEMM = 384  # the all-reduce probe's compute step: a 384^3 GEMM, ~1-2 ms in fp32 on one core
+PROBES_VERSION = 3  # part of the cache key: a spec probed the way an earlier version did is measured again
 
 
 def allreduce_rank(payload: dict[str, Any]) -> int:
-    """One rank of the loopback probe: median seconds of an all-reduce per size (rank 0 writes them).
-    The median, not the best: on a VM a rank that waited (here after a barrier, in a forward after its
-    compute) often needs its idle vCPU woken, and a forward's time is the sum of many such collectives
-    (2 vCPU AMD EPYC: best ~0.1 ms, median ~2.3 ms for 4 KiB to 1 MiB)."""
+    """One rank of the loopback probe: what an all-reduce adds to a forward, per size (rank 0 writes it).
+
+    In a forward each collective follows a layer's compute, so its cost includes waiting for the
+    slower rank (compute times differ per rank and per layer) and waking a vCPU that idled; an
+    all-reduce timed alone after a barrier sees neither (2-vCPU AMD EPYC Zen 2: 0.3 ms alone, ~2 ms
+    per collective in the demo's forward). So each step here is a ~1 ms GEMM then the all-reduce, and
+    the cost is the median step minus the median of the same GEMM alone (blocks alternate, paired)."""
     import torch.distributed as dist
 
     from krakenlm.parallel.group import init_distributed
 
     init_distributed(60.0, torch.device("cpu"))
     torch.set_num_threads(1)
-    median = {}
+    a = torch.randn(PROBE_GEMM, PROBE_GEMM)
+    added = {}
     for size in payload["sizes"]:
         x = torch.ones(size // 4)
-        times = []
-        for _ in range(15):
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(x)
-            times.append(time.perf_counter() - start)
-        median[size] = float(np.median(times[3:]))
+        with_collective, alone = [], []
+        for _ in range(3):
+            with_collective += _steps(a, x, collective=True)
+            alone += _steps(a, x, collective=False)
+        added[size] = max(float(np.median(with_collective) - np.median(alone)), 1e-6)
     if dist.get_rank() == 0:
-        Path(payload["out"]).write_text(json.dumps(median))
+        Path(payload["out"]).write_text(json.dumps(added))
     dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
+def _steps(a: torch.Tensor, x: torch.Tensor, collective: bool, steps: int = 8) -> list[float]:
+    """Seconds of each of ``steps`` forward-like steps (a GEMM, then the all-reduce if ``collective``),
+    after a barrier; the first step is a warm-up and not returned."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        torch.mm(a, a)
+        if collective:
+            dist.all_reduce(x)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
 def loopback_link(sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> tuple[float, float, dict[int, float]]:
-    """(alpha s, link bytes/s, median seconds per size) of a 2-rank loopback all-reduce."""
+    """(alpha s, link bytes/s, seconds per size) of a 2-rank loopback all-reduce inside a forward."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "allreduce.json"
         code = run_ranks("krakenlm.bench.spec:allreduce_rank", 2, {"sizes": list(sizes), "out": str(out)},
