@@ -4,7 +4,8 @@ and ``auto``: the faster of bf16 and fp32 for a model's shapes on the running ma
 Whether bf16 pays depends on the machine, not the model code: on an AMD Zen 5 (AVX-512 BF16) bf16
 GEMMs ran ~4x faster than fp32, on an Intel Xeon without AMX they ran slower (67 vs 105 GFLOP/s).
 ``auto`` therefore times the model's own weight GEMMs in both (roofline.resolve_dtype), once per
-machine and shape, and caches the answer (krakenlm/machine.py).
+machine and shape, and caches the answer (krakenlm/machine.py). A 16-bit dtype chosen by name that
+runs 4x or more slower than fp32 here (an AMD Zen 2 without AVX-512: ~50x) gets a warning.
 """
 
 from __future__ import annotations

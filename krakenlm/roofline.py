@@ -10,6 +10,7 @@ second over that peak. Results are cached per machine, dtype and shape (krakenlm
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,10 @@ from krakenlm.model.transformer import Shard, Transformer
 
 PROBES = MeasurementCache("roofline")
 MEMORY_PROBE_BYTES = 256 * 2**20  # well beyond any last-level cache
+# A 16-bit dtype chosen by name whose GEMMs run this many times slower than fp32 here gets a warning
+# (AMD Zen 2, no AVX-512: bf16 ~60x slower; an Intel Xeon without AMX: 1.6x, no warning).
+SLOW_16BIT = 4.0
+SLOW_16BIT_PROBE = 256  # a [256 x 256] x [256 x 256] GEMM per dtype: milliseconds, once per machine
 
 
 @dataclass(frozen=True)
@@ -178,10 +183,31 @@ def resolve_dtype(name: str, config: ModelConfig, device: torch.device | str = "
     """``name`` itself, or for 'auto' the faster of bf16 and fp32 for the weight GEMMs of ``config``
     (as ``shard`` holds them) over ``tokens`` tokens on ``device``, measured once and cached."""
     if name != AUTO:
-        return dtype_name(parse_dtype(name))
+        chosen = dtype_name(parse_dtype(name))
+        _warn_if_slow(chosen, torch.device(device))
+        return chosen
     shape = forward_shape(config, shard, prompt=max(1, min(tokens, config.block_size)))
     rates = {d: probe(shape, d, device, memory=False).gemm_flops_per_s for d in AUTO_CANDIDATES}
     return max(AUTO_CANDIDATES, key=rates.__getitem__)
+
+
+def _warn_if_slow(dtype: str, device: torch.device) -> None:
+    """Warn when a 16-bit dtype chosen by name is far slower than fp32 on this CPU (no 16-bit GEMM
+    instructions: the run is right but can take an hour where fp32 takes a minute)."""
+    if dtype == "fp32" or device.type != "cpu":
+        return
+    key = f"{machine_key(device)}|{dtype} vs fp32|gemm {SLOW_16BIT_PROBE}"
+    slowdown = PROBES.get(key)
+    if not isinstance(slowdown, (int, float)) or slowdown <= 0:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(SLOW_16BIT_PROBE, SLOW_16BIT_PROBE, generator=gen)
+        half = a.to(parse_dtype(dtype))
+        seconds = [fastest_seconds(lambda x=x: x @ x, device, repeats=2) for x in (half, a)]
+        slowdown = seconds[0] / seconds[1]
+        PROBES.put(key, slowdown)
+    if slowdown >= SLOW_16BIT:
+        warnings.warn(f"krakenlm: {dtype} GEMMs run {slowdown:.0f}x slower than fp32 on this CPU "
+                      f"({processor(device)}); --dtype auto or fp32 would be much faster", RuntimeWarning, stacklevel=3)
 
 
 def agreed_dtype(name: str, config: ModelConfig, device: torch.device, shard: Shard | None = None, tokens: int = 512,

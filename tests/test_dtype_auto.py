@@ -105,3 +105,30 @@ def test_long_calls_are_timed_once(monkeypatch, call_s, calls):
     monkeypatch.setattr(machine, "LONG_CALL_S", 0.5)
     seconds = machine.fastest_seconds(run, torch.device("cpu"), repeats=5, budget_s=0.0, idle_wait_s=0.0)
     assert count[0] == calls and seconds == call_s
+
+
+@pytest.mark.parametrize("slowdown, warns", [(50.0, True), (1.5, False)], ids=["no-bf16-instructions", "xeon-like"])
+def test_a_named_16bit_dtype_far_slower_than_fp32_warns(cache, slowdown, warns):
+    """bf16 chosen by name on a CPU where its GEMMs crawl (AMD Zen 2: ~50x fp32's time) warns; a modest
+    gap does not. The cached ratio is what decides: no timing here."""
+    import warnings
+
+    from krakenlm.machine import machine_key
+
+    key = f"{machine_key(torch.device('cpu'))}|bf16 vs fp32|gemm {roofline.SLOW_16BIT_PROBE}"
+    (cache / "roofline.json").write_text(json.dumps({key: slowdown}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert resolve_dtype("bf16", tiny()) == "bf16" and resolve_dtype("fp32", tiny()) == "fp32"
+    assert [("50x slower than fp32" in str(w.message)) for w in seen] == ([True] if warns else [])
+
+
+def test_the_16bit_slowdown_is_measured_once_and_cached(cache):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resolve_dtype("bf16", tiny())
+    entries = json.loads((cache / "roofline.json").read_text())
+    (ratio,) = [v for k, v in entries.items() if k.endswith(f"bf16 vs fp32|gemm {roofline.SLOW_16BIT_PROBE}")]
+    assert ratio > 0
