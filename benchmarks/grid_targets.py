@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from krakenlm.bench.results import mfu, per_flop, ratio
+
 Cell = dict[str, Any]
 
 
@@ -40,18 +42,13 @@ class Target:
         return value <= self.limit if self.at_most else value >= self.limit
 
 
-def _ratio(cell: Cell, name: str) -> float | None:
-    r = cell["ratios"].get("prefill", {}).get(name)
-    return r["median"] if r else None
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:+.0f}"
 
 
-def _per_flop(cell: Cell) -> float | None:
-    r, flops = _ratio(cell, "kraken-nc/gpt-nc"), cell.get("flop_ratio", {}).get("kraken/gpt")
-    return r / flops if r and flops else None
+def _gemm(breakdown: dict[str, float]) -> float:
+    """All GEMM time of a profiled forward, overlapped with an exchange or not."""
+    return breakdown.get("GEMM", 0) + breakdown.get("overlapped GEMM", 0)
 
 
 def _compute_why(cell: Cell) -> str:
@@ -59,15 +56,9 @@ def _compute_why(cell: Cell) -> str:
     flops = cell.get("flop_ratio", {}).get("kraken/gpt")
     if not (kraken and gpt and flops):
         return "no breakdown"
-    cats = ("GEMM", "attention", "norm", "other")
-    excess = {c: kraken.get(c, 0) + (kraken.get("overlapped GEMM", 0) if c == "GEMM" else 0)
-              - flops * (gpt.get(c, 0) + (gpt.get("overlapped GEMM", 0) if c == "GEMM" else 0)) for c in cats}
+    excess = {"GEMM": _gemm(kraken) - flops * _gemm(gpt)}
+    excess |= {c: kraken.get(c, 0) - flops * gpt.get(c, 0) for c in ("attention", "norm", "other")}
     return "Kraken minus FLOP ratio x standard, ms: " + ", ".join(f"{c} {_ms(s)}" for c, s in excess.items())
-
-
-def _mfu(cell: Cell, arch: str) -> float | None:
-    entry = cell.get("roofline", {}).get(arch)
-    return entry.get("mfu") if entry else None
 
 
 def _limit_why(arch: str) -> Callable[[Cell], str]:
@@ -87,13 +78,13 @@ def _overlap_why(cell: Cell) -> str:
     kraken, blocking = cell.get("breakdown", {}).get("kraken"), cell.get("breakdown", {}).get("kraken/blocking")
     if not (kraken and blocking):
         return "no breakdown"
-    slowed = kraken.get("GEMM", 0) + kraken.get("overlapped GEMM", 0) - blocking.get("GEMM", 0)
+    slowed = _gemm(kraken) - _gemm(blocking)
     return f"exposed AllReduce {kraken.get('AllReduce', 0) * 1e3:.0f} ms, GEMMs slowed in flight {_ms(slowed)} ms"
 
 
 def _ttft_why(cell: Cell) -> str:
-    nc = _ratio(cell, "kraken-nc/gpt-nc")
-    gpt_comm, kraken_comm = _ratio(cell, "gpt/no-comm"), _ratio(cell, "kraken/no-comm")
+    nc = ratio(cell, "kraken-nc/gpt-nc")
+    gpt_comm, kraken_comm = ratio(cell, "gpt/no-comm"), ratio(cell, "kraken/no-comm")
     return (f"no-comm Kraken/std {nc:.3f}; std / its no-comm {gpt_comm:.3f}, Kraken / its no-comm "
             f"{kraken_comm:.3f}") if nc and gpt_comm and kraken_comm else "-"
 
@@ -108,15 +99,15 @@ def _at(prompts: tuple[int, ...], link: str = "any", shape: str | None = None,
 
 
 TARGETS = [
-    Target("compute: no-comm Kraken/std per FLOP", 1.05, True, _at((512, 2048)), _per_flop, _compute_why),
-    Target("limit: gpt MFU", 0.60, False, _at((512,)), lambda c: _mfu(c, "gpt"), _limit_why("gpt")),
-    Target("limit: Kraken MFU", 0.60, False, _at((512,)), lambda c: _mfu(c, "kraken"), _limit_why("kraken")),
+    Target("compute: no-comm Kraken/std per FLOP", 1.05, True, _at((512, 2048)), per_flop, _compute_why),
+    Target("limit: gpt MFU", 0.60, False, _at((512,)), lambda c: mfu(c, "gpt"), _limit_why("gpt")),
+    Target("limit: Kraken MFU", 0.60, False, _at((512,)), lambda c: mfu(c, "kraken"), _limit_why("kraken")),
     Target("overlap: Kraken / its no-comm, 1 Gbit/s", 1.03, True, _at((128, 512, 1024, 2048), "1", batch=None),
-           lambda c: _ratio(c, "kraken/no-comm"), _overlap_why),
+           lambda c: ratio(c, "kraken/no-comm"), _overlap_why),
     Target("TTFT Kraken/std, 1 Gbit/s, 124M T=512", 0.60, True, _at((512,), "1", "124m"),
-           lambda c: _ratio(c, "kraken/gpt"), _ttft_why),
+           lambda c: ratio(c, "kraken/gpt"), _ttft_why),
     Target("TTFT Kraken/std, loopback, 124M T=512", 0.90, True, _at((512,), "loopback", "124m"),
-           lambda c: _ratio(c, "kraken/gpt"), _ttft_why),
+           lambda c: ratio(c, "kraken/gpt"), _ttft_why),
 ]
 
 

@@ -78,7 +78,7 @@ def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build(opts: Options, sweep: dict[str, Any], argv: list[str]) -> dict[str, Any]:
     return {"environment": environment(), "argv": argv, "options": asdict(opts), "skipped": sweep["skipped"],
-            "failed": sweep.get("failed", []), "interrupted": sweep.get("interrupted", False),
+            "failed": sweep["failed"], "interrupted": sweep["interrupted"],
             "contamination": summary(sweep["cells"]), "cells": sweep["cells"],
             "records": records(sweep["cells"], opts.decode_steps)}
 
@@ -126,20 +126,25 @@ def write(result: dict[str, Any], out_dir: Path, stem: str = "bench") -> list[Pa
     return [json_path, csv_path]
 
 
-def _ratio(cell: dict[str, Any], phase: str, name: str) -> str:
+def ratio(cell: dict[str, Any], name: str, phase: str = "prefill") -> float | None:
+    """A cell's median paired ratio ``name`` (e.g. "kraken/gpt") in ``phase``, if measured."""
     r = cell["ratios"].get(phase, {}).get(name)
-    return f"{r['median']:.3f}" if r else "-"
+    return r["median"] if r else None
 
 
-def _mfu(cell: dict[str, Any], arch: str) -> str:
-    entry = cell.get("roofline", {}).get(arch)
-    return f"{entry['mfu']:.0%}" if entry and "mfu" in entry else "-"
+def mfu(cell: dict[str, Any], arch: str) -> float | None:
+    """The no-comm prefill's MFU of ``arch`` against the GEMM peak measured at its shapes, if probed."""
+    return cell.get("roofline", {}).get(arch, {}).get("mfu")
 
 
-def _compute_ratio(cell: dict[str, Any]) -> str:
+def per_flop(cell: dict[str, Any]) -> float | None:
     """Kraken's no-comm time over standard's, divided by their FLOP ratio (1.0: equally efficient compute)."""
-    r, flops = cell["ratios"].get("prefill", {}).get("kraken-nc/gpt-nc"), cell.get("flop_ratio", {}).get("kraken/gpt")
-    return f"{r['median'] / flops:.3f}" if r and flops else "-"
+    r, flops = ratio(cell, "kraken-nc/gpt-nc"), cell.get("flop_ratio", {}).get("kraken/gpt")
+    return r / flops if r and flops else None
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _where(c: dict[str, Any]) -> list[str]:
@@ -160,9 +165,9 @@ def table(result: dict[str, Any]) -> str:
                "rounds kept/dropped"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in result["cells"]:
-        row = _where(c) + [_ratio(c, "prefill", k) for k in cols]
-        row += [_compute_ratio(c), f"{_mfu(c, 'gpt')} / {_mfu(c, 'kraken')}"]
-        row += [_share(c["hidden_fraction"]["in_place"]), _ratio(c, "decode", "kraken/gpt"),
+        row = _where(c) + [_fmt(ratio(c, k)) for k in cols]
+        row += [_fmt(per_flop(c)), f"{_fmt(mfu(c, 'gpt'), '.0%')} / {_fmt(mfu(c, 'kraken'), '.0%')}"]
+        row += [_share(c["hidden_fraction"]["in_place"]), _fmt(ratio(c, "kraken/gpt", "decode")),
                 f"{c['rounds']['kept']}/{c['rounds']['dropped']}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -181,8 +186,8 @@ def ladder_table(result: dict[str, Any]) -> str:
         if "ladder" not in c["variants"]:
             continue
         hidden = c["hidden_fraction"]
-        row = _where(c) + [_ratio(c, "prefill", k) for k in cols]
+        row = _where(c) + [_fmt(ratio(c, k)) for k in cols]
         row += [_share(hidden["in_place"]), _share(hidden.get("ladder", {}).get("in_place")),
-                _ratio(c, "decode", "ladder/gpt"), _ratio(c, "decode", "ladder/kraken")]
+                _fmt(ratio(c, "ladder/gpt", "decode")), _fmt(ratio(c, "ladder/kraken", "decode"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
