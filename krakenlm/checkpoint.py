@@ -31,7 +31,7 @@ import stat
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, KrakenError
 from krakenlm.hf_llama import llama_config, read_llama
 from krakenlm.model import Shard, Transformer
+from krakenlm.model.params import FORMATS, foreign, shapes, strip_foreign, tied_names
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
 from krakenlm.resources import model_bytes, require_memory
 from krakenlm.validation import regular_file as check_regular_file
@@ -54,19 +55,6 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2: manifest.json is part of every checkpoint
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-# GPT-2 / nanoGPT / Kraken-authors per-block names -> native per-layer names (stacked over sub-layers).
-_BLOCK_KEYS = {
-    "ln_1.weight": "ln1.weight", "ln_1.bias": "ln1.bias",
-    "attn.c_attn.weight": "attn.qkv_weight", "attn.c_attn.bias": "attn.qkv_bias",
-    "attn.c_proj.weight": "attn.proj_weight", "attn.c_proj.bias": "proj_bias",
-    "ln_2.weight": "ln2.weight", "ln_2.bias": "ln2.bias",
-    "mlp.c_fc.weight": "mlp.up_weight", "mlp.c_fc.bias": "mlp.up_bias",
-    "mlp.c_proj.weight": "mlp.down_weight", "mlp.c_proj.bias": "down_bias",
-}
-_GLOBAL_KEYS = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight",
-                "ln_f.bias": "ln_f.bias", "conjunction.weight": "conj_weight", "conjunction.bias": "conj_bias"}
-
 
 # Files: every reader goes through these, so a FIFO, a device, a permission problem or a corrupt file
 # is one named CheckpointError, never a hang or a raw traceback ------------------------------------------
@@ -144,9 +132,12 @@ def refuse_non_finite(state: dict[str, Tensor], source: str) -> None:
 
 # Native format -------------------------------------------------------------------------------------
 def expected_shapes(config: ModelConfig, shard: Shard | None = None) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Transformer(config, shard, init=False)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Native name -> shape of every tensor of ``config``'s model (of ``shard``'s slices when given)."""
+    full = shapes(config)
+    if shard is None:
+        return full
+    return {name: tuple(sum(b - a for a, b in r) for r in shard_ranges(name, shape, config, shard))
+            for name, shape in full.items()}
 
 
 def check_state(state: dict[str, Tensor], config: ModelConfig, source: str) -> None:
@@ -491,42 +482,33 @@ def _nanogpt_config(ckpt: dict[str, Any], fmt: str, source: str) -> ModelConfig:
         raise CheckpointError(f"{source}: model_args: {err}") from err
 
 
-def _strip(state: dict[str, Any], source: str) -> dict[str, Any]:
-    """Names without torch.compile's and HF's prefixes; GPT-2's causal-mask buffers dropped."""
+def _strip(state: dict[str, Any], fmt: str, source: str) -> dict[str, Any]:
+    """Names as krakenlm.model.params gives them (torch.compile's and HF's prefixes, mask buffers dropped)."""
     bad = [k for k in state if not isinstance(k, str)]
     if bad:
         raise CheckpointError(f"{source}: tensor names must be strings, got {bad[:3]!r}")
-    return {k.removeprefix("_orig_mod.").removeprefix("transformer."): v for k, v in state.items()
-            if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    return {short: state[k] for k, short in strip_foreign(list(state), fmt).items()}
 
 
-def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[[int, int], str], transpose: bool,
-            source: str) -> dict[str, Tensor]:
-    """Native state from per-block GPT-style names; ``block_name(layer, sub)`` gives a block's prefix."""
+def _gather(state: dict[str, Tensor], config: ModelConfig, fmt: str, source: str) -> dict[str, Tensor]:
+    """Native state from a GPT-2-family format's per-block tensors (names and layout: model.params.foreign)."""
     state = dict(state)
     out: dict[str, Tensor] = {}
-    for old, new in _GLOBAL_KEYS.items():
-        if old in state:
-            out[new] = state.pop(old)
-    if "ln_f.weight" in out:
-        out["ln_f.weight"] = out["ln_f.weight"].unsqueeze(0)
-    if "ln_f.bias" in out:
-        out["ln_f.bias"] = out["ln_f.bias"].unsqueeze(0)
-    for layer in range(config.n_layer):
-        for old, new in _BLOCK_KEYS.items():
-            names = [f"{block_name(layer, sub)}.{old}" for sub in range(config.n_sub)]
-            if not all(n in state for n in names):
-                continue
-            parts = [state.pop(n) for n in names]
-            if transpose and parts[0].dim() == 2:
-                parts = [p.t() for p in parts]
-            if any(p.shape != parts[0].shape for p in parts):
-                raise CheckpointError(f"{source}: the sub-layers' {old} tensors differ in shape")
-            out[f"layers.{layer}.{new}"] = torch.stack(parts).contiguous()
-    head = state.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, out.get("wte.weight", head)):
-        raise CheckpointError(f"{source}: lm_head is not tied to the token embedding; GPT-2 / nanoGPT imports "
-                              "expect a tied head")
+    for entry in foreign(config, fmt, every=True):
+        names = [name for part in entry.parts for name in part]
+        if not all(n in state for n in names):
+            continue
+        parts = [state.pop(n) for n in names]  # one tensor per sub-layer in this family
+        parts = [p.t() for p in parts] if entry.transpose and parts[0].dim() == 2 else parts
+        if any(p.shape != parts[0].shape for p in parts):
+            raise CheckpointError(f"{source}: the sub-layers' {entry.native.param.names_in(FORMATS[fmt])[0]} "
+                                  "tensors differ in shape")
+        out[entry.native.name] = torch.stack(parts).contiguous() if entry.native.param.stacked else parts[0]
+    for name, native in tied_names(config, fmt).items():
+        head = state.pop(name, None)
+        if head is not None and not torch.equal(head, out.get(native, head)):
+            raise CheckpointError(f"{source}: lm_head is not tied to the token embedding; GPT-2 / nanoGPT imports "
+                                  "expect a tied head")
     if state:
         raise CheckpointError(f"{source}: unexpected tensors {sorted(state)[:5]}")
     return out
@@ -535,10 +517,8 @@ def _gather(state: dict[str, Tensor], config: ModelConfig, block_name: Callable[
 def _import_nanogpt(ckpt: dict[str, Any], config: ModelConfig, fmt: str,
                     source: str | None = None) -> dict[str, Tensor]:
     source = source or fmt
-    state = _check_tensors(_strip(ckpt["model"], source), source)
-    if fmt == "kraken-authors":
-        return _gather(state, config, lambda layer, sub: f"h.{sub}.{layer}", False, source)
-    return _gather(state, config, lambda layer, sub: f"h.{layer}", False, source)
+    state = _check_tensors(_strip(ckpt["model"], fmt, source), source)
+    return _gather(state, config, fmt, source)
 
 
 def _hf_config(doc: dict[str, Any], source: str) -> ModelConfig:
@@ -562,8 +542,8 @@ def _import_hf(path: Path, config: ModelConfig) -> dict[str, Tensor]:
                               "pickled pytorch_model.bin files are refused)")
     with _reading(regular_file(file), "safetensors file"), safe_open(str(file), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    state = _check_tensors(_strip(state, str(file)), str(file))
-    return _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
+    state = _check_tensors(_strip(state, "hf-gpt2", str(file)), str(file))
+    return _gather(state, config, "hf-gpt2", str(path))
 
 
 def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
@@ -575,16 +555,12 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
         raise ConfigError("export: only GPT-2-shaped gpt models (bias, LayerNorm, GELU, learned positions, MHA, "
                           "tied head) export to HF GPT-2")
     state = model.state_dict()
-    block_names = {v: k for k, v in _BLOCK_KEYS.items()}
-    global_names = {v: k for k, v in _GLOBAL_KEYS.items()}
+    prefix = FORMATS["hf-gpt2"].prefix
     out: dict[str, Tensor] = {}
-    for name, t in state.items():
-        if name.startswith("layers."):
-            _, layer, leaf = name.split(".", 2)
-            t = t[0]
-            out[f"transformer.h.{layer}.{block_names[leaf]}"] = t.t() if t.dim() == 2 else t
-        else:
-            out[f"transformer.{global_names[name]}"] = t.squeeze(0) if name.startswith("ln_f") else t
+    for entry in foreign(config, "hf-gpt2"):  # one sub-layer, one HF tensor per native one
+        t = state[entry.native.name]
+        t = t[0] if entry.native.param.stacked else t
+        out[prefix + entry.parts[0][0]] = t.t() if entry.transpose else t
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _save_safetensors(out, path / WEIGHTS_FILE, metadata={"format": "pt"})

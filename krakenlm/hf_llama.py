@@ -22,24 +22,11 @@ from torch import Tensor
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.model import Shard
+from krakenlm.model.params import foreign, strip_foreign, tied_names
 from krakenlm.model.sharding import shard_ranges, take
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
-
-# Native per-layer name -> the HF tensors (under model.layers.{i}.) concatenated along their first dim.
-_LAYER = {
-    "ln1.weight": ("input_layernorm.weight",),
-    "ln2.weight": ("post_attention_layernorm.weight",),
-    "attn.qkv_weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "attn.proj_weight": ("self_attn.o_proj.weight",),
-    "mlp.up_weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "mlp.down_weight": ("mlp.down_proj.weight",),
-}
-_GLOBAL = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight",
-           "lm_head.weight": "lm_head.weight"}
-_IGNORED = ("rotary_emb.inv_freq",)  # buffers older transformers saved; recomputed here
-
 
 def _refuse(field: str, message: str) -> CheckpointError:
     return CheckpointError(f"HF Llama config.json: {field}: {message}")
@@ -130,14 +117,6 @@ def _keys(file: Path) -> list[str]:
         raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from err
 
 
-def _sources(config: ModelConfig) -> dict[str, tuple[str, ...]]:
-    """Native name -> HF names whose concatenation (first dim) it is."""
-    out = {native: (hf,) for native, hf in _GLOBAL.items() if native != "lm_head.weight" or not config.tie_embeddings}
-    for i in range(config.n_layer):
-        out |= {f"layers.{i}.{leaf}": tuple(f"model.layers.{i}.{p}" for p in parts) for leaf, parts in _LAYER.items()}
-    return out
-
-
 class _Concat:
     """Slices of HF tensors joined along their first dim, read without materialising the whole."""
 
@@ -167,11 +146,10 @@ def read_llama(path: Path, config: ModelConfig, shard: Shard,
                expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
     """This shard's native state dict from an HF Llama directory (each rank reads only its slices)."""
     files = _weight_files(path)
-    sources = _sources(config)
-    wanted = {hf for parts in sources.values() for hf in parts}
+    sources = foreign(config, "hf-llama")  # the names and the q|k|v, gate|up fusion: krakenlm.model.params
+    wanted = {hf for source in sources for hf in source.parts[0]}
     missing = sorted(wanted - set(files))
-    extra = sorted(n for n in set(files) - wanted if not n.endswith(_IGNORED)
-                   and not (n == "lm_head.weight" and config.tie_embeddings))
+    extra = sorted(set(strip_foreign(sorted(set(files) - wanted), "hf-llama")) - set(tied_names(config, "hf-llama")))
     if missing or extra:
         raise CheckpointError(f"{path}: tensors do not match config.json: missing {missing[:5]}, "
                               f"unexpected {extra[:5]}")
@@ -179,9 +157,9 @@ def read_llama(path: Path, config: ModelConfig, shard: Shard,
     with contextlib.ExitStack() as stack:
         try:
             handles = {f: stack.enter_context(safe_open(str(path / f), framework="pt")) for f in set(files.values())}
-            for native, parts in sources.items():
-                stacked = native.startswith(("layers.", "ln_f"))
-                joined = _Concat([handles[files[hf]].get_slice(hf) for hf in parts], stacked)
+            for source in sources:
+                native, parts = source.native.name, source.parts[0]  # Llama has one sub-layer
+                joined = _Concat([handles[files[hf]].get_slice(hf) for hf in parts], source.native.param.stacked)
                 if joined.shape() != expected[native]:
                     raise CheckpointError(f"{path}: {' + '.join(parts)} has shape {joined.shape()}, config.json "
                                           f"needs {expected[native]} (as {native})")

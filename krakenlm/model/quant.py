@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from krakenlm.errors import ConfigError
+from krakenlm.model.params import lookup
 
 QUANTIZE = ("int8",)
 INT8PACK_MAX_ROWS = 4  # above this the CPU's int8pack kernel loses to convert + GEMM (docstring)
@@ -134,15 +135,11 @@ class Int8Embedding(nn.Module):
         return self.weight.q[idx].to(self.weight.scale.dtype) * self.weight.scale[idx].unsqueeze(-1)
 
 
-# Names of the matmul weights quantized (every matmul of the model, the embedding and an untied LM head included).
-QUANTIZED = ("attn.qkv_weight", "attn.proj_weight", "mlp.up_weight", "mlp.down_weight", "conj_weight", "wte.weight",
-             "wpe.weight", "lm_head.weight")
-
-
 def quantize_model(model: nn.Module) -> nn.Module:
-    """Replace every weight named in QUANTIZED by its int8 form, in place (weights stay on their device)."""
+    """Replace every quantizable weight (krakenlm.model.params: every matmul, the embedding and an untied
+    LM head included) by its int8 form, in place (weights stay on their device)."""
     for name, param in list(model.named_parameters()):
-        if not name.endswith(QUANTIZED):
+        if not lookup(name)[0].quantizable:
             continue
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model

@@ -1,4 +1,5 @@
-"""How each full (single-device) tensor maps onto one Shard: the tensor-parallel plan as data.
+"""How each full (single-device) tensor maps onto one Shard: the Megatron / Kraken splits of
+krakenlm.model.params turned into index ranges.
 
 ``shard_ranges`` names, per dimension, the index ranges a shard keeps (several ranges are
 concatenated, e.g. the q, k and v blocks of a fused QKV weight). It is applied to an in-memory
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from krakenlm.config import ModelConfig
+from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, CONJ, ROW_FFN, ROW_HEADS, lookup
 from krakenlm.model.transformer import Shard
 
 Ranges = list[tuple[int, int]]
@@ -37,30 +39,36 @@ def _qkv_rows(config: ModelConfig, shard: Shard) -> Ranges:
     return q + k + v
 
 
-def shard_ranges(name: str, shape: tuple[int, ...], config: ModelConfig, shard: Shard) -> list[Ranges]:
-    """Per-dimension ranges of the full tensor ``name`` (native naming) kept by ``shard``."""
-    ranges: list[Ranges] = [[(0, n)] for n in shape]
-    if not name.startswith("layers."):
-        if name == "conj_weight":
-            d = config.n_embd
-            w = d // shard.parts
-            ranges[1] = [((shard.sub_start + s) * d + shard.part * w, (shard.sub_start + s) * d + (shard.part + 1) * w)
-                         for s in range(shard.sub_count)]
-        return ranges  # embeddings, final norm, conj bias: replicated
-    ranges[0] = [(shard.sub_start, shard.sub_start + shard.sub_count)]
-    leaf = name.split(".", 2)[2]
+def split_ranges(split: str, config: ModelConfig, shard: Shard) -> Ranges:
+    """The indices of the split dimension (output rows of column-*, input columns of row-*) that part
+    ``shard.part`` of ``shard.parts`` keeps of one sub-layer."""
     ffn = config.ffn_size
-    if leaf in ("attn.qkv_weight", "attn.qkv_bias"):
-        ranges[1] = _qkv_rows(config, shard)
-    elif leaf == "attn.proj_weight":
-        ranges[2] = [(a * config.head_size, b * config.head_size) for a, b in _part(config.n_head, shard)]
-    elif leaf in ("mlp.up_weight", "mlp.up_bias"):
-        ranges[1] = _part(ffn, shard)
-        if config.mlp == "swiglu":  # gate and up halves are split separately
-            ranges[1] += [(ffn + a, ffn + b) for a, b in _part(ffn, shard)]
-    elif leaf == "mlp.down_weight":
-        ranges[2] = _part(ffn, shard)
-    return ranges
+    if split == COLUMN_QKV:
+        return _qkv_rows(config, shard)
+    if split == ROW_HEADS:
+        return [(a * config.head_size, b * config.head_size) for a, b in _part(config.n_head, shard)]
+    if split == COLUMN_FFN and config.mlp == "swiglu":  # gate and up halves are split separately
+        return _part(ffn, shard) + [(ffn + a, ffn + b) for a, b in _part(ffn, shard)]
+    return _part(ffn, shard)
+
+
+def shard_ranges(name: str, shape: tuple[int, ...], config: ModelConfig, shard: Shard) -> list[Ranges]:
+    """Per-dimension ranges of the full tensor ``name`` (native naming, int8 parts too) kept by ``shard``."""
+    param, _, part = lookup(name)
+    weight_shape = shape + (1,) if part == "scale" else shape  # a scale splits as its weight, less the input dim
+    ranges: list[Ranges] = [[(0, n)] for n in weight_shape]
+    if param.split == CONJ:
+        d = config.n_embd
+        w = d // shard.parts
+        ranges[1] = [((shard.sub_start + s) * d + shard.part * w, (shard.sub_start + s) * d + (shard.part + 1) * w)
+                     for s in range(shard.sub_count)]
+    if param.per_layer:
+        ranges[0] = [(shard.sub_start, shard.sub_start + shard.sub_count)]
+    if param.split in (COLUMN_QKV, COLUMN_FFN):
+        ranges[1] = split_ranges(param.split, config, shard)
+    elif param.split in (ROW_HEADS, ROW_FFN):
+        ranges[2] = split_ranges(param.split, config, shard)
+    return ranges[:len(shape)]
 
 
 def take(read: Callable[[tuple[slice, ...]], Tensor], ranges: list[Ranges]) -> Tensor:

@@ -47,6 +47,7 @@ from krakenlm.model.layers import (
     linear,
     rope_tables,
 )
+from krakenlm.model.params import ONES, RESIDUAL, ZEROS, lookup
 
 
 @dataclass(frozen=True)
@@ -268,16 +269,11 @@ class Transformer(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         cfg = self.config
         for name, p in self.named_parameters():
-            if name.endswith(("proj_weight", "down_weight")):
-                std = init_std(True, cfg.n_layer, cfg.n_sub)
-            elif name.startswith("ln") or ".ln" in name:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            init = lookup(name)[0].init  # the kind each parameter starts as: krakenlm.model.params
+            if init in (ONES, ZEROS):
+                nn.init.ones_(p) if init == ONES else nn.init.zeros_(p)
                 continue
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-                continue
-            else:
-                std = init_std(False, cfg.n_layer, cfg.n_sub)
+            std = init_std(init == RESIDUAL, cfg.n_layer, cfg.n_sub)
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 

@@ -26,11 +26,11 @@ from torch import Tensor, nn
 
 from krakenlm.errors import InputError
 from krakenlm.model.layers import AttentionStep, KVCache, NoHooks, StackedNorm
+from krakenlm.model.params import COLUMN_QKV, PARAMS, Param, matrix_param, pair_matrices
 from krakenlm.model.quant import Int8Weight
 from krakenlm.model.transformer import Layer, Transformer, select_positions
 from krakenlm.parallel.comm import DistComm, _guard
 from krakenlm.parallel.layouts import (
-    PAIR_MATRICES,
     GatherPlan,
     PhaseLayout,
     RankPlan,
@@ -220,25 +220,26 @@ class LayoutComm(DistComm):
         plans, scratch = self._gathers[self.fwd.name], self._scratch
         gathered = _GatheredLayer(layer.parallel_block, layer.ln1, layer.ln2, scratch["attn"], scratch["mlp"],
                                   layer.proj_bias, layer.down_bias)
-        for module_name, attr, matrix in _MATRIX_ATTRS:
-            stored = getattr(getattr(layer, module_name), attr)
-            plan = plans[matrix]
-            setattr(scratch[module_name], attr, self._gather_matrix(stored, plan, index, matrix))
-            bias = self.extras.get(f"layers.{index}.{matrix}_bias")
+        for weight in MATRICES:
+            stored = getattr(getattr(layer, weight.owner), weight.attr)
+            plan = plans[weight.matrix]
+            setattr(scratch[weight.owner], weight.attr, self._gather_matrix(stored, plan, index, weight))
+            bias_param = matrix_param(weight.matrix, bias=True)
+            bias = self.extras.get(bias_param.name(index))
             if bias is not None:
-                setattr(scratch[module_name], attr.replace("weight", "bias"),
+                setattr(scratch[weight.owner], bias_param.attr,
                         bias.index_select(1, torch.tensor(plan.rows, device=bias.device)))
         return gathered  # type: ignore[return-value]
 
     def _gather_matrix(self, stored: Tensor | Int8Weight, plan: GatherPlan, index: int,
-                       matrix: str) -> Tensor | Int8Weight:
+                       param: Param) -> Tensor | Int8Weight:
         group = Group(plan.group, self.group(self.rank_plan.gather_axes(self.fwd.phase)).pg)
         values = stored.q if isinstance(stored, Int8Weight) else stored
-        flat = self.all_gather(values.reshape(-1), group, 0, f"gather {matrix}", tensor="weight")
+        flat = self.all_gather(values.reshape(-1), group, 0, f"gather {param.matrix}", tensor="weight")
         weight = assemble(plan, flat, tuple(values.shape))
         if not isinstance(stored, Int8Weight):
             return weight
-        scale = self.extras[f"layers.{index}.{matrix}_weight.scale"]
+        scale = self.extras[f"{param.name(index)}.scale"]
         return Int8Weight(weight, scale.index_select(1, torch.tensor(plan.rows, device=scale.device)))
 
     def _pair_hooks(self, phase: str, pair: str) -> NoHooks:
@@ -263,8 +264,7 @@ class LayoutComm(DistComm):
         return cache
 
 
-_MATRIX_ATTRS = (("attn", "qkv_weight", "attn.qkv"), ("attn", "proj_weight", "attn.proj"),
-                 ("mlp", "up_weight", "mlp.up"), ("mlp", "down_weight", "mlp.down"))
+MATRICES = tuple(p for p in PARAMS if p.matrix is not None and not p.bias)  # a layer's gathered weights
 
 
 @dataclass
@@ -283,10 +283,11 @@ class _GatheredLayer:
 def _scratch_modules(model: Transformer) -> dict[str, nn.Module]:
     """Attention and MLP modules whose weights are set to each layer's gathered ones in turn."""
     out = {}
-    for name in ("attn", "mlp"):
+    for name in dict.fromkeys(p.owner for p in MATRICES):
         module = copy.deepcopy(getattr(model.layers[0], name))
-        for attr in [a for a in list(module._parameters) + list(module._modules) if a.endswith(("weight", "bias"))]:
-            delattr(module, attr)
+        for p in PARAMS:
+            if p.per_layer and p.owner == name and hasattr(module, p.attr):
+                delattr(module, p.attr)
         out[name] = module
     return out
 
@@ -299,7 +300,8 @@ class _PairHooks(NoHooks):
         plan = comm.rank_plan
         self.split = plan.storage.splits[pair]
         self.a2a: Group | None = None
-        if layout.attention == "batch" and "attn.qkv" in [m for m, _ in PAIR_MATRICES[pair]]:
+        w_ins = [matrix_param(w_in) for w_in, _ in pair_matrices(plan.config.arch)[pair]]
+        if layout.attention == "batch" and any(p.split == COLUMN_QKV for p in w_ins):
             self._batch_columns(plan, layout)
 
     def _batch_columns(self, plan: RankPlan, layout: PhaseLayout) -> None:

@@ -48,15 +48,13 @@ from krakenlm.costmodel.layouts import (
 )
 from krakenlm.errors import ConfigError
 from krakenlm.model.layers import AttentionShape
-from krakenlm.model.sharding import shard_ranges
+from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, ROW_HEADS, lookup, matrix_param, pair_matrices
+from krakenlm.model.sharding import split_ranges
 from krakenlm.model.transformer import Shard
 
 Ranges = list[tuple[int, int]]
 WS_LAYOUTS = ("1d-ws", "2d-ws")
 GATHERED_AXES = {"wg-x": 1, "wg-xy": 2, "wg-xyz": 3}
-# Pair -> (W_in, W_out) names of its matrices (a parallel block's fused pair has both).
-PAIR_MATRICES = {"attn": (("attn.qkv", "attn.proj"),), "ffn": (("mlp.up", "mlp.down"),),
-                 "block": (("attn.qkv", "attn.proj"), ("mlp.up", "mlp.down"))}
 
 
 @dataclass(frozen=True)
@@ -166,19 +164,20 @@ def _even(total: int, n: int, r: int, offset: int = 0) -> Ranges:
 
 def inner_rows(config: ModelConfig, matrix: str, attention: str, n: int, r: int) -> Ranges:
     """Natural output columns of W_in ``matrix`` ("attn.qkv" | "mlp.up") that rank r computes in the inner op."""
-    if matrix == "attn.qkv" and attention == "batch":
+    split = matrix_param(matrix).split
+    if split == COLUMN_QKV and attention == "batch":
         hs = config.head_size
         q, kv = config.n_head * hs, config.kv_heads * hs
         return _even(q, n, r) + _even(kv, n, r, q) + _even(kv, n, r, q + kv)
-    shape = (1, 1, 1)  # only the ranges' values matter here
-    return shard_ranges(f"layers.0.{matrix}_weight", shape, config, Shard(0, 1, r, n))[1]
+    return split_ranges(split, config, Shard(0, 1, r, n))
 
 
 def inner_cols(config: ModelConfig, matrix: str, attention: str, n: int, r: int) -> Ranges:
     """Natural input columns of W_out ``matrix`` ("attn.proj" | "mlp.down") rank r feeds from the inner op."""
-    if matrix == "attn.proj" and attention == "batch":
+    split = matrix_param(matrix).split
+    if split == ROW_HEADS and attention == "batch":
         return _even(config.n_head * config.head_size, n, r)
-    return shard_ranges(f"layers.0.{matrix}_weight", (1, 1, 1), config, Shard(0, 1, r, n))[2]
+    return split_ranges(split, config, Shard(0, 1, r, n))
 
 
 def indices(ranges: Ranges) -> list[int]:
@@ -211,7 +210,7 @@ class StoragePlan:
     @cached_property
     def splits(self) -> dict[str, PairSplit]:
         cfg, n = self.config, self.mesh.size
-        names = ("block",) if cfg.arch == "parallel" else ("attn", "ffn")
+        names = tuple(pair_matrices(cfg.arch))
         e = cfg.n_embd // n
         out = {}
         for name, pair in zip(names, layer_pairs(cfg), strict=True):
@@ -227,9 +226,8 @@ class StoragePlan:
         return StoragePlan(self.config, self.mesh, rank, self.ffn, self.attention)
 
     def pair_of(self, matrix: str) -> PairSplit:
-        if self.config.arch == "parallel":
-            return self.splits["block"]
-        return self.splits["attn" if matrix.startswith("attn.") else "ffn"]
+        return next(self.splits[pair] for pair, matrices in pair_matrices(self.config.arch).items()
+                    if any(matrix in m for m in matrices))
 
     def w_in_rows(self, matrix: str) -> Ranges:
         """Natural rows of W_in ``matrix`` this rank stores: the inner columns of its x-group."""
@@ -245,23 +243,18 @@ class StoragePlan:
         """(ranges per dimension, zero) of the full tensor ``name`` kept by this rank; ``zero``: keep the
         shape but store zeros (a W_in bias on a rank that is not first in its x-group)."""
         ranges: list[Ranges] = [[(0, d)] for d in shape]
-        parts = name.split(".")
-        if parts[0] != "layers" or len(parts) < 4:
+        param = lookup(name)[0]  # the W_in / W_out side of a pair matrix (int8: its .q / .scale too)
+        if param.side is None or param.matrix is None:
             return ranges, False
-        base = ".".join(parts[2:4])  # e.g. attn.qkv_weight / mlp.down_weight (int8: + .q / .scale)
-        matrix, _, kind = base.rpartition("_")
-        if matrix not in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down"):
-            return ranges, False
-        split = self.pair_of(matrix)
-        if matrix in ("attn.qkv", "mlp.up"):
+        matrix, split = param.matrix, self.pair_of(param.matrix)
+        if param.side == "in":
             ranges[1] = self.w_in_rows(matrix)
-            if kind == "weight" and len(shape) == 3:
-                ranges[2] = split.e_block
-            return ranges, kind == "bias" and split.xgroup[0] != self.rank
-        if kind == "weight":
-            ranges[1] = split.e_block
             if len(shape) == 3:
-                ranges[2] = self.w_out_cols(matrix)
+                ranges[2] = split.e_block
+            return ranges, param.bias and split.xgroup[0] != self.rank
+        ranges[1] = split.e_block
+        if len(shape) == 3:
+            ranges[2] = self.w_out_cols(matrix)
         return ranges, False
 
     def attention_shape(self) -> AttentionShape:
@@ -433,16 +426,16 @@ class RankPlan:
         plans = {}
         members = [st.for_rank(s) for s in group]
         for pair in st.splits:
-            for w_in, w_out in PAIR_MATRICES[pair]:
+            for w_in, w_out in pair_matrices(cfg.arch)[pair]:
                 rows_in = [m.w_in_rows(w_in) for m in members]
                 cols_in = [m.pair_of(w_in).e_block for m in members]
                 plan_in = gather_plan(group, list(zip(rows_in, cols_in, strict=True)))
-                order = _gate_up_order(list(plan_in.rows), cfg.ffn_size) if w_in == "mlp.up" and \
-                    cfg.mlp == "swiglu" else None
+                ffn_in = matrix_param(w_in).split == COLUMN_FFN
+                order = _gate_up_order(list(plan_in.rows), cfg.ffn_size) if ffn_in and cfg.mlp == "swiglu" else None
                 plan_in = gather_plan(group, list(zip(rows_in, cols_in, strict=True)), row_order=order,
                                       col_order=list(range(cfg.n_embd)))
                 cols_out = [m.w_out_cols(w_out) for m in members]
-                want = [i for i in plan_in.rows if i < cfg.ffn_size] if w_out == "mlp.down" else None
+                want = [i for i in plan_in.rows if i < cfg.ffn_size] if ffn_in else None
                 plans[w_in] = plan_in
                 plans[w_out] = gather_plan(group, list(zip(cols_in, cols_out, strict=True)),
                                            row_order=list(range(cfg.n_embd)), col_order=want)

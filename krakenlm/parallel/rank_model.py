@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from krakenlm.checkpoint import expected_shapes
 from krakenlm.config import ModelConfig
+from krakenlm.model.params import lookup, shapes
 from krakenlm.model.quant import check_shapes, quantize_model
 from krakenlm.model.sharding import shard_ranges
 from krakenlm.model.transformer import Shard, Transformer
@@ -27,11 +27,6 @@ RangesFn = Callable[[str, tuple[int, ...]], tuple[list[Ranges], bool]]
 def shard_ranges_of(config: ModelConfig, shard: Shard) -> RangesFn:
     """Megatron / Kraken ranges (model.sharding) for float and int8 tensor names (``.q``, ``.scale``)."""
     def ranges(name: str, shape: tuple[int, ...]) -> tuple[list[Ranges], bool]:
-        base, _, leaf = name.rpartition(".")
-        if leaf == "q":
-            return shard_ranges(base, shape, config, shard), False
-        if leaf == "scale":  # one scale per output row: the weight's ranges without its input dimension
-            return shard_ranges(base, shape + (1,), config, shard)[:len(shape)], False
         return shard_ranges(name, shape, config, shard), False
     return ranges
 
@@ -97,7 +92,8 @@ def build_rank_model(full: Transformer, shard: Shard, plan: RankPlan | None, qua
     gathers = plan is not None and plan.tp > 1 and (plan.layout.prefill.gathered or plan.layout.decode.gathered)
 
     def keep(name: str) -> bool:  # a weight-gathered phase indexes whole W_in biases and int8 scales
-        return gathers and name.startswith("layers.") and name.endswith(("qkv_bias", "up_bias", "_weight.scale"))
+        param, _, part = lookup(name)
+        return gathers and param.matrix is not None and (param.bias or part == "scale")
 
     extras = localize(full, ranges, keep)
     if plan is None:
@@ -117,5 +113,5 @@ def build_rank_model(full: Transformer, shard: Shard, plan: RankPlan | None, qua
 
 def held_bytes(model: Transformer, config: ModelConfig, shard: Shard) -> tuple[int, int]:
     """(weights, replicated) bytes of a Megatron / Kraken shard built the usual way (no int8)."""
-    return _held(model, shard_ranges_of(config, shard), expected_shapes(config), {})
+    return _held(model, shard_ranges_of(config, shard), shapes(config), {})
 
