@@ -44,7 +44,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, KrakenError
 from krakenlm.hf_llama import llama_config, read_llama
 from krakenlm.model import Shard, Transformer
-from krakenlm.model.params import FORMATS, foreign, shapes, strip_foreign, tied_names
+from krakenlm.model.params import FORMATS, foreign, foreign_state, shapes, strip_foreign, tied_names
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
 from krakenlm.resources import model_bytes, require_memory
 from krakenlm.validation import regular_file as check_regular_file
@@ -554,13 +554,8 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
             or config.norm != "layernorm" or not config.tie_embeddings:
         raise ConfigError("export: only GPT-2-shaped gpt models (bias, LayerNorm, GELU, learned positions, MHA, "
                           "tied head) export to HF GPT-2")
-    state = model.state_dict()
     prefix = FORMATS["hf-gpt2"].prefix
-    out: dict[str, Tensor] = {}
-    for entry in foreign(config, "hf-gpt2"):  # one sub-layer, one HF tensor per native one
-        t = state[entry.native.name]
-        t = t[0] if entry.native.param.stacked else t
-        out[prefix + entry.parts[0][0]] = t.t() if entry.transpose else t
+    out = {prefix + name: t for name, t in foreign_state(model.state_dict(), config, "hf-gpt2").items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _save_safetensors(out, path / WEIGHTS_FILE, metadata={"format": "pt"})

@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError
 
@@ -76,11 +78,11 @@ class Param:
     @property
     def owner(self) -> str:
         """The module holding it, relative to its layer (or the model): ``attn`` of ``attn.qkv_weight``."""
-        return self.leaf.rpartition(".")[0]
+        return owner_of(self.leaf)[0]
 
     @property
     def attr(self) -> str:
-        return self.leaf.rpartition(".")[2]
+        return owner_of(self.leaf)[1]
 
     def name(self, layer: int | None = None) -> str:
         return f"layers.{layer}.{self.leaf}" if self.per_layer else self.leaf
@@ -195,14 +197,26 @@ def lookup(name: str) -> tuple[Param, int | None, str]:
     base, _, part = rest.rpartition(".")
     leaf, part = (base, part) if part in INT8_PARTS and base in _BY_LEAF else (rest, "")
     found = _BY_LEAF.get(leaf)
-    if found is None or found.per_layer != (layer is not None):
+    if found is None or found.per_layer != (layer is not None) or (part and not found.quantizable):
         raise ConfigError(f"{name!r} is not a parameter of any krakenlm model")
     return found, layer, part
 
 
-def matrix_param(matrix: str, bias: bool = False) -> Param:
-    """The weight (or bias) of the layout pair matrix ``matrix`` ("attn.qkv", ...)."""
-    return next(p for p in PARAMS if p.matrix == matrix and p.bias == bias)
+def owner_of(name: str) -> tuple[str, str]:
+    """(module path, attribute) where the tensor ``name`` lives on a model ("" for the model itself)."""
+    path, _, attr = name.rpartition(".")
+    return path, attr
+
+
+def qkv_blocks(config: ModelConfig) -> list[tuple[int, int]]:
+    """The rows of q, of k and of v in the fused q|k|v weight or bias."""
+    q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
+    return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
+
+
+def matrix_param(matrix: str) -> Param:
+    """The weight of the layout pair matrix ``matrix`` ("attn.qkv", ...)."""
+    return next(p for p in PARAMS if p.matrix == matrix and not p.bias)
 
 
 def pair_matrices(arch: str) -> dict[str, tuple[tuple[str, str], ...]]:
@@ -262,6 +276,19 @@ def foreign(config: ModelConfig, fmt: str, *, every: bool = False) -> list[Forei
             parts = (names,)
         out.append(Foreign(n, parts, f.transpose and n.param.per_layer and n.param.matrix is not None
                            and not n.param.bias))
+    return out
+
+
+def foreign_state(state: dict[str, Tensor], config: ModelConfig, fmt: str) -> dict[str, Tensor]:
+    """A native state dict under ``fmt``'s names, one foreign tensor per sub-layer (no prefix; formats that
+    concatenate several tensors into one native tensor, such as HF Llama's q|k|v, are read-only here)."""
+    out = {}
+    for entry in foreign(config, fmt):
+        t = state[entry.native.name]
+        for part, sub in zip(entry.parts, t.unbind(0) if entry.native.param.stacked else [t], strict=True):
+            if len(part) != 1:
+                raise ConfigError(f"export: {fmt} splits {entry.native.name} into {part}; only reading it is supported")
+            out[part[0]] = sub.t() if entry.transpose else sub
     return out
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from krakenlm.errors import ConfigError
-from krakenlm.model.params import lookup
+from krakenlm.model.params import lookup, owner_of
 
 QUANTIZE = ("int8",)
 INT8PACK_MAX_ROWS = 4  # above this the CPU's int8pack kernel loses to convert + GEMM (docstring)
@@ -141,12 +141,12 @@ def quantize_model(model: nn.Module) -> nn.Module:
     for name, param in list(model.named_parameters()):
         if not lookup(name)[0].quantizable:
             continue
-        owner_name, _, leaf = name.rpartition(".")
+        owner_name, leaf = owner_of(name)
         owner = model.get_submodule(owner_name) if owner_name else model
         q, scale = quantize(param)
         weight = Int8Weight(q, scale.to(param.dtype))
         if isinstance(owner, nn.Embedding):
-            parent_name, _, attr = owner_name.rpartition(".")
+            parent_name, attr = owner_of(owner_name)
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, Int8Embedding(weight))
         else:
             delattr(owner, leaf)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from krakenlm.config import ModelConfig
-from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, CONJ, ROW_FFN, ROW_HEADS, lookup
+from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, CONJ, ROW_FFN, ROW_HEADS, lookup, qkv_blocks
 from krakenlm.model.transformer import Shard
 
 Ranges = list[tuple[int, int]]
@@ -27,16 +27,15 @@ def _part(total: int, shard: Shard) -> Ranges:
 
 def _qkv_rows(config: ModelConfig, shard: Shard) -> Ranges:
     hs, h, kv = config.head_size, config.n_head, config.kv_heads
-    q = [(a * hs, b * hs) for a, b in _part(h, shard)]
+    (q0, _), (k0, _), (v0, _) = qkv_blocks(config)
     if kv % shard.parts == 0:
         k_heads = _part(kv, shard)
     else:  # fewer kv heads than ranks: each rank keeps the one kv head its query heads use
         first_q = shard.part * (h // shard.parts)
         group = first_q // (h // kv)
         k_heads = [(group, group + 1)]
-    k = [(h * hs + a * hs, h * hs + b * hs) for a, b in k_heads]
-    v = [((h + kv) * hs + a * hs, (h + kv) * hs + b * hs) for a, b in k_heads]
-    return q + k + v
+    return [(start + a * hs, start + b * hs) for start, heads in ((q0, _part(h, shard)), (k0, k_heads), (v0, k_heads))
+            for a, b in heads]
 
 
 def split_ranges(split: str, config: ModelConfig, shard: Shard) -> Ranges:

@@ -224,8 +224,8 @@ class LayoutComm(DistComm):
             stored = getattr(getattr(layer, weight.owner), weight.attr)
             plan = plans[weight.matrix]
             setattr(scratch[weight.owner], weight.attr, self._gather_matrix(stored, plan, index, weight))
-            bias_param = matrix_param(weight.matrix, bias=True)
-            bias = self.extras.get(bias_param.name(index))
+            bias_param = W_IN_BIASES.get(weight.matrix)
+            bias = None if bias_param is None else self.extras.get(bias_param.name(index))
             if bias is not None:
                 setattr(scratch[weight.owner], bias_param.attr,
                         bias.index_select(1, torch.tensor(plan.rows, device=bias.device)))
@@ -265,6 +265,7 @@ class LayoutComm(DistComm):
 
 
 MATRICES = tuple(p for p in PARAMS if p.matrix is not None and not p.bias)  # a layer's gathered weights
+W_IN_BIASES = {p.matrix: p for p in PARAMS if p.matrix is not None and p.bias}  # kept whole, indexed per phase
 
 
 @dataclass
@@ -286,7 +287,7 @@ def _scratch_modules(model: Transformer) -> dict[str, nn.Module]:
     for name in dict.fromkeys(p.owner for p in MATRICES):
         module = copy.deepcopy(getattr(model.layers[0], name))
         for p in PARAMS:
-            if p.per_layer and p.owner == name and hasattr(module, p.attr):
+            if p.per_layer and p.owner == name and getattr(module, p.attr, None) is not None:
                 delattr(module, p.attr)
         out[name] = module
     return out

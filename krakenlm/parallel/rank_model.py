@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from krakenlm.config import ModelConfig
-from krakenlm.model.params import lookup, shapes
+from krakenlm.model.params import lookup, owner_of, shapes
 from krakenlm.model.quant import check_shapes, quantize_model
 from krakenlm.model.sharding import shard_ranges
 from krakenlm.model.transformer import Shard, Transformer
@@ -63,7 +63,7 @@ def localize(model: Transformer, ranges: RangesFn, keep: Callable[[str], bool] =
         local = slice_tensor(tensor.detach(), rg)
         if zero:
             local = torch.zeros_like(local)
-        owner_name, _, leaf = name.rpartition(".")
+        owner_name, leaf = owner_of(name)
         owner = model.get_submodule(owner_name) if owner_name else model
         if isinstance(tensor, nn.Parameter):
             owner._parameters[leaf] = nn.Parameter(local, requires_grad=False)

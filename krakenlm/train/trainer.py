@@ -53,6 +53,7 @@ from krakenlm.dtypes import DTYPES, check_dtype
 from krakenlm.errors import CheckpointError, ConfigError, TrainingError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
+from krakenlm.model.params import lookup
 from krakenlm.parallel.group import init_distributed, resolve_device
 from krakenlm.resources import gib, require_memory, training_bytes
 from krakenlm.roofline import agreed_dtype
@@ -171,11 +172,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def _is_stacked(name: str) -> bool:
-    """Per-layer tensors and the final norm carry a leading sub-layer (stream) dimension."""
-    return name.startswith(("layers.", "ln_f."))
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices only (the paper's >=2-D rule), not norms, biases or gains.
 
@@ -185,7 +181,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        ndim = p.dim() - 1 if _is_stacked(name) else p.dim()
+        ndim = p.dim() - 1 if lookup(name)[0].stacked else p.dim()  # without the sub-layer dimension
         (decay if ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
