@@ -156,7 +156,10 @@ def test_foreign_names_are_the_reference_implementations_names():
 def test_every_param_kind_has_one_leaf_and_consistent_roles():
     leaves = [p.leaf for p in PARAMS]
     assert len(set(leaves)) == len(leaves)
+    cfg = config("kraken", n_sub=3, tie=False)
     for p in PARAMS:
+        if p.stacked:
+            assert p.shape(cfg)[0] == (3 if p.per_layer else 1), p.leaf
         assert (p.side is None) == (p.matrix is None)
         assert not (p.quantizable and p.bias)
         assert p.split in ("replicated", "conj") or p.per_layer

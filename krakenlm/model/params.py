@@ -54,16 +54,12 @@ class Param:
     present: Callable[[ModelConfig], bool]
     shape: Callable[[ModelConfig], Shape]  # the full (single-device) shape
     per_layer: bool = True
+    stacked: bool = True  # dim 0 is the sub-layer (stream) dimension (per-layer tensors and the final norm)
     quantizable: bool = False
     matrix: str | None = None  # the layout pair matrix this weight or bias belongs to
     gpt2: str | None = None
     llama: tuple[str, ...] = ()
     ties_to: str | None = None  # a tied LM head: absent, the embedding ``ties_to`` serves instead
-
-    @property
-    def stacked(self) -> bool:
-        """Whether dim 0 is the sub-layer (stream) dimension."""
-        return self.per_layer or self.leaf.startswith("ln_f.")
 
     @property
     def bias(self) -> bool:
@@ -124,13 +120,13 @@ def _vec(c: ModelConfig) -> Shape:
 # In state_dict order: a module's own parameters, then its submodules'.
 PARAMS: tuple[Param, ...] = (
     Param("conj_weight", CONJ, NORMAL, lambda c: c.has_conjunction, lambda c: (c.n_embd, c.n_sub * c.n_embd),
-          per_layer=False, quantizable=True, gpt2="conjunction.weight"),
+          per_layer=False, stacked=False, quantizable=True, gpt2="conjunction.weight"),
     Param("conj_bias", REPLICATED, ZEROS, lambda c: c.has_conjunction and c.bias, lambda c: (c.n_embd,),
-          per_layer=False, gpt2="conjunction.bias"),
-    Param("wte.weight", REPLICATED, NORMAL, _always, lambda c: (c.vocab_size, c.n_embd), per_layer=False,
+          per_layer=False, stacked=False, gpt2="conjunction.bias"),
+    Param("wte.weight", REPLICATED, NORMAL, _always, lambda c: (c.vocab_size, c.n_embd), per_layer=False, stacked=False,
           quantizable=True, gpt2="wte.weight", llama=("model.embed_tokens.weight",)),
     Param("wpe.weight", REPLICATED, NORMAL, lambda c: c.position == "learned", lambda c: (c.block_size, c.n_embd),
-          per_layer=False, quantizable=True, gpt2="wpe.weight"),
+          per_layer=False, stacked=False, quantizable=True, gpt2="wpe.weight"),
     Param("proj_bias", SUB_LAYER, ZEROS, _bias, _vec, gpt2="attn.c_proj.bias"),
     Param("down_bias", SUB_LAYER, ZEROS, _bias, _vec, gpt2="mlp.c_proj.bias"),
     Param("ln1.weight", SUB_LAYER, ONES, _always, _vec, gpt2="ln_1.weight", llama=("input_layernorm.weight",)),
@@ -155,7 +151,8 @@ PARAMS: tuple[Param, ...] = (
           llama=("model.norm.weight",)),
     Param("ln_f.bias", REPLICATED, ZEROS, _norm_bias, lambda c: (1, c.n_embd), per_layer=False, gpt2="ln_f.bias"),
     Param("lm_head.weight", REPLICATED, NORMAL, lambda c: not c.tie_embeddings, lambda c: (c.vocab_size, c.n_embd),
-          per_layer=False, quantizable=True, gpt2="lm_head.weight", llama=("lm_head.weight",), ties_to="wte.weight"),
+          per_layer=False, stacked=False, quantizable=True, gpt2="lm_head.weight", llama=("lm_head.weight",),
+          ties_to="wte.weight"),
 )
 _BY_LEAF = {p.leaf: p for p in PARAMS}
 
