@@ -48,7 +48,7 @@ from krakenlm.costmodel.layouts import (
 )
 from krakenlm.errors import ConfigError
 from krakenlm.model.layers import AttentionShape
-from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, ROW_HEADS, lookup, matrix_param, pair_matrices
+from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, ROW_HEADS, lookup, matrix_param, pair_matrices, qkv_blocks
 from krakenlm.model.sharding import split_ranges
 from krakenlm.model.transformer import Shard
 
@@ -165,10 +165,8 @@ def _even(total: int, n: int, r: int, offset: int = 0) -> Ranges:
 def inner_rows(config: ModelConfig, matrix: str, attention: str, n: int, r: int) -> Ranges:
     """Natural output columns of W_in ``matrix`` ("attn.qkv" | "mlp.up") that rank r computes in the inner op."""
     split = matrix_param(matrix).split
-    if split == COLUMN_QKV and attention == "batch":
-        hs = config.head_size
-        q, kv = config.n_head * hs, config.kv_heads * hs
-        return _even(q, n, r) + _even(kv, n, r, q) + _even(kv, n, r, q + kv)
+    if split == COLUMN_QKV and attention == "batch":  # an even 1/n of the q, of the k and of the v rows
+        return [rg for a, b in qkv_blocks(config) for rg in _even(b - a, n, r, a)]
     return split_ranges(split, config, Shard(0, 1, r, n))
 
 
