@@ -51,6 +51,15 @@ def split_ranges(split: str, config: ModelConfig, shard: Shard) -> Ranges:
     return _part(ffn, shard)
 
 
+def gathered_ffn_rows(rows: list[int], config: ModelConfig) -> list[int] | None:
+    """The order a column-ffn weight's rows gathered from several ranks must take: SwiGLU's [gates | ups]
+    with the ups in the gates' order (None: as gathered)."""
+    if config.mlp != "swiglu":
+        return None
+    gates = [i for i in rows if i < config.ffn_size]
+    return gates + [i + config.ffn_size for i in gates]
+
+
 def shard_ranges(name: str, shape: tuple[int, ...], config: ModelConfig, shard: Shard) -> list[Ranges]:
     """Per-dimension ranges of the full tensor ``name`` (native naming, int8 parts too) kept by ``shard``."""
     param, _, part = lookup(name)

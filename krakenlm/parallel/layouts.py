@@ -49,7 +49,7 @@ from krakenlm.costmodel.layouts import (
 from krakenlm.errors import ConfigError
 from krakenlm.model.layers import AttentionShape
 from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, ROW_HEADS, lookup, matrix_param, pair_matrices, qkv_blocks
-from krakenlm.model.sharding import split_ranges
+from krakenlm.model.sharding import gathered_ffn_rows, split_ranges
 from krakenlm.model.transformer import Shard
 
 Ranges = list[tuple[int, int]]
@@ -429,7 +429,7 @@ class RankPlan:
                 cols_in = [m.pair_of(w_in).e_block for m in members]
                 plan_in = gather_plan(group, list(zip(rows_in, cols_in, strict=True)))
                 ffn_in = matrix_param(w_in).split == COLUMN_FFN
-                order = _gate_up_order(list(plan_in.rows), cfg.ffn_size) if ffn_in and cfg.mlp == "swiglu" else None
+                order = gathered_ffn_rows(list(plan_in.rows), cfg) if ffn_in else None
                 plan_in = gather_plan(group, list(zip(rows_in, cols_in, strict=True)), row_order=order,
                                       col_order=list(range(cfg.n_embd)))
                 cols_out = [m.w_out_cols(w_out) for m in members]
@@ -438,12 +438,6 @@ class RankPlan:
                 plans[w_out] = gather_plan(group, list(zip(cols_in, cols_out, strict=True)),
                                            row_order=list(range(cfg.n_embd)), col_order=want)
         return plans
-
-
-def _gate_up_order(rows: list[int], ffn: int) -> list[int]:
-    """SwiGLU's gathered in-projection rows as [gates | ups] with the ups in the gates' order."""
-    gates = [i for i in rows if i < ffn]
-    return gates + [i + ffn for i in gates]
 
 
 # Choosing (--layout auto) -----------------------------------------------------------------------------------
