@@ -566,12 +566,18 @@ def _import_hf(path: Path, config: ModelConfig) -> dict[str, Tensor]:
     return _gather(state, config, lambda layer, sub: f"h.{layer}", True, str(path))
 
 
+def gpt2_shaped(config: ModelConfig) -> bool:
+    """Whether GPT2LMHeadModel computes exactly this model: a gpt model with biases, LayerNorm, GELU, learned
+    positions, multi-head attention of head size n_embd / n_head and a tied head."""
+    return (config.arch == "gpt" and config.bias and config.mlp == "gelu" and config.position == "learned"
+            and config.kv_heads == config.n_head and config.head_size * config.n_head == config.n_embd
+            and config.norm == "layernorm" and config.tie_embeddings)
+
+
 def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
     """Write a gpt model as a Hugging Face GPT-2 directory (GPT2LMHeadModel layout, Conv1D weights)."""
     config = model.config
-    if config.arch != "gpt" or not config.bias or config.mlp != "gelu" or config.position != "learned" \
-            or config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head) \
-            or config.norm != "layernorm" or not config.tie_embeddings:
+    if not gpt2_shaped(config):
         raise ConfigError("export: only GPT-2-shaped gpt models (bias, LayerNorm, GELU, learned positions, MHA, "
                           "tied head) export to HF GPT-2")
     state = model.state_dict()
