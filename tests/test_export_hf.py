@@ -278,3 +278,60 @@ def test_no_tokenizer(tmp_path: Path) -> None:
     assert "tokenizer.json" not in names and "generation_config.json" in names
     assert "eos_token_id" not in json.loads((tmp_path / "out" / "config.json").read_text())
     load_hf(tmp_path / "out")
+
+
+# lm-eval: its own `hf` model on the export scores like krakenlm's adapter on the checkpoint --------------------
+@pytest.fixture(scope="module", params=["kraken", "kraken-3way-llama-gqa-untied", "ladder-last-2-llama-mqa"])
+def lm_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    from krakenlm.checkpoint import save_checkpoint
+    from krakenlm.eval.harness import KrakenLM
+
+    config = make_config(request.param)
+    model = loud_model(config)
+    root = tmp_path_factory.mktemp("lm-eval")
+    save_checkpoint(root / "native", model, config)
+    export_model(model, root / "hf", format="hf")
+    hf = HFLM(pretrained=str(root / "hf"), trust_remote_code=True, device="cpu", batch_size=4, dtype="float32")
+    return hf, KrakenLM(checkpoint=str(root / "native"), batch_size=3, device="cpu", tokenizer="bytes")
+
+
+def test_lm_eval_hf_loglikelihoods_equal_krakenlm_adapter(lm_pair: tuple) -> None:
+    from lm_eval.api.instance import Instance
+
+    hf, ours = lm_pair
+    assert hf.max_length == ours.max_length and hf.prefix_token_id == ours.prefix_token_id == EOT
+    pairs = [("The cat sat on the", " mat"), ("Question: is it true?\nAnswer:", " yes"), ("", "empty context"),
+             ("word " * 30, " is truncated from the left"), ("héllo", " wörld")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    want, got = ours.loglikelihood(requests, disable_tqdm=True), hf.loglikelihood(requests, disable_tqdm=True)
+    delta = max(abs(a[0] - b[0]) for a, b in zip(want, got, strict=True))
+    print(f"max |delta loglikelihood| lm-eval hf vs krakenlm: {delta:.2e}")
+    assert delta < 1e-4 and [a[1] for a in want] == [b[1] for b in got]
+    rolling = [Instance("loglikelihood_rolling", {}, (" ".join(f"item {i} costs {i * 7 % 13}" for i in range(20)),), 0)]
+    assert ours.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
+        hf.loglikelihood_rolling(rolling, disable_tqdm=True), abs=1e-4)
+
+
+def test_lm_eval_local_task_per_example_equal(lm_pair: tuple, tmp_path: Path) -> None:
+    """The local BoolQ and COPA tasks through lm-eval's evaluator: every example's log-likelihoods."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from krakenlm.eval import tasks as sg
+    from tests.test_eval_tasks import write_data
+
+    names = sg.render_tasks(write_data(tmp_path / "data"), tmp_path / "tasks", ["boolq", "copa"])
+    scores = []
+    for lm in lm_pair:
+        out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=str(tmp_path / "tasks"),
+                                                                              include_defaults=False),
+                              log_samples=True, bootstrap_iters=0)
+        scores.append({(task, s["doc_id"]): [r[0][0] for r in s["resps"]] for task in names
+                       for s in out["samples"][task]})
+    hf, ours = scores
+    assert hf.keys() == ours.keys() and len(hf) == 5
+    assert max(abs(a - b) for k in hf for a, b in zip(hf[k], ours[k], strict=True)) < 1e-4
