@@ -335,3 +335,82 @@ def test_lm_eval_local_task_per_example_equal(lm_pair: tuple, tmp_path: Path) ->
     hf, ours = scores
     assert hf.keys() == ours.keys() and len(hf) == 5
     assert max(abs(a - b) for k in hf for a, b in zip(hf[k], ours[k], strict=True)) < 1e-4
+
+
+# The CLI ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def native_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from krakenlm.checkpoint import save_checkpoint
+
+    config = make_config("ladder")
+    path = tmp_path_factory.mktemp("cli") / "ckpt"
+    save_checkpoint(path, loud_model(config), config)
+    return path
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from krakenlm.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_export_and_export_again(native_checkpoint: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from krakenlm.checkpoint import load_model
+
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["export", "--format", "hf", str(native_checkpoint), str(out)], capsys)
+    assert code == 0 and "krakenlm layout" in stdout and "trust_remote_code=True" in stdout
+    first = (out / "model.safetensors").read_bytes()
+    assert _run(["export", str(native_checkpoint), str(out)], capsys)[0] == 0  # an earlier export is replaced
+    assert (out / "model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left behind
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        assert (load_model(native_checkpoint)(ids) - load_hf(out)(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("case,message", [
+    ("foreign", "is not empty and not a krakenlm export; refusing to overwrite it"),
+    ("file", "exists and is not a directory"),
+    ("device", "exists and is not a directory"),
+    ("symlink", "is a symbolic link"),
+    ("missing", "no such checkpoint"),
+    ("tokenizer", "tokenizer: 'gpt2' has 50257 tokens but the model only 257"),
+])
+def test_cli_export_errors_are_one_line_and_touch_nothing(case: str, message: str, native_checkpoint: Path,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, checkpoint, extra = tmp_path / "out", native_checkpoint, []
+    if case == "foreign":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "file":
+        out.write_text("mine")
+    elif case == "device":
+        out = Path("/dev/null")
+    elif case == "symlink":
+        (tmp_path / "real").mkdir()
+        out.symlink_to(tmp_path / "real")
+    elif case == "missing":
+        checkpoint = tmp_path / "nope"
+    else:
+        extra = ["--tokenizer", "gpt2"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = _run(["export", *extra, str(checkpoint), str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("krakenlm export: error:") and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if case == "foreign":
+        assert (out / "notes.txt").read_text() == "mine"
+    if case == "file":
+        assert out.read_text() == "mine"
+
+
+def test_cli_export_bad_format_is_refused(native_checkpoint: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _run(["export", "--format", "onnx", str(native_checkpoint), str(tmp_path / "out")], capsys)
+    assert exit_info.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
