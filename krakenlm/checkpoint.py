@@ -11,7 +11,8 @@ Imported: (a) the Kraken authors' nanoGPT-derived torch.save files (a run direct
 ``ckpt.pt`` is accepted too), (b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)``
 so nothing but tensors, plain containers and numpy scalars is ever unpickled, and zip-format files are
 CRC-checked first; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
-Llama directories (krakenlm.hf_llama; sharded safetensors too). Exported: HF GPT-2.
+Llama directories (krakenlm.hf_llama; sharded safetensors too); (e) krakenlm's own Hugging Face exports
+(krakenlm.interop.hf_export: native tensors, the config under "krakenlm"). Exported: HF GPT-2.
 
 Every reader refuses what is not a regular file before opening it (a FIFO would block), names the
 file on any failure, and checks the tensors it returns: floating point, finite, one dtype.
@@ -312,6 +313,8 @@ class Checkpoint:
             self.format, self.config = "hf-gpt2", _hf_config(self._doc, str(self.path))
         elif self._doc.get("model_type") == "llama":
             self.format, self.config = "hf-llama", llama_config(self._doc)
+        elif self._doc.get("model_type") == "krakenlm":  # `krakenlm export --format hf`: native tensors inside
+            self.format, self.config = "hf-krakenlm", _native_config(self.path, {"config": self._doc.get("krakenlm")})
         else:
             raise CheckpointError(f"{self.path}: config.json is neither a krakenlm, a GPT-2 nor a Llama config")
 
@@ -324,6 +327,7 @@ class Checkpoint:
             if _stat(self.path / MANIFEST_FILE) is None:
                 warnings.warn(f"{source}: written by an older krakenlm without checksums; corruption cannot be "
                               "detected (load and save it again to add them)", stacklevel=3)
+        if self.format in ("native", "hf-krakenlm"):
             _require_model_memory(self.config, shard, source)
             return _check_tensors(_read_native(self.path, self.config, shard or Shard.full(self.config)), source)
         if self.format == "hf-llama":
@@ -354,7 +358,8 @@ class Checkpoint:
 
 
 def detect_format(path: str | Path) -> str:
-    """'native', 'hf-gpt2', 'hf-llama', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
+    """'native', 'hf-gpt2', 'hf-llama', 'hf-krakenlm' (an export), 'kraken-authors' or 'nanogpt' (the last two
+    by peeking inside)."""
     return Checkpoint(path).format
 
 

@@ -179,6 +179,22 @@ def test_directory_contract(tmp_path: Path) -> None:
     assert arch_fields == {k: doc[k] for k in arch_fields}  # the config class derives what the exporter wrote
 
 
+def test_krakenlm_reads_its_export_back(tmp_path: Path) -> None:
+    """krakenlm loads an export like a native checkpoint; a tensor-parallel rank reads only its sub-layer."""
+    from krakenlm.checkpoint import Checkpoint
+    from krakenlm.model import Shard
+
+    config = make_config("kraken-3way-llama-gqa-untied")
+    model = loud_model(config)
+    export_model(model, tmp_path / "out")
+    checkpoint = Checkpoint(tmp_path / "out")
+    assert checkpoint.format == "hf-krakenlm" and checkpoint.config == config
+    native = model.state_dict()
+    assert all(torch.equal(checkpoint.state()[k], v) for k, v in native.items())
+    rank1 = checkpoint.state(Shard(1, 1, 0, 1))
+    assert torch.equal(rank1["layers.2.attn.qkv_weight"], native["layers.2.attn.qkv_weight"][1:2])
+
+
 def test_tied_head_is_not_stored_and_save_pretrained_keeps_native_names(tmp_path: Path) -> None:
     model = loud_model(make_config("kraken"))
     export_model(model, tmp_path / "out", format="hf")
@@ -414,3 +430,15 @@ def test_cli_export_bad_format_is_refused(native_checkpoint: Path, tmp_path: Pat
         _run(["export", "--format", "onnx", str(native_checkpoint), str(tmp_path / "out")], capsys)
     assert exit_info.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_shipped_files_are_package_data() -> None:
+    """The wheel must carry hf_files/ (not a Python package, so only package-data puts it there)."""
+    import fnmatch
+
+    from krakenlm.interop.hf_export import SHIPPED_FILES
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["krakenlm.interop"]
+    assert all(any(fnmatch.fnmatch(f"hf_files/{name}", p) for p in patterns) for name in SHIPPED_FILES)
