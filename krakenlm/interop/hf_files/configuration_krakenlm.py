@@ -19,7 +19,7 @@ CHOICES = {"mlp": ("gelu", "swiglu"), "position": ("learned", "rope"), "norm": (
 
 
 @dataclass(frozen=True)
-class KrakenLMArchitecture:
+class NativeConfig:
     """krakenlm's ModelConfig fields with the shapes krakenlm derives from them (its config.py)."""
 
     arch: str
@@ -43,7 +43,7 @@ class KrakenLMArchitecture:
     name: str = ""
 
     @classmethod
-    def from_dict(cls, native: dict[str, Any]) -> KrakenLMArchitecture:
+    def from_dict(cls, native: dict[str, Any]) -> NativeConfig:
         """Every field must be present and none unknown: a field this file does not know could change
         what the model computes, so it is refused rather than ignored."""
         known = {f.name for f in fields(cls)}
@@ -52,13 +52,13 @@ class KrakenLMArchitecture:
         if unknown or missing:
             raise ValueError(f"krakenlm config: unknown fields {unknown}, missing fields {missing} (export the model "
                              "again with this krakenlm version)")
-        arch = cls(**native)
-        if arch.arch not in ARCHS:
-            raise ValueError(f"krakenlm config: arch must be one of {ARCHS}, got {arch.arch!r}")
+        config = cls(**native)
+        if config.arch not in ARCHS:
+            raise ValueError(f"krakenlm config: arch must be one of {ARCHS}, got {config.arch!r}")
         for name, allowed in CHOICES.items():
-            if getattr(arch, name) not in allowed:
-                raise ValueError(f"krakenlm config: {name} must be one of {allowed}, got {getattr(arch, name)!r}")
-        return arch
+            if getattr(config, name) not in allowed:
+                raise ValueError(f"krakenlm config: {name} must be one of {allowed}, got {getattr(config, name)!r}")
+        return config
 
     @property
     def kv_heads(self) -> int:
@@ -83,12 +83,13 @@ class KrakenLMArchitecture:
         return self.n_layer - (self.n_layer if self.ladder_layers is None else self.ladder_layers)
 
 
-def standard_fields(arch: KrakenLMArchitecture) -> dict[str, Any]:
+def standard_fields(native: NativeConfig) -> dict[str, Any]:
     """The Hugging Face names for the shapes of one sub-layer."""
-    return {"vocab_size": arch.vocab_size, "hidden_size": arch.n_embd, "num_hidden_layers": arch.n_layer,
-            "num_attention_heads": arch.n_head, "num_key_value_heads": arch.kv_heads, "head_dim": arch.head_size,
-            "intermediate_size": arch.ffn_size, "max_position_embeddings": arch.block_size,
-            "tie_word_embeddings": arch.tie_embeddings, "rope_theta": arch.rope_theta}
+    return {"vocab_size": native.vocab_size, "hidden_size": native.n_embd, "num_hidden_layers": native.n_layer,
+            "num_attention_heads": native.n_head, "num_key_value_heads": native.kv_heads,
+            "head_dim": native.head_size, "intermediate_size": native.ffn_size,
+            "max_position_embeddings": native.block_size, "tie_word_embeddings": native.tie_embeddings,
+            "rope_theta": native.rope_theta}
 
 
 class KrakenLMConfig(PretrainedConfig):
@@ -98,13 +99,13 @@ class KrakenLMConfig(PretrainedConfig):
 
     def __init__(self, krakenlm: dict[str, Any] | None = None, use_cache: bool = True, **kwargs: Any) -> None:
         if krakenlm is not None:
-            kwargs.update(standard_fields(KrakenLMArchitecture.from_dict(krakenlm)))
+            kwargs.update(standard_fields(NativeConfig.from_dict(krakenlm)))
         super().__init__(**kwargs)
         self.krakenlm = krakenlm
         self.use_cache = use_cache
 
     @property
-    def architecture(self) -> KrakenLMArchitecture:
+    def native(self) -> NativeConfig:
         if self.krakenlm is None:
             raise ValueError("KrakenLMConfig: no krakenlm model config (the 'krakenlm' field of config.json)")
-        return KrakenLMArchitecture.from_dict(self.krakenlm)
+        return NativeConfig.from_dict(self.krakenlm)

@@ -36,7 +36,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_krakenlm import KrakenLMArchitecture, KrakenLMConfig
+from .configuration_krakenlm import KrakenLMConfig, NativeConfig
 
 try:  # transformers 5: initializers that leave weights loaded from the checkpoint alone
     from transformers import initialization as init
@@ -88,13 +88,13 @@ class StackedAttention(nn.Module):
     """Causal self-attention of S sub-layers with fused QKV (MHA, GQA and MQA). Returns the output projection
     without its bias (krakenlm keeps that bias in the layer: ``proj_bias``)."""
 
-    def __init__(self, arch: KrakenLMArchitecture) -> None:
+    def __init__(self, native: NativeConfig) -> None:
         super().__init__()
-        s, d, self.n_head, self.n_kv_head, self.head_size = (arch.n_sub, arch.n_embd, arch.n_head, arch.kv_heads,
-                                                             arch.head_size)
+        s, d = native.n_sub, native.n_embd
+        self.n_head, self.n_kv_head, self.head_size = native.n_head, native.kv_heads, native.head_size
         qkv = (self.n_head + 2 * self.n_kv_head) * self.head_size
         self.qkv_weight = nn.Parameter(torch.empty(s, qkv, d))
-        self.qkv_bias = nn.Parameter(torch.zeros(s, qkv)) if arch.bias else None
+        self.qkv_bias = nn.Parameter(torch.zeros(s, qkv)) if native.bias else None
         self.proj_weight = nn.Parameter(torch.empty(s, d, self.n_head * self.head_size))
 
     def forward(self, x: Tensor, inputs: AttentionInputs, layer_idx: int) -> Tensor:
@@ -133,13 +133,13 @@ def rope_tables(positions: Tensor, head_size: int, base: float) -> tuple[Tensor,
 class StackedMLP(nn.Module):
     """GELU (tanh) or SwiGLU feed-forward of S sub-layers; returns the down projection without its bias."""
 
-    def __init__(self, arch: KrakenLMArchitecture) -> None:
+    def __init__(self, native: NativeConfig) -> None:
         super().__init__()
-        self.swiglu = arch.mlp == "swiglu"
-        up = (2 if self.swiglu else 1) * arch.ffn_size  # SwiGLU: gate rows first, then up rows
-        self.up_weight = nn.Parameter(torch.empty(arch.n_sub, up, arch.n_embd))
-        self.up_bias = nn.Parameter(torch.zeros(arch.n_sub, up)) if arch.bias else None
-        self.down_weight = nn.Parameter(torch.empty(arch.n_sub, arch.n_embd, arch.ffn_size))
+        self.swiglu = native.mlp == "swiglu"
+        up = (2 if self.swiglu else 1) * native.ffn_size  # SwiGLU: gate rows first, then up rows
+        self.up_weight = nn.Parameter(torch.empty(native.n_sub, up, native.n_embd))
+        self.up_bias = nn.Parameter(torch.zeros(native.n_sub, up)) if native.bias else None
+        self.down_weight = nn.Parameter(torch.empty(native.n_sub, native.n_embd, native.ffn_size))
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = stacked_linear(x, self.up_weight, self.up_bias)
@@ -154,18 +154,18 @@ class StackedMLP(nn.Module):
 class KrakenLMLayer(nn.Module):
     """One layer of S sub-layers: its modules and the wirings that use them."""
 
-    def __init__(self, arch: KrakenLMArchitecture, index: int) -> None:
+    def __init__(self, native: NativeConfig, index: int) -> None:
         super().__init__()
-        s, d = arch.n_sub, arch.n_embd
+        s, d = native.n_sub, native.n_embd
         self.index = index
-        self.parallel_block = arch.arch == "parallel"
-        self.ladder = index >= arch.ladder_start
-        self.ln1 = StackedNorm(s, d, arch.norm, arch.bias, arch.norm_eps)
-        self.attn = StackedAttention(arch)
-        self.ln2 = None if self.parallel_block else StackedNorm(s, d, arch.norm, arch.bias, arch.norm_eps)
-        self.mlp = StackedMLP(arch)
-        self.proj_bias = nn.Parameter(torch.zeros(s, d)) if arch.bias else None
-        self.down_bias = nn.Parameter(torch.zeros(s, d)) if arch.bias else None
+        self.parallel_block = native.arch == "parallel"
+        self.ladder = index >= native.ladder_start
+        self.ln1 = StackedNorm(s, d, native.norm, native.bias, native.norm_eps)
+        self.attn = StackedAttention(native)
+        self.ln2 = None if self.parallel_block else StackedNorm(s, d, native.norm, native.bias, native.norm_eps)
+        self.mlp = StackedMLP(native)
+        self.proj_bias = nn.Parameter(torch.zeros(s, d)) if native.bias else None
+        self.down_bias = nn.Parameter(torch.zeros(s, d)) if native.bias else None
 
     def attention_module(self, y: Tensor, inputs: AttentionInputs) -> Tensor:
         return add_bias(self.attn(self.ln1(y), inputs, self.index), self.proj_bias)
@@ -193,8 +193,8 @@ class KrakenLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """krakenlm's init (the Kraken paper's): N(0, 0.02), residual output projections N(0, 0.02 / sqrt(2 L S)),
         norm gains 1, biases 0."""
-        arch = self.config.architecture
-        residual_std = 0.02 / (2 * arch.n_layer * arch.n_sub) ** 0.5
+        native = self.config.native
+        residual_std = 0.02 / (2 * native.n_layer * native.n_sub) ** 0.5
         if isinstance(module, StackedNorm):
             init.ones_(module.weight)
         for name, param in module.named_parameters(recurse=False):
@@ -211,16 +211,16 @@ class KrakenLMForCausalLM(KrakenLMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: KrakenLMConfig) -> None:
         super().__init__(config)
-        arch = self.arch = config.architecture
-        d = arch.n_embd
-        self.wte = nn.Embedding(arch.vocab_size, d)
-        self.wpe = nn.Embedding(arch.block_size, d) if arch.position == "learned" else None
-        self.layers = nn.ModuleList(KrakenLMLayer(arch, i) for i in range(arch.n_layer))
-        if arch.arch == "kraken":
-            self.conj_weight = nn.Parameter(torch.empty(d, arch.n_sub * d))
-            self.conj_bias = nn.Parameter(torch.zeros(d)) if arch.bias else None
-        self.ln_f = StackedNorm(1, d, arch.norm, arch.bias, arch.norm_eps)
-        self.lm_head = nn.Linear(d, arch.vocab_size, bias=False)
+        native = self.native = config.native
+        d = native.n_embd
+        self.wte = nn.Embedding(native.vocab_size, d)
+        self.wpe = nn.Embedding(native.block_size, d) if native.position == "learned" else None
+        self.layers = nn.ModuleList(KrakenLMLayer(native, i) for i in range(native.n_layer))
+        if native.arch == "kraken":
+            self.conj_weight = nn.Parameter(torch.empty(d, native.n_sub * d))
+            self.conj_bias = nn.Parameter(torch.zeros(d)) if native.bias else None
+        self.ln_f = StackedNorm(1, d, native.norm, native.bias, native.norm_eps)
+        self.lm_head = nn.Linear(d, native.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -251,17 +251,17 @@ class KrakenLMForCausalLM(KrakenLMPreTrainedModel, GenerationMixin):
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         batch, t = x.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
-        if past + t > self.arch.block_size:
-            raise ValueError(f"sequence of {past + t} tokens exceeds the model's context of {self.arch.block_size}")
+        if past + t > self.native.block_size:
+            raise ValueError(f"sequence of {past + t} tokens exceeds the model's context of {self.native.block_size}")
         if position_ids is None:
             position_ids = default_positions(attention_mask, past, t, x.device)
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
-        rope = rope_tables(position_ids, self.arch.head_size, self.arch.rope_theta) \
-            if self.arch.position == "rope" else None
+        rope = rope_tables(position_ids, self.native.head_size, self.native.rope_theta) \
+            if self.native.position == "rope" else None
         inputs = AttentionInputs(rope, attention_bool_mask(attention_mask, batch, past, t, x.device), cache)
         y = x.unsqueeze(0)  # one stream: every sub-layer of the first layer reads the embedding
-        y = self._ladder(y, inputs) if self.arch.arch == "ladder" else self._layers(y, inputs)
+        y = self._ladder(y, inputs) if self.native.arch == "ladder" else self._layers(y, inputs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(self.ln_f(self._join(y[:, :, keep])).squeeze(0))
         loss = None if labels is None else F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
@@ -271,7 +271,7 @@ class KrakenLMForCausalLM(KrakenLMPreTrainedModel, GenerationMixin):
     def _layers(self, y: Tensor, inputs: AttentionInputs) -> Tensor:
         """gpt, parallel and Kraken layers; a Kraken layer l >= 1 gets the sum of its input's sub-layers."""
         for layer in self.layers:
-            exchanged = y.sum(0, keepdim=True) if self.arch.arch == "kraken" and layer.index > 0 else None
+            exchanged = y.sum(0, keepdim=True) if self.native.arch == "kraken" and layer.index > 0 else None
             y = layer(y, inputs, exchanged)
         return y
 
@@ -290,7 +290,7 @@ class KrakenLMForCausalLM(KrakenLMPreTrainedModel, GenerationMixin):
     def _join(self, y: Tensor) -> Tensor:
         """Streams [S, B, T, d] -> one stream [1, B, T, d]: Kraken's conjunction (a linear map of the
         concatenated sub-layer outputs, sub-layer 0 first); the only stream otherwise."""
-        if self.arch.arch != "kraken":
+        if self.native.arch != "kraken":
             return y
         s, b, t, d = y.shape
         z = F.linear(y.permute(1, 2, 0, 3).reshape(b, t, s * d), self.conj_weight, self.conj_bias)
