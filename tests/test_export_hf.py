@@ -379,6 +379,7 @@ def test_cli_export_and_export_again(native_checkpoint: Path, tmp_path: Path,
     from krakenlm.checkpoint import load_model
 
     out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine
     code, stdout, _ = _run(["export", "--format", "hf", str(native_checkpoint), str(out)], capsys)
     assert code == 0 and "krakenlm layout" in stdout and "trust_remote_code=True" in stdout
     first = (out / "model.safetensors").read_bytes()
