@@ -445,3 +445,10 @@ def test_shipped_files_are_package_data() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["krakenlm.interop"]
     assert all(any(fnmatch.fnmatch(f"hf_files/{name}", p) for p in patterns) for name in SHIPPED_FILES)
+
+
+def test_static_cache_is_refused_by_name(tmp_path: Path) -> None:
+    export_model(loud_model(make_config("kraken")), tmp_path / "out")
+    hf = load_hf(tmp_path / "out")
+    with pytest.raises(ValueError, match="DynamicCache"):
+        hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, cache_implementation="static")

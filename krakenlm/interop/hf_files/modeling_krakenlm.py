@@ -23,6 +23,10 @@ Wiring of one layer (h: the attention output, a: the stream after attention):
               late (on N devices its AllReduce runs during module k). Layers below ``ladder_start`` are
               gpt layers (a pretrained gpt model adapted to ladder wiring in its last layers).
 Output: logits = LMHead(LN_f(z)) with z = y when S = 1.
+
+The key/value cache is transformers' DynamicCache, one entry per layer holding the S sub-layers' heads side
+by side ([B, S * kv_heads, T, head_size]); static caches, sized from num_key_value_heads of one sub-layer,
+are refused.
 """
 
 from __future__ import annotations
@@ -248,6 +252,9 @@ class KrakenLMForCausalLM(KrakenLMPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if use_cache if use_cache is not None else self.config.use_cache:
             cache = cache if cache is not None else DynamicCache(config=self.config)
+        if cache is not None and not isinstance(cache, DynamicCache):  # a Kraken layer caches S sub-layers' heads
+            raise ValueError(f"KrakenLM runs with transformers' DynamicCache (generate's default), not "
+                             f"{type(cache).__name__}")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         batch, t = x.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
