@@ -391,6 +391,24 @@ def test_cli_export_and_export_again(native_checkpoint: Path, tmp_path: Path,
         assert (load_model(native_checkpoint)(ids) - load_hf(out)(ids).logits).abs().max().item() < 1e-4
 
 
+def test_greedy_text_identical(native_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Text in, text out: transformers' tokenizer + generate on the export, krakenlm's engine on the checkpoint."""
+    from krakenlm.engine import Engine, EngineOptions
+    from krakenlm.source import ModelSource
+    from krakenlm.tokenizer import ByteTokenizer
+
+    assert _run(["export", str(native_checkpoint), str(tmp_path / "out")], capsys)[0] == 0
+    prompts, tok = ["To be, or not to be", "héllo"], ByteTokenizer()
+    with Engine.launch(ModelSource(checkpoint=str(native_checkpoint)), EngineOptions(device="cpu", dtype="fp32")) as e:
+        result = e.generate([tok.encode(p) for p in prompts], 20, SamplingConfig())
+    want = [tok.decode(tokens) for tokens in result.tokens]
+    hf_tok, hf = _hf_tokenizer(tmp_path / "out"), load_hf(tmp_path / "out")
+    hf_tok.padding_side = "left"
+    batch = hf_tok(prompts, return_tensors="pt", padding=True)
+    out = hf.generate(**batch, max_new_tokens=20, do_sample=False)
+    assert hf_tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True) == want
+
+
 @pytest.mark.parametrize("case,message", [
     ("foreign", "is not empty and not a krakenlm export; refusing to overwrite it"),
     ("file", "exists and is not a directory"),

@@ -2,7 +2,8 @@
 ``AutoTokenizer.from_pretrained(OUT)`` (and lm-eval's ``hf`` model, and vLLM) encode text as krakenlm does.
 
 - gpt2: GPT-2's BPE as vocab.json + merges.txt and the same as tokenizer.json; ``<|endoftext|>`` (50256) is
-  the special token for bos, eos and unk, as in transformers' own GPT-2 tokenizer.
+  the special token for bos, eos and unk, as in transformers' own GPT-2 tokenizer, and for padding (what
+  generation_config.json pads with).
 - a corpus-trained BPE (a prepared data dir): its tokenizer.json, ``<|endoftext|>`` special.
 - bytes: a byte-level tokenizer.json without merges, so UTF-8 byte b is token b and ``<|endoftext|>`` is
   256. One difference remains: krakenlm's byte tokenizer reads the literal text ``<|endoftext|>`` as 13
@@ -94,7 +95,7 @@ def write_tokenizer(spec: str | None, directory: Path, vocab_size: int, block_si
             raise ConfigError(f"tokenizer: the BPE in {spec} has no {EOT_TEXT} token")
         shutil.copyfile(Path(spec) / BPE_TOKENIZER_FILE, directory / "tokenizer.json")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
-              "unk_token": EOT_TEXT, "model_max_length": block_size, "clean_up_tokenization_spaces": False,
-              "krakenlm_tokenizer": tok.name}
+              "unk_token": EOT_TEXT, "pad_token": EOT_TEXT, "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False, "krakenlm_tokenizer": tok.name}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return tok.eot_token
