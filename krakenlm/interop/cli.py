@@ -19,7 +19,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory (transformers, lm-eval's hf model)")
-    p.add_argument("checkpoint", help="native dir, HF Llama or GPT-2 dir, nanoGPT or Kraken-authors .pt file")
+    p.add_argument("checkpoint", help="native dir, HF Llama / GPT-2 dir or export, nanoGPT or Kraken-authors .pt file")
     p.add_argument("out", help="directory to write (new, empty, or an earlier export, which is replaced)")
     p.add_argument("--format", choices=FORMATS, default="hf",
                    help="hf: plain GPT-2 / Llama where that is exactly the model, otherwise krakenlm's own model "
