@@ -11,7 +11,8 @@ Imported: (a) the Kraken authors' nanoGPT-derived torch.save files (a run direct
 ``ckpt.pt`` is accepted too), (b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)``
 so nothing but tensors, plain containers and numpy scalars is ever unpickled, and zip-format files are
 CRC-checked first; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
-Llama directories (krakenlm.hf_llama; sharded safetensors too). Exported: HF GPT-2.
+Llama directories (krakenlm.hf_llama; sharded safetensors too); (e) krakenlm's own Hugging Face exports
+(krakenlm.interop.hf_export: native tensors, the config under "krakenlm"). Exported: HF GPT-2.
 
 Every reader refuses what is not a regular file before opening it (a FIFO would block), names the
 file on any failure, and checks the tensors it returns: floating point, finite, one dtype.
@@ -303,6 +304,8 @@ class Checkpoint:
             self.format, self.config = "hf-gpt2", _hf_config(self._doc, str(self.path))
         elif self._doc.get("model_type") == "llama":
             self.format, self.config = "hf-llama", llama_config(self._doc)
+        elif self._doc.get("model_type") == "krakenlm":  # `krakenlm export --format hf`: native tensors inside
+            self.format, self.config = "hf-krakenlm", _native_config(self.path, {"config": self._doc.get("krakenlm")})
         else:
             raise CheckpointError(f"{self.path}: config.json is neither a krakenlm, a GPT-2 nor a Llama config")
 
@@ -315,6 +318,7 @@ class Checkpoint:
             if _stat(self.path / MANIFEST_FILE) is None:
                 warnings.warn(f"{source}: written by an older krakenlm without checksums; corruption cannot be "
                               "detected (load and save it again to add them)", stacklevel=3)
+        if self.format in ("native", "hf-krakenlm"):
             _require_model_memory(self.config, shard, source)
             return _check_tensors(_read_native(self.path, self.config, shard or Shard.full(self.config)), source)
         if self.format == "hf-llama":
@@ -345,7 +349,8 @@ class Checkpoint:
 
 
 def detect_format(path: str | Path) -> str:
-    """'native', 'hf-gpt2', 'hf-llama', 'kraken-authors' or 'nanogpt' (the last two by peeking inside)."""
+    """'native', 'hf-gpt2', 'hf-llama', 'hf-krakenlm' (an export), 'kraken-authors' or 'nanogpt' (the last two
+    by peeking inside)."""
     return Checkpoint(path).format
 
 
@@ -546,12 +551,18 @@ def _import_hf(path: Path, config: ModelConfig) -> dict[str, Tensor]:
     return _gather(state, config, "hf-gpt2", str(path))
 
 
+def gpt2_shaped(config: ModelConfig) -> bool:
+    """Whether GPT2LMHeadModel computes exactly this model: a gpt model with biases, LayerNorm, GELU, learned
+    positions, multi-head attention of head size n_embd / n_head and a tied head."""
+    return (config.arch == "gpt" and config.bias and config.mlp == "gelu" and config.position == "learned"
+            and config.kv_heads == config.n_head and config.head_size * config.n_head == config.n_embd
+            and config.norm == "layernorm" and config.tie_embeddings)
+
+
 def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
     """Write a gpt model as a Hugging Face GPT-2 directory (GPT2LMHeadModel layout, Conv1D weights)."""
     config = model.config
-    if config.arch != "gpt" or not config.bias or config.mlp != "gelu" or config.position != "learned" \
-            or config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head) \
-            or config.norm != "layernorm" or not config.tie_embeddings:
+    if not gpt2_shaped(config):
         raise ConfigError("export: only GPT-2-shaped gpt models (bias, LayerNorm, GELU, learned positions, MHA, "
                           "tied head) export to HF GPT-2")
     prefix = FORMATS["hf-gpt2"].prefix

@@ -209,6 +209,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
         ("krakenlm.eval.cli", ["add_eval_parser"]),
         ("krakenlm.bench.cli", ["add_bench_parser", "add_roofline_parser"]),
         ("krakenlm.serve.cli", ["add_serve_parser", "add_loadtest_parser"]),
+        ("krakenlm.interop.cli", ["add_export_parser"]),
     ]:
         try:
             mod = __import__(module, fromlist=names)

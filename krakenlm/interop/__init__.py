@@ -1,0 +1,1 @@
+"""Interoperability with other runtimes: Hugging Face transformers directories (hf_export)."""
