@@ -22,7 +22,7 @@ from torch import Tensor
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError
 from krakenlm.model import Shard
-from krakenlm.model.params import foreign, strip_foreign, tied_names
+from krakenlm.model.params import foreign, foreign_state, strip_foreign, tied_names
 from krakenlm.model.sharding import shard_ranges, take
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -178,15 +178,8 @@ def llama_shaped(config: ModelConfig) -> bool:
 
 
 def llama_state(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """A Llama-shaped model's native state dict under the HF Llama names (fused q/k/v and gate/up split)."""
-    q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
-    sizes = {"attn.qkv_weight": [q, kv, kv], "mlp.up_weight": [config.ffn_size] * 2}
-    out = {}
-    for native, parts in _sources(config).items():
-        tensor = state[native][0] if native.startswith(("layers.", "ln_f")) else state[native]
-        split = sizes.get(native.split(".", 2)[-1], [tensor.shape[0]])
-        out |= {hf: piece.contiguous() for hf, piece in zip(parts, tensor.split(split), strict=True)}
-    return out
+    """A Llama-shaped model's native state dict under the HF Llama names (q|k|v and gate|up split apart)."""
+    return {name: t.contiguous() for name, t in foreign_state(state, config, "hf-llama").items()}
 
 
 def llama_hf_config(config: ModelConfig) -> dict[str, Any]:

@@ -211,6 +211,16 @@ def qkv_blocks(config: ModelConfig) -> list[tuple[int, int]]:
     return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
 
 
+def fused_rows(param: Param, config: ModelConfig) -> list[int]:
+    """Row counts of the foreign tensors a format concatenates along dim 0 into ``param``: q|k|v, or
+    SwiGLU's gate|up."""
+    if param.split == COLUMN_QKV:
+        return [b - a for a, b in qkv_blocks(config)]
+    if param.split == COLUMN_FFN and config.mlp == "swiglu":
+        return [config.ffn_size] * 2
+    raise ConfigError(f"{param.leaf} is not a fused tensor")
+
+
 def matrix_param(matrix: str) -> Param:
     """The weight of the layout pair matrix ``matrix`` ("attn.qkv", ...)."""
     return next(p for p in PARAMS if p.matrix == matrix and not p.bias)
@@ -277,15 +287,14 @@ def foreign(config: ModelConfig, fmt: str, *, every: bool = False) -> list[Forei
 
 
 def foreign_state(state: dict[str, Tensor], config: ModelConfig, fmt: str) -> dict[str, Tensor]:
-    """A native state dict under ``fmt``'s names, one foreign tensor per sub-layer (no prefix; formats that
-    concatenate several tensors into one native tensor, such as HF Llama's q|k|v, are read-only here)."""
+    """A native state dict under ``fmt``'s names, one foreign tensor per sub-layer and fused part (no prefix)."""
     out = {}
     for entry in foreign(config, fmt):
+        param = entry.native.param
         t = state[entry.native.name]
-        for part, sub in zip(entry.parts, t.unbind(0) if entry.native.param.stacked else [t], strict=True):
-            if len(part) != 1:
-                raise ConfigError(f"export: {fmt} splits {entry.native.name} into {part}; only reading it is supported")
-            out[part[0]] = sub.t() if entry.transpose else sub
+        for part, sub in zip(entry.parts, t.unbind(0) if param.stacked else [t], strict=True):
+            pieces = sub.split(fused_rows(param, config)) if len(part) > 1 else [sub]
+            out |= {name: piece.t() if entry.transpose else piece for name, piece in zip(part, pieces, strict=True)}
     return out
 
 
