@@ -19,6 +19,11 @@ Record format (one JSON object per measurement; a list of them, or {"records": [
                 (Megatron tensor parallelism, what the krakenlm runtime does)
     lm_head     "replicated" (default: the krakenlm runtime computes the whole LM head on every rank)
                 or "sharded" (split over the vocabulary, as Megatron and the TPU system do)
+    overlap     how the run overlapped standard TP's all-reduces (gpt / parallel on 1d-ws): "none"
+                (default, blocking), "chunked:K" (row-parallel output in K token chunks, each chunk's
+                all-reduce async under the next) or "collective-matmul" (looped all-gather /
+                reduce-scatter matmuls); what `krakenlm bench` writes for such variants. Records with
+                these modes are what ``overlap_slowdown`` and ``overlap_step_s`` are fitted to.
 
 The fit is Levenberg-Marquardt on log(predicted) - log(measured) over the log of each fitted field,
 so every point weighs by its relative error. ``matmul_eff``, ``attention_eff`` and ``memory_eff``
@@ -42,10 +47,13 @@ from krakenlm.config import ModelConfig
 from krakenlm.costmodel.estimator import LM_HEAD, Layout, Workload, phase_estimate
 from krakenlm.costmodel.hardware import PER_DTYPE, Hardware, compute_dtype
 from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
+from krakenlm.costmodel.overlap import NO_OVERLAP, Overlap, parse_overlap
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 
 FIT_FIELDS = ("matmul_eff", "attention_eff", "memory_eff", "comm_eff", "alpha", "layer_overhead_s", "link_bw")
+OVERLAP_FIELDS = ("overlap_slowdown", "overlap_step_s")  # bound only by records of system overlap modes
+FITTABLE = FIT_FIELDS + OVERLAP_FIELDS
 # Bounds of log(field): efficiencies cannot exceed 1 and latencies stay below a second, so a field no
 # point is bound by cannot run away; link_bw (a loopback's bandwidth is not known beforehand) 1 MB/s-10 TB/s.
 _LOG_BOUNDS = {"link_bw": (math.log(1e6), math.log(1e13))}
@@ -64,6 +72,7 @@ class Point:
     link_bw: float | None  # bytes/s, None = spec's
     seconds: float
     label: str
+    overlap: Overlap = NO_OVERLAP
 
 
 @dataclass(frozen=True)
@@ -123,11 +132,12 @@ def parse_record(rec: dict[str, Any]) -> Point:
     layout = Layout(ffn, attn.removeprefix("attn-") or "heads", tp, head)
     workload = Workload(batch=rec["batch"], prompt=rec["prompt_len"], generate=rec.get("generate", 0),
                         dtype=rec["dtype"])
+    overlap = parse_overlap(rec.get("overlap", "none"))
     name = rec.get("preset") or config.name or config.arch
     label = f"{name} tp{tp} b{rec['batch']} L{rec['prompt_len']} {rec['dtype']} {rec['phase']}" + (
-        f" {gbps:g}Gb/s" if gbps else "")
+        f" {gbps:g}Gb/s" if gbps else "") + (f" {overlap}" if overlap.system else "")
     return Point(config, workload, rec["phase"], layout, None if gbps is None else gbps * 1e9 / 8, float(seconds),
-                 label)
+                 label, overlap)
 
 
 def load_records(path: str | Path, clean_only: bool = False) -> list[dict[str, Any]]:
@@ -164,7 +174,7 @@ def predict_point(point: Point, hw: Hardware) -> float:
     """Predicted seconds for one point (the link bandwidth overridden when the run was shaped)."""
     if point.link_bw is not None:
         hw = hw.with_factors(link_bw=point.link_bw)
-    return phase_estimate(point.config, hw, point.workload, point.phase, point.layout).time_s
+    return phase_estimate(point.config, hw, point.workload, point.phase, point.layout, point.overlap).time_s
 
 
 def _parameters(hw: Hardware, fields: tuple[str, ...], points: list[Point],
@@ -265,15 +275,15 @@ def calibrate(hw: Hardware, records: list[dict[str, Any]],
     stay where they started. Returns the fitted spec, per-point predicted vs measured, and the
     median absolute percentage error before and after.
     """
-    bad = [f for f in fields if f not in FIT_FIELDS]
+    bad = [f for f in fields if f not in FITTABLE]
     if bad or not fields:
-        raise ConfigError(f"calibration: fields must be a non-empty subset of {FIT_FIELDS}, got {list(fields)}")
+        raise ConfigError(f"calibration: fields must be a non-empty subset of {FITTABLE}, got {list(fields)}")
     points = [parse_record(r) for r in records]
     if not points:
         raise ConfigError("calibration: no records to fit")
     params = _parameters(hw, fields, points, per_dtype)
     measured = np.log([p.seconds for p in points])
-    floor = {"alpha": 1e-7, "layer_overhead_s": 1e-7}
+    floor = {"alpha": 1e-7, "layer_overhead_s": 1e-7, "overlap_step_s": 1e-7}
     lo, hi = np.array([_LOG_BOUNDS.get(f, _DEFAULT_BOUNDS) for f, _ in params]).T
     start = [getattr(hw, f) if d is None else hw.eff(f, d) for f, d in params]
     theta = np.clip(np.log([max(v, floor.get(f, 1e-6)) for (f, _), v in zip(params, start, strict=True)]), lo, hi)

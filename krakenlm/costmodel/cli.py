@@ -14,10 +14,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.calibrate import FIT_FIELDS, calibrate, evaluate, leave_one_out, load_records, markdown, mdape
+from krakenlm.costmodel.calibrate import (
+    FIT_FIELDS,
+    FITTABLE,
+    calibrate,
+    evaluate,
+    leave_one_out,
+    load_records,
+    markdown,
+    mdape,
+)
 from krakenlm.costmodel.estimator import (
     LM_HEAD,
-    OVERLAP,
     Estimate,
     PhaseEstimate,
     Workload,
@@ -46,8 +54,11 @@ def _source(p: argparse.ArgumentParser) -> None:
                    help="bundled spec (tpu-v4, a100-40gb-nvswitch, a100-80gb-nvswitch, h100-sxm, h200, cpu-gloo) "
                         "or a JSON spec path")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight type (int8 = weight-only)")
-    p.add_argument("--overlap", choices=OVERLAP, default="none",
-                   help="none: max(compute, memory) + comm; full: max of all three")
+    p.add_argument("--overlap", default="none",
+                   help="none: max(compute, memory) + comm; full: max of all three; chunked:K (standard TP's "
+                        "row-parallel output in K token chunks, each all-reduce under the next chunk) or "
+                        "collective-matmul (looped all-gather / reduce-scatter matmuls): system-overlapped "
+                        "standard TP, gpt/parallel on 1d-ws")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -171,7 +182,8 @@ def _workload(args: argparse.Namespace) -> Workload:
 
 def _phase_row(p: PhaseEstimate) -> str:
     return (f"{p.phase:<8} {p.layout:<20} {p.time_s * 1e3:>11.3f} {p.compute_s * 1e3:>10.3f} "
-            f"{p.memory_s * 1e3:>10.3f} {p.exposed_comm_s * 1e3:>10.3f} {p.mfu:>6.1%} {p.bound:>8}")
+            f"{p.memory_s * 1e3:>10.3f} {p.exposed_comm_s * 1e3:>10.3f} {p.hidden_comm_s * 1e3:>10.3f} {p.mfu:>6.1%} "
+            f"{p.bound:>8}")
 
 
 def format_estimate(est: Estimate) -> str:
@@ -182,11 +194,12 @@ def format_estimate(est: Estimate) -> str:
     lines = [f"{est.model} on {est.chips} x {est.hardware} (TP {est.tp} x PP {est.stages}): {batch}, prompt "
              f"{wl.prompt}, generate {wl.generate}, {wl.dtype} weights",
              f"{'phase':<8} {'layout':<20} {'time ms':>11} {'compute':>10} {'memory':>10} {'comm*':>10} "
-             f"{'MFU':>6} {'bound':>8}",
+             f"{'hidden':>10} {'MFU':>6} {'bound':>8}",
              _phase_row(est.prefill)]
     if est.decode:
         lines.append(_phase_row(est.decode) + "   (one step)")
-    lines.append("(*comm = exposed communication, not hidden under compute/memory)")
+    lines.append("(*comm = exposed communication, not hidden under compute/memory, with what overlapping itself "
+                 "costs; hidden = communication that ran under them)")
     if est.stages > 1:
         lines += [f"pipeline {p.phase}: {p.microbatches} micro-batch(es), bubble {p.bubble_s * 1e3:.3f} ms, "
                   f"stage-to-stage sends {p.p2p_s * 1e3:.3f} ms per micro-batch"
@@ -375,7 +388,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("calibrate", help="fit a hardware spec to measured benchmark records")
     p.add_argument("--hardware", default="cpu-gloo-nominal", help="preset name or JSON spec to start from")
     p.add_argument("--records", required=True, nargs="+", help="bench.json files (or record lists) to fit")
-    p.add_argument("--fields", default=",".join(FIT_FIELDS), help=f"comma-separated subset of {FIT_FIELDS}")
+    p.add_argument("--fields", default=",".join(FIT_FIELDS), help=f"comma-separated subset of {FITTABLE}")
     p.add_argument("--shared-eff", action="store_true",
                    help="one matmul/attention/memory efficiency for all dtypes (default: one per dtype)")
     p.add_argument("--validate", nargs="+", default=[], help="records to score the fitted spec on (held out)")

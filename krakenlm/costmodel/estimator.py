@@ -10,6 +10,8 @@ Composition of one layer on one chip (all times per forward):
     (matmul_eff, attention_eff and memory_eff may be per dtype; attention_eff is 1 unless calibrated)
     overlap "none":  layer = max(C, M) + X + layer_overhead_s       (default)
     overlap "full":  layer = max(C, M, X) + layer_overhead_s
+    overlap "chunked:K" / "collective-matmul" (gpt and parallel on 1d-ws): standard TP overlapped by
+             the system, pair by pair (overlap.py): layer = max(C, M) + sum of each pair's exposed part
     Kraken:  layer = max(max(C_attn, M_attn), X_overlapped) + max(C_ffn, M_ffn) + X_blocking + overhead
              (the previous layer's all-reduce runs under this layer's attention; layer 0 has none)
     Ladder:  modules u_1..u_2L (attention, FFN, ...) of time c_k = max(C_k, M_k) and all-reduce X_k;
@@ -39,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.collectives import collective_time, p2p_time
+from krakenlm.costmodel.collectives import Group, collective_time, p2p_time
 from krakenlm.costmodel.hardware import BYTES, DTYPES, Hardware
 from krakenlm.costmodel.layouts import (
     ATTENTION,
@@ -58,11 +60,22 @@ from krakenlm.costmodel.layouts import (
     sequences_per_chip,
     wg_rest_group,
 )
+from krakenlm.costmodel.overlap import (
+    MODES,
+    SYSTEM_MODES,
+    Overlap,
+    PairWork,
+    chunks_used,
+    pair_comm,
+    pair_extra,
+    parse_overlap,
+)
 from krakenlm.costmodel.pipeline import Pipeline, crosses_node, pipeline_time, stage_layers
 from krakenlm.errors import ConfigError
 
 PHASES = ("prefill", "decode")
-OVERLAP = ("none", "full")
+OVERLAP = MODES  # "chunked" takes a count: chunked:K (overlap.parse_overlap)
+SYSTEM_OVERLAP_ARCHS = ("gpt", "parallel")  # what chunked / collective-matmul overlap: Megatron 1d-ws
 PREFILL_LAYOUTS = FFN_LAYOUTS
 DECODE_LAYOUTS = ("1d-ws", "2d-ws")  # the paper always decodes weight-stationary
 LM_HEAD = ("sharded", "replicated")
@@ -168,6 +181,11 @@ class PhaseEstimate:
     bubble_s: float = 0.0  # time the busiest stage idles (pipeline.py)
 
     @property
+    def hidden_comm_s(self) -> float:
+        """Communication that ran under compute or memory traffic: comm_s less what was exposed."""
+        return max(self.comm_s - self.exposed_comm_s, 0.0)
+
+    @property
     def bound(self) -> str:
         """Which term dominates: compute, memory, comm or the pipeline bubble."""
         parts = {"compute": self.compute_s, "memory": self.memory_s, "comm": self.exposed_comm_s,
@@ -204,9 +222,9 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["prefill"]["bound"] = self.prefill.bound
-        if self.decode is not None:
-            data["decode"]["bound"] = self.decode.bound
+        for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
+            if phase is not None:
+                data[name]["bound"], data[name]["hidden_comm_s"] = phase.bound, phase.hidden_comm_s
         return data
 
 
@@ -259,6 +277,7 @@ class _Costs:
     mem_rate: float
     x_attn: float = 0.0  # ladder: the attention module's all-reduce, hidden under the next module
     x_ffn: float = 0.0   # ladder: the FFN module's
+    system_extra: float = 0.0  # chunked / collective-matmul: what the pairs add to max(C, M) (overlap.py)
 
     @property
     def compute(self) -> float:
@@ -297,8 +316,31 @@ def _module_comm(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int,
     return x_attn, x_ffn
 
 
-def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout, b: int) -> _Costs:
-    """The per-layer and head terms for ``b`` sequences of ``phase`` under ``layout``."""
+def _system_pairs(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int, overlap: Overlap,
+                  rates: tuple[float, float], nbytes: tuple[int, int]) -> tuple[float, float]:
+    """(seconds added to max(C, M), seconds of communication issued) by a standard-TP layer's pairs under
+    a system overlap mode (overlap.py): each pair's in/out projections (1/n of the weights, 1d-ws) and
+    its all-reduce of tokens x E over every chip of the stage. ``rates``: FLOP/s and HBM bytes/s;
+    ``nbytes``: bytes per weight and per activation element."""
+    (flop_rate, mem_rate), (w_bytes, a_bytes), n = rates, nbytes, layout.chips
+    mesh = make_mesh(n, hw.torus_axes)
+    group: Group = mesh_group(mesh, tuple(range(len(mesh))), hw.chips_per_node)
+    extra = comm = 0.0
+    for pair in layer_pairs(config):
+        d = tokens * pair.e * a_bytes
+        p_in, p_out = pair.e * pair.f_in / n, pair.f_out * pair.e / n
+        work = PairWork(c_in=2 * tokens * p_in / flop_rate, m_in=p_in * w_bytes / mem_rate,
+                        c_out=2 * tokens * p_out / flop_rate, m_out=p_out * w_bytes / mem_rate,
+                        x_chunk=collective_time("all_reduce", d / chunks_used(overlap, tokens), group, hw),
+                        x_step=p2p_time(d / n, hw, group.nodes > 1) if n > 1 else 0.0)
+        extra += pair_extra(work, overlap, n, hw.overlap_slowdown, hw.overlap_step_s, tokens)
+        comm += pair_comm(work, overlap, n, tokens)
+    return extra, comm
+
+
+def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout, b: int,
+           overlap: Overlap) -> _Costs:
+    """The per-layer and head terms for ``b`` sequences of ``phase`` under ``layout`` and ``overlap``."""
     n = layout.chips
     seq_len = workload.prompt if phase == "prefill" else 1
     context = (workload.prompt + 1) / 2 if phase == "prefill" else workload.prompt + workload.generate / 2
@@ -316,6 +358,11 @@ def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, la
     attn_flops = 4 * tokens * context * q_width / n
     ops, fraction = _layer_ops(config, hw, layout, tokens)
     blocking, overlapped = _ops_time(ops, hw, a_bytes, w_bytes)
+    system_extra = 0.0
+    if overlap.system:  # the pairs' all-gathers / reduce-scatters are priced by overlap.py; all-to-alls block
+        blocking, _ = _ops_time([op for op in ops if op.kind == "all_to_all"], hw, a_bytes, w_bytes)
+        system_extra, overlapped = _system_pairs(config, hw, layout, tokens, overlap, (flop_rate, mem_rate),
+                                                 (w_bytes, a_bytes))
     x_attn, x_ffn = _module_comm(config, hw, layout, tokens, a_bytes, w_bytes)
     # Head: LM head on the last position of each sequence (plus Kraken's conjunction).
     kraken = config.arch == "kraken"
@@ -329,12 +376,15 @@ def _costs(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, la
         m_ffn=ffn_p * fraction * w_bytes / mem_rate, blocking=blocking, overlapped=overlapped,
         layer_flops=2 * tokens * (attn_p + ffn_p) / n + attn_flops, layer_comm_bytes=_comm_bytes(ops, a_bytes, w_bytes),
         c_head=2 * b * head_p / flop_rate, m_head=head_p * w_bytes / mem_rate, x_head=x_head, flop_rate=flop_rate,
-        mem_rate=mem_rate, x_attn=x_attn, x_ffn=x_ffn)
+        mem_rate=mem_rate, x_attn=x_attn, x_ffn=x_ffn, system_extra=system_extra)
 
 
 # Composition ----------------------------------------------------------------------------------------
 def _standard_layer(k: _Costs, overlap: str) -> tuple[float | None, float]:
-    """gpt / parallel blocks: every layer alike (no distinct first layer)."""
+    """gpt / parallel blocks: every layer alike (no distinct first layer); under a system overlap mode the
+    pairs' collectives are in ``system_extra`` (issued async: ``overlapped``), the all-to-alls block."""
+    if overlap in SYSTEM_MODES:
+        return None, max(k.compute, k.memory) + k.blocking + k.system_extra
     if overlap == "full":
         return None, max(k.compute, k.memory, k.blocking + k.overlapped)
     return None, max(k.compute, k.memory) + k.blocking + k.overlapped
@@ -380,11 +430,13 @@ def _stage_time(config: ModelConfig, k: _Costs, hw: Hardware, overlap: str, star
 
 
 def _check_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout,
-                 overlap: str, stages: int) -> None:
+                 overlap: Overlap, stages: int) -> None:
     if phase not in PHASES:
         raise ConfigError(f"phase: must be one of {PHASES}, got {phase!r}")
-    if overlap not in OVERLAP:
-        raise ConfigError(f"overlap: must be one of {OVERLAP}, got {overlap!r}")
+    if overlap.system and (config.arch not in SYSTEM_OVERLAP_ARCHS or layout.ffn != "1d-ws"):
+        raise ConfigError(f"overlap: {overlap} overlaps standard tensor parallelism (gpt / parallel models on "
+                          f"1d-ws), got arch={config.arch!r} on {layout.ffn!r}; Kraken and ladder models overlap "
+                          f"by their own schedule (overlap none)")
     if (config.arch == "kraken") != (layout.ffn == KRAKEN_LAYOUT):
         raise ConfigError(f"layout: {layout.ffn!r} does not apply to arch={config.arch!r} "
                           f"(Kraken models use 'kraken', gpt/parallel/ladder models one of {FFN_LAYOUTS})")
@@ -396,26 +448,27 @@ def _check_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: s
 
 
 def phase_estimate(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout,
-                   overlap: str = "none", pipeline: Pipeline | None = None) -> PhaseEstimate:
+                   overlap: str | Overlap = "none", pipeline: Pipeline | None = None) -> PhaseEstimate:
     """One forward of ``phase`` under ``layout`` (on each of ``pipeline.stages`` stages): the module
-    docstring's composition, itemised; automatic micro-batching picks the fastest count."""
-    pipe = pipeline or Pipeline()
-    _check_phase(config, hw, workload, phase, layout, overlap, pipe.stages)
+    docstring's composition, itemised; automatic micro-batching picks the fastest count. ``overlap``:
+    none, full, chunked:K or collective-matmul (overlap.py)."""
+    pipe, ov = pipeline or Pipeline(), parse_overlap(overlap)
+    _check_phase(config, hw, workload, phase, layout, ov, pipe.stages)
     batch = workload.phase_batch(phase)
     best = None
     for m in pipe.options(phase, batch):
-        est = _pipelined(config, hw, workload, phase, layout, overlap, pipe.stages, m)
+        est = _pipelined(config, hw, workload, phase, layout, ov, pipe.stages, m)
         if best is None or est.time_s < best.time_s:
             best = est
     assert best is not None
     return best
 
 
-def _pipelined(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout, overlap: str,
+def _pipelined(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, layout: Layout, ov: Overlap,
                stages: int, m: int) -> PhaseEstimate:
     """The phase on ``stages`` stages with ``m`` micro-batches (pipeline.py's formulas)."""
-    batch = workload.phase_batch(phase)
-    k = _costs(config, hw, workload, phase, layout, batch // m)
+    batch, overlap = workload.phase_batch(phase), ov.mode
+    k = _costs(config, hw, workload, phase, layout, batch // m, ov)
     layers = stage_layers(config.n_layer, stages)
     starts = [sum(layers[:s]) for s in range(stages)]
     times = [_stage_time(config, k, hw, overlap, starts[s], n, s == stages - 1) for s, n in enumerate(layers)]
@@ -520,14 +573,17 @@ def max_context(config: ModelConfig, hw: Hardware, chips: int, batch: int, atten
 
 
 # Layout choice and the public entry point -----------------------------------------------------------
-def candidate_layouts(config: ModelConfig, chips: int, phase: str) -> list[Layout]:
+def candidate_layouts(config: ModelConfig, chips: int, phase: str, overlap: str | Overlap = "none") -> list[Layout]:
     """Layouts worth trying for ``phase`` (``chips`` per stage): Kraken and ladder models have one; others
-    the paper's."""
+    the paper's, or Megatron's 1d-ws alone under a system overlap mode (what chunked / collective-matmul
+    overlap)."""
     if config.arch == "kraken":
         return [Layout(KRAKEN_LAYOUT, "heads", chips)]
     if config.arch == "ladder":
         return [Layout("1d-ws", "heads", chips)]
     names = PREFILL_LAYOUTS if phase == "prefill" else DECODE_LAYOUTS
+    if parse_overlap(overlap).system:
+        names = ("1d-ws",)
     return [Layout(f, a, chips) for f in names for a in ATTENTION]
 
 
@@ -539,10 +595,11 @@ def _as_layout(layout: Layout | str | None, config: ModelConfig, chips: int, lm_
 
 
 def best_phase(config: ModelConfig, hw: Hardware, workload: Workload, phase: str, chips: int,
-               overlap: str = "none", lm_head: str = "sharded", pipeline: Pipeline | None = None) -> PhaseEstimate:
+               overlap: str | Overlap = "none", lm_head: str = "sharded",
+               pipeline: Pipeline | None = None) -> PhaseEstimate:
     """The fastest candidate layout for ``phase`` on ``chips`` chips per stage."""
     best = None
-    for lay in candidate_layouts(config, chips, phase):
+    for lay in candidate_layouts(config, chips, phase, overlap):
         est = phase_estimate(config, hw, workload, phase, replace(lay, head=lm_head), overlap, pipeline)
         if best is None or est.time_s < best.time_s:
             best = est
@@ -568,7 +625,8 @@ def _as_pipeline(pipeline: Pipeline | int | None) -> Pipeline:
 
 def estimate(config: ModelConfig, hw: Hardware, workload: Workload, chips: int = 1,
              layout: Layout | str | tuple[Layout | str | None, Layout | str | None] | None = None,
-             overlap: str = "none", lm_head: str = "sharded", pipeline: Pipeline | int | None = None) -> Estimate:
+             overlap: str | Overlap = "none", lm_head: str = "sharded",
+             pipeline: Pipeline | int | None = None) -> Estimate:
     """Predict one request shape on ``chips`` chips in all (``pipeline`` stages of chips / stages each).
     ``layout`` is one layout for both phases, a (prefill, decode) pair, or None to pick the fastest per
     phase. Strings look like ``2d-ws/attn-batch`` or ``kraken``; ``lm_head`` applies to string and

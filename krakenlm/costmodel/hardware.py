@@ -67,6 +67,10 @@ class Hardware:
     ``inter_node_*`` fields the network between nodes (InfiniBand): bandwidth per chip per direction
     (one NIC per chip), latency per step, ``ring`` (m-1 steps over m nodes) or ``switch`` (1 step),
     and its efficiency. ``chips_per_node=0`` is one fabric for any chip count (the TPU torus, a CPU).
+
+    System-overlapped standard TP (overlap.py): ``overlap_slowdown`` is the fraction of a concurrent
+    transfer's duration that compute loses (0: transfers on their own engines; 1: nothing hidden, a
+    CPU core doing gloo's copies); ``overlap_step_s`` the fixed cost of each extra chunk or ring step.
     """
 
     name: str
@@ -89,6 +93,8 @@ class Hardware:
     inter_node_alpha: float = 0.0
     inter_node_topology: str = "ring"
     inter_node_eff: float = 1.0
+    overlap_slowdown: float = 0.0
+    overlap_step_s: float = 0.0
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -100,9 +106,10 @@ class Hardware:
         self._check_fabric()
         for key in ("memory_bytes", "memory_bw", "link_bw"):
             _check_number(self.name, key, getattr(self, key), *RATE_RANGE)
-        for key in ("alpha", "layer_overhead_s"):
+        for key in ("alpha", "layer_overhead_s", "overlap_step_s"):
             _check_number(self.name, key, getattr(self, key), 0.0, LATENCY_MAX, lo_open=False)
         _check_number(self.name, "comm_eff", self.comm_eff, 0.0, 1.0)
+        _check_number(self.name, "overlap_slowdown", self.overlap_slowdown, 0.0, 1.0, lo_open=False)
         for key in PER_DTYPE:
             self._check_factor(key)
         self._check_nodes()
