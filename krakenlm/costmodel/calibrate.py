@@ -266,6 +266,20 @@ def _least_squares(residual: Callable[[np.ndarray], np.ndarray], theta: np.ndarr
     return theta
 
 
+# A system overlap's time is piecewise linear in overlap_slowdown (each segment is max(x, c + s x)), with
+# local minima a single descent can stop in: its fit also starts from these values and keeps the best.
+_SLOWDOWN_STARTS = (0.05, 0.25, 0.5, 0.9)
+
+
+def _starts(theta: np.ndarray, params: list[tuple[str, str | None]]) -> list[np.ndarray]:
+    """``theta`` and, when overlap_slowdown is fitted, copies of it with that field at each of _SLOWDOWN_STARTS."""
+    out = [theta]
+    for i, (f, _) in enumerate(params):
+        if f == "overlap_slowdown":
+            out += [np.where(np.arange(len(theta)) == i, np.log(v), theta) for v in _SLOWDOWN_STARTS]
+    return out
+
+
 def calibrate(hw: Hardware, records: list[dict[str, Any]],
               fields: tuple[str, ...] = ("matmul_eff", "memory_eff", "comm_eff"), per_dtype: bool = True,
               iterations: int = 200) -> Calibration:
@@ -295,7 +309,8 @@ def calibrate(hw: Hardware, records: list[dict[str, Any]],
         s = spec(th)
         return np.log([predict_point(p, s) for p in points]) - measured
 
-    theta = _least_squares(residual, theta, lo, hi, iterations)
+    theta = min((_least_squares(residual, t, lo, hi, iterations) for t in _starts(theta, params)),
+                key=lambda t: float(residual(t) @ residual(t)))
     fitted_hw = spec(theta)
     before = [predict_point(p, hw) for p in points]
     after = [predict_point(p, fitted_hw) for p in points]

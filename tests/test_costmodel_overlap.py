@@ -1,0 +1,163 @@
+"""System-overlapped standard TP (overlap chunked:K, collective-matmul): limits, monotonicity, hand-computed
+cases against formulas written out here, errors, the CLI and calibration of the slowdown factor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from krakenlm.cli import main
+from krakenlm.costmodel.calibrate import calibrate, parse_record, predict_point
+from krakenlm.costmodel.collectives import Group, collective_time
+from krakenlm.costmodel.estimator import Layout, Workload, estimate, phase_estimate
+from krakenlm.costmodel.hardware import load_hardware
+from krakenlm.costmodel.layouts import layer_pairs
+from krakenlm.costmodel.overlap import Overlap, parse_overlap, pipelined, segment
+from krakenlm.errors import ConfigError
+from krakenlm.presets import get_preset
+
+A100 = load_hardware("a100-40gb-nvswitch")
+H100 = load_hardware("h100-sxm")
+# Memory traffic negligible, no per-step cost, no latency: only compute and link bytes remain.
+IDEAL = A100.with_factors(memory_bw=1e18, overlap_slowdown=0.0, overlap_step_s=0.0, alpha=0.0)
+
+
+def _ttft(name: str, hw, overlap: str, prompt: int = 2048, chips: int = 8, layout: str | None = "1d-ws") -> float:
+    config = get_preset(name).replace(block_size=max(prompt, 2048))
+    return estimate(config, hw, Workload(prompt=prompt, dtype="fp16"), chips, layout=layout, overlap=overlap).ttft_s
+
+
+def _pair_terms(name: str, hw, prompt: int, chips: int) -> list[tuple[float, float, float, float]]:
+    """(C_in, C_out, X = all_reduce of T*E, D bytes) per pair of one layer, from the config alone."""
+    config, rate = get_preset(name), hw.flop_rate("fp16")
+    out = []
+    for pair in layer_pairs(config):
+        d = prompt * pair.e * 2
+        x = collective_time("all_reduce", d, Group((chips,)), hw)
+        out.append((2 * prompt * pair.e * pair.f_in / chips / rate, 2 * prompt * pair.f_out * pair.e / chips / rate,
+                    x, d))
+    return out
+
+
+def test_parse_overlap() -> None:
+    assert parse_overlap("chunked:4") == Overlap("chunked", 4) and str(parse_overlap("chunked:4")) == "chunked:4"
+    assert parse_overlap("collective-matmul").system and not parse_overlap("full").system
+    for bad in ("chunked", "chunked:0", "chunked:x", "chunked:5000", "full:2", "async", ""):
+        with pytest.raises(ConfigError, match="overlap"):
+            parse_overlap(bad)
+
+
+def test_pipeline_hand_computed() -> None:
+    assert segment(2.0, 3.0, 0.5) == 3.5  # compute 2 loses half of the transfer's 3: 2 + 1.5
+    assert segment(5.0, 3.0, 0.0) == 5.0 and segment(1.0, 3.0, 1.0) == 4.0
+    # chunked, 4 chunks of 2 s compute, 3 s transfers, slowdown 0.5: 2 + 3 * 3.5 + 3 (the last transfer drains)
+    assert pipelined(2.0, 3.0, 4, 0.5, drain=True) == 15.5
+    assert pipelined(2.0, 3.0, 4, 0.5, drain=False) == 12.5  # looped: the first step computes on local data
+    assert pipelined(2.0, 3.0, 1, 0.5, drain=True) == 5.0  # one chunk: blocking
+
+
+@pytest.mark.parametrize("name", ["gpt-6.7b", "parallel-6.7b"])
+@pytest.mark.parametrize("hw,chips", [(A100, 8), (H100, 16)])
+def test_one_chunk_is_blocking(name: str, hw, chips: int) -> None:
+    for prompt in (1, 128, 2048):
+        none, one = (_ttft(name, hw, ov, prompt, chips) for ov in ("none", "chunked:1"))
+        assert one == pytest.approx(none, rel=1e-12)
+    # a decode step of one token has one chunk whatever K is
+    config, wl = get_preset(name), Workload(prompt=512, generate=8, dtype="fp16")
+    steps = [estimate(config, hw, wl, chips, layout="1d-ws", overlap=ov).per_token_s for ov in ("none", "chunked:8")]
+    assert steps[1] == pytest.approx(steps[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["gpt-13b", "parallel-13b"])
+@pytest.mark.parametrize("chunks", [2, 8, 2048])
+def test_chunked_without_slowdown_is_max_of_compute_and_comm_plus_first_and_last_chunk(name: str,
+                                                                                          chunks: int) -> None:
+    """Each pair's out-projection C_out and all-reduce X pipeline into (K-1)/K max(C_out, X) + (C_out + X)/K,
+    where blocking paid C_out + X; the layer's other work is unchanged."""
+    layers = get_preset(name).n_layer
+    expected = _ttft(name, IDEAL, "none") + layers * sum(
+        (chunks - 1) / chunks * max(c_out, x) + (c_out + x) / chunks - c_out - x
+        for _, c_out, x, _ in _pair_terms(name, IDEAL, 2048, 8))
+    assert _ttft(name, IDEAL, f"chunked:{chunks}") == pytest.approx(expected, rel=1e-9)
+    if chunks == 2048:  # the limit: max(C_out, X) per pair, within the last chunk's 1/K
+        limit = _ttft(name, IDEAL, "none") + layers * sum(
+            max(c_out, x) - c_out - x for _, c_out, x, _ in _pair_terms(name, IDEAL, 2048, 8))
+        assert _ttft(name, IDEAL, f"chunked:{chunks}") == pytest.approx(limit, rel=1e-3)
+
+
+def test_collective_matmul_hand_computed() -> None:
+    """Looped all-gather and reduce-scatter: 8 steps of C/8 each, 7 ring hops of D/8 under steps 2..8; with
+    no slowdown a loop exposes 7 max(0, hop - C/8); blocking paid X."""
+    hw, n, layers = IDEAL.with_factors(alpha=2e-6), 8, get_preset("gpt-6.7b").n_layer
+    hop = lambda d: 2e-6 + d / n / (hw.link_bw * hw.comm_eff)  # noqa: E731
+    for prompt in (64, 2048):
+        extra = sum((n - 1) * (max(0.0, hop(d) - c_in / n) + max(0.0, hop(d) - c_out / n)) - x
+                    for c_in, c_out, x, d in _pair_terms("gpt-6.7b", hw, prompt, n))
+        got = _ttft("gpt-6.7b", hw, "collective-matmul", prompt)
+        assert got == pytest.approx(_ttft("gpt-6.7b", hw, "none", prompt) + layers * extra, rel=1e-9)
+
+
+@pytest.mark.parametrize("overlap", ["chunked:4", "collective-matmul"])
+def test_monotonic_in_slowdown_step_cost_and_link(overlap: str) -> None:
+    times = [_ttft("gpt-13b", A100.with_factors(overlap_slowdown=s), overlap) for s in (0.0, 0.1, 0.5, 1.0)]
+    assert times == sorted(times) and times[0] < times[-1]
+    steps = [_ttft("gpt-13b", A100.with_factors(overlap_step_s=s), overlap) for s in (0.0, 1e-5, 1e-4)]
+    assert steps == sorted(steps) and steps[0] < steps[-1]
+    links = [_ttft("gpt-13b", A100.with_factors(link_bw=bw), overlap) for bw in (25e9, 100e9, 300e9)]
+    assert links == sorted(links, reverse=True)
+    # nothing hidden when compute stops for every transfer: never faster than blocking
+    assert _ttft("gpt-13b", A100.with_factors(overlap_slowdown=1.0), overlap) >= _ttft("gpt-13b", A100, "none")
+
+
+def test_breakdown_exposed_plus_hidden_is_the_communication() -> None:
+    config, wl = get_preset("gpt-13b"), Workload(prompt=2048, dtype="fp16")
+    none = estimate(config, A100, wl, 8, layout="1d-ws").prefill
+    chunked = estimate(config, IDEAL, wl, 8, layout="1d-ws", overlap="chunked:8").prefill
+    assert none.hidden_comm_s == pytest.approx(0.0, abs=1e-12) and none.exposed_comm_s == pytest.approx(none.comm_s)
+    assert 0 < chunked.hidden_comm_s < chunked.comm_s
+    assert chunked.exposed_comm_s + chunked.hidden_comm_s == pytest.approx(chunked.comm_s)
+    assert estimate(config, A100, wl, 8, overlap="collective-matmul").prefill.layout == "1d-ws/attn-heads"
+
+
+def test_system_modes_refuse_what_they_do_not_overlap() -> None:
+    wl = Workload(prompt=128, dtype="fp16")
+    for name, layout in (("kraken8-1.3b", None), ("ladder-1.3b", None), ("gpt-1.3b", "2d-ws")):
+        with pytest.raises(ConfigError, match="overlap"):
+            estimate(get_preset(name), A100, wl, 8, layout=layout, overlap="chunked:4")
+    with pytest.raises(ConfigError, match="overlap"):
+        phase_estimate(get_preset("gpt-1.3b"), A100, wl, "prefill", Layout("1d-ws", "heads", 8), "chunked:")
+
+
+def test_cli_overlap_modes(capsys) -> None:
+    argv = ["predict", "--model", "gpt-13b", "--chips", "8", "--prompt", "2048", "--dtype", "fp16", "--layout", "1d-ws"]
+    assert main(argv + ["--overlap", "chunked:4"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden" in out and "TTFT" in out
+    assert main(argv + ["--overlap", "collective-matmul", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["prefill"]["hidden_comm_s"] > 0
+    assert main(argv + ["--overlap", "chunked:zero"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "overlap" in err
+    assert main(["plan", "--model", "gpt-6.7b", "--chips", "8", "--overlap", "chunked:4", "--objective",
+                 "latency"]) == 0
+    assert "1d-ws" in capsys.readouterr().out
+
+
+def test_calibration_fits_the_slowdown_from_overlap_records() -> None:
+    cpu = load_hardware("cpu-gloo-nominal")
+    truth = cpu.with_factors(overlap_slowdown=0.35, overlap_step_s=2e-4)
+    records = []
+    for overlap in ("none", "chunked:2", "chunked:4", "collective-matmul"):
+        for gbps in (None, 1.0):
+            rec = {"arch": "gpt", "preset": "gpt2-124m", "tp": 2, "batch": 1, "prompt_len": 512, "dtype": "bf16",
+                   "phase": "prefill", "link_gbps": gbps, "seconds": 1.0, "overlap": overlap}
+            rec["seconds"] = predict_point(parse_record(rec), truth)
+            records.append(rec)
+    fit = calibrate(cpu, records, fields=("overlap_slowdown", "overlap_step_s"))
+    assert fit.fitted["overlap_slowdown"] == pytest.approx(0.35, rel=0.01)
+    assert fit.fitted["overlap_step_s"] == pytest.approx(2e-4, rel=0.01)
+    assert fit.rows[4]["label"].endswith("prefill chunked:4") and fit.mdape_after < 0.01
+    with pytest.raises(ConfigError, match="overlap"):
+        parse_record(dict(records[0], overlap="sometimes"))
