@@ -299,12 +299,14 @@ class ClusterRow:
         return None if std is None or kr is None else std / kr
 
 
-def _ttft(config: ModelConfig, hw: Hardware, wl: Workload, chips: int, stages: int) -> float | None:
+def _ttft(config: ModelConfig, hw: Hardware, wl: Workload, chips: int, stages: int = 1,
+          overlap: str = "none") -> float | None:
+    """TTFT, or None where the split is not valid."""
     try:
         check_split(config, chips // stages, stages, hw.chips_per_node)
     except ConfigError:
         return None
-    return estimate(config, hw, wl, chips, pipeline=stages).ttft_s
+    return estimate(config, hw, wl, chips, pipeline=stages, overlap=overlap).ttft_s
 
 
 def cluster_study(hw: Hardware | None = None, dtype: str = "fp16") -> list[ClusterRow]:
@@ -361,6 +363,125 @@ def pipeline_markdown(hw: Hardware | None = None, model: str = "gpt-175b") -> st
                          f"{est.prefill.bubble_s / est.ttft_s:.0%} | {est.per_token_s * 1e3:.2f} | "
                          f"{est.decode.microbatches} | {64 / est.per_token_s:,.0f} | "
                          f"{est.memory_per_chip_bytes / 2 ** 30:.1f} |")
+    return "\n".join(lines)
+
+
+# Kraken vs system-overlapped standard TP (issue 25) --------------------------------------------------
+@dataclass(frozen=True)
+class OverlapPlatform:
+    """A deployment of the overlap study: a bundled spec, the chips of one TP group, and the link swept
+    (``link_field`` in GB/s per chip per direction; the first value is the spec's own)."""
+
+    name: str
+    hardware: str
+    chips: int
+    link_field: str
+    links_gbs: tuple[float, ...]
+
+
+OVERLAP_PLATFORMS = (
+    OverlapPlatform("8x A100 NVSwitch", "a100-40gb-nvswitch", 8, "link_bw", (300, 100, 25)),
+    OverlapPlatform("8x H100 NVSwitch", "h100-sxm", 8, "link_bw", (450, 150, 50)),
+    OverlapPlatform("2x8 H100, TP 16 over IB", "h100-sxm", 16, "inter_node_bw", (50, 25, 12.5)),
+)
+OVERLAP_PROMPTS = (128, 512, 2048, 4096)
+STANDARD_OVERLAPS = ("none", "chunked:2", "chunked:4", "chunked:8", "chunked:16", "collective-matmul")
+RIVALS = ("parallel", "ladder", "kraken")  # architectures that overlap (or halve) the all-reduces themselves
+
+
+@dataclass(frozen=True)
+class OverlapRow:
+    """Prefill TTFT (s) at one platform, link speed, size and prompt: the best standard TP over
+    STANDARD_OVERLAPS (``mode`` names the winner) and each rival architecture on its own schedule
+    (None where its heads do not split over the chips)."""
+
+    platform: str
+    link_gbs: float
+    size: str
+    prompt: int
+    standard: float
+    mode: str
+    rivals: dict[str, float | None]
+
+    def speedup(self, arch: str) -> float | None:
+        """Best overlapped standard TTFT / the rival's: above 1 the architecture wins."""
+        t = self.rivals[arch]
+        return None if t is None else self.standard / t
+
+
+def _study_config(name: str, prompt: int) -> ModelConfig:
+    """The preset with a context long enough for ``prompt`` (time does not depend on block_size)."""
+    config = get_preset(name)
+    return config.replace(block_size=max(config.block_size, prompt))
+
+
+def _overlap_row(platform: OverlapPlatform, hw: Hardware, link: float, size: str, prompt: int) -> OverlapRow | None:
+    """One cell of the study, None where standard TP's heads do not split over the chips."""
+    wl, n = Workload(batch=1, prompt=prompt, dtype="fp16"), platform.chips
+    gpt = _study_config(f"gpt-{size}", prompt)
+    standard = [(t, mode) for mode in STANDARD_OVERLAPS if (t := _ttft(gpt, hw, wl, n, overlap=mode)) is not None]
+    if not standard:
+        return None
+    best, mode = min(standard)
+    names = {"parallel": f"parallel-{size}", "ladder": f"ladder-{size}", "kraken": f"kraken{min(n, 8)}-{size}"}
+    rivals = {arch: _ttft(_study_config(name, prompt), hw, wl, n) for arch, name in names.items()}
+    return OverlapRow(platform.name, link, size, prompt, best, mode, rivals)
+
+
+def overlap_study(platforms: tuple[OverlapPlatform, ...] = OVERLAP_PLATFORMS) -> list[OverlapRow]:
+    """Prefill TTFT, batch 1, fp16, of the Kraken paper's sizes at OVERLAP_PROMPTS on each platform and
+    link speed: the best system-overlapped standard TP vs parallel, ladder and Kraken (degree 8; on 16
+    chips each Kraken sub-layer is sharded over 2 chips of a node and the exchange crosses nodes); sizes
+    whose heads do not split over the chips are left out."""
+    rows = []
+    for platform in platforms:
+        base = load_hardware(platform.hardware)
+        for link in platform.links_gbs:
+            hw = base.with_factors(**{platform.link_field: link * 1e9})
+            cells = [_overlap_row(platform, hw, link, size, prompt) for prompt in OVERLAP_PROMPTS
+                     for size in KRAKEN_SIZES]
+            rows += [r for r in cells if r is not None]
+    return rows
+
+
+def _short(mode: str) -> str:
+    return {"none": "none", "collective-matmul": "cm"}.get(mode, mode.replace("chunked:", "c"))
+
+
+def overlap_markdown(rows: list[OverlapRow] | None = None) -> str:
+    """Per platform, link and prompt: the winning standard overlap per size and each rival's geometric-mean
+    speedup over the best overlapped standard TP, with the sizes Kraken wins."""
+    rows = rows or overlap_study()
+    lines = ["| platform | link GB/s | prompt | best standard overlap per size | "
+             + " | ".join(RIVALS) + " | Kraken wins |", "|---|---:|---:|---|" + "---:|" * (len(RIVALS) + 1)]
+    groups: dict[tuple[str, float, int], list[OverlapRow]] = {}
+    for r in rows:
+        groups.setdefault((r.platform, r.link_gbs, r.prompt), []).append(r)
+    for (platform, link, prompt), group in groups.items():
+        means = []
+        for arch in RIVALS:
+            ups = [v for r in group if (v := r.speedup(arch)) is not None]
+            means.append(f"{geomean(ups):.2f}x" if ups else "n/a")
+        wins = [r for r in group if (v := r.speedup("kraken")) is not None and v > 1]
+        valid = [r for r in group if r.rivals["kraken"] is not None]
+        modes = ", ".join(f"{r.size} {_short(r.mode)}" for r in group)
+        lines.append(f"| {platform} | {link:g} | {prompt} | {modes} | "
+                     + " | ".join(means) + f" | {len(wins)}/{len(valid)} |")
+    return "\n".join(lines)
+
+
+def overlap_grid_markdown(rows: list[OverlapRow] | None = None) -> str:
+    """Kraken's speedup over the best overlapped standard TP per size and prompt, at each platform's own link."""
+    rows = rows or overlap_study()
+    nominal = {p.name: p.links_gbs[0] for p in OVERLAP_PLATFORMS}
+    lines = ["| platform | size | " + " | ".join(f"T={p}" for p in OVERLAP_PROMPTS) + " |",
+             "|---|---|" + "---:|" * len(OVERLAP_PROMPTS)]
+    by = {(r.platform, r.size, r.prompt): r for r in rows if r.link_gbs == nominal[r.platform]}
+    for platform in nominal:
+        for size in KRAKEN_SIZES:
+            cells = [r.speedup("kraken") if (r := by.get((platform, size, p))) else None for p in OVERLAP_PROMPTS]
+            lines.append(f"| {platform} | {size} | " + " | ".join("n/a" if v is None else f"{v:.2f}x" for v in cells)
+                         + " |")
     return "\n".join(lines)
 
 
@@ -444,12 +565,14 @@ def cpu_calibration(results: Path = RESULTS) -> CpuCalibration:
 def doc_blocks(cpu: CpuCalibration | None = None) -> dict[str, str]:
     """Every generated table, by the marker name that delimits it in docs/costmodel.md and README.md
     (``cpu``: an already computed cpu_calibration())."""
-    cpu, rows = cpu or cpu_calibration(), kraken_study()
+    cpu, rows, overlap = cpu or cpu_calibration(), kraken_study(), overlap_study()
     return {"table1": table1_markdown(), "table2": table2_markdown(), "crossover": crossover_markdown(),
             "switch-points": switch_points_markdown(), "param-counts": param_counts_markdown(),
             "tpu-table2-fit": table2_fit_markdown(),
             "kraken-study": kraken_study_markdown(rows), "kraken-grid": kraken_speedup_grid_markdown(rows),
-            "cluster-kraken": cluster_markdown(), "pipeline": pipeline_markdown(), "serving": serving_markdown(),
+            "cluster-kraken": cluster_markdown(), "overlap-study": overlap_markdown(overlap),
+            "overlap-grid": overlap_grid_markdown(overlap), "pipeline": pipeline_markdown(),
+            "serving": serving_markdown(),
             "cpu-fit": cpu.fit_markdown(), "cpu-held-out": cpu.held_out_markdown()}
 
 
