@@ -14,6 +14,15 @@ from krakenlm.costmodel.estimator import Layout, Workload, estimate, phase_estim
 from krakenlm.costmodel.hardware import load_hardware
 from krakenlm.costmodel.layouts import layer_pairs
 from krakenlm.costmodel.overlap import Overlap, parse_overlap, pipelined, segment
+from krakenlm.costmodel.studies import (
+    OVERLAP_PROMPTS,
+    STANDARD_OVERLAPS,
+    OverlapRow,
+    geomean,
+    overlap_grid_markdown,
+    overlap_markdown,
+    overlap_study,
+)
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 
@@ -161,3 +170,39 @@ def test_calibration_fits_the_slowdown_from_overlap_records() -> None:
     assert fit.rows[4]["label"].endswith("prefill chunked:4") and fit.mdape_after < 0.01
     with pytest.raises(ConfigError, match="overlap"):
         parse_record(dict(records[0], overlap="sometimes"))
+
+
+@pytest.fixture(scope="module")
+def study() -> list[OverlapRow]:
+    return overlap_study()
+
+
+def test_overlap_study_best_standard_is_the_fastest_mode(study) -> None:
+    row = next(r for r in study if r.platform.startswith("8x A100") and r.link_gbs == 300 and r.size == "65b"
+               and r.prompt == 2048)
+    config = get_preset("gpt-65b")
+    times = {ov: estimate(config, A100, Workload(prompt=2048, dtype="fp16"), 8, overlap=ov).ttft_s
+             for ov in STANDARD_OVERLAPS}
+    assert row.standard == min(times.values()) and times[row.mode] == row.standard
+    assert row.mode != "none" and row.standard < times["none"]  # overlapping pays for 65B at 2,048 tokens
+    assert row.speedup("kraken") == pytest.approx(
+        times[row.mode] / estimate(get_preset("kraken8-65b"), A100, Workload(prompt=2048, dtype="fp16"), 8).ttft_s)
+
+
+def test_overlap_study_conclusions(study) -> None:
+    """What docs/costmodel.md says the study shows."""
+    def speedups(platform: str, link: float, prompt: int) -> list[float]:
+        return [v for r in study if r.platform.startswith(platform) and r.link_gbs == link and r.prompt == prompt
+                and (v := r.speedup("kraken")) is not None]
+
+    assert all(v > 1 for p in (128, 512, 2048) for v in speedups("8x A100", 300, p))
+    assert sum(v > 1 for v in speedups("8x A100", 300, 4096)) == 2  # 65B/175B: overlapped standard TP wins
+    assert all(v > 1 for p in OVERLAP_PROMPTS for link in (450, 150, 50) for v in speedups("8x H100", link, p))
+    assert all(v > 1.3 for p in OVERLAP_PROMPTS for link in (50, 25, 12.5) for v in speedups("2x8", link, p))
+    for prompt in OVERLAP_PROMPTS:  # a slower link only widens Kraken's lead on one node
+        by_link = [geomean(speedups("8x A100", link, prompt)) for link in (300, 100, 25)]
+        assert by_link == sorted(by_link)
+    assert not any(r.mode == "collective-matmul" for r in study if r.platform.startswith("2x8"))
+    rendered = overlap_markdown(study)
+    assert rendered.count("\n| ") == 3 * 3 * len(OVERLAP_PROMPTS) and "| 5/5 |" in rendered
+    assert "| 2x8 H100, TP 16 over IB | 13b | n/a |" in overlap_grid_markdown(study)
