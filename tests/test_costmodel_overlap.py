@@ -11,7 +11,7 @@ from krakenlm.cli import main
 from krakenlm.costmodel.calibrate import calibrate, parse_record, predict_point
 from krakenlm.costmodel.collectives import Group, collective_time
 from krakenlm.costmodel.estimator import Layout, Workload, estimate, phase_estimate
-from krakenlm.costmodel.hardware import load_hardware
+from krakenlm.costmodel.hardware import Hardware, load_hardware
 from krakenlm.costmodel.layouts import layer_pairs
 from krakenlm.costmodel.overlap import Overlap, parse_overlap, pipelined, segment
 from krakenlm.costmodel.studies import (
@@ -206,3 +206,12 @@ def test_overlap_study_conclusions(study) -> None:
     rendered = overlap_markdown(study)
     assert rendered.count("\n| ") == 3 * 3 * len(OVERLAP_PROMPTS) and "| 5/5 |" in rendered
     assert "| 2x8 H100, TP 16 over IB | 13b | n/a |" in overlap_grid_markdown(study)
+
+
+@pytest.mark.parametrize("key,value", [("overlap_slowdown", 1.5), ("overlap_slowdown", -0.1),
+                                       ("overlap_slowdown", float("nan")), ("overlap_step_s", -1e-6),
+                                       ("overlap_step_s", 2.0), ("overlap_step_s", "3us")])
+def test_bad_overlap_fields_name_the_field(key: str, value) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Hardware.from_dict(A100.to_dict() | {key: value})
+    assert Hardware.from_dict(A100.to_dict() | {key: 0.0}).overlap_slowdown in (0.0, A100.overlap_slowdown)

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.collectives import Group, collective_time, p2p_time
+from krakenlm.costmodel.collectives import collective_time, p2p_time
 from krakenlm.costmodel.hardware import BYTES, DTYPES, Hardware
 from krakenlm.costmodel.layouts import (
     ATTENTION,
@@ -61,7 +61,6 @@ from krakenlm.costmodel.layouts import (
     wg_rest_group,
 )
 from krakenlm.costmodel.overlap import (
-    MODES,
     SYSTEM_MODES,
     Overlap,
     PairWork,
@@ -74,7 +73,6 @@ from krakenlm.costmodel.pipeline import Pipeline, crosses_node, pipeline_time, s
 from krakenlm.errors import ConfigError
 
 PHASES = ("prefill", "decode")
-OVERLAP = MODES  # "chunked" takes a count: chunked:K (overlap.parse_overlap)
 SYSTEM_OVERLAP_ARCHS = ("gpt", "parallel")  # what chunked / collective-matmul overlap: Megatron 1d-ws
 PREFILL_LAYOUTS = FFN_LAYOUTS
 DECODE_LAYOUTS = ("1d-ws", "2d-ws")  # the paper always decodes weight-stationary
@@ -324,7 +322,7 @@ def _system_pairs(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int
     ``nbytes``: bytes per weight and per activation element."""
     (flop_rate, mem_rate), (w_bytes, a_bytes), n = rates, nbytes, layout.chips
     mesh = make_mesh(n, hw.torus_axes)
-    group: Group = mesh_group(mesh, tuple(range(len(mesh))), hw.chips_per_node)
+    group = mesh_group(mesh, tuple(range(len(mesh))), hw.chips_per_node)
     extra = comm = 0.0
     for pair in layer_pairs(config):
         d = tokens * pair.e * a_bytes
