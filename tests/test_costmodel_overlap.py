@@ -170,6 +170,12 @@ def test_calibration_fits_the_slowdown_from_overlap_records() -> None:
     assert fit.rows[4]["label"].endswith("prefill chunked:4") and fit.mdape_after < 0.01
     with pytest.raises(ConfigError, match="overlap"):
         parse_record(dict(records[0], overlap="sometimes"))
+    # a bench variant label names the mode when the record has no overlap field
+    named = {k: v for k, v in records[4].items() if k != "overlap"} | {"variant": "gpt/chunked:4"}
+    assert parse_record(named).overlap == Overlap("chunked", 4)
+    assert parse_record(named | {"variant": "gpt/blocking"}).overlap == Overlap("none")
+    with pytest.raises(ConfigError, match="overlap"):
+        parse_record(named | {"variant": "gpt/chunked:0"})
 
 
 @pytest.fixture(scope="module")

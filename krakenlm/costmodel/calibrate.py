@@ -22,8 +22,9 @@ Record format (one JSON object per measurement; a list of them, or {"records": [
     overlap     how the run overlapped standard TP's all-reduces (gpt / parallel on 1d-ws): "none"
                 (default, blocking), "chunked:K" (row-parallel output in K token chunks, each chunk's
                 all-reduce async under the next) or "collective-matmul" (looped all-gather /
-                reduce-scatter matmuls); what `krakenlm bench` writes for such variants. Records with
-                these modes are what ``overlap_slowdown`` and ``overlap_step_s`` are fitted to.
+                reduce-scatter matmuls); what `krakenlm bench` writes for such variants. Without it, a
+                ``variant`` label ARCH/MODE naming one of these modes (``gpt/chunked:4``) says the same.
+                Records with these modes are what ``overlap_slowdown`` and ``overlap_step_s`` are fitted to.
 
 The fit is Levenberg-Marquardt on log(predicted) - log(measured) over the log of each fitted field,
 so every point weighs by its relative error. ``matmul_eff``, ``attention_eff`` and ``memory_eff``
@@ -47,7 +48,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.costmodel.estimator import LM_HEAD, Layout, Workload, phase_estimate
 from krakenlm.costmodel.hardware import PER_DTYPE, Hardware, compute_dtype
 from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
-from krakenlm.costmodel.overlap import NO_OVERLAP, Overlap, parse_overlap
+from krakenlm.costmodel.overlap import NO_OVERLAP, SYSTEM_MODES, Overlap, parse_overlap
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
 
@@ -132,12 +133,20 @@ def parse_record(rec: dict[str, Any]) -> Point:
     layout = Layout(ffn, attn.removeprefix("attn-") or "heads", tp, head)
     workload = Workload(batch=rec["batch"], prompt=rec["prompt_len"], generate=rec.get("generate", 0),
                         dtype=rec["dtype"])
-    overlap = parse_overlap(rec.get("overlap", "none"))
+    overlap = _record_overlap(rec)
     name = rec.get("preset") or config.name or config.arch
     label = f"{name} tp{tp} b{rec['batch']} L{rec['prompt_len']} {rec['dtype']} {rec['phase']}" + (
         f" {gbps:g}Gb/s" if gbps else "") + (f" {overlap}" if overlap.system else "")
     return Point(config, workload, rec["phase"], layout, None if gbps is None else gbps * 1e9 / 8, float(seconds),
                  label, overlap)
+
+
+def _record_overlap(rec: dict[str, Any]) -> Overlap:
+    """The record's ``overlap``, else the mode its bench ``variant`` label names (ARCH/MODE), else none."""
+    if "overlap" in rec:
+        return parse_overlap(rec["overlap"])
+    mode = str(rec.get("variant", "")).rpartition("/")[2]
+    return parse_overlap(mode) if mode.split(":")[0] in SYSTEM_MODES else NO_OVERLAP
 
 
 def load_records(path: str | Path, clean_only: bool = False) -> list[dict[str, Any]]:
