@@ -92,8 +92,6 @@ def segment(compute: float, transfer: float, slowdown: float) -> float:
 def pipelined(compute: float, transfer: float, steps: int, slowdown: float, drain: bool) -> float:
     """``steps`` computes of ``compute`` each, the transfer of step k under compute k+1; ``drain``: the
     last step's transfer follows the last compute (chunked), else it ran under the first (looped)."""
-    if steps <= 1:
-        return compute + (transfer if drain else 0.0)
     return compute + (steps - 1) * segment(compute, transfer, slowdown) + (transfer if drain else 0.0)
 
 
