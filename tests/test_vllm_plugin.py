@@ -38,7 +38,8 @@ MODELS = {
     # The Llama options: RMSNorm, RoPE, SwiGLU, one kv head (GQA), untied head.
     "parallel": ModelConfig(arch="parallel", n_head=2, n_kv_head=1, norm="rmsnorm", position="rope", mlp="swiglu",
                             tie_embeddings=False, **BASE),
-    "ladder": ModelConfig(arch="ladder", n_head=2, bias=True, **BASE),
+    # Biases; head size 24, which vLLM serves zero-padded to 32.
+    "ladder": ModelConfig(arch="ladder", n_head=4, bias=True, **(BASE | {"n_embd": 96})),
 }
 _rng = random.Random(0)
 PROMPTS = [[_rng.randrange(BASE["vocab_size"]) for _ in range(_rng.randint(3, 40))] for _ in range(20)]

@@ -2,7 +2,7 @@
 offline engine, several models in one process (one import of vLLM), printed as JSON.
 
     python tests/vllm_generate.py REQUEST.json   # {"models": [DIR, ...], "prompts": [[id, ...], ...],
-                                                 #  "max_tokens": N}  ->  {"DIR": [[id, ...], ...], ...}
+                                                 #  "max_tokens": N, "tp": T}  ->  {"DIR": [[id, ...], ...], ...}
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(path: str) -> None:
     result = {}
     for model in request["models"]:
         llm = LLM(model=model, dtype="float32", max_model_len=128, max_num_batched_tokens=256, max_num_seqs=32,
-                  enforce_eager=True, seed=0)
+                  enforce_eager=True, seed=0, tensor_parallel_size=request.get("tp", 1))
         outputs = llm.generate(prompts, sampling, use_tqdm=False)
         result[model] = [list(out.outputs[0].token_ids) for out in outputs]
         del llm

@@ -19,6 +19,11 @@ Kraken's exchange (and Ladder's per-module sums) is issued asynchronously throug
 off the compute thread / stream) and awaited right before the next FFN, so it overlaps the next
 layer's attention. vLLM's own all-reduce paths (CPU shared memory, custom all-reduce, pynccl) are
 blocking calls; ``--hf-overrides '{"krakenlm_overlap": false}'`` uses them instead.
+
+Heads are zero-padded to a multiple of ``krakenlm_head_multiple`` (default 32: every such size up to 256 is
+one vLLM's CPU attention kernel takes; the paper's Kraken 125M has head size 113), exactly as
+``Transformer.pad_heads`` does: the padded dims of q.k and of the output are zero and the softmax scale
+stays 1/sqrt(true head size).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from krakenlm.config import ModelConfig
+from krakenlm.errors import ConfigError
 from krakenlm.model.activations import gelu_tanh
 from krakenlm.model.layers import StackedNorm
 from krakenlm.model.sharding import shard_ranges, take
@@ -117,19 +123,19 @@ def _add(x: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class SubLayer(nn.Module):
-    """One Kraken sub-layer (the whole block of gpt / parallel / ladder) as this rank holds it."""
+    """One Kraken sub-layer (the whole block of gpt / parallel / ladder) as this rank holds it, its heads
+    stored ``hs`` wide (padded)."""
 
     def __init__(self, cfg: ModelConfig, shard: Shard, rope: nn.Module | None, vllm_config: VllmConfig,
-                 prefix: str) -> None:
+                 prefix: str, hs: int) -> None:
         super().__init__()
         d, shape, quant = cfg.n_embd, shard.attention(cfg), vllm_config.quant_config
-        hs = shape.head_size
         self.split = [shape.n_head * hs, shape.n_kv_head * hs, shape.n_kv_head * hs]
         self.ln1 = StackedNorm(1, d, cfg.norm, cfg.bias, cfg.norm_eps)
         self.ln2 = None if cfg.arch == "parallel" else StackedNorm(1, d, cfg.norm, cfg.bias, cfg.norm_eps)
         self.qkv = ReplicatedLinear(d, sum(self.split), bias=cfg.bias, quant_config=quant, prefix=f"{prefix}.qkv",
                                     return_bias=False)
-        self.attn = Attention(shape.n_head, hs, hs ** -0.5, num_kv_heads=shape.n_kv_head,
+        self.attn = Attention(shape.n_head, hs, cfg.head_size ** -0.5, num_kv_heads=shape.n_kv_head,
                               cache_config=vllm_config.cache_config, quant_config=quant, prefix=f"{prefix}.attn")
         self.proj = ReplicatedLinear(self.split[0], d, bias=False, quant_config=quant, prefix=f"{prefix}.proj",
                                      return_bias=False)
@@ -165,10 +171,10 @@ class Block(nn.Module):
     as vLLM's KV-cache binding expects)."""
 
     def __init__(self, cfg: ModelConfig, shard: Shard, rope: nn.Module | None, vllm_config: VllmConfig,
-                 prefix: str) -> None:
+                 prefix: str, hs: int) -> None:
         super().__init__()
         for s in range(shard.sub_count):
-            self.add_module(f"sub{s}", SubLayer(cfg, shard, rope, vllm_config, f"{prefix}.sub{s}"))
+            self.add_module(f"sub{s}", SubLayer(cfg, shard, rope, vllm_config, f"{prefix}.sub{s}", hs))
         self.subs: list[SubLayer] = [getattr(self, f"sub{s}") for s in range(shard.sub_count)]
         self.parallel_block = cfg.arch == "parallel"
 
@@ -208,6 +214,10 @@ class KrakenLMForCausalLM(nn.Module):
         self.config, self.plan = cfg, ParallelPlan(cfg, tp.world_size)
         self.shard = self.plan.shard(tp.rank_in_group)
         self.overlap = bool(getattr(hf, "krakenlm_overlap", True))
+        self.head_size = cfg.padded_head_size(int(getattr(hf, "krakenlm_head_multiple", 32)))
+        if self.head_size != cfg.head_size and cfg.position == "rope":
+            raise ConfigError(f"head_dim: vLLM's kernels need a head size padded from {cfg.head_size} to "
+                              f"{self.head_size}, which rope does not allow (rotation pairs would move)")
         self.groups = _Groups(self.plan)
         d, name = cfg.n_embd, (prefix + "." if prefix else "")
         self.wte = VocabParallelEmbedding(cfg.vocab_size, d, prefix=f"{name}wte")
@@ -215,7 +225,7 @@ class KrakenLMForCausalLM(nn.Module):
         rope = None if cfg.position != "rope" else get_rope(
             cfg.head_size, cfg.block_size, is_neox_style=True,
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
-        self.layers = nn.ModuleList(Block(cfg, self.shard, rope, vllm_config, f"{name}layers.{i}")
+        self.layers = nn.ModuleList(Block(cfg, self.shard, rope, vllm_config, f"{name}layers.{i}", self.head_size)
                                     for i in range(cfg.n_layer))
         if cfg.has_conjunction:
             self.conj = ReplicatedLinear(self.shard.sub_count * d // self.shard.parts, d, bias=False,
@@ -316,4 +326,16 @@ class KrakenLMForCausalLM(nn.Module):
         if leaf not in _LEAVES:
             raise ValueError(f"krakenlm: unknown checkpoint tensor {name!r}")
         for s in range(self.shard.sub_count):
-            yield f"layers.{layer}.sub{s}.{_LEAVES[leaf]}", local[s].contiguous()
+            yield f"layers.{layer}.sub{s}.{_LEAVES[leaf]}", _pad_heads(leaf, local[s], self.head_size,
+                                                                       self.config.head_size).contiguous()
+
+
+def _pad_heads(leaf: str, value: Tensor, size: int, true: int) -> Tensor:
+    """Every head of a q/k/v tensor ([heads*hs, d] or [heads*hs]) or of the out-projection ([d, heads*hs])
+    zero-padded from ``true`` to ``size`` dims."""
+    if size == true or leaf not in ("attn.qkv_weight", "attn.qkv_bias", "attn.proj_weight"):
+        return value
+    if leaf == "attn.proj_weight":
+        return F.pad(value.view(value.shape[0], -1, true), (0, size - true)).flatten(1)
+    heads = value.view(-1, true, *value.shape[1:])
+    return F.pad(heads, (0, 0) * (value.dim() - 1) + (0, size - true)).flatten(0, 1)
