@@ -65,6 +65,7 @@ def krakenlm_tokens(checkpoint: Path) -> list[list[int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # above the subprocess's own limit, which reports vLLM's output
 @needs_vllm
 def test_tp1_every_architecture_matches_krakenlm(models: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     """vLLM's engine at TP 1 (one process for the three models; Kraken's two sub-layers on one rank)."""
@@ -82,6 +83,7 @@ def test_tp1_every_architecture_matches_krakenlm(models: dict[str, tuple[Path, P
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # above the server's start (360 s) and request (180 s) limits, which report its log
 @needs_vllm
 def test_kraken_tp2_served_matches_krakenlm(models: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     """``vllm serve OUT --tensor-parallel-size 2``: each rank holds one whole sub-layer; the completions
