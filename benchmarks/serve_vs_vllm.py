@@ -82,6 +82,7 @@ def bench(url: str, tokenizer: Path, args: argparse.Namespace, seed: int, out: P
            "--endpoint", "/v1/completions", "--model", NAME, "--tokenizer", str(tokenizer), "--dataset-name", "random",
            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
            "--num-prompts", str(args.num_prompts), "--request-rate", str(args.rate), "--seed", str(seed),
+           "--num-warmups", str(args.warmups),
            "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--disable-tqdm", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
     subprocess.run(cmd, env=vllm_env(), check=True, stdout=subprocess.DEVNULL, timeout=args.bench_timeout)
@@ -156,6 +157,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--rate", default="1", help="requests/s (Poisson), or inf")
+    p.add_argument("--warmups", type=int, default=2, help="untimed requests before each run (first-request costs)")
     p.add_argument("--max-batch", type=int, default=8, help="krakenlm --max-batch = vLLM --max-num-seqs")
     p.add_argument("--bench-timeout", type=float, default=1800.0, help="seconds one `vllm bench serve` may take")
     p.add_argument("--one-at-a-time", action="store_true",
