@@ -33,8 +33,8 @@ needs_vllm = pytest.mark.skipif(
 
 BASE = dict(n_layer=2, n_embd=64, vocab_size=50257, block_size=128)  # head size 32: a size vLLM's CPU kernel takes
 MODELS = {
-    # The paper's block: LayerNorm, learned positions, GELU, no bias, tied head.
-    "kraken": ModelConfig(arch="kraken", n_sub=2, n_head=2, **BASE),
+    # The paper's block: LayerNorm, learned positions, GELU, no bias, tied head, GPT-2's vocabulary padded to 50304.
+    "kraken": ModelConfig(arch="kraken", n_sub=2, n_head=2, **(BASE | {"vocab_size": 50304})),
     # The Llama options: RMSNorm, RoPE, SwiGLU, one kv head (GQA), untied head.
     "parallel": ModelConfig(arch="parallel", n_head=2, n_kv_head=1, norm="rmsnorm", position="rope", mlp="swiglu",
                             tie_embeddings=False, **BASE),
@@ -59,9 +59,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 
 def krakenlm_tokens(checkpoint: Path) -> list[list[int]]:
-    """What ``krakenlm generate`` computes (its Engine, one device, fp32, greedy, no stop token)."""
+    """What ``krakenlm generate`` computes (its Engine, one device, fp32, greedy, no stop token, never an id
+    past the GPT-2 tokenizer's)."""
     with Engine.launch(ModelSource(checkpoint=str(checkpoint)), EngineOptions(device="cpu", dtype="fp32")) as engine:
-        return engine.generate(PROMPTS, MAX_TOKENS).tokens
+        return engine.generate(PROMPTS, MAX_TOKENS, vocab_limit=BASE["vocab_size"]).tokens
 
 
 @pytest.mark.slow

@@ -56,6 +56,9 @@ from krakenlm.model.layers import StackedNorm
 from krakenlm.model.sharding import shard_ranges, take
 from krakenlm.model.transformer import Shard
 from krakenlm.parallel.plan import ParallelPlan
+from krakenlm.tokenizer import default_tokenizer_for
+
+GPT2_VOCAB = 50257  # tokens of GPT-2's BPE, the tokenizer an export carries
 
 # Native per-layer leaf name -> attribute of a SubLayer.
 _LEAVES = {
@@ -236,6 +239,9 @@ class KrakenLMForCausalLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.wte)
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
+        # As `krakenlm generate`: a vocabulary padded past GPT-2's (50304) never samples the padding ids,
+        # which the export's tokenizer could not decode.
+        self.vocab_limit = GPT2_VOCAB if default_tokenizer_for(cfg.vocab_size) == "gpt2" else cfg.vocab_size
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.wte(input_ids)
@@ -296,7 +302,10 @@ class KrakenLMForCausalLM(nn.Module):
             z = self.conj(z)
             z = z if self.groups.tp is None else self.groups.tp.all_reduce(z)
             z = _add(z, self.conj_bias)
-        return self.logits_processor(self.lm_head, _norm(self.ln_f, z))
+        logits = self.logits_processor(self.lm_head, _norm(self.ln_f, z))
+        if logits is not None and self.vocab_limit < logits.shape[-1]:
+            logits[..., self.vocab_limit:] = float("-inf")
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         """Native tensors (``model.safetensors`` of the export), each sliced to this rank's shard."""
