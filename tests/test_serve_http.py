@@ -116,6 +116,7 @@ BAD = [
     (b'{"prompt": "a", "echo": true}', 400, "echo"), (b'{"prompt": "a", "n": 3}', 400, "n=1"),
     (b'{"prompt": [99999999]}', 400, "outside the vocabulary"), (b'{"prompt": "a", "model": "other"}', 404, "other"),
     (b'{"prompt": "a", "max_tokens": "many"}', 400, "max_tokens"), (b"42", 400, "JSON object"),
+    (b'{"prompt": "a", "repetition_penalty": 1.2}', 400, "repetition_penalty"),  # only vllm bench's no-op 1.0
 ]
 
 

@@ -21,9 +21,10 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_SEED = (1 << 63) - 1
 _SUPPORTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
               "stream_options", "n", "user", "ignore_eos"}
-# Fields of the OpenAI API that are accepted only at their no-op value.
+# Fields of the OpenAI API (and vLLM's repetition_penalty, which `vllm bench serve` sends) that are accepted
+# only at their no-op value.
 _NO_OP = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "logit_bias": None,
-          "presence_penalty": 0, "frequency_penalty": 0}
+          "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1}
 
 
 class ApiError(KrakenError):
