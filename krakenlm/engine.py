@@ -238,8 +238,7 @@ class Engine:
         self.comm: Comm = LOCAL
         self._layouts: LayoutRun | None = None  # a layout's per-phase model views and Comms
         if self.world > 1 and rank_plan is not None:
-            self._layouts = LayoutRun(self.model, rank_plan, built.extras, no_comm=self.options.no_comm,
-                                      functional_decode=self.options.compile)
+            self._layouts = LayoutRun(self.model, rank_plan, built.extras, no_comm=self.options.no_comm)
             self.model, self.comm = self._layouts.views["prefill"], self._layouts.comms["prefill"]
         elif self.world > 1:
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,

@@ -13,8 +13,8 @@ Comm its forward sums with. The model's forward does not change; what a plan ins
 and the phase's Comm, whose ``reduce(x, site)`` is the pair's exit: all-reduce over every rank (1d-ws),
 reduce-scatter of E over yz (2d-ws) or of tokens over the other axes (wg-*).
 
-Collectives are c10d calls (eager) or functional collectives (``functional=True``, what torch.compile
-traces); a group of one rank issues nothing. Each is recorded in the Ledger when one is attached.
+Collectives are c10d calls in eager mode and functional collectives while torch.compile traces (the
+compiled decode step); a group of one rank issues nothing. Each is recorded in the Ledger when one is attached.
 """
 
 from __future__ import annotations
@@ -100,9 +100,8 @@ def make_groups(plan: RankPlan) -> dict[tuple[int, ...], Group]:
 class Collectives:
     """One phase's collectives over the plan's mesh groups, each recorded in ``ledger`` under ``layer``."""
 
-    def __init__(self, plan: RankPlan, groups: dict[tuple[int, ...], Group], *, no_comm: bool,
-                 functional: bool) -> None:
-        self.plan, self.groups, self.no_comm, self.functional = plan, groups, no_comm, functional
+    def __init__(self, plan: RankPlan, groups: dict[tuple[int, ...], Group], *, no_comm: bool) -> None:
+        self.plan, self.groups, self.no_comm = plan, groups, no_comm
         self.ledger: Ledger | None = None
         self.layer = -1  # the layer running (set by LayoutComm.layer_begin); -1: embedding / LM head
 
@@ -121,7 +120,7 @@ class Collectives:
         if group.size == 1 or self.no_comm:
             return x
         self._log("all_reduce", group, x.numel() * x.element_size(), site, tensor)
-        if self.functional:
+        if torch.compiler.is_compiling():
             return funcol.wait_tensor(funcol.all_reduce(x, "sum", group.pg))
         x = x.contiguous()
         _guard(lambda: dist.all_reduce(x, group=group.pg), site)
@@ -134,7 +133,7 @@ class Collectives:
         self._log("all_gather", group, x.numel() * x.element_size() * group.size, site, tensor)
         if self.no_comm:
             return torch.cat([x] * group.size, dim)
-        if self.functional:
+        if torch.compiler.is_compiling():
             return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), group.pg))
         xs = x.movedim(dim, 0).contiguous()
         out = xs.new_empty((group.size * xs.shape[0],) + tuple(xs.shape[1:]))
@@ -149,7 +148,7 @@ class Collectives:
         k = group.size
         if self.no_comm:
             return x.narrow(dim, group.ranks.index(self.plan.rank) * (x.shape[dim] // k), x.shape[dim] // k)
-        if self.functional:
+        if torch.compiler.is_compiling():
             return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim % x.dim(), group.pg))
         xs = x.movedim(dim, 0).contiguous()
         out = xs.new_empty((xs.shape[0] // k,) + tuple(xs.shape[1:]))
@@ -163,7 +162,7 @@ class Collectives:
         self._log("all_to_all", group, x.numel() * x.element_size(), site)
         if self.no_comm:
             return x.new_zeros((sum(receive),) + tuple(x.shape[1:]))
-        if self.functional:
+        if torch.compiler.is_compiling():
             return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), receive, send, group.pg))
         out = x.new_empty((sum(receive),) + tuple(x.shape[1:]))
         _guard(lambda: dist.all_to_all_single(out, x.contiguous(), receive, send, group=group.pg), site)
@@ -387,14 +386,16 @@ class BatchSharded:
 
     def step(self, step: AttentionStep) -> AttentionStep:
         """The forward's step for this rank's sequences (made once per forward, shared by every layer)."""
-        if self._last is not None and self._last[0] is step:
+        tracing = torch.compiler.is_compiling()  # a trace builds its own steps: no memo
+        if not tracing and self._last is not None and self._last[0] is step:
             return self._last[1]
         a, b = sequence_rows(step.batch, self.c.plan.tp, self.c.plan.rank)
         mine = AttentionStep(b - a, step.t, None if step.rope is None else (step.rope[0][a:b], step.rope[1][a:b]),
                              None if step.cache is None else step.cache.rows(0, b - a), step.start,
                              None if step.slots is None else step.slots[a:b], step.keys,
                              None if step.mask is None else step.mask[a:b])
-        self._last = (step, mine)
+        if not tracing:
+            self._last = (step, mine)
         return mine
 
     def to_batch(self, qkv: Tensor, step: AttentionStep, mine: AttentionStep) -> Tensor:
@@ -503,15 +504,15 @@ def phase_view(model: Transformer, c: Collectives, phase: PhaseLayout, extras: d
 class LayoutRun:
     """One rank's model under a RankPlan: per phase, the model view and the Comm its forward sums with."""
 
-    def __init__(self, model: Transformer, plan: RankPlan, extras: dict[str, Tensor], *, no_comm: bool = False,
-                 functional_decode: bool = False) -> None:
+    def __init__(self, model: Transformer, plan: RankPlan, extras: dict[str, Tensor], *, no_comm: bool = False
+                 ) -> None:
         self.plan, self.model = plan, model
         groups = make_groups(plan)
         self.views: dict[str, Transformer] = {}
         self.comms: dict[str, LayoutComm] = {}
         for name in PHASES:
             phase = plan.layout.phase(name)
-            c = Collectives(plan, groups, no_comm=no_comm, functional=functional_decode and name == "decode")
+            c = Collectives(plan, groups, no_comm=no_comm)
             self.views[name] = phase_view(model, c, phase, extras)
             self.comms[name] = LayoutComm(c, phase)
 

@@ -341,6 +341,9 @@ def check_layout(config: ModelConfig, layout: Layout, tp: int) -> None:
                               f"{FFN_LAYOUTS})")
     if kraken:
         return
+    if config.arch == "ladder" and layout != Layout.default(config):
+        raise ConfigError(f"layout: {layout} does not apply to arch='ladder' (its modules' sums overlap the next "
+                          f"module: Megatron, the default layout, only)")
     dec, pre = layout.decode, layout.prefill
     if dec.gathered:
         raise ConfigError(f"layout: {dec} for decode: weight-gathered layouts are for prefill (a decode step moves "
