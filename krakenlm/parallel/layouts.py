@@ -49,8 +49,7 @@ from krakenlm.costmodel.layouts import (
 from krakenlm.errors import ConfigError
 from krakenlm.model.layers import AttentionShape
 from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, ROW_HEADS, lookup, matrix_param, pair_matrices, qkv_blocks
-from krakenlm.model.sharding import gathered_ffn_rows, split_ranges
-from krakenlm.model.transformer import Shard
+from krakenlm.model.sharding import Shard, gathered_ffn_rows, split_ranges
 
 Ranges = list[tuple[int, int]]
 WS_LAYOUTS = ("1d-ws", "2d-ws")
