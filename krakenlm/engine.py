@@ -47,7 +47,7 @@ from krakenlm.generate import (
     Stop,
     validate_prompts,
 )
-from krakenlm.model import LOCAL, Comm, KVCache
+from krakenlm.model import LOCAL, Comm, KVCache, Transformer
 from krakenlm.model.attention import check_kernel
 from krakenlm.model.quant import QUANTIZE
 from krakenlm.parallel.comm import DistComm, watch_layers
@@ -424,14 +424,19 @@ class Engine:
         return cache
 
     @property
+    def decode_model(self) -> tuple[Transformer, Comm]:
+        """The model and Comm a decode step runs: a layout's decode view, else the engine's own."""
+        if self._layouts is not None:
+            return self._layouts.views["decode"], self._layouts.comms["decode"]
+        return self.model, self.comm
+
+    @property
     def decode_step(self) -> Callable[..., Tensor]:
         """The one-token step (tokens, slots, positions, cache, keys=None) -> logits [B, V]; attention reads
         cache slots [0, keys) (default: all). Compiled when asked: one graph per shape and ``keys``."""
         if self._decode_step is None:
-            comm, model = self.comm, self.model
-            if self._layouts is not None:
-                comm, model = self._layouts.comms["decode"], self._layouts.views["decode"]
-            elif self.options.compile and isinstance(comm, DistComm):
+            model, comm = self.decode_model
+            if self.options.compile and isinstance(comm, DistComm):
                 comm = comm.variant(functional=True)
 
             def step(tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache,
