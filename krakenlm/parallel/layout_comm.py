@@ -203,33 +203,22 @@ class LayoutComm:
 
 
 # The residual stream's share and the head ---------------------------------------------------------------
-class ChunkEmbedding(nn.Module):
-    """2d-ws: the embedding's E chunk [a, b) of this rank (the residual is split over every rank)."""
+class EmbeddingShare(nn.Module):
+    """This rank's share of an embedding's output: E columns [a, b) (2d-ws: the residual is split over
+    every rank) or, with ``n`` ranks, its sequences (wg-*: whole sequences per rank)."""
 
-    def __init__(self, inner: nn.Module, chunk: tuple[int, int]) -> None:
+    def __init__(self, inner: nn.Module, chunk: tuple[int, int] | None, n: int, rank: int,
+                 phase: PhaseLayout) -> None:
         super().__init__()
-        self.inner, self.chunk = inner, chunk
+        self.inner, self.chunk, self.n, self.rank, self.phase = inner, chunk, n, rank, phase
 
     @property
     def weight(self) -> Any:  # the whole table, for a tied LM head
         return self.inner.weight
 
     def forward(self, idx: Tensor) -> Tensor:
-        return self.inner(idx)[..., self.chunk[0]:self.chunk[1]]
-
-
-class RowsEmbedding(nn.Module):
-    """wg-*: the embedding of this rank's sequences (whole sequences per rank)."""
-
-    def __init__(self, inner: nn.Module, n: int, rank: int, phase: PhaseLayout) -> None:
-        super().__init__()
-        self.inner, self.n, self.rank, self.phase = inner, n, rank, phase
-
-    @property
-    def weight(self) -> Any:
-        return self.inner.weight
-
-    def forward(self, idx: Tensor) -> Tensor:
+        if self.chunk is not None:
+            return self.inner(idx)[..., self.chunk[0]:self.chunk[1]]
         if idx.shape[0] % self.n:
             raise InputError(f"layout: {self.phase} shards the batch over {self.n} ranks; a batch of {idx.shape[0]} "
                              f"sequences is not divisible by {self.n}")
@@ -487,16 +476,15 @@ def phase_view(model: Transformer, c: Collectives, phase: PhaseLayout, extras: d
     view.layers = nn.ModuleList(_shallow(layer) for layer in model.layers)
     for layer in view.layers:
         _install_layer(layer, c, phase, extras)
-    if phase.ffn == "2d-ws":
-        chunk = c.plan.storage.splits[next(iter(c.plan.storage.splits))].e_chunk
-        view.wte = ChunkEmbedding(model.wte, chunk)
-        view.wpe = None if model.wpe is None else ChunkEmbedding(model.wpe, chunk)
-        view.ln_f = GatherNorm(model.ln_f, c)
-    elif phase.gathered:
-        n, rank = c.plan.tp, c.plan.rank
-        view.wte = RowsEmbedding(model.wte, n, rank, phase)
-        view.wpe = None if model.wpe is None else RowsEmbedding(model.wpe, n, rank, phase)
-        view.layers[-1].register_forward_hook(_gather_rows_hook(c), with_kwargs=True)
+    if phase.ffn == "2d-ws" or phase.gathered:
+        two_d = phase.ffn == "2d-ws"
+        chunk = c.plan.storage.splits[next(iter(c.plan.storage.splits))].e_chunk if two_d else None
+        view.wte = EmbeddingShare(model.wte, chunk, c.plan.tp, c.plan.rank, phase)
+        view.wpe = None if model.wpe is None else EmbeddingShare(model.wpe, chunk, c.plan.tp, c.plan.rank, phase)
+        if two_d:
+            view.ln_f = GatherNorm(model.ln_f, c)
+        else:
+            view.layers[-1].register_forward_hook(_gather_rows_hook(c), with_kwargs=True)
     watch_layers(view)
     return view
 
