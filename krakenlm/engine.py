@@ -47,13 +47,13 @@ from krakenlm.generate import (
     Stop,
     validate_prompts,
 )
-from krakenlm.model import LOCAL, Comm, KVCache
+from krakenlm.model import LOCAL, Comm, KVCache, Transformer
 from krakenlm.model.attention import check_kernel
 from krakenlm.model.quant import QUANTIZE
-from krakenlm.parallel.comm import DistComm
+from krakenlm.parallel.comm import DistComm, watch_layers
 from krakenlm.parallel.group import agree, check_device_name, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
-from krakenlm.parallel.layout_comm import LayoutComm
+from krakenlm.parallel.layout_comm import LayoutRun
 from krakenlm.parallel.layouts import Layout, RankPlan, resolve
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
@@ -236,12 +236,14 @@ class Engine:
             self.model.pad_heads(self.options.pad_heads)
         self.model.set_attention_kernel(self.options.attention)
         self.comm: Comm = LOCAL
+        self._layouts: LayoutRun | None = None  # a layout's per-phase model views and Comms
         if self.world > 1 and rank_plan is not None:
-            self.comm = LayoutComm(rank_plan, self.model, no_comm=self.options.no_comm, device=self.device,
-                                   extras=built.extras)
+            self._layouts = LayoutRun(self.model, rank_plan, built.extras, no_comm=self.options.no_comm)
+            self.model, self.comm = self._layouts.views["prefill"], self._layouts.comms["prefill"]
         elif self.world > 1:
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                  device=self.device)
+            watch_layers(self.model)
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod
@@ -375,14 +377,22 @@ class Engine:
         ``with engine.record() as ledger: engine.forward(...)``."""
         ledger = Ledger(weights_bytes=self.held[0], replicated_bytes=self.held[1])
         self._ledger = ledger
-        if isinstance(self.comm, DistComm):
-            self.comm.ledger = ledger
+        self._record(ledger)
         try:
             yield ledger
         finally:
             self._ledger = None
-            if isinstance(self.comm, DistComm):
-                self.comm.ledger = None
+            self._record(None)
+
+    def _record(self, ledger: Ledger | None) -> None:
+        if isinstance(self.comm, DistComm):
+            self.comm.ledger = ledger
+        if self._layouts is not None:
+            self._layouts.record(ledger)
+
+    def _agree(self, tokens: Tensor) -> Tensor:
+        """Rank 0's tokens (or stop decision) for every rank."""
+        return tokens if self.world == 1 else self.comm.agree(tokens)  # type: ignore[attr-defined]
 
     def variant(self, *, compile: bool | None = None, **comm_changes: Any) -> Engine:
         """The same weights with other switches (no_comm, overlap, compile): the benchmark's variants.
@@ -399,7 +409,7 @@ class Engine:
         """A static KV cache for ``batch`` rows of ``max_len`` slots, refused up front if it cannot fit (an
         attn-batch layout keeps ceil(batch / ranks) rows per rank)."""
         max_len = max_len or self.config.block_size
-        layout = self.comm if isinstance(self.comm, LayoutComm) else None
+        layout = self._layouts
         rows = batch if layout is None else layout.cache_rows(batch)
         shape, layers = self.model.attention_shape, self.config.n_layer
         nbytes = 2 * layers * self.shard.sub_count * rows * shape.n_kv_head * max_len * shape.stored_size
@@ -414,11 +424,18 @@ class Engine:
         return cache
 
     @property
+    def decode_model(self) -> tuple[Transformer, Comm]:
+        """The model and Comm a decode step runs: a layout's decode view, else the engine's own."""
+        if self._layouts is not None:
+            return self._layouts.views["decode"], self._layouts.comms["decode"]
+        return self.model, self.comm
+
+    @property
     def decode_step(self) -> Callable[..., Tensor]:
         """The one-token step (tokens, slots, positions, cache, keys=None) -> logits [B, V]; attention reads
         cache slots [0, keys) (default: all). Compiled when asked: one graph per shape and ``keys``."""
         if self._decode_step is None:
-            comm, model = self.comm, self.model
+            model, comm = self.decode_model
             if self.options.compile and isinstance(comm, DistComm):
                 comm = comm.variant(functional=True)
 
@@ -457,7 +474,7 @@ class Engine:
                   vocab_limit: int | None, timed_steps: bool, trace: str | None) -> GenerationResult:
         sampler = RowSampler([sampling] * len(prompts), self.device, vocab_limit, shared_seed=True)
         loop = Generation(self.model, self.decode_step, self.new_cache, self.comm, self.synchronize, self._text,
-                          timed_steps=timed_steps)
+                          timed_steps=timed_steps, agree=self._agree)
         watch = isinstance(self.comm, DistComm) and not self.options.compile and (
             trace is not None or self.plan.collectives_per_forward()["overlapped_allreduce"] > 0)
         if not watch:
@@ -539,7 +556,7 @@ class Engine:
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
         logits = self.model(idx, cache=s.cache.rows(row, row + 1), logits_at="last", comm=self.comm)
         sampler = RowSampler([sampling], self.device, s.vocab_limit)
-        token = self.comm.agree(sampler(logits[:, -1]))
+        token = self._agree(sampler(logits[:, -1]))
         s.tokens[row:row + 1].copy_(token)
         s.slots[row] = s.lengths[row] = len(prompt)
         s.samplers[row] = (sampling, sampler.generators[0])
@@ -574,7 +591,7 @@ class Engine:
         cache = s.cache if width == batch else s.cache.rows(0, width)
         logits = self.decode_step(s.tokens[:width], s.slots[:width], s.slots[:width], cache, keys)
         index, sampler = self._step_sampler(rows)
-        token = self.comm.agree(sampler(logits.index_select(0, index)))
+        token = self._agree(sampler(logits.index_select(0, index)))
         s.tokens.index_copy_(0, index, token)
         s.slots.index_add_(0, index, torch.ones_like(token))
         for row in rows:

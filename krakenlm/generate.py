@@ -157,7 +157,7 @@ class Generation:
 
     ``decode`` is the (possibly compiled) one-token step; ``new_cache(batch, max_len)`` makes the
     static KV cache; ``synchronize`` waits for the device so
-    timings are the device's; ``decide`` makes rank 0's stop decision everyone's; ``text`` (rank 0
+    timings are the device's; ``agree`` makes rank 0's tokens and stop decision everyone's; ``text`` (rank 0
     only) decodes token ids for stop strings.
     """
 
@@ -169,6 +169,7 @@ class Generation:
     text: Callable[[list[int]], str] | None = None
     check_every: int = 8
     timed_steps: bool = False
+    agree: Callable[[Tensor], Tensor] = lambda tokens: tokens  # noqa: E731  (rank 0's values for every rank)
 
     @torch.inference_mode()
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: RowSampler,
@@ -185,7 +186,7 @@ class Generation:
         start = time.perf_counter()
         logits = self.model(idx, cache=cache, valid=None if len({len(p) for p in prompts}) == 1 else valid,
                             positions=positions, logits_at="last", comm=self.comm)
-        token = self.comm.agree(sampler(logits[:, -1]))
+        token = self.agree(sampler(logits[:, -1]))
         out[:, 0] = token
         self.synchronize()
         prefill = time.perf_counter() - start
@@ -196,7 +197,7 @@ class Generation:
             if step % (1 if stop.strings else self.check_every) == 0 and self._finished(out[:, :step], stop):
                 break
             t0 = time.perf_counter()
-            token = self.comm.agree(sampler(self.decode(token, slots, pos, cache)))
+            token = self.agree(sampler(self.decode(token, slots, pos, cache)))
             out[:, step] = token
             slots += 1
             pos += 1
@@ -216,7 +217,7 @@ class Generation:
         if stop.strings and self.text is not None:
             done = [d or any(s in self.text(row) for s in stop.strings) for d, row in zip(done, rows, strict=True)]
         flag = torch.tensor([all(done)], device=produced.device)
-        return bool(self.comm.agree(flag).item())
+        return bool(self.agree(flag).item())
 
 
 def _cut(row: list[int], stop_tokens: tuple[int, ...]) -> list[int]:

@@ -21,7 +21,8 @@ from krakenlm.dtypes import AUTO, AUTO_CANDIDATES, dtype_name, parse_dtype
 from krakenlm.machine import MeasurementCache, fastest_seconds, machine_key, processor
 from krakenlm.model.attention import attention_flops
 from krakenlm.model.layers import stacked_linear
-from krakenlm.model.transformer import Shard, Transformer
+from krakenlm.model.sharding import Shard
+from krakenlm.model.transformer import Transformer
 
 PROBES = MeasurementCache("roofline")
 MEMORY_PROBE_BYTES = 256 * 2**20  # well beyond any last-level cache

@@ -194,6 +194,7 @@ def test_batch_sharded_multiquery_attention_reaches_t_times_the_context(world, t
     (tiny("gpt", n_head=4), "wg-x/attn-batch,2d-ws/attn-heads", 2, "must share the stored weights"),
     (tiny("kraken"), "1d-ws/attn-heads", 2, "Kraken models run 'kraken'"),
     (tiny("gpt"), "kraken", 2, "does not apply to arch='gpt'"),
+    (tiny("ladder"), "2d-ws/attn-heads", 2, "does not apply to arch='ladder'"),
     (tiny("gpt", n_embd=24, n_head=2, n_kv_head=1, head_dim=12), "2d-ws/attn-batch", 8, "divisible by 8"),
     (tiny("gpt", ffn_hidden=30, n_embd=32, n_head=2), "1d-ws/attn-batch", 4, "ffn_size=30"),
 ])

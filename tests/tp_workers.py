@@ -10,6 +10,7 @@ import torch
 from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.generate import SamplingConfig, generate, left_pad
+from krakenlm.parallel.comm import DistComm
 from krakenlm.source import ModelSource, build_model
 
 PROMPTS = [list(range(3, 23)), list(range(40, 53))]  # different lengths: the left-padding path too
@@ -120,8 +121,8 @@ def failing(payload: dict) -> int:
 
 def capture_decode(engine: Engine, backend: str):
     """The engine's decode step (functional collectives) compiled with fullgraph=True: a graph break fails."""
-    comm = engine.comm.variant(functional=True) if engine.world > 1 else engine.comm
-    model = engine.model
+    model, comm = engine.decode_model
+    comm = comm.variant(functional=True) if isinstance(comm, DistComm) else comm
 
     def step(tokens, slots, positions, cache):
         return model.decode(tokens, slots, positions, cache, comm=comm)
@@ -135,7 +136,7 @@ def compiled_decode(payload: dict) -> int:
     world = int(os.environ["WORLD_SIZE"])
     results = {}
     for name, case in payload["cases"].items():
-        engine = engine_for({"config": case["config"], "seed": 0}, world, timeout=300)
+        engine = engine_for({"config": case["config"], "seed": 0}, world, timeout=300, layout=case.get("layout"))
         eager = engine.generate(PROMPTS, 12).tokens
         with torch.inference_mode():
             cache_a, cache_b = engine.new_cache(2, 40), engine.new_cache(2, 40)

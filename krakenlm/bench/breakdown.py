@@ -19,7 +19,6 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from krakenlm.model.attention import PROFILE_RANGE
-from krakenlm.model.transformer import PlainComm
 from krakenlm.parallel.comm import DistComm
 
 CATEGORIES = ("norm", "GEMM", "overlapped GEMM", "attention", "LM head", "AllReduce", "other")
@@ -40,9 +39,9 @@ class _MarkedPending:
             return self.inner.wait()
 
 
-class MarkedComm(PlainComm):
-    """A DistComm whose collectives and in-flight windows show up as profiler ranges (the layout hooks are
-    PlainComm's: the breakdown profiles the Megatron, Kraken and ladder plans).
+class MarkedComm:
+    """A DistComm whose collectives and in-flight windows show up as profiler ranges (the breakdown
+    profiles the Megatron, Kraken and ladder plans).
 
     The overlap window is open while at least one async collective is in flight: Kraken's exchange
     from issue to wait; ladder's consecutive module sums overlap each other, so one window spans from
@@ -59,13 +58,13 @@ class MarkedComm(PlainComm):
     def agree(self, tokens: Tensor) -> Tensor:
         return self.inner.agree(tokens)
 
-    def reduce_shard(self, x: Tensor) -> Tensor:
+    def reduce(self, x: Tensor, site: str) -> Tensor:
         with record_function(_ALLREDUCE):
-            return self.inner.reduce_shard(x)
+            return self.inner.reduce(x, site)
 
-    def reduce_shard_async(self, x: Tensor) -> _MarkedPending:
+    def reduce_async(self, x: Tensor, site: str) -> _MarkedPending:
         with record_function(_ALLREDUCE):
-            pending = self.inner.reduce_shard_async(x)
+            pending = self.inner.reduce_async(x, site)
         return self._track(pending, self.inner.shard_size)
 
     def reduce_conj(self, x: Tensor) -> Tensor:

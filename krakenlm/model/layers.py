@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,6 @@ from torch import Tensor, nn
 
 from krakenlm.model.activations import gelu_tanh
 from krakenlm.model.attention import causal_attention
-from krakenlm.model.quant import Int8Weight
 
 
 def row_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -45,23 +43,18 @@ def row_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -
     return out.reshape(b, h, 1, hs).to(q.dtype)
 
 
-def linear(x: Tensor, weight: Tensor | Int8Weight) -> Tensor:
-    """x [M, in] @ weight[out, in]^T for a float or an int8 weight (the LM head, the conjunction)."""
-    if single_row(x):
-        return _row_linear(x, weight)
-    return weight.matmul(x) if isinstance(weight, Int8Weight) else F.linear(x, weight)
+def linear(x: Tensor, weight: Tensor | nn.Module) -> Tensor:
+    """x [M, in] @ weight[out, in]^T (the LM head, the conjunction). A weight that is a module (int8,
+    krakenlm.model.quant) multiplies itself: quantization swaps weights, the forward does not change."""
+    if isinstance(weight, nn.Module):
+        return weight.linear(x)
+    return row_linear(x, weight) if single_row(x) else F.linear(x, weight)
 
 
-def _row_linear(x: Tensor, weight: Tensor | Int8Weight) -> Tensor:
-    if isinstance(weight, Int8Weight):  # the int8 -> float conversion fuses into the reduction
-        return row_linear(x, weight.q) * weight.scale.unsqueeze(-2)
-    return row_linear(x, weight)
-
-
-def stacked_linear(x: Tensor, weight: Tensor | Int8Weight, bias: Tensor | None = None) -> Tensor:
+def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) -> Tensor:
     """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM."""
-    if single_row(x) or isinstance(weight, Int8Weight):
-        out = _row_linear(x, weight) if single_row(x) else weight.matmul(x)  # type: ignore[union-attr]
+    if isinstance(weight, nn.Module) or single_row(x):
+        out = weight.linear(x) if isinstance(weight, nn.Module) else row_linear(x, weight)
         return out if bias is None else out + bias.unsqueeze(1)
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
         out = F.linear(x[0], weight[0], None if bias is None else bias[0])
@@ -150,7 +143,8 @@ class KVCache:
 
 @dataclass(frozen=True)
 class AttentionStep:
-    """What one forward asks of every layer's attention (built once per forward, not per layer).
+    """What one forward asks of every layer's attention (built once per forward, not per layer):
+    ``batch`` sequences of ``t`` new tokens each, their rotary tables (None: learned positions).
 
     No cache: causal attention over the input (``mask`` only for left padding). With a cache, a
     prefill writes its T tokens at slots [start, start + T) of every row; a decode step (T = 1)
@@ -159,60 +153,14 @@ class AttentionStep:
     on the fresh keys and no mask is materialized.
     """
 
+    batch: int
+    t: int
+    rope: tuple[Tensor, Tensor] | None = None
     cache: KVCache | None = None
     start: int = 0
     slots: Tensor | None = None
     keys: int = 0
     mask: Tensor | None = None
-
-
-class PairHooks(Protocol):
-    """Where one matrix pair (in-projection, inner op, out-projection: attention or FFN) communicates
-    under a partitioning layout (krakenlm.parallel.layouts). Identity on one device."""
-
-    def norm(self, ln: StackedNorm, y: Tensor) -> Tensor: ...  # residual -> normalized pair input
-
-    def scatter_inner(self, h: Tensor) -> Tensor: ...  # after the in-projection (2D: reduce-scatter over x)
-
-    def to_batch(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None
-                 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]: ...  # attention over this rank's sequences
-
-    def from_batch(self, out: Tensor) -> Tensor: ...  # attention output back to the pair's column split
-
-    def gather_inner(self, h: Tensor) -> Tensor: ...  # before the out-projection (2D: all-gather over x)
-
-    def leave(self, h: Tensor) -> Tensor: ...  # partial out-projection -> residual (sum over the shards)
-
-    def local(self, bias: Tensor | None) -> Tensor | None: ...  # a residual-width vector's local part
-
-
-class NoHooks:
-    """One device (and Megatron, which only sums in ``leave``): every hook is the identity."""
-
-    def norm(self, ln: StackedNorm, y: Tensor) -> Tensor:
-        return ln(y)
-
-    def scatter_inner(self, h: Tensor) -> Tensor:
-        return h
-
-    def to_batch(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None
-                 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        return qkv, rope
-
-    def from_batch(self, out: Tensor) -> Tensor:
-        return out
-
-    def gather_inner(self, h: Tensor) -> Tensor:
-        return h
-
-    def leave(self, h: Tensor) -> Tensor:
-        return h
-
-    def local(self, bias: Tensor | None) -> Tensor | None:
-        return bias
-
-
-NO_HOOKS = NoHooks()
 
 
 def rope_tables(positions: Tensor, head_size: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -233,43 +181,41 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class StackedAttention(nn.Module):
     """Causal self-attention for S streams; fused QKV; MHA, GQA and MQA; returns the *partial*
-    output projection (without bias) so a tensor-parallel caller decides where to sum it."""
+    output projection (without bias) so a tensor-parallel caller decides where to sum it.
 
-    def __init__(self, streams: int, dim: int, shape: AttentionShape, bias: bool) -> None:
+    The three steps are methods so a partitioning layout (krakenlm.parallel.layout_comm) can wrap the
+    module and move activations between them; ``index`` is the layer whose KV cache it uses."""
+
+    def __init__(self, streams: int, dim: int, shape: AttentionShape, bias: bool, index: int = 0) -> None:
         super().__init__()
-        self.shape = shape
+        self.shape, self.index = shape, index
         self.kernel = "auto"  # causal kernel without a mask: measured fastest here (krakenlm/model/attention.py)
         qkv = (shape.n_head + 2 * shape.n_kv_head) * shape.head_size
         self.qkv_weight = nn.Parameter(torch.empty(streams, qkv, dim))
         self.qkv_bias = nn.Parameter(torch.zeros(streams, qkv)) if bias else None
         self.proj_weight = nn.Parameter(torch.empty(streams, dim, shape.n_head * shape.head_size))
 
-    def forward(self, x: Tensor, t: int, rope: tuple[Tensor, Tensor] | None, step: AttentionStep,
-                layer: int, hooks: PairHooks = NO_HOOKS) -> Tensor:
+    def forward(self, x: Tensor, step: AttentionStep) -> Tensor:
         """x [S, B*t, dim]: B sequences of t tokens (rows sequence-major)."""
-        qkv = hooks.scatter_inner(stacked_linear(x, self.qkv_weight, self.qkv_bias))
-        qkv, rope = hooks.to_batch(qkv, rope)
+        return self.project_out(self.attend(self.project_in(x), step))
+
+    def project_in(self, x: Tensor) -> Tensor:
+        return stacked_linear(x, self.qkv_weight, self.qkv_bias)
+
+    def project_out(self, out: Tensor) -> Tensor:
+        return stacked_linear(out, self.proj_weight)
+
+    def attend(self, qkv: Tensor, step: AttentionStep) -> Tensor:
+        """Fused q|k|v [S, B*t, (h + 2 hkv) hs] -> attention output [S, B*t, h hs], through the KV cache."""
         s, m, _ = qkv.shape
-        batch = m // t
+        t, batch = step.t, m // step.t
         h, hkv, hs = self.shape.n_head, self.shape.n_kv_head, self.shape.stored_size
         scale = self.shape.head_size ** -0.5  # the true head size, also when heads are padded
-        qkv = qkv.view(s * batch, t, h + 2 * hkv, hs)
-        q, k, v = qkv.transpose(1, 2).split([h, hkv, hkv], dim=1)  # [S*B, heads, T, hs]
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        cache = step.cache
-        if cache is not None:
-            kbuf, vbuf = cache.keys[layer], cache.values[layer]
-            if step.slots is None:
-                kbuf[..., step.start:step.start + t, :] = k.view(s, batch, hkv, t, hs)
-                vbuf[..., step.start:step.start + t, :] = v.view(s, batch, hkv, t, hs)
-            else:  # one token per row, each at its own slot
-                index = step.slots.view(1, batch, 1, 1, 1).expand(s, batch, hkv, 1, hs)
-                kbuf.scatter_(3, index, k.view(s, batch, hkv, 1, hs))
-                vbuf.scatter_(3, index, v.view(s, batch, hkv, 1, hs))
-            if step.mask is not None:
-                k = kbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
-                v = vbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
+        q, k, v = qkv.view(s * batch, t, h + 2 * hkv, hs).transpose(1, 2).split([h, hkv, hkv], dim=1)
+        if step.rope is not None:
+            q, k = apply_rope(q, *step.rope), apply_rope(k, *step.rope)
+        if step.cache is not None:
+            k, v = self._cached(k, v, step, s, batch)
         if step.mask is None and t > 1:
             out = causal_attention(q, k, v, scale, self.kernel)  # [S*B, T, heads, hs]
         elif step.mask is not None and single_row(q):
@@ -277,8 +223,24 @@ class StackedAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale,
                                                  enable_gqa=hkv != h).transpose(1, 2)
-        out = out.reshape(s, m, h * hs)
-        return stacked_linear(hooks.gather_inner(hooks.from_batch(out)), self.proj_weight)
+        return out.reshape(s, m, h * hs)
+
+    def _cached(self, k: Tensor, v: Tensor, step: AttentionStep, s: int, batch: int) -> tuple[Tensor, Tensor]:
+        """Write the new keys and values into this layer's cache; the keys and values attention reads."""
+        assert step.cache is not None
+        kbuf, vbuf = step.cache.keys[self.index], step.cache.values[self.index]
+        hkv, t, hs = k.shape[1], step.t, k.shape[-1]
+        if step.slots is None:
+            kbuf[..., step.start:step.start + t, :] = k.view(s, batch, hkv, t, hs)
+            vbuf[..., step.start:step.start + t, :] = v.view(s, batch, hkv, t, hs)
+        else:  # one token per row, each at its own slot
+            index = step.slots.view(1, batch, 1, 1, 1).expand(s, batch, hkv, 1, hs)
+            kbuf.scatter_(3, index, k.view(s, batch, hkv, 1, hs))
+            vbuf.scatter_(3, index, v.view(s, batch, hkv, 1, hs))
+        if step.mask is None:
+            return k, v
+        return (kbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs),
+                vbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs))
 
     @torch.no_grad()
     def pad_heads(self, size: int) -> None:
@@ -309,14 +271,20 @@ class StackedMLP(nn.Module):
         self.up_bias = nn.Parameter(torch.zeros(streams, up)) if bias else None
         self.down_weight = nn.Parameter(torch.empty(streams, dim, hidden))
 
-    def forward(self, x: Tensor, hooks: PairHooks = NO_HOOKS) -> Tensor:
-        hidden = hooks.scatter_inner(stacked_linear(x, self.up_weight, self.up_bias))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project_out(self.activate(self.project_in(x)))
+
+    def project_in(self, x: Tensor) -> Tensor:
+        return stacked_linear(x, self.up_weight, self.up_bias)
+
+    def activate(self, hidden: Tensor) -> Tensor:
         if self.kind == "swiglu":
             gate, up = hidden.chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
-        else:
-            hidden = gelu_tanh(hidden)
-        return stacked_linear(hooks.gather_inner(hidden), self.down_weight)
+            return F.silu(gate) * up
+        return gelu_tanh(hidden)
+
+    def project_out(self, hidden: Tensor) -> Tensor:
+        return stacked_linear(hidden, self.down_weight)
 
 
 def attention_mask(valid: Tensor, q_len: int, start: int, streams: int) -> Tensor:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from krakenlm.errors import ConfigError
+from krakenlm.model.layers import row_linear, single_row
 from krakenlm.model.params import lookup, owner_of
 
 QUANTIZE = ("int8",)
@@ -117,8 +118,12 @@ class Int8Weight(nn.Module):
         """The float weight this int8 weight stands for (the reference its matmuls must equal)."""
         return self.q.to(self.scale.dtype) * self.scale.unsqueeze(-1)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        """x [M, in] @ W^T for a 2-D weight, or x [S, M, in] @ W[s]^T for a stacked one [S, out, in]."""
+    def linear(self, x: Tensor) -> Tensor:
+        """x [M, in] @ W^T for a 2-D weight, or x [S, M, in] @ W[s]^T for a stacked one [S, out, in]: what the
+        model's linear helpers call on a weight that is a module. One row under torch.compile is a
+        reduction the int8 -> float conversion fuses into."""
+        if single_row(x):
+            return row_linear(x, self.q) * self.scale.unsqueeze(-2)
         if self.q.dim() == 3:
             return torch.stack([int8_mm(x[s], self.q[s], self.scale[s]) for s in range(self.q.shape[0])])
         return int8_mm(x, self.q, self.scale)

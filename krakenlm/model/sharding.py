@@ -1,5 +1,5 @@
-"""How each full (single-device) tensor maps onto one Shard: the Megatron / Kraken splits of
-krakenlm.model.params turned into index ranges.
+"""Which slice of the full model a Shard holds, and how each full (single-device) tensor maps onto it:
+the Megatron / Kraken splits of krakenlm.model.params turned into index ranges.
 
 ``shard_ranges`` names, per dimension, the index ranges a shard keeps (several ranges are
 concatenated, e.g. the q, k and v blocks of a fused QKV weight). It is applied to an in-memory
@@ -9,15 +9,53 @@ tensor or to a safetensors slice, so a rank reads only its part of a checkpoint.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from krakenlm.config import ModelConfig
+from krakenlm.errors import ConfigError
+from krakenlm.model.layers import AttentionShape
 from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, CONJ, ROW_FFN, ROW_HEADS, lookup, qkv_blocks
-from krakenlm.model.transformer import Shard
 
 Ranges = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which slice of the full model an instance holds.
+
+    Sub-layers [sub_start, sub_start + sub_count) of every layer, and within each of them part
+    ``part`` of ``parts`` of the heads and FFN columns (Megatron). The full model is Shard.full().
+    """
+
+    sub_start: int = 0
+    sub_count: int = 1
+    part: int = 0
+    parts: int = 1
+
+    @staticmethod
+    def full(config: ModelConfig) -> Shard:
+        return Shard(0, config.n_sub, 0, 1)
+
+    def attention(self, config: ModelConfig) -> AttentionShape:
+        kv = config.kv_heads
+        return AttentionShape(config.n_head // self.parts, kv // self.parts if kv % self.parts == 0 else 1,
+                              config.head_size)
+
+    def validate(self, config: ModelConfig) -> None:
+        """Raise ConfigError if the model cannot be split this way."""
+        if config.n_sub % self.sub_count or self.sub_start % self.sub_count or self.sub_start >= config.n_sub:
+            raise ConfigError(f"tp: cannot place sub-layers [{self.sub_start}, {self.sub_start + self.sub_count}) "
+                              f"of a model with n_sub={config.n_sub}")
+        for what, n in (("n_head", config.n_head), ("ffn_size", config.ffn_size), ("n_embd", config.n_embd)):
+            if n % self.parts:
+                raise ConfigError(f"tp: {what}={n} is not divisible by the {self.parts} ranks sharing a sub-layer")
+        kv = config.kv_heads
+        if kv % self.parts and self.parts % kv:
+            raise ConfigError(f"tp: n_kv_head={kv} must divide or be divisible by {self.parts} ranks per sub-layer")
+
 
 
 def _part(total: int, shard: Shard) -> Ranges:

@@ -16,13 +16,14 @@ Forward schedule per layer l (streams y: [S, B*T, d]; S local sub-layers; GPT/pa
 
 Σshard sums partial matmul outputs over the ranks sharing one sub-layer (Megatron TP); Σsub sums
 sub-layer outputs over ranks holding different sub-layers (Kraken's one exchange per layer). Both
-go through a Comm object: on a single device they are identities / local sums, so the single-device
-model and every tensor-parallel rank run this same code.
+go through a Comm object (four sums, nothing else): on a single device they are identities / local
+sums, so the single-device model and every tensor-parallel rank run this same code. Pope et al.'s
+partitioning layouts and int8 weights are transformations of a built model (modules swapped in by
+krakenlm.parallel.layout_comm and krakenlm.model.quant), not branches of this forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,12 +33,9 @@ from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.model.attention import check_kernel
 from krakenlm.model.layers import (
-    NO_HOOKS,
     AttentionShape,
     AttentionStep,
     KVCache,
-    NoHooks,
-    PairHooks,
     StackedAttention,
     StackedMLP,
     StackedNorm,
@@ -48,41 +46,7 @@ from krakenlm.model.layers import (
     rope_tables,
 )
 from krakenlm.model.params import ONES, RESIDUAL, ZEROS, lookup
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Which slice of the full model an instance holds.
-
-    Sub-layers [sub_start, sub_start + sub_count) of every layer, and within each of them part
-    ``part`` of ``parts`` of the heads and FFN columns (Megatron). The full model is Shard.full().
-    """
-
-    sub_start: int = 0
-    sub_count: int = 1
-    part: int = 0
-    parts: int = 1
-
-    @staticmethod
-    def full(config: ModelConfig) -> Shard:
-        return Shard(0, config.n_sub, 0, 1)
-
-    def attention(self, config: ModelConfig) -> AttentionShape:
-        kv = config.kv_heads
-        return AttentionShape(config.n_head // self.parts, kv // self.parts if kv % self.parts == 0 else 1,
-                              config.head_size)
-
-    def validate(self, config: ModelConfig) -> None:
-        """Raise ConfigError if the model cannot be split this way."""
-        if config.n_sub % self.sub_count or self.sub_start % self.sub_count or self.sub_start >= config.n_sub:
-            raise ConfigError(f"tp: cannot place sub-layers [{self.sub_start}, {self.sub_start + self.sub_count}) "
-                              f"of a model with n_sub={config.n_sub}")
-        for what, n in (("n_head", config.n_head), ("ffn_size", config.ffn_size), ("n_embd", config.n_embd)):
-            if n % self.parts:
-                raise ConfigError(f"tp: {what}={n} is not divisible by the {self.parts} ranks sharing a sub-layer")
-        kv = config.kv_heads
-        if kv % self.parts and self.parts % kv:
-            raise ConfigError(f"tp: n_kv_head={kv} must divide or be divisible by {self.parts} ranks per sub-layer")
+from krakenlm.model.sharding import Shard
 
 
 class Pending(Protocol):
@@ -90,44 +54,52 @@ class Pending(Protocol):
 
 
 class Comm(Protocol):
-    """Where a forward pass communicates. Implementations: LocalComm (one device) and the
-    torch.distributed runtime in krakenlm.parallel (Megatron / Kraken plans, and the partitioning
-    layouts of krakenlm.parallel.layouts, which also use the layout hooks below).
+    """The model's whole contract with communication: the four sums its forward issues. LocalComm is one
+    device; krakenlm.parallel implements it over torch.distributed (DistComm for Megatron / Kraken /
+    Ladder, and the partitioning layouts, whose other collectives live in modules a plan installs).
 
-    reduce_shard: the Megatron shard sum, blocking. reduce_shard_async: the same sum issued now and
-    awaited by the caller (Ladder Residual's per-module AllReduce). exchange: Kraken's sum over
-    sub-layers, issued async. reduce_conj: the conjunction's sum. agree: rank 0's tokens for everyone."""
+    reduce: the Megatron shard sum of a pair's partial out-projection, blocking; ``site`` names the pair
+    ("attn", "ffn", or a parallel block's fused "block"). reduce_async: the same sum issued now and
+    awaited where the model calls ``wait`` (Ladder Residual). exchange: Kraken's sum over sub-layers,
+    issued at the end of a layer and awaited before the next layer's FFN. reduce_conj: the conjunction's
+    sum over every rank."""
 
-    def reduce_shard(self, x: Tensor) -> Tensor: ...
+    def reduce(self, x: Tensor, site: str) -> Tensor: ...
 
-    def reduce_shard_async(self, x: Tensor) -> Pending: ...
+    def reduce_async(self, x: Tensor, site: str) -> Pending: ...
 
     def exchange(self, y: Tensor) -> Pending: ...
 
     def reduce_conj(self, x: Tensor) -> Tensor: ...
 
-    def layer_begin(self, layer: int) -> None: ...
 
-    def agree(self, tokens: Tensor) -> Tensor: ...
+class Ready:
+    """A sum that is already complete (one device, a group of one, blocking mode)."""
 
-    # Layout hooks (PlainComm: one replicated residual stream, identity).
-    def begin(self, phase: str, batch: int, t: int, step: AttentionStep) -> AttentionStep: ...
-
-    def pair(self, name: str) -> PairHooks: ...
-
-    def residual(self, y: Tensor) -> Tensor: ...
-
-    def head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> Tensor: ...
-
-    def weights(self, layer: Layer, index: int) -> Layer: ...
-
-
-class _Ready:
     def __init__(self, value: Tensor) -> None:
         self.value = value
 
     def wait(self) -> Tensor:
         return self.value
+
+
+class LocalComm:
+    """Single device: every partial sum is already complete; Kraken's streams are summed locally."""
+
+    def reduce(self, x: Tensor, site: str) -> Tensor:
+        return x
+
+    def reduce_async(self, x: Tensor, site: str) -> Pending:
+        return Ready(x)
+
+    def exchange(self, y: Tensor) -> Pending:
+        return Ready(y.sum(0))
+
+    def reduce_conj(self, x: Tensor) -> Tensor:
+        return x
+
+
+LOCAL = LocalComm()
 
 
 def select_positions(y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> Tensor:
@@ -143,80 +115,65 @@ def select_positions(y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> 
     return y
 
 
-class _ShardSum(NoHooks):
-    """A matrix pair under Megatron: partial out-projections summed by ``reduce_shard``."""
-
-    def __init__(self, comm: PlainComm) -> None:
-        self.comm = comm
-
-    def leave(self, h: Tensor) -> Tensor:
-        return self.comm.reduce_shard(h)
-
-
-class PlainComm:
-    """The layout hooks of a replicated residual stream (one device, Megatron, Kraken): every pair's
-    only collective is ``reduce_shard``."""
-
-    def reduce_shard(self, x: Tensor) -> Tensor:
-        return x
-
-    def begin(self, phase: str, batch: int, t: int, step: AttentionStep) -> AttentionStep:
-        return step
-
-    def pair(self, name: str) -> PairHooks:
-        return _ShardSum(self)
-
-    def residual(self, y: Tensor) -> Tensor:
-        return y
-
-    def head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> Tensor:
-        return select_positions(y, batch, t, logits_at)
-
-    def weights(self, layer: Layer, index: int) -> Layer:
-        return layer
-
-
-class LocalComm(PlainComm):
-    """Single device: every partial sum is already complete."""
-
-    def pair(self, name: str) -> PairHooks:
-        return NO_HOOKS
-
-    def reduce_shard_async(self, x: Tensor) -> Pending:
-        return _Ready(x)
-
-    def exchange(self, y: Tensor) -> Pending:
-        return _Ready(y.sum(0))
-
-    def reduce_conj(self, x: Tensor) -> Tensor:
-        return x
-
-    def layer_begin(self, layer: int) -> None:
-        pass
-
-    def agree(self, tokens: Tensor) -> Tensor:
-        return tokens
-
-
-LOCAL = LocalComm()
+def _add_bias(x: Tensor, bias: Tensor | None) -> Tensor:
+    return x if bias is None else x + bias.unsqueeze(1)
 
 
 class Layer(nn.Module):
-    def __init__(self, config: ModelConfig, shard: Shard) -> None:
+    """One gpt / parallel / Kraken layer (the module docstring's schedule). Biases of row-parallel
+    projections are added once, after the shard sum."""
+
+    def __init__(self, config: ModelConfig, shard: Shard, index: int) -> None:
         super().__init__()
         s, d = shard.sub_count, config.n_embd
         self.parallel_block = config.arch == "parallel"
         self.ln1 = StackedNorm(s, d, config.norm, config.bias, config.norm_eps)
-        self.attn = StackedAttention(s, d, shard.attention(config), config.bias)
+        self.attn = StackedAttention(s, d, shard.attention(config), config.bias, index)
         self.ln2 = None if self.parallel_block else StackedNorm(s, d, config.norm, config.bias, config.norm_eps)
         self.mlp = StackedMLP(s, d, config.ffn_size // shard.parts, config.bias, config.mlp)
-        # Biases of row-parallel projections are added once, after the shard sum.
         self.proj_bias = nn.Parameter(torch.zeros(s, d)) if config.bias else None
         self.down_bias = nn.Parameter(torch.zeros(s, d)) if config.bias else None
 
+    def forward(self, y: Tensor, step: AttentionStep, pending: Pending | None = None, *, comm: Comm) -> Tensor:
+        """Streams y [S, B*t, d] -> the layer's output; ``pending``: Kraken's exchange of the previous layer."""
+        if self.ln2 is None:
+            h = self.ln1(y)
+            out = comm.reduce(self.attn(h, step) + self.mlp(h), "block")
+            return _add_bias(_add_bias(y + out, self.proj_bias), self.down_bias)
+        h = _add_bias(comm.reduce(self.attn(self.ln1(y), step), "attn"), self.proj_bias)
+        a = y + h
+        ffn_in = a if pending is None else h + pending.wait().unsqueeze(0)
+        return a + _add_bias(comm.reduce(self.mlp(self.ln2(ffn_in)), "ffn"), self.down_bias)
 
-def _add_bias(x: Tensor, bias: Tensor | None) -> Tensor:
-    return x if bias is None else x + bias.unsqueeze(1)
+
+class LadderLayer(Layer):
+    """A layer of a ladder model, module by module (attention, then MLP).
+
+    A module whose successor is a ladder module (and the last module, when it is one) issues its
+    AllReduce asynchronously; a ladder module k first adds every finished output but the previous
+    one (u_{k-1}, still in flight), so u_{k-1} is awaited right before module k+1 computes and the
+    last two are awaited after the last module, as the paper's code does. Other modules add
+    everything first and reduce blocking."""
+
+    def __init__(self, config: ModelConfig, shard: Shard, index: int) -> None:
+        super().__init__(config, shard, index)
+        start, last = config.ladder_start, index == config.n_layer - 1
+        self.ladder = index >= start
+        self.next_ladder = self.ladder if last else index + 1 >= start  # the MLP's successor
+
+    def forward(self, y: Tensor, step: AttentionStep, pending: list[tuple[Pending, Tensor | None]] | None = None,
+                *, comm: Comm) -> Tensor:
+        """``pending``: the modules' sums still in flight with their biases (updated in place)."""
+        assert pending is not None and self.ln2 is not None
+        modules = ((self.ln1, "attn", self.proj_bias, self.ladder), (self.ln2, "ffn", self.down_bias, self.next_ladder))
+        for norm, site, bias, overlap in modules:
+            while len(pending) > (1 if self.ladder else 0):
+                done, done_bias = pending.pop(0)
+                y = y + _add_bias(done.wait(), done_bias)
+            h = norm(y)
+            out = self.attn(h, step) if site == "attn" else self.mlp(h)
+            pending.append((comm.reduce_async(out, site) if overlap else Ready(comm.reduce(out, site)), bias))
+        return y
 
 
 class Transformer(nn.Module):
@@ -231,7 +188,8 @@ class Transformer(nn.Module):
         d = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, d)
         self.wpe = nn.Embedding(config.block_size, d) if config.position == "learned" else None
-        self.layers = nn.ModuleList(Layer(config, self.shard) for _ in range(config.n_layer))
+        kind = LadderLayer if config.arch == "ladder" else Layer
+        self.layers = nn.ModuleList(kind(config, self.shard, i) for i in range(config.n_layer))
         if config.has_conjunction:
             self.conj_weight = nn.Parameter(torch.empty(d, self.shard.sub_count * d // self.shard.parts))
             self.conj_bias = nn.Parameter(torch.zeros(d)) if config.bias else None
@@ -308,8 +266,8 @@ class Transformer(nn.Module):
                 mask = attention_mask(cache.valid, t, start, streams)
         elif valid is not None:
             mask = attention_mask(valid, t, 0, streams)
-        step = AttentionStep(cache, start, None, start + t, mask)
-        return self._run(idx, positions, step, logits_at, comm, "prefill")
+        step = AttentionStep(batch, t, self._rope(positions), cache, start, None, start + t, mask)
+        return self._run(idx, positions, step, logits_at, comm)
 
     def decode(self, tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache, *, keys: int | None = None,
                comm: Comm = LOCAL) -> Tensor:
@@ -319,83 +277,44 @@ class Transformer(nn.Module):
         Attention reads slots [0, keys) (default: the whole cache)."""
         keys = cache.max_len if keys is None else keys
         cache.valid.scatter_(1, slots.unsqueeze(1), True)
-        step = AttentionStep(cache, 0, slots, keys, decode_mask(cache.valid, keys, self.shard.sub_count))
-        return self._run(tokens.unsqueeze(1), positions.unsqueeze(1), step, "all", comm, "decode")[:, 0]
+        positions = positions.unsqueeze(1)
+        step = AttentionStep(tokens.shape[0], 1, self._rope(positions), cache, 0, slots, keys,
+                             decode_mask(cache.valid, keys, self.shard.sub_count))
+        return self._run(tokens.unsqueeze(1), positions, step, "all", comm)[:, 0]
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        cfg = self.config
+        return rope_tables(positions, cfg.head_size, cfg.rope_theta) if cfg.position == "rope" else None
 
     def _run(self, idx: Tensor, positions: Tensor, step: AttentionStep, logits_at: str | Tensor,
-             comm: Comm, phase: str) -> Tensor:
-        cfg = self.config
-        batch, t = idx.shape
-        step = comm.begin(phase, batch, t, step)
+             comm: Comm) -> Tensor:
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        rope = rope_tables(positions, cfg.head_size, cfg.rope_theta) if cfg.position == "rope" else None
-        y = comm.residual(x.reshape(1, batch * t, cfg.n_embd))  # layer 0: every sub-layer reads the embedding
-        if cfg.arch == "ladder":
-            return self._head(self._ladder(y, t, rope, step, comm), batch, t, logits_at, comm)
+        y = x.reshape(1, -1, x.shape[-1])  # layer 0: every sub-layer reads the embedding
+        if self.config.arch == "ladder":
+            inflight: list[tuple[Pending, Tensor | None]] = []
+            for layer in self.layers:
+                y = layer(y, step, inflight, comm=comm)
+            for pending, bias in inflight:
+                y = y + _add_bias(pending.wait(), bias)
+            return self._head(y, step, logits_at, comm)
         pending = None
         for i, layer in enumerate(self.layers):
-            comm.layer_begin(i)
-            y = self._layer(comm.weights(layer, i), i, y, pending, t, rope, step, comm)
-            pending = comm.exchange(y) if cfg.arch == "kraken" and i < cfg.n_layer - 1 else None
-        return self._head(y, batch, t, logits_at, comm)
+            y = layer(y, step, pending, comm=comm)
+            pending = comm.exchange(y) if self.config.arch == "kraken" and i < self.config.n_layer - 1 else None
+        return self._head(y, step, logits_at, comm)
 
-    def _layer(self, layer: Layer, index: int, y: Tensor, pending: Pending | None, t: int,
-               rope: tuple[Tensor, Tensor] | None, step: AttentionStep, comm: Comm) -> Tensor:
-        if layer.parallel_block:
-            pair = comm.pair("block")
-            h_in = pair.norm(layer.ln1, y)
-            out = pair.leave(layer.attn(h_in, t, rope, step, index, pair) + layer.mlp(h_in, pair))
-            return _add_bias(_add_bias(y + out, pair.local(layer.proj_bias)), pair.local(layer.down_bias))
-        pair = comm.pair("attn")
-        h = _add_bias(pair.leave(layer.attn(pair.norm(layer.ln1, y), t, rope, step, index, pair)),
-                      pair.local(layer.proj_bias))
-        a = y + h
-        ffn_in = a if pending is None else h + pending.wait().unsqueeze(0)
-        pair = comm.pair("ffn")
-        return a + _add_bias(pair.leave(layer.mlp(pair.norm(layer.ln2, ffn_in), pair)), pair.local(layer.down_bias))
-
-    def _ladder(self, y: Tensor, t: int, rope: tuple[Tensor, Tensor] | None, step: AttentionStep,
-                comm: Comm) -> Tensor:
-        """The Ladder Residual schedule, module by module (attention, MLP, attention, ...).
-
-        A module whose successor is a ladder module (and the last module, when it is one) issues its
-        AllReduce asynchronously; a ladder module k first adds every finished output but the previous
-        one (u_{k-1}, still in flight), so u_{k-1} is awaited right before module k+1 computes and the
-        last two are awaited after the last module, as the paper's code does. Other modules add
-        everything first and reduce blocking. Bias of a row-parallel projection joins after its sum.
-        """
-        start, last = self.config.ladder_start, 2 * len(self.layers) - 1
-        inflight: list[tuple[Pending, Tensor | None]] = []
-        for i, layer in enumerate(self.layers):
-            comm.layer_begin(i)
-            layer = comm.weights(layer, i)
-            for k, (norm, bias) in enumerate(((layer.ln1, layer.proj_bias), (layer.ln2, layer.down_bias))):
-                index = 2 * i + k
-                while len(inflight) > (1 if i >= start else 0):
-                    pending, done_bias = inflight.pop(0)
-                    y = y + _add_bias(pending.wait(), done_bias)
-                h = norm(y)
-                out = layer.attn(h, t, rope, step, i) if k == 0 else layer.mlp(h)
-                if min(index + 1, last) // 2 >= start:
-                    inflight.append((comm.reduce_shard_async(out), bias))
-                else:
-                    inflight.append((_Ready(comm.reduce_shard(out)), bias))
-        for pending, done_bias in inflight:
-            y = y + _add_bias(pending.wait(), done_bias)
-        return y
-
-    def _head(self, y: Tensor, batch: int, t: int, logits_at: str | Tensor, comm: Comm) -> Tensor:
-        y = comm.head(y, batch, t, logits_at)  # [S, B, t_out, d], whole rows on every rank
+    def _head(self, y: Tensor, step: AttentionStep, logits_at: str | Tensor, comm: Comm) -> Tensor:
+        batch = step.batch
+        y = select_positions(y, batch, step.t, logits_at)  # [S, B, t_out, d]
         s, _, t_out, d = y.shape
         if self.config.has_conjunction:
             shard = self.shard
             width = d // shard.parts
             cols = y[..., shard.part * width:(shard.part + 1) * width]  # [S, B, t, d/parts]
             z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width)
-            z = linear(z, self.conj_weight)
-            z = comm.reduce_conj(z)
+            z = comm.reduce_conj(linear(z, self.conj_weight))
             if self.conj_bias is not None:
                 z = z + self.conj_bias
             z = z.unsqueeze(0)
@@ -404,4 +323,3 @@ class Transformer(nn.Module):
         z = self.ln_f(z)[0]
         logits = linear(z, self.wte.weight if self.lm_head is None else self.lm_head.weight)
         return logits.view(batch, t_out, -1)
-

@@ -1,13 +1,15 @@
-"""The torch.distributed implementation of the model's Comm hooks, with a device-aware timeline.
+"""The torch.distributed implementation of the model's Comm contract, with a device-aware timeline.
 
-- reduce_shard: blocking all_reduce over the ranks sharing a sub-layer (Megatron).
-- reduce_shard_async: the same sum issued asynchronously (Ladder Residual: a module's AllReduce runs
+- reduce: blocking all_reduce over the ranks sharing a sub-layer (Megatron).
+- reduce_async: the same sum issued asynchronously (Ladder Residual: a module's AllReduce runs
   while the next module computes; the model awaits it right before the module after that).
 - exchange: Kraken's sum over sub-layers, issued asynchronously at the end of a layer and awaited by
   the model right before the next layer's FFN, so it runs during that layer's attention. On CUDA the
   collective runs on NCCL's stream and the wait only makes the compute stream wait (no host block).
 - reduce_conj: the conjunction's partial products summed over all ranks.
-- agree: rank 0's sampled tokens broadcast to everyone.
+Beside the contract, for the engine: ``agree`` (rank 0's sampled tokens broadcast to everyone) and
+``layer_begin``, called by a forward pre-hook ``watch_layers`` puts on every layer (it labels
+collectives and timeline marks with the layer running; the forward itself never calls it).
 
 Two ways to issue the same collectives: c10d calls with work handles (eager; the timeline can watch
 them) or functional collectives (``functional=True``), which torch.compile traces into the graph
@@ -19,6 +21,7 @@ blocking AllReduces.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -32,7 +35,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from krakenlm.errors import DistributedError
-from krakenlm.model.transformer import PlainComm
+from krakenlm.model.transformer import Ready, Transformer
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 
@@ -128,14 +131,6 @@ def _guard(fn: Callable[[], Any], what: str) -> Any:
                                f"({str(err).splitlines()[0][:200]})") from err
 
 
-class _Ready:
-    def __init__(self, value: Tensor) -> None:
-        self.value = value
-
-    def wait(self) -> Tensor:
-        return self.value
-
-
 class _Functional:
     """An exchange issued as a functional collective; waiting is a graph node torch.compile can place."""
 
@@ -176,7 +171,7 @@ def _nccl_duration(work: Any) -> float | None:
         return None
 
 
-class DistComm(PlainComm):
+class DistComm:
     """Comm for one rank of a ParallelPlan (process groups created collectively by every rank)."""
 
     def __init__(self, plan: ParallelPlan, *, no_comm: bool = False, overlap: bool = True,
@@ -241,23 +236,23 @@ class DistComm(PlainComm):
         if self.timeline.enabled:
             self.timeline.layers.append((layer, self.timeline.clock.mark()))
 
-    def reduce_shard(self, x: Tensor) -> Tensor:
+    def reduce(self, x: Tensor, site: str) -> Tensor:
         return self._blocking(x, self.shard_group, self.shard_size, "megatron")
 
-    def reduce_shard_async(self, x: Tensor) -> _Ready | _Functional | _InFlight:
+    def reduce_async(self, x: Tensor, site: str) -> Ready | _Functional | _InFlight:
         return self._issue(x, self.shard_group, self.shard_size, "ladder")
 
-    def exchange(self, y: Tensor) -> _Ready | _Functional | _InFlight:
+    def exchange(self, y: Tensor) -> Ready | _Functional | _InFlight:
         return self._issue(y.sum(0), self.exchange_group, self.exchange_size, "exchange")
 
-    def _issue(self, x: Tensor, group: Any, size: int, name: str) -> _Ready | _Functional | _InFlight:
+    def _issue(self, x: Tensor, group: Any, size: int, name: str) -> Ready | _Functional | _InFlight:
         """An all_reduce issued now and awaited by the model (at once when ``overlap`` is off)."""
         if self.no_comm or size == 1:
-            return _Ready(x)
+            return Ready(x)
         self._note("all_reduce", group, x, name, self._layer)
         if self.functional:
             pending: Any = _Functional(funcol.all_reduce(x, "sum", group))
-            return _Ready(pending.wait()) if not self.overlap else pending
+            return Ready(pending.wait()) if not self.overlap else pending
         event = self._record(name)
         x = x.contiguous()
         work = _guard(lambda: dist.all_reduce(x, group=group, async_op=True), name)
@@ -270,9 +265,26 @@ class DistComm(PlainComm):
         return self._blocking(x, dist.group.WORLD, dist.get_world_size(), "conjunction")
 
     def agree(self, tokens: Tensor) -> Tensor:
-        """Rank 0's values (sampled tokens, stop decisions) become every rank's."""
-        if self.no_comm or dist.get_world_size() == 1:
-            return tokens
-        tokens = tokens.contiguous()
-        _guard(lambda: dist.broadcast(tokens, src=0), "token broadcast")
+        return broadcast_tokens(tokens, self.no_comm)
+
+
+def broadcast_tokens(tokens: Tensor, no_comm: bool = False) -> Tensor:
+    """Rank 0's values (sampled tokens, stop decisions) become every rank's."""
+    if no_comm or dist.get_world_size() == 1:
         return tokens
+    tokens = tokens.contiguous()
+    _guard(lambda: dist.broadcast(tokens, src=0), "token broadcast")
+    return tokens
+
+
+def watch_layers(model: Transformer) -> None:
+    """Before each layer runs, tell the comm it was called with (a ``comm=`` keyword) which layer it is, if
+    that comm labels its collectives (``layer_begin``): the timeline's layer marks and the ledger's layers."""
+    for index, layer in enumerate(model.layers):
+        layer.register_forward_pre_hook(functools.partial(_layer_begins, index), with_kwargs=True)
+
+
+def _layer_begins(index: int, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    begin = getattr(kwargs.get("comm"), "layer_begin", None)
+    if begin is not None:
+        begin(index)

@@ -49,8 +49,7 @@ from krakenlm.costmodel.layouts import (
 from krakenlm.errors import ConfigError
 from krakenlm.model.layers import AttentionShape
 from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, ROW_HEADS, lookup, matrix_param, pair_matrices, qkv_blocks
-from krakenlm.model.sharding import gathered_ffn_rows, split_ranges
-from krakenlm.model.transformer import Shard
+from krakenlm.model.sharding import Shard, gathered_ffn_rows, split_ranges
 
 Ranges = list[tuple[int, int]]
 WS_LAYOUTS = ("1d-ws", "2d-ws")
@@ -341,6 +340,9 @@ def check_layout(config: ModelConfig, layout: Layout, tp: int) -> None:
                               f"{FFN_LAYOUTS})")
     if kraken:
         return
+    if config.arch == "ladder" and layout != Layout.default(config):
+        raise ConfigError(f"layout: {layout} does not apply to arch='ladder' (its modules' sums overlap the next "
+                          f"module: Megatron, the default layout, only)")
     dec, pre = layout.decode, layout.prefill
     if dec.gathered:
         raise ConfigError(f"layout: {dec} for decode: weight-gathered layouts are for prefill (a decode step moves "

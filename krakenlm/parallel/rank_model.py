@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from krakenlm.config import ModelConfig
 from krakenlm.model.params import lookup, owner_of, shapes
 from krakenlm.model.quant import check_shapes, quantize_model
-from krakenlm.model.sharding import shard_ranges
-from krakenlm.model.transformer import Shard, Transformer
+from krakenlm.model.sharding import Shard, shard_ranges
+from krakenlm.model.transformer import Transformer
 from krakenlm.parallel.layouts import Ranges, RankPlan, slice_tensor
 
 RangesFn = Callable[[str, tuple[int, ...]], tuple[list[Ranges], bool]]
