@@ -137,8 +137,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from krakenlm.checkpoint import Checkpoint, save_checkpoint
+    from krakenlm.checkpoint import Checkpoint, is_native_checkpoint, save_checkpoint
+    from krakenlm.validation import check_output_dir
 
+    check_output_dir(args.out, "out", is_native_checkpoint, "checkpoint")  # before reading a large input
     ckpt = Checkpoint(args.checkpoint)
     config = ckpt.config if args.ladder_layers is None else ckpt.config.as_ladder(args.ladder_layers)
     path = save_checkpoint(args.out, ckpt.state(), config, {"converted_from": str(args.checkpoint)})

@@ -56,7 +56,7 @@ from krakenlm.model import Transformer
 from krakenlm.parallel.group import init_distributed, resolve_device
 from krakenlm.resources import gib, require_memory, training_bytes
 from krakenlm.roofline import agreed_dtype
-from krakenlm.validation import check_float, check_int, check_output_dir
+from krakenlm.validation import check_float, check_int, check_output_dir, holding
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -64,6 +64,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TRAINER_TENSORS = "trainer.pt"
 TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "train_config.json"
 GROUP_TIMEOUT_S = 1800.0  # rendezvous and every collective: a lost rank fails the run instead of hanging it
 # Peak dense FLOP/s per device for the MFU estimate when --peak-tflops is not given: one Sapphire
 # Rapids core (AMX bf16 ~1.4 TFLOP/s measured, fp32 ~0.17) times threads; an H100 SXM on CUDA.
@@ -299,7 +300,7 @@ def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch
         state = {"step": step, "data_drawn": sampler.drawn, "train_config": cfg.to_dict(), **extra}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         write_manifest(tmp, {"step": step})
-    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, quota, I/O error
+    except (OSError, RuntimeError, SafetensorError, CheckpointError) as err:  # disk full, quota, I/O error
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(ckpt_root).free
         raise TrainingError(f"step {step}: could not write the checkpoint to {ckpt_root} ({describe_error(err)}; "
@@ -319,14 +320,16 @@ def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch
 
 
 def _clean_temps(out: Path) -> None:
-    """Remove what a killed run left half-written (hidden temp dirs and links)."""
-    for parent in (out, out / CHECKPOINT_DIR):
-        if parent.is_dir():
-            for item in parent.glob(".*"):
-                if item.is_dir() and not item.is_symlink():
-                    shutil.rmtree(item, ignore_errors=True)
-                else:
-                    item.unlink(missing_ok=True)
+    """Remove what a killed run left half-written: only this trainer's own temp names (a run directory
+    may also hold a user's hidden files, .git or .env, which are never touched)."""
+    patterns = {out: (f".{LATEST}.tmp-*", f".{METRICS_FILE}.tmp"),
+                out / CHECKPOINT_DIR: (".tmp-step-*", "..tmp-step-*")}
+    for parent, globs in patterns.items():
+        for item in (i for g in globs for i in parent.glob(g)):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
 
 
 # Metrics -----------------------------------------------------------------------------------------
@@ -459,7 +462,8 @@ class Trainer:
                  progress: bool = True) -> None:
         if not cfg.out or not cfg.data:
             raise ConfigError("train: both data (a prepared directory) and out (the run directory) are needed")
-        self.out = check_output_dir(cfg.out, "out")
+        self.out = check_output_dir(cfg.out, "out", holding(LATEST, CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG),
+                                    "run directory")
         self.dist = ctx
         self.progress = progress and self.dist.is_main
         if not resume and (self.out / LATEST).is_symlink():
@@ -606,7 +610,7 @@ class Trainer:
             tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
             tmp.write_text(text)
             os.replace(tmp, metrics_path)
-            (self.out / "train_config.json").write_text(json.dumps(
+            (self.out / RUN_CONFIG).write_text(json.dumps(
                 {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "world_size": self.dist.world,
                  "grad_accum": self.accum, "tokens_per_step": self.tokens_per_step, "params": self.params}, indent=2))
         bar = None
