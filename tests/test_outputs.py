@@ -163,3 +163,17 @@ def test_prepare_refuses_a_foreign_directory(tmp_path):
     with pytest.raises(ConfigError, match="not a krakenlm data directory"):
         prepare(tmp_path, [write_corpus(tmp_path.parent / "text")], tokenizer="bytes")
     assert [p.name for p in tmp_path.iterdir()] == ["thesis.txt"]
+
+
+def test_report_writers_refuse_a_fifo(tmp_path):
+    """Library writers of single files check their path too (a FIFO would block the writer forever)."""
+    from krakenlm.costmodel.hardware import load_hardware
+    from krakenlm.eval.report import write
+    from krakenlm.serve.profile import save_profiles
+
+    fifo = special_files(tmp_path)[0]
+    os.mkfifo(tmp_path / "fifo.md")  # eval's table, written next to its JSON
+    for writer in (lambda: load_hardware("cpu-gloo-nominal").save(fifo), lambda: save_profiles(fifo, {}),
+                   lambda: write([], [], tmp_path / "fifo.json")):
+        with pytest.raises(ConfigError, match="FIFO"):
+            writer()
