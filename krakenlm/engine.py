@@ -58,6 +58,7 @@ from krakenlm.parallel.layouts import Layout, RankPlan, resolve
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.parallel.rank_model import build_rank_model, held_bytes
+from krakenlm.preflight import check_engine, check_ranks
 from krakenlm.resources import require_memory
 from krakenlm.roofline import agreed_dtype
 from krakenlm.serve.scheduler import decode_shape
@@ -216,6 +217,8 @@ class Engine:
         if self.options.tp != self.world:
             raise DistributedError(f"tp={self.options.tp} but {self.world} ranks were launched; they must be equal")
         assert opened is not None
+        check_engine(opened.config, self.options.tp, self.options.dtype, self.device,
+                     local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))  # before the dtype probe
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
         dtype = agreed_dtype(self.options.dtype, opened.config, self.device, self.shard, distributed=self.distributed)
@@ -251,6 +254,8 @@ class Engine:
         child processes. Under torchrun: ranks >= 1 follow rank 0's calls until it closes, then get
         back a closed engine with ``is_driver`` False. ``workload``: what ``layout="auto"`` is chosen for."""
         options = options or EngineOptions()
+        if not under_torchrun():  # refuse what cannot run before starting any rank
+            _preflight(source, options)
         if options.tp == 1 and not under_torchrun():
             return cls(source, options, workload=workload)
         if under_torchrun():
@@ -618,6 +623,15 @@ class _Serving:
     vocab_limit: int | None
     batch_rows: tuple[int, ...] = ()
     batch: tuple[Tensor, RowSampler] | None = None
+
+
+def _preflight(source: ModelSource, options: EngineOptions) -> None:
+    """What can be refused before a launch starts a rank or reads a weight (krakenlm.preflight)."""
+    config = source.peek_config()
+    if config is not None:
+        check_engine(config, options.tp, options.dtype, resolve_device(options.device), local_ranks=options.tp)
+    if options.tp > 1:
+        check_ranks(options.tp)
 
 
 def follow(args: dict[str, Any]) -> int:

@@ -54,7 +54,8 @@ from krakenlm.errors import CheckpointError, ConfigError, TrainingError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
 from krakenlm.parallel.group import init_distributed, resolve_device
-from krakenlm.resources import gib, require_memory, training_bytes
+from krakenlm.preflight import check_training_memory
+from krakenlm.resources import gib
 from krakenlm.roofline import agreed_dtype
 from krakenlm.validation import check_float, check_int, check_output_dir, holding
 
@@ -478,11 +479,6 @@ class Trainer:
         if model_config is None:
             raise ConfigError("train: no model given (use a preset, a config JSON or a recipe)")
         self.block = cfg.block_size or model_config.block_size
-        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
-        tokens = cfg.batch_size * self.block
-        cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device, tokens=tokens,
-                                             distributed=self.dist.world > 1))
-        self.cfg = cfg
         self.model_config = model_config
         if self.block > model_config.block_size:
             raise ConfigError(f"block_size: {self.block} exceeds the model's context of {model_config.block_size}")
@@ -492,8 +488,14 @@ class Trainer:
                               f"the model has only {model_config.vocab_size}")
         self.accum = _accum_for(cfg, self.block, self.dist.world)
         self.tokens_per_step = self.accum * cfg.batch_size * self.block * self.dist.world
+        windows = self.accum * cfg.batch_size * (self.block + 1) * 8 + 8 * cfg.eval_windows  # int64 window starts
+        # inputs and memory first: the dtype probe below takes minutes for a model that could never fit
+        check_training_memory(model_config, cfg.batch_size, self.block, cfg.dtype, windows, self.dist.device)
+        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
+        self.cfg = cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device,
+                                                        tokens=cfg.batch_size * self.block,
+                                                        distributed=self.dist.world > 1))
         self.autocast_dtype = None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]
-        self._require_memory()
 
         self.model = Transformer(model_config, init=False)
         if restored is not None:
@@ -524,16 +526,6 @@ class Trainer:
     def _announce(self, message: str) -> None:
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
-
-    def _require_memory(self) -> None:
-        """Refuse a model or batch the device cannot hold, before allocating any of it."""
-        dtype = self.autocast_dtype or torch.float32
-        windows = self.accum * self.cfg.batch_size * (self.block + 1) * 8  # one step's int64 windows
-        windows += 8 * self.cfg.eval_windows  # the evaluation's window starts
-        need = training_bytes(self.model_config, self.cfg.batch_size, self.block, dtype) + windows
-        require_memory(need, f"training {self.model_config.name or 'the model'} "
-                       f"({self.model_config.num_params():,} parameters, batch_size={self.cfg.batch_size} x "
-                       f"{self.block} tokens)", self.dist.device)
 
     def _restore(self, restored: Restored) -> None:
         """Optimizer, RNG and data position of a verified checkpoint (weights are loaded by the caller)."""
