@@ -271,6 +271,7 @@ class Engine:
         followers = Ranks("krakenlm.engine:follow", {"source": source.to_dict(), "options": options.to_dict(),
                                                      "workload": work}, options.tp, range(1, options.tp))
         try:
+            followers.await_started(options.timeout)
             engine = cls(source, options, rendezvous=(0, options.tp, followers.store), workload=workload)
             engine._open_control()
         except BaseException as err:
