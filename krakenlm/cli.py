@@ -243,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports every subsystem: seconds, a Ctrl-C may land here
+    except KeyboardInterrupt:
+        print("krakenlm: interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args.func(args) or 0)
     except KrakenError as err:
