@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,6 +73,9 @@ from krakenlm.validation import check_float, check_int
 # in fp32 (benchmarks/decode_speed.py).
 COMPILE_SETTINGS: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"},
                                                "cpu": {"options": {"realize_reads_threshold": 1}}}
+
+CLOSE_WAIT_S = 10.0  # a follower takes the goodbye and exits within this, or it is stopped or stalled: killed
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -308,10 +312,18 @@ class Engine:
         return json.loads(bytes(data.tolist()).decode())
 
     def _follow(self) -> None:
-        """Run rank 0's lockstep calls until it closes the engine."""
-        while (message := self._receive())["op"] != "close":
+        """Run rank 0's lockstep calls until it closes the engine, or ends without closing it (its process
+        exited, so the connection closed): then this rank leaves as quietly (rank 0 reports any failure)."""
+        while True:
+            try:
+                message = self._receive()
+            except (RuntimeError, dist.DistBackendError):
+                break
+            if message["op"] == "close":
+                break
             _LOCKSTEP[message["op"]](self, *_decode(message["args"]), **_decode(message["kwargs"]))
-        self._teardown()
+        with contextlib.suppress(RuntimeError, dist.DistBackendError):
+            self._teardown()
 
     @contextlib.contextmanager
     def _peer_failures(self, what: str) -> Iterator[None]:
@@ -325,19 +337,28 @@ class Engine:
                                    f"({str(err).splitlines()[0][:200]})") from err
 
     def close(self) -> None:
-        """Release the followers, the control group and the process group (idempotent)."""
+        """Release the followers, the control group and the process group (idempotent). A follower that does
+        not take the goodbye within CLOSE_WAIT_S (stopped, stalled) is killed: closing never hangs."""
         if self._driving:
             self._driving = False
-            with contextlib.suppress(DistributedError):  # a follower already gone: tear down anyway
-                self._send({"op": "close"})
+            sender = threading.Thread(target=self._goodbye, name="krakenlm-close", daemon=True)
+            sender.start()
+            sender.join(min(self.options.timeout, CLOSE_WAIT_S))
+            if sender.is_alive() and self._followers is not None:
+                self._followers.kill()  # its connection closes, which ends the send
+                sender.join(CLOSE_WAIT_S)
         self._teardown()
+
+    def _goodbye(self) -> None:
+        with contextlib.suppress(DistributedError):  # a follower already gone: tear down anyway
+            self._send({"op": "close"})
 
     def _teardown(self) -> None:
         if self._joined and dist.is_initialized():
             dist.destroy_process_group()
         self._joined = False
         if self._followers is not None:
-            self._followers.stop(grace=self.options.timeout)
+            self._followers.stop(grace=min(self.options.timeout, CLOSE_WAIT_S))
             self._followers = None
 
     def __enter__(self) -> Engine:

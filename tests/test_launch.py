@@ -145,3 +145,23 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+ENDS_WITHOUT_CLOSE = """
+from krakenlm.engine import Engine, EngineOptions
+from krakenlm.source import ModelSource
+engine = Engine.launch(ModelSource(preset="mini-kraken-2way"), EngineOptions(tp=2, dtype="fp32"))
+engine.score([[1, 2, 3, 4]], [[4]])
+print(engine._followers.procs[0].pid, flush=True)
+"""
+
+
+def test_a_follower_leaves_quietly_when_rank_0_ends_without_closing():
+    """lm-eval never closes its model: every TP=2 run's follower printed a gloo traceback at shutdown."""
+    import subprocess
+    import sys
+
+    # the follower shares the pipes: run() returns once it has exited too
+    r = subprocess.run([sys.executable, "-c", ENDS_WITHOUT_CLOSE], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert _state(int(r.stdout)) == "Z"  # gone (or a zombie its dead parent left)
