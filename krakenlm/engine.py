@@ -296,13 +296,17 @@ class Engine:
         self._control = dist.new_group(backend="gloo", timeout=timedelta(days=7))
 
     def _send(self, message: dict[str, Any]) -> None:
+        """Broadcast a command; a follower that does not take it within the timeout (stopped, stalled) fails
+        it as one that died (the control group's own timeout is days: idle followers wait that long)."""
         data = json.dumps(message).encode()
         size = torch.tensor([len(data)], dtype=torch.long)
+        wait = timedelta(seconds=self.options.timeout)
         try:
-            dist.broadcast(size, 0, group=self._control)
-            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self._control)
+            for tensor in (size, torch.frombuffer(bytearray(data), dtype=torch.uint8)):
+                dist.broadcast(tensor, 0, group=self._control, async_op=True).wait(wait)
         except (RuntimeError, dist.DistBackendError) as err:
-            raise DistributedError(f"rank 0: a follower rank died ({str(err).splitlines()[0][:200]})") from err
+            raise DistributedError(f"rank 0: a follower rank died or stalled "
+                                   f"({str(err).splitlines()[0][:200]})") from err
 
     def _receive(self) -> dict[str, Any]:
         size = torch.zeros(1, dtype=torch.long)
