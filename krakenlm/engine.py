@@ -221,7 +221,7 @@ class Engine:
         if self.options.tp != self.world:
             raise DistributedError(f"tp={self.options.tp} but {self.world} ranks were launched; they must be equal")
         assert opened is not None
-        check_engine(opened.config, self.options.tp, self.options.dtype, self.device,
+        check_engine(opened.config, self.options.tp, self.options.dtype, self.device, quantize=self.options.quantize,
                      local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))  # before the dtype probe
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
@@ -655,7 +655,8 @@ def _preflight(source: ModelSource, options: EngineOptions) -> None:
     """What can be refused before a launch starts a rank or reads a weight (krakenlm.preflight)."""
     config = source.peek_config()
     if config is not None:
-        check_engine(config, options.tp, options.dtype, resolve_device(options.device), local_ranks=options.tp)
+        check_engine(config, options.tp, options.dtype, resolve_device(options.device), local_ranks=options.tp,
+                     quantize=options.quantize)
     if options.tp > 1:
         check_ranks(options.tp)
 

@@ -46,11 +46,13 @@ def check_ranks(tp: int) -> None:
                    "weights)", "cpu")
 
 
-def check_engine(config: ModelConfig, tp: int, dtype: str, device: torch.device, *, local_ranks: int = 1) -> None:
+def check_engine(config: ModelConfig, tp: int, dtype: str, device: torch.device, *, local_ranks: int = 1,
+                 quantize: str | None = None) -> None:
     """The TP degree fits the model's heads and sub-layers, and the weights of `local_ranks` ranks of this
-    host fit its memory (on CUDA, one rank's shard fits one device), in the smallest dtype `dtype` allows."""
+    host fit its memory (on CUDA, one rank's shard fits one device), in the smallest dtype `dtype` allows
+    (int8 with `quantize`)."""
     ParallelPlan(config, tp)  # ConfigError naming heads or sub-layers that do not divide
-    shard = model_bytes(config, _dtype(dtype), fraction=1 / tp)
+    shard = model_bytes(config, torch.int8 if quantize else _dtype(dtype), fraction=1 / tp)
     what = f"{config.name or 'the model'} ({config.num_params():,} parameters) at tp={tp}"
     if device.type == "cpu":
         require_memory(local_ranks * shard, f"{what}, weights of {local_ranks} local rank(s),", device)
