@@ -163,11 +163,15 @@ def check_state(state: dict[str, Tensor], config: ModelConfig, source: str) -> N
             raise CheckpointError(f"{source}: {name} has shape {tuple(state[name].shape)}, config needs {shape}")
 
 
+def _config_field(directory: Path, field: str) -> Any:
+    with contextlib.suppress(OSError, ValueError, AttributeError, CheckpointError, ConfigError):
+        return json.loads(regular_file(directory / CONFIG_FILE).read_text()).get(field)
+    return None
+
+
 def is_native_checkpoint(directory: Path) -> bool:
     """Whether `directory` is a checkpoint save_checkpoint wrote: the only kind of directory it replaces."""
-    with contextlib.suppress(OSError, ValueError, AttributeError, CheckpointError, ConfigError):
-        return json.loads(regular_file(directory / CONFIG_FILE).read_text()).get("format") == FORMAT
-    return False
+    return _config_field(directory, "format") == FORMAT
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module, config: ModelConfig,
@@ -609,7 +613,7 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
             out[f"transformer.h.{layer}.{block_names[leaf]}"] = t.t() if t.dim() == 2 else t
         else:
             out[f"transformer.{global_names[name]}"] = t.squeeze(0) if name.startswith("ln_f") else t
-    path = Path(path)
+    path = check_output_dir(path, "path", lambda d: _config_field(d, "model_type") == "gpt2", "GPT-2 export")
     path.mkdir(parents=True, exist_ok=True)
     _save_safetensors(out, path / WEIGHTS_FILE, metadata={"format": "pt"})
     hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": config.n_layer,

@@ -350,7 +350,7 @@ class Engine:
             sender.join(min(self.options.timeout, CLOSE_WAIT_S))
             if sender.is_alive() and self._followers is not None:
                 self._followers.kill()  # its connection closes, which ends the send
-                sender.join(CLOSE_WAIT_S)
+            sender.join()  # bounded: the send gives up after the timeout, at once when the followers are gone
         self._teardown()
 
     def _goodbye(self) -> None:

@@ -177,3 +177,19 @@ def test_report_writers_refuse_a_fifo(tmp_path):
                    lambda: write([], [], tmp_path / "fifo.json")):
         with pytest.raises(ConfigError, match="FIFO"):
             writer()
+
+
+def test_hf_export_never_writes_over_another_model(tmp_path):
+    from krakenlm.checkpoint import export_hf_gpt2
+    from krakenlm.model import Transformer
+    from tests.conftest import tiny
+
+    model = Transformer(tiny("gpt"))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match="not a krakenlm GPT-2 export"):
+        export_hf_gpt2(llama, model)
+    assert (llama / "config.json").read_text() == '{"model_type": "llama"}'
+    export_hf_gpt2(tmp_path / "gpt2", model)
+    export_hf_gpt2(tmp_path / "gpt2", model)  # its own export is rewritten
