@@ -216,6 +216,8 @@ class Runner:
             for job in jobs:
                 job.cancelled = True
                 self.scheduler.cancel(job.id)
+                if not job.started:
+                    self._jobs.pop(job.id, None)
         self._fail(jobs, ApiError(503, reason), "interrupted")
         self._wake.set()
 
