@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,12 @@ def test_generate_cli_with_a_huge_temperature():
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
 
 
+def catches_sigint(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    caught = next(line.split(":")[1] for line in status if line.startswith("SigCgt"))
+    return bool(int(caught, 16) & (1 << (signal.SIGINT - 1)))
+
+
 @pytest.mark.parametrize("after_s", [0.3, 1.0, 2.0])
 def test_ctrl_c_while_the_cli_starts_is_one_line(after_s):
     """The first seconds import torch and every subsystem, outside the CLI's error handling."""
@@ -37,6 +44,10 @@ def test_ctrl_c_while_the_cli_starts_is_one_line(after_s):
            "--dtype", "fp32", "--max-new-tokens", "800"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=as_a_terminal_starts_it)
+    deadline = time.monotonic() + 60
+    while not catches_sigint(proc.pid):  # Python has started (a Ctrl-C before it, or in site, is its own)
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
