@@ -2,6 +2,16 @@
 
 import sys
 
-from krakenlm.cli import main
 
-sys.exit(main())
+def run() -> int:
+    """The CLI, with a Ctrl-C during its start (importing torch takes seconds) ending as quietly as later."""
+    try:
+        from krakenlm.cli import main
+    except KeyboardInterrupt:
+        print("krakenlm: interrupted", file=sys.stderr)
+        return 130
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -47,7 +47,8 @@ from krakenlm.hf_llama import llama_config, read_llama
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.params import FORMATS, foreign, foreign_state, shapes, strip_foreign, tied_names
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
-from krakenlm.resources import model_bytes, require_memory
+from krakenlm.resources import gib, model_bytes, require_memory
+from krakenlm.validation import check_output_dir
 from krakenlm.validation import regular_file as check_regular_file
 
 FORMAT = "krakenlm"
@@ -154,14 +155,27 @@ def check_state(state: dict[str, Tensor], config: ModelConfig, source: str) -> N
             raise CheckpointError(f"{source}: {name} has shape {tuple(state[name].shape)}, config needs {shape}")
 
 
+def _config_field(directory: Path, field: str) -> Any:
+    with contextlib.suppress(OSError, ValueError, AttributeError, CheckpointError, ConfigError):
+        return json.loads(regular_file(directory / CONFIG_FILE).read_text()).get(field)
+    return None
+
+
+def is_native_checkpoint(directory: Path) -> bool:
+    """Whether `directory` is a checkpoint save_checkpoint wrote: the only kind of directory it replaces."""
+    return _config_field(directory, "format") == FORMAT
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module, config: ModelConfig,
                     metadata: dict[str, Any] | None = None) -> Path:
-    """Write a native checkpoint atomically (a temp directory renamed into place), manifest included."""
+    """Write a native checkpoint atomically (a temp directory renamed into place), manifest included.
+    An existing `path` must be an empty directory or a native checkpoint (which is replaced): a user's file,
+    a device or another directory is refused, never moved aside."""
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
+    path = check_output_dir(path, "out", is_native_checkpoint, "checkpoint")
     check_state(state, config, str(path))
     refuse_non_finite(state, str(path))
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # created with the user's umask (mkdtemp would leave the checkpoint private, 0700)
@@ -170,17 +184,31 @@ def save_checkpoint(path: str | Path, state: dict[str, Tensor] | torch.nn.Module
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), **(metadata or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
         write_manifest(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _swap_in(tmp, path)
+    except (OSError, SafetensorError) as err:  # a full disk, a quota, an I/O error
+        free = ""
+        with contextlib.suppress(OSError):
+            free = f"; {gib(shutil.disk_usage(path.parent).free)} free there"
+        raise CheckpointError(f"{path}: could not write the checkpoint ({describe_error(err)}{free}); "
+                              "nothing was replaced") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`; a checkpoint already there is replaced, or kept if that fails."""
+    if not path.is_dir():
+        os.replace(tmp, path)
+        return
+    old = tmp.with_name(tmp.name + ".old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
@@ -567,7 +595,7 @@ def export_hf_gpt2(path: str | Path, model: Transformer) -> Path:
                           "tied head) export to HF GPT-2")
     prefix = FORMATS["hf-gpt2"].prefix
     out = {prefix + name: t for name, t in foreign_state(model.state_dict(), config, "hf-gpt2").items()}
-    path = Path(path)
+    path = check_output_dir(path, "path", lambda d: _config_field(d, "model_type") == "gpt2", "GPT-2 export")
     path.mkdir(parents=True, exist_ok=True)
     _save_safetensors(out, path / WEIGHTS_FILE, metadata={"format": "pt"})
     hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": config.n_layer,

@@ -137,8 +137,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from krakenlm.checkpoint import Checkpoint, save_checkpoint
+    from krakenlm.checkpoint import Checkpoint, is_native_checkpoint, save_checkpoint
+    from krakenlm.validation import check_output_dir
 
+    check_output_dir(args.out, "out", is_native_checkpoint, "checkpoint")  # before reading a large input
     ckpt = Checkpoint(args.checkpoint)
     config = ckpt.config if args.ladder_layers is None else ckpt.config.as_ladder(args.ladder_layers)
     path = save_checkpoint(args.out, ckpt.state(), config, {"converted_from": str(args.checkpoint)})
@@ -242,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports every subsystem: seconds, a Ctrl-C may land here
+    except KeyboardInterrupt:
+        print("krakenlm: interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args.func(args) or 0)
     except KrakenError as err:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.tokenizer import BPE_TOKENIZER_FILE, BPETokenizer, Tokenizer, get_tokenizer, train_bpe
-from krakenlm.validation import check_float, check_output_dir, regular_file
+from krakenlm.validation import check_float, check_output_dir, holding, regular_file
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -185,7 +185,7 @@ def prepare(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, hf_datase
         raise ConfigError(f"split_by: must be one of {SPLIT_BY}, got {split_by!r}")
     if inputs and hf_dataset:
         raise InputError("prepare: give text inputs or --hf-dataset, not both")
-    check_output_dir(out_dir, "out")
+    check_output_dir(out_dir, "out", holding(META_FILE, *(f"{s}.bin" for s in SPLITS)), "data directory")
     sources, texts = _corpus(inputs, hf_dataset, hf_config)
     tok: Tokenizer
     if tokenizer.startswith("bpe:"):

@@ -25,6 +25,7 @@ import torch
 from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.source import ModelSource
+from krakenlm.validation import check_output_dir
 
 PROMPTS = [list(range(5, 37)), list(range(40, 60))]
 ARCHS = {
@@ -134,7 +135,7 @@ def run_doctor(out_dir: str | Path, *, timings: bool = True, device: str = "cuda
               "nothing claimed")
         return 0
     facts["device_name"] = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "out")
     out.mkdir(parents=True, exist_ok=True)
     archs = archs or list(ARCHS)
     chosen = [(name, STAGES[name]) for name in stages or list(STAGES)]

@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,7 @@ from krakenlm.parallel.layouts import Layout, RankPlan, resolve
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.parallel.rank_model import build_rank_model, held_bytes
+from krakenlm.preflight import check_engine, check_ranks
 from krakenlm.resources import require_memory
 from krakenlm.roofline import agreed_dtype
 from krakenlm.serve.scheduler import decode_shape
@@ -71,6 +73,9 @@ from krakenlm.validation import check_float, check_int
 # in fp32 (benchmarks/decode_speed.py).
 COMPILE_SETTINGS: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"},
                                                "cpu": {"options": {"realize_reads_threshold": 1}}}
+
+CLOSE_WAIT_S = 10.0  # a follower takes the goodbye and exits within this, or it is stopped or stalled: killed
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -216,6 +221,8 @@ class Engine:
         if self.options.tp != self.world:
             raise DistributedError(f"tp={self.options.tp} but {self.world} ranks were launched; they must be equal")
         assert opened is not None
+        check_engine(opened.config, self.options.tp, self.options.dtype, self.device, quantize=self.options.quantize,
+                     local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))  # before the dtype probe
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
         dtype = agreed_dtype(self.options.dtype, opened.config, self.device, self.shard, distributed=self.distributed)
@@ -253,6 +260,8 @@ class Engine:
         child processes. Under torchrun: ranks >= 1 follow rank 0's calls until it closes, then get
         back a closed engine with ``is_driver`` False. ``workload``: what ``layout="auto"`` is chosen for."""
         options = options or EngineOptions()
+        if not under_torchrun():  # refuse what cannot run before starting any rank
+            _preflight(source, options)
         if options.tp == 1 and not under_torchrun():
             return cls(source, options, workload=workload)
         if under_torchrun():
@@ -268,6 +277,7 @@ class Engine:
         followers = Ranks("krakenlm.engine:follow", {"source": source.to_dict(), "options": options.to_dict(),
                                                      "workload": work}, options.tp, range(1, options.tp))
         try:
+            followers.await_started(options.timeout)
             engine = cls(source, options, rendezvous=(0, options.tp, followers.store), workload=workload)
             engine._open_control()
         except BaseException as err:
@@ -288,13 +298,17 @@ class Engine:
         self._control = dist.new_group(backend="gloo", timeout=timedelta(days=7))
 
     def _send(self, message: dict[str, Any]) -> None:
+        """Broadcast a command; a follower that does not take it within the timeout (stopped, stalled) fails
+        it as one that died (the control group's own timeout is days: idle followers wait that long)."""
         data = json.dumps(message).encode()
         size = torch.tensor([len(data)], dtype=torch.long)
+        wait = timedelta(seconds=self.options.timeout)
         try:
-            dist.broadcast(size, 0, group=self._control)
-            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self._control)
+            for tensor in (size, torch.frombuffer(bytearray(data), dtype=torch.uint8)):
+                dist.broadcast(tensor, 0, group=self._control, async_op=True).wait(wait)
         except (RuntimeError, dist.DistBackendError) as err:
-            raise DistributedError(f"rank 0: a follower rank died ({str(err).splitlines()[0][:200]})") from err
+            raise DistributedError(f"rank 0: a follower rank died or stalled "
+                                   f"({str(err).splitlines()[0][:200]})") from err
 
     def _receive(self) -> dict[str, Any]:
         size = torch.zeros(1, dtype=torch.long)
@@ -304,10 +318,18 @@ class Engine:
         return json.loads(bytes(data.tolist()).decode())
 
     def _follow(self) -> None:
-        """Run rank 0's lockstep calls until it closes the engine."""
-        while (message := self._receive())["op"] != "close":
+        """Run rank 0's lockstep calls until it closes the engine, or ends without closing it (its process
+        exited, so the connection closed): then this rank leaves as quietly (rank 0 reports any failure)."""
+        while True:
+            try:
+                message = self._receive()
+            except (RuntimeError, dist.DistBackendError):
+                break
+            if message["op"] == "close":
+                break
             _LOCKSTEP[message["op"]](self, *_decode(message["args"]), **_decode(message["kwargs"]))
-        self._teardown()
+        with contextlib.suppress(RuntimeError, dist.DistBackendError):
+            self._teardown()
 
     @contextlib.contextmanager
     def _peer_failures(self, what: str) -> Iterator[None]:
@@ -321,19 +343,28 @@ class Engine:
                                    f"({str(err).splitlines()[0][:200]})") from err
 
     def close(self) -> None:
-        """Release the followers, the control group and the process group (idempotent)."""
+        """Release the followers, the control group and the process group (idempotent). A follower that does
+        not take the goodbye within CLOSE_WAIT_S (stopped, stalled) is killed: closing never hangs."""
         if self._driving:
             self._driving = False
-            with contextlib.suppress(DistributedError):  # a follower already gone: tear down anyway
-                self._send({"op": "close"})
+            sender = threading.Thread(target=self._goodbye, name="krakenlm-close", daemon=True)
+            sender.start()
+            sender.join(min(self.options.timeout, CLOSE_WAIT_S))
+            if sender.is_alive() and self._followers is not None:
+                self._followers.kill()  # its connection closes, which ends the send
+            sender.join()  # bounded: the send gives up after the timeout, at once when the followers are gone
         self._teardown()
+
+    def _goodbye(self) -> None:
+        with contextlib.suppress(DistributedError):  # a follower already gone: tear down anyway
+            self._send({"op": "close"})
 
     def _teardown(self) -> None:
         if self._joined and dist.is_initialized():
             dist.destroy_process_group()
         self._joined = False
         if self._followers is not None:
-            self._followers.stop(grace=self.options.timeout)
+            self._followers.stop(grace=min(self.options.timeout, CLOSE_WAIT_S))
             self._followers = None
 
     def __enter__(self) -> Engine:
@@ -635,6 +666,16 @@ class _Serving:
     vocab_limit: int | None
     batch_rows: tuple[int, ...] = ()
     batch: tuple[Tensor, RowSampler] | None = None
+
+
+def _preflight(source: ModelSource, options: EngineOptions) -> None:
+    """What can be refused before a launch starts a rank or reads a weight (krakenlm.preflight)."""
+    config = source.peek_config()
+    if config is not None:
+        check_engine(config, options.tp, options.dtype, resolve_device(options.device), local_ranks=options.tp,
+                     quantize=options.quantize)
+    if options.tp > 1:
+        check_ranks(options.tp)
 
 
 def follow(args: dict[str, Any]) -> int:

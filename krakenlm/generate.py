@@ -41,9 +41,11 @@ class SamplingConfig:
 
 
 def _positive(values: list[float], device: torch.device) -> Tensor:
-    """float32 values floored at float32's smallest normal: a valid 1e-300 would round to 0 and turn a
-    division (temperature) or a threshold (top_p: even the first token dropped) into a NaN draw."""
-    return torch.tensor(values, dtype=torch.float32, device=device).clamp(min=torch.finfo(torch.float32).tiny)
+    """float32 values kept within float32's finite normals: a valid 1e-300 would round to 0 and a valid
+    1e39 to inf, turning a division (temperature: masked -inf / inf) or a threshold (top_p: even the first
+    token dropped) into a NaN draw."""
+    finfo = torch.finfo(torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device=device).clamp(min=finfo.tiny, max=finfo.max)
 
 
 class RowSampler:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from krakenlm.checkpoint import Checkpoint
+from krakenlm.checkpoint import CONFIG_FILE, Checkpoint
 from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError
 from krakenlm.model import Shard, Transformer
@@ -96,6 +96,15 @@ class ModelSource:
             return RandomWeights(get_preset(self.preset), self.seed)
         assert self.config is not None
         return RandomWeights(self.config, self.seed)
+
+    def peek_config(self) -> ModelConfig | None:
+        """The config without reading any weights, for checks before a launch; None for a torch checkpoint
+        file (its config is inside the pickle, read only when it is opened)."""
+        if self.checkpoint is None:
+            return self.open().config
+        if os.path.isfile(os.path.join(self.checkpoint, CONFIG_FILE)):
+            return Checkpoint(self.checkpoint).config  # config.json only: weights are read on .model()
+        return None
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the weights: path plus size and mtime of its files, or preset/config + seed."""

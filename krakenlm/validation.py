@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +63,60 @@ def _check_ancestors(path: Path, name: str) -> None:
             return
 
 
-def check_output_dir(path: str | Path, name: str) -> Path:
-    """An output directory path that is not an existing file and can be created (creating it is the writer's)."""
+def _kind(mode: int) -> str:
+    return "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a regular file" if stat.S_ISREG(mode) else "a device or special file"
+
+
+def _existing_mode(path: Path, name: str) -> int | None:
+    """`path`'s mode (following links), or None when nothing is there and its folder can be made."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        _check_ancestors(path, name)
+        return None
+    except OSError as err:
+        raise ConfigError(f"{name}: {path}: cannot access ({err.strerror or err})") from None
+
+
+def holding(*names: str) -> Callable[[Path], bool]:
+    """An `ours` test for check_output_dir: the directory holds one of `names` (what that writer leaves)."""
+    return lambda directory: any(os.path.lexists(directory / n) for n in names)
+
+
+def check_output_dir(path: str | Path, name: str, ours: Callable[[Path], bool] | None = None,
+                     what: str = "output") -> Path:
+    """The one guard of every writer of a user-named directory, called before any work: the path is absent
+    (the writer creates it) or a directory. Anything else there (a user's file, a device, a FIFO) is refused,
+    never moved aside or replaced. ``ours``: a writer that replaces or prunes its directory passes the test
+    of its own outputs, and a non-empty directory that fails it is refused, so no user's file goes with it."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{name}: {path} exists and is not a directory")
-    _check_ancestors(path, name)
+    mode = _existing_mode(path, name)
+    if mode is None:
+        return path
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(f"{name}: {path} exists and is {_kind(mode)}, not a directory; refusing to replace it "
+                          "(choose another path)")
+    if ours is not None:
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError as err:
+            raise ConfigError(f"{name}: {path}: cannot list it ({err.strerror or err})") from None
+        if entries and not ours(path):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(f"{name}: {path} is a non-empty directory that is not a krakenlm {what} (it holds "
+                              f"{shown}); refusing to write there (choose a new or empty directory)")
     return path
 
 
 def check_output_file(path: str | Path, name: str) -> Path:
-    """An output file path that is not an existing directory and can be created: checked before long work,
-    so its result is not lost at the end."""
+    """An output file path that is absent or a regular file (overwritten) and can be created: checked before
+    long work, so its result is not lost at the end. A directory, a device or a FIFO is refused by name."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{name}: {path} is a directory; give a file path")
-    _check_ancestors(path, name)
+    mode = _existing_mode(path, name)
+    if mode is not None and not stat.S_ISREG(mode):
+        hint = "; give a file path" if stat.S_ISDIR(mode) else "; refusing to write to it"
+        raise ConfigError(f"{name}: {path} is {_kind(mode)}{hint}")
     return path
 
 
@@ -94,9 +133,7 @@ def regular_file(path: str | Path, error: type[KrakenError] = ConfigError) -> Pa
     except OSError as err:
         raise error(f"{path}: cannot access ({err.strerror or err})") from None
     if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
-            "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
-        raise error(f"{path}: is {kind}, not a regular file; refusing to read it")
+        raise error(f"{path}: is {_kind(mode)}, not a regular file; refusing to read it")
     if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
         raise error(f"{path}: permission denied (this user cannot read it)")
     return path

@@ -410,9 +410,9 @@ def test_greedy_text_identical(native_checkpoint: Path, tmp_path: Path, capsys: 
 
 
 @pytest.mark.parametrize("case,message", [
-    ("foreign", "is not empty and not a krakenlm export; refusing to overwrite it"),
-    ("file", "exists and is not a directory"),
-    ("device", "exists and is not a directory"),
+    ("foreign", "is a non-empty directory that is not a krakenlm export"),
+    ("file", "not a directory; refusing to replace it"),
+    ("device", "not a directory; refusing to replace it"),
     ("symlink", "is a symbolic link"),
     ("missing", "no such checkpoint"),
     ("tokenizer", "tokenizer: 'gpt2' has 50257 tokens but the model only 257"),

@@ -86,3 +86,82 @@ def test_ctrl_c_stops_the_leader_and_every_follower(after_s):
     assert "interrupted" in leader.stderr.read()
     time.sleep(1.0)
     assert followers and not [pid for pid in followers if os.path.exists(f"/proc/{pid}")]
+
+
+def test_a_follower_killed_at_start_up_fails_the_launch_at_once(monkeypatch):
+    """The launcher used to wait the whole --timeout in the rendezvous for a follower that was already dead."""
+    import time
+
+    import krakenlm.engine
+    from krakenlm.engine import Engine, EngineOptions
+    from krakenlm.source import ModelSource
+
+    class KilledAtStart(Ranks):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.procs[0].kill()
+
+    monkeypatch.setattr(krakenlm.engine, "Ranks", KilledAtStart)
+    start = time.monotonic()
+    with pytest.raises(DistributedError, match="rank 1 exited during start-up"):
+        Engine.launch(ModelSource(preset="mini-gpt"), EngineOptions(tp=2, timeout=300, dtype="fp32"))
+    assert time.monotonic() - start < 60  # a hang guard, not a timing: it took the full 300 s before
+
+
+LAUNCHER = """
+import sys, time
+from krakenlm.parallel.launch import Ranks
+ranks = Ranks("tests.tp_workers:sleeper", {"seconds": 300}, 2)
+ranks.await_started(120)
+print(" ".join(str(p.pid) for p in ranks.procs), flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_killed_launcher_leaves_no_rank_and_no_payload(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in launcher.stdout.readline().split()]
+        assert len(pids) == 2 and list(tmp_path.iterdir()) == []  # each rank removed its payload once read
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 20  # a hang guard: they lingered ~35 s, or the full sleep, before
+        while any(os.path.exists(f"/proc/{p}") and "Z" not in _state(p) for p in pids):
+            assert time.monotonic() < deadline, "ranks outlived their launcher"
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+ENDS_WITHOUT_CLOSE = """
+from krakenlm.engine import Engine, EngineOptions
+from krakenlm.source import ModelSource
+engine = Engine.launch(ModelSource(preset="mini-kraken-2way"), EngineOptions(tp=2, dtype="fp32"))
+engine.score([[1, 2, 3, 4]], [[4]])
+print(engine._followers.procs[0].pid, flush=True)
+"""
+
+
+def test_a_follower_leaves_quietly_when_rank_0_ends_without_closing():
+    """lm-eval never closes its model: every TP=2 run's follower printed a gloo traceback at shutdown."""
+    import subprocess
+    import sys
+
+    # the follower shares the pipes: run() returns once it has exited too
+    r = subprocess.run([sys.executable, "-c", ENDS_WITHOUT_CLOSE], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert _state(int(r.stdout)) == "Z"  # gone (or a zombie its dead parent left)

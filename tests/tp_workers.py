@@ -213,3 +213,9 @@ def gather(payload: dict) -> int:
         Path(payload["out"]).write_text(json.dumps(values))
     dist.destroy_process_group()
     return 0
+
+
+def sleeper(payload: dict) -> int:
+    """A rank that only waits (the launcher's own behaviour under test)."""
+    time.sleep(payload["seconds"])
+    return 0

@@ -408,6 +408,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                               "(records of cells without a clean round are dropped unless --keep-contaminated)")
         return out
 
+    if args.save:
+        check_output_file(args.save, "--save")  # before the fit, so it is not lost
     fit_records, hw = records(args.records), load_hardware(args.hardware)
     options = {"fields": tuple(args.fields.split(",")), "per_dtype": not args.shared_eff}
     fit = calibrate(hw, fit_records, **options)

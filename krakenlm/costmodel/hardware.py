@@ -18,7 +18,7 @@ from typing import Any
 from krakenlm.config import dataclass_fields
 from krakenlm.errors import ConfigError
 from krakenlm.machine import machine_spec
-from krakenlm.validation import is_finite_number
+from krakenlm.validation import check_output_file, is_finite_number
 
 SPEC_DIR = Path(__file__).with_name("hardware")
 TOPOLOGIES = ("ring", "switch", "torus")
@@ -217,7 +217,7 @@ class Hardware:
 
     def save(self, path: str | Path) -> None:
         """Write the spec as JSON (e.g. after calibration) so it loads by path."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        check_output_file(path, "save").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def hardware_names() -> list[str]:

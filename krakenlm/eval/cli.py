@@ -54,6 +54,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     check_data(args.data_dir, tasks)  # fail on bad data before loading any model
     if args.out:
         check_output_file(args.out, "--out")  # before the evaluation, so its results are not lost
+        check_output_file(Path(args.out).with_suffix(".md"), "--out (its table)")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
     results = []

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.eval.tasks import METRICS
+from krakenlm.validation import check_output_file
 
 TITLES = {"boolq": "BoolQ", "cb": "CB", "copa": "COPA", "multirc": "MultiRC", "record": "ReCoRD",
           "rte": "RTE", "wic": "WiC", "wsc": "WSC"}
@@ -90,9 +91,9 @@ def _count(params: int | None) -> str:
 def write(results: list[ModelResult], tasks: list[str], path: str | Path,
           extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """PATH (JSON) and PATH with .md (the table), written side by side."""
-    path = Path(path)
+    path = check_output_file(path, "out")
+    table = check_output_file(path.with_suffix(".md"), "out (its table)")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(results, tasks, extra), indent=2) + "\n")
-    table = path.with_suffix(".md")
     table.write_text(markdown_table(results, tasks))
     return path, table

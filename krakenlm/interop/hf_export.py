@@ -88,22 +88,23 @@ def export_model(model: Transformer, out: str | Path, *, format: str = "hf", tok
     refuse_non_finite(state, "export")
     out = _check_out(Path(out))
     with _staging(out) as tmp:
-        eot = write_tokenizer(tokenizer, tmp, config.vocab_size, config.block_size)
-        tokens = {"bos_token_id": eot, "eos_token_id": eot}
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        if layout == "gpt2":
+        if layout == "gpt2":  # first: it refuses a directory that already holds other files
             export_hf_gpt2(tmp, model)
-            hf = json.loads((tmp / CONFIG_FILE).read_text()) | tokens
+            hf = json.loads((tmp / CONFIG_FILE).read_text())
         elif layout == "llama":
             _save_safetensors(llama_state(state, config), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-            hf = llama_hf_config(config) | tokens
+            hf = llama_hf_config(config)
         else:
             _save_safetensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-            hf = krakenlm_hf_config(config) | ({} if eot is None else tokens)
+            hf = krakenlm_hf_config(config)
             for name in SHIPPED_FILES:
                 shutil.copyfile(SHIPPED_DIR / name, tmp / name)
+        eot = write_tokenizer(tokenizer, tmp, config.vocab_size, config.block_size)
+        tokens = {} if eot is None else {"bos_token_id": eot, "eos_token_id": eot}
+        hf |= tokens
         _write_json(tmp / CONFIG_FILE, hf | {"torch_dtype": dtype})
-        _write_json(tmp / "generation_config.json", {} if eot is None else tokens | {"pad_token_id": eot})
+        _write_json(tmp / "generation_config.json", tokens and tokens | {"pad_token_id": eot})
         files = sorted(p.name for p in tmp.iterdir())
         _write_json(tmp / MARKER_FILE, {"layout": layout, "source": source, "files": files})
     return Export(out, layout)
@@ -127,14 +128,8 @@ def _check_out(out: Path) -> Path:
     """``out`` if writing there replaces nothing but an empty directory or a previous export."""
     if out.is_symlink():
         raise ConfigError(f"out: {out} is a symbolic link; give the directory itself")
-    check_output_dir(out, "out")
-    if not out.exists():
-        return out
-    entries = {p.name for p in out.iterdir()}
-    if entries and not entries <= _previous_export_files(out):
-        raise ConfigError(f"out: {out} is not empty and not a krakenlm export; refusing to overwrite it (give a new "
-                          "or empty directory)")
-    return out
+    return check_output_dir(out, "out", lambda d: {p.name for p in d.iterdir()} <= _previous_export_files(d),
+                            "export")
 
 
 def _previous_export_files(out: Path) -> set[str]:

@@ -18,6 +18,7 @@ hangs on a dead rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from krakenlm.errors import DistributedError
 
+LAUNCHER_PID = "KRAKENLM_LAUNCHER_PID"  # a launched rank exits when this process is gone
 Prefix = Callable[[int], list[str]]
 Env = Callable[[int], dict[str, str]]
 
@@ -62,23 +64,38 @@ class Ranks:
         # ranks in other network namespaces (a prefix) cannot reach this process's loopback
         self.store = host_store(world) if port is None and prefix is None else None
         self.port = self.store.port if self.store is not None else port or free_port()
-        hosted = {"TORCHELASTIC_USE_AGENT_STORE": str(self.store is not None)}
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="krakenlm-ranks-", delete=False) as f:
-            json.dump({"target": target, "args": args}, f)
-        self.payload = f.name
+        hosted = {"TORCHELASTIC_USE_AGENT_STORE": str(self.store is not None), LAUNCHER_PID: str(os.getpid())}
+        self.ranks = list(range(world) if ranks is None else ranks)
+        self.payloads: list[str] = []  # one per rank, which removes it once read (a killed launcher leaves none)
         self.procs: list[subprocess.Popen] = []
         try:
-            for rank in range(world) if ranks is None else ranks:
+            for rank in self.ranks:
                 rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                             "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master_addr,
                             "MASTER_PORT": str(self.port)} | hosted | (env(rank) if env else {})
+                self.payloads.append(_write_payload(target, args))
                 command = (prefix(rank) if prefix else []) + [sys.executable, "-m", "krakenlm.parallel.rank",
-                                                               self.payload]
+                                                               self.payloads[-1]]
                 # a session of its own: a terminal's Ctrl-C reaches this process, which stops the ranks
                 self.procs.append(subprocess.Popen(command, env=os.environ | rank_env, start_new_session=True))
         except BaseException:
             self.stop(0.0)
             raise
+
+    def await_started(self, timeout: float) -> None:
+        """Wait until every rank has started its target (it checks in at the hosted store), polling for
+        ranks that exit first: a rank killed during start-up fails the launch at once, not at the
+        rendezvous timeout. A no-op without a hosted store (ranks in other namespaces)."""
+        if self.store is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not self.store.check([started_key(r) for r in self.ranks]):
+            gone = [r for r, p in zip(self.ranks, self.procs, strict=True) if p.poll() is not None]
+            if gone:
+                raise DistributedError(f"rank {gone[0]} exited during start-up, before joining")
+            if time.monotonic() > deadline:
+                raise DistributedError(f"ranks did not start within {timeout:g}s")
+            time.sleep(0.05)
 
     def failed(self) -> int | None:
         """The exit code of the first rank that failed, if any."""
@@ -116,8 +133,20 @@ class Ranks:
                 p.kill()
                 p.wait()
         self.store = None  # every rank has ended (an in-process rank 0's group keeps its own reference)
-        if os.path.exists(self.payload):
-            os.unlink(self.payload)
+        for payload in self.payloads:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(payload)
+
+
+def started_key(rank: int) -> str:
+    """The store key a launched rank sets once its target is imported and about to run."""
+    return f"krakenlm/started/{rank}"
+
+
+def _write_payload(target: str, args: dict[str, Any]) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="krakenlm-ranks-", delete=False) as f:
+        json.dump({"target": target, "args": args}, f)
+    return f.name
 
 
 def run_ranks(target: str, world: int, args: dict[str, Any], *, timeout: float | None = None, grace: float = 30.0,

@@ -6,28 +6,68 @@ import importlib
 import json
 import os
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
 from krakenlm.errors import ConfigError, KrakenError
+from krakenlm.parallel.launch import LAUNCHER_PID, started_key
+
+
+def _target(target: str) -> Callable[[dict[str, Any]], Any]:
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise ConfigError(f"launch: target must be 'package.module:function', got {target!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def call(target: str, args: dict[str, Any]) -> int:
     """Import ``package.module:function`` and call it with ``args``; its return value is the exit code."""
-    module, _, name = target.partition(":")
-    if not module or not name:
-        raise ConfigError(f"launch: target must be 'package.module:function', got {target!r}")
-    return int(getattr(importlib.import_module(module), name)(args) or 0)
+    return int(_target(target)(args) or 0)
+
+
+def _check_in(rank: str) -> None:
+    """Tell the launcher's store this rank started (it watches for ranks that die before they join)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=30))
+        store.set(started_key(int(rank)), "1")
+
+
+def _exit_with_launcher(rank: str) -> None:
+    """End this rank soon after the process that launched it is gone (killed, it could not stop us)."""
+    pid = int(os.environ.get(LAUNCHER_PID, "0"))
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.2)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(f"krakenlm rank {rank}: the launcher (pid {pid}) is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+            except PermissionError:  # alive, owned by another user
+                pass
+
+    if pid > 0:
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def main(path: str) -> int:
     rank = os.environ.get("RANK", "?")
     try:
+        _exit_with_launcher(rank)
         with open(path) as f:
             payload = json.load(f)
-        return call(payload["target"], payload["args"])
+        os.unlink(path)  # this rank's own copy: nothing is left in the temp folder, whoever dies first
+        target = _target(payload["target"])
+        _check_in(rank)
+        return int(target(payload["args"]) or 0)
     except KrakenError as err:
         print(f"krakenlm rank {rank}: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from krakenlm.errors import InputError
 from krakenlm.generate import SamplingConfig
@@ -37,6 +38,7 @@ class FrontEnd:
     tokenizer: Tokenizer
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    read_timeout: float = 30.0  # seconds to receive a request's body
 
 
 def create_app(runner: Runner, front: FrontEnd) -> FastAPI:
@@ -72,7 +74,7 @@ def create_app(runner: Runner, front: FrontEnd) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         _authorize(request, front.api_key)
-        body = protocol.decode_body(await _read_body(request, front.max_body_bytes))
+        body = protocol.decode_body(await _read_body(request, front.max_body_bytes, front.read_timeout))
         req = protocol.parse_completion(body)
         if req.model is not None and req.model != front.model_name:
             raise ApiError(404, f"model {req.model!r} does not exist; this server serves {front.model_name!r}",
@@ -101,17 +103,24 @@ def _authorize(request: Request, api_key: str | None) -> None:
         raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past ``limit`` bytes (declared or streamed)."""
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 past ``limit`` bytes (declared or streamed) and with 408 when it has not
+    all arrived within ``timeout`` seconds (a slow client must not hold a connection forever)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:  # nobody to answer; not a server error to log
+        raise CLIENT_GONE from None
     return b"".join(chunks)
 
 

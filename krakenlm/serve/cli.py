@@ -19,7 +19,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_tokens=args.max_tokens,
                          max_queue=args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                         drain_timeout=args.drain_timeout, tokenizer=args.tokenizer, model_name=args.model_name)
+                         drain_timeout=args.drain_timeout, tokenizer=args.tokenizer, read_timeout=args.read_timeout,
+                         model_name=args.model_name or args.checkpoint or args.preset or args.config)
     return serve(model_source(args), engine_options(args), config)
 
 
@@ -34,9 +35,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for in-flight requests; those still running then end with a 503 error")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's headers, and then its body")
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"], help="default: by vocabulary size")
-    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the source)")
+    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the --preset "
+                   "name, or the --checkpoint or --config path as given)")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -26,7 +26,7 @@ import httpx
 from krakenlm.errors import ConfigError
 from krakenlm.serve.report import RequestRecord, check_slo, summarize
 from krakenlm.serve.workload import Arrival, Lengths, LoadSpec
-from krakenlm.validation import check_float
+from krakenlm.validation import check_float, check_output_file
 
 DEFAULT_TIMEOUT_S = 600.0  # seconds one request may take
 
@@ -198,7 +198,7 @@ def plot(reports: list[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
+    path = check_output_file(path, "plot")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,7 +21,7 @@ from krakenlm.errors import ConfigError
 from krakenlm.serve.loadtest import Target, run_load
 from krakenlm.serve.scheduler import bucket
 from krakenlm.serve.workload import Lengths, LoadSpec
-from krakenlm.validation import check_int, is_finite_number
+from krakenlm.validation import check_int, check_output_file, is_finite_number
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ def measure_profiles(targets: list[Target], prompt_lengths: Lengths, output_leng
 
 def save_profiles(path: str | Path, profiles: dict[str, EngineProfile]) -> None:
     """Write ``{"profiles": {server: profile}}`` (what ``krakenlm simulate --profile`` reads)."""
-    Path(path).write_text(json.dumps({"profiles": {n: p.to_dict() for n, p in profiles.items()}}, indent=2) + "\n")
+    doc = {"profiles": {n: p.to_dict() for n, p in profiles.items()}}
+    check_output_file(path, "out").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def load_profile(spec: str) -> EngineProfile:

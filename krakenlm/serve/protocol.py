@@ -31,7 +31,8 @@ class ApiError(KrakenError):
     """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+             408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -68,7 +69,8 @@ class CompletionRequest:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
-    """The request's JSON object; 400 for non-UTF-8, malformed JSON, NaN/Infinity or a non-object."""
+    """The request's JSON object; 400 for non-UTF-8, malformed JSON, NaN/Infinity, nesting deeper than the
+    parser's recursion limit, strings that are not Unicode text (a lone surrogate, \\ud800) or a non-object."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -81,6 +83,15 @@ def decode_body(body: bytes) -> dict[str, Any]:
         data = json.loads(text, parse_constant=refuse_constant)
     except (json.JSONDecodeError, ValueError) as err:
         raise ApiError(400, f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    try:  # every string must be text a tokenizer and a response can carry: no lone surrogates anywhere
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"request body holds a string that is not valid Unicode ({err.reason}: "
+                       f"{err.object[err.start:err.end]!a})") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -94,8 +105,9 @@ def parse_completion(data: dict[str, Any]) -> CompletionRequest:
     for key, no_op in _NO_OP.items():
         if key in data and data[key] != no_op:
             raise _bad(key, f"not supported by this server (only {json.dumps(no_op)})")
-    if data.get("n", 1) != 1 or isinstance(data.get("n"), bool):
-        raise _bad("n", "only n=1 is supported")
+    if data.get("n") is not None and (not _is_int(data["n"]) or data["n"] != 1):
+        raise _bad("n", f"only n=1 (the integer) is supported, got {json.dumps(data['n'])}")
+    _optional_str(data, "user")
     if "prompt" not in data:
         raise _bad("prompt", "required")
     return CompletionRequest(

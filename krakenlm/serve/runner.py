@@ -28,7 +28,7 @@ from krakenlm.errors import DistributedError
 from krakenlm.generate import SamplingConfig
 from krakenlm.serve.metrics import ServeMetrics
 from krakenlm.serve.protocol import ApiError
-from krakenlm.serve.scheduler import BatchingPolicy, Request, Scheduler, StepPlan
+from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, StepPlan
 from krakenlm.serve.text import TextStream
 
 IDLE_POLL_S = 0.2  # how often an idle loop checks that the follower ranks still run
@@ -107,7 +107,11 @@ class Runner:
                 raise ApiError(503, f"the engine is down: {self.dead}")
             if self._stopping:
                 raise ApiError(503, "the server is shutting down")
-            self.scheduler.submit(Request(job.id, len(job.prompt), job.max_new_tokens, payload=job))
+            try:
+                self.scheduler.submit(Request(job.id, len(job.prompt), job.max_new_tokens, payload=job))
+            except QueueFull:
+                self.metrics.outcome("queue_full")
+                raise
             self._jobs[job.id] = job
             self.metrics.waiting(self.scheduler.waiting)
         self._wake.set()
@@ -203,16 +207,36 @@ class Runner:
         self.metrics.tokens(len(events), now)
         return events
 
+    def interrupt(self, reason: str) -> None:
+        """End every outstanding request now with a 503 naming ``reason`` and refuse new ones (a drain that ran
+        out of time: clients get an error they can read, not a cut connection); the loop frees their rows."""
+        with self._lock:
+            self._stopping = True
+            jobs = [job for job in self._jobs.values() if not job.done]
+            for job in jobs:
+                job.cancelled = True
+                self.scheduler.cancel(job.id)
+                if not job.started:
+                    self._jobs.pop(job.id, None)
+        self._fail(jobs, ApiError(503, reason), "interrupted")
+        self._wake.set()
+
     def _die(self, reason: str) -> None:
-        """Fail every outstanding request with 503 and refuse new ones."""
-        error = ApiError(503, f"the engine is down: {reason}")
+        """Fail every outstanding request with 503 and refuse new ones; nothing runs or waits any more."""
         with self._lock:
             self.dead = reason
             jobs = [job for job in self._jobs.values() if not job.done]
             self._jobs.clear()
+            self.scheduler = Scheduler(self.scheduler.policy, self.scheduler.context)  # /health counts nothing
+        self.metrics.waiting(0)
+        self.metrics.running(0)
         for job in jobs:
             job.finish = "error"
-            self.metrics.outcome("error")
+        self._fail(jobs, ApiError(503, f"the engine is down: {reason}"), "error")
+
+    def _fail(self, jobs: list[Job], error: ApiError, outcome: str) -> None:
+        for _ in jobs:
+            self.metrics.outcome(outcome)
         self.publish([(job, Event(error=error)) for job in jobs])
 
 

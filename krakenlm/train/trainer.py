@@ -55,9 +55,10 @@ from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
 from krakenlm.model.params import lookup
 from krakenlm.parallel.group import init_distributed, resolve_device
-from krakenlm.resources import gib, require_memory, training_bytes
+from krakenlm.preflight import check_training_memory
+from krakenlm.resources import gib
 from krakenlm.roofline import agreed_dtype
-from krakenlm.validation import check_float, check_int, check_output_dir
+from krakenlm.validation import check_float, check_int, check_output_dir, holding
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -65,6 +66,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TRAINER_TENSORS = "trainer.pt"
 TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "train_config.json"
 GROUP_TIMEOUT_S = 1800.0  # rendezvous and every collective: a lost rank fails the run instead of hanging it
 # Peak dense FLOP/s per device for the MFU estimate when --peak-tflops is not given: one Sapphire
 # Rapids core (AMX bf16 ~1.4 TFLOP/s measured, fp32 ~0.17) times threads; an H100 SXM on CUDA.
@@ -295,7 +297,7 @@ def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch
         state = {"step": step, "data_drawn": sampler.drawn, "train_config": cfg.to_dict(), **extra}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         write_manifest(tmp, {"step": step})
-    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, quota, I/O error
+    except (OSError, RuntimeError, SafetensorError, CheckpointError) as err:  # disk full, quota, I/O error
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(ckpt_root).free
         raise TrainingError(f"step {step}: could not write the checkpoint to {ckpt_root} ({describe_error(err)}; "
@@ -315,14 +317,16 @@ def _write_checkpoint(out: Path, step: int, model: Transformer, optimizer: torch
 
 
 def _clean_temps(out: Path) -> None:
-    """Remove what a killed run left half-written (hidden temp dirs and links)."""
-    for parent in (out, out / CHECKPOINT_DIR):
-        if parent.is_dir():
-            for item in parent.glob(".*"):
-                if item.is_dir() and not item.is_symlink():
-                    shutil.rmtree(item, ignore_errors=True)
-                else:
-                    item.unlink(missing_ok=True)
+    """Remove what a killed run left half-written: only this trainer's own temp names (a run directory
+    may also hold a user's hidden files, .git or .env, which are never touched)."""
+    patterns = {out: (f".{LATEST}.tmp-*", f".{METRICS_FILE}.tmp"),
+                out / CHECKPOINT_DIR: (".tmp-step-*", "..tmp-step-*")}
+    for parent, globs in patterns.items():
+        for item in (i for g in globs for i in parent.glob(g)):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
 
 
 # Metrics -----------------------------------------------------------------------------------------
@@ -455,7 +459,8 @@ class Trainer:
                  progress: bool = True) -> None:
         if not cfg.out or not cfg.data:
             raise ConfigError("train: both data (a prepared directory) and out (the run directory) are needed")
-        self.out = check_output_dir(cfg.out, "out")
+        self.out = check_output_dir(cfg.out, "out", holding(LATEST, CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG),
+                                    "run directory")
         self.dist = ctx
         self.progress = progress and self.dist.is_main
         if not resume and (self.out / LATEST).is_symlink():
@@ -470,11 +475,6 @@ class Trainer:
         if model_config is None:
             raise ConfigError("train: no model given (use a preset, a config JSON or a recipe)")
         self.block = cfg.block_size or model_config.block_size
-        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
-        tokens = cfg.batch_size * self.block
-        cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device, tokens=tokens,
-                                             distributed=self.dist.world > 1))
-        self.cfg = cfg
         self.model_config = model_config
         if self.block > model_config.block_size:
             raise ConfigError(f"block_size: {self.block} exceeds the model's context of {model_config.block_size}")
@@ -484,8 +484,14 @@ class Trainer:
                               f"the model has only {model_config.vocab_size}")
         self.accum = _accum_for(cfg, self.block, self.dist.world)
         self.tokens_per_step = self.accum * cfg.batch_size * self.block * self.dist.world
+        windows = self.accum * cfg.batch_size * (self.block + 1) * 8 + 8 * cfg.eval_windows  # int64 window starts
+        # inputs and memory first: the dtype probe below takes minutes for a model that could never fit
+        check_training_memory(model_config, cfg.batch_size, self.block, cfg.dtype, windows, self.dist.device)
+        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
+        self.cfg = cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device,
+                                                        tokens=cfg.batch_size * self.block,
+                                                        distributed=self.dist.world > 1))
         self.autocast_dtype = None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]
-        self._require_memory()
 
         self.model = Transformer(model_config, init=False)
         if restored is not None:
@@ -516,16 +522,6 @@ class Trainer:
     def _announce(self, message: str) -> None:
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
-
-    def _require_memory(self) -> None:
-        """Refuse a model or batch the device cannot hold, before allocating any of it."""
-        dtype = self.autocast_dtype or torch.float32
-        windows = self.accum * self.cfg.batch_size * (self.block + 1) * 8  # one step's int64 windows
-        windows += 8 * self.cfg.eval_windows  # the evaluation's window starts
-        need = training_bytes(self.model_config, self.cfg.batch_size, self.block, dtype) + windows
-        require_memory(need, f"training {self.model_config.name or 'the model'} "
-                       f"({self.model_config.num_params():,} parameters, batch_size={self.cfg.batch_size} x "
-                       f"{self.block} tokens)", self.dist.device)
 
     def _restore(self, restored: Restored) -> None:
         """Optimizer, RNG and data position of a verified checkpoint (weights are loaded by the caller)."""
@@ -602,7 +598,7 @@ class Trainer:
             tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
             tmp.write_text(text)
             os.replace(tmp, metrics_path)
-            (self.out / "train_config.json").write_text(json.dumps(
+            (self.out / RUN_CONFIG).write_text(json.dumps(
                 {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "world_size": self.dist.world,
                  "grad_accum": self.accum, "tokens_per_step": self.tokens_per_step, "params": self.params}, indent=2))
         bar = None
