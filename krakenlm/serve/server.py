@@ -39,6 +39,7 @@ class ServeConfig:
     max_batch: int = 8
     max_tokens: int | None = None
     max_queue: int = 256
+    prefill_chunk: int = 0  # prompt tokens prefilled per step (0: whole prompts)
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 60.0
@@ -55,7 +56,8 @@ class ServeConfig:
         self.policy(1)  # the batching limits, checked before any rank starts (the context is not known yet)
 
     def policy(self, context: int) -> BatchingPolicy:
-        return BatchingPolicy(self.max_batch, self.max_tokens or self.max_batch * context, self.max_queue)
+        return BatchingPolicy(self.max_batch, self.max_tokens or self.max_batch * context, self.max_queue,
+                              prefill_chunk=self.prefill_chunk)
 
 
 def bind(host: str, port: int) -> socket.socket:
