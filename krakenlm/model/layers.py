@@ -263,10 +263,11 @@ class StackedAttention(nn.Module):
             if step.slots is None:
                 kbuf[..., step.start:step.start + t, :] = k.view(s, batch, hkv, t, hs)
                 vbuf[..., step.start:step.start + t, :] = v.view(s, batch, hkv, t, hs)
-            else:  # one token per row, each at its own slot
-                index = step.slots.view(1, batch, 1, 1, 1).expand(s, batch, hkv, 1, hs)
-                kbuf.scatter_(3, index, k.view(s, batch, hkv, 1, hs))
-                vbuf.scatter_(3, index, v.view(s, batch, hkv, 1, hs))
+            else:  # one token per row, each at its own slot. An index_put (not a scatter): the compiler
+                # writes it in place, where a scatter into a graph input copies the whole buffer twice
+                rows = torch.arange(batch, device=kbuf.device)
+                kbuf[:, rows, :, step.slots] = k.view(s, batch, hkv, hs).transpose(0, 1)
+                vbuf[:, rows, :, step.slots] = v.view(s, batch, hkv, hs).transpose(0, 1)
             if step.mask is not None:
                 k = kbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
                 v = vbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs)
