@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from krakenlm.model.activations import gelu_tanh
 from krakenlm.model.attention import causal_attention
+from krakenlm.model.gemm import rows_linear
 from krakenlm.model.quant import Int8Weight
 
 
@@ -49,7 +50,7 @@ def linear(x: Tensor, weight: Tensor | Int8Weight) -> Tensor:
     """x [M, in] @ weight[out, in]^T for a float or an int8 weight (the LM head, the conjunction)."""
     if single_row(x):
         return _row_linear(x, weight)
-    return weight.matmul(x) if isinstance(weight, Int8Weight) else F.linear(x, weight)
+    return weight.matmul(x) if isinstance(weight, Int8Weight) else rows_linear(x, weight)
 
 
 def _row_linear(x: Tensor, weight: Tensor | Int8Weight) -> Tensor:
@@ -64,7 +65,7 @@ def stacked_linear(x: Tensor, weight: Tensor | Int8Weight, bias: Tensor | None =
         out = _row_linear(x, weight) if single_row(x) else weight.matmul(x)  # type: ignore[union-attr]
         return out if bias is None else out + bias.unsqueeze(1)
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
-        out = F.linear(x[0], weight[0], None if bias is None else bias[0])
+        out = rows_linear(x[0], weight[0], None if bias is None else bias[0])
         return out.unsqueeze(0)
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
