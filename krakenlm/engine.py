@@ -539,7 +539,8 @@ class Engine:
         [starts[i], starts[i] + len) of row i's prompt (default 0: a new request; otherwise the row's
         cached length, continuing a chunked prefill). Where ``last[i]`` (default), the chunk ends its
         prompt and the row's first token, sampled with ``samplings[i]`` (whose seed starts the row's own
-        generator), is returned; else None. New requests run as one right-padded batched forward."""
+        generator), is returned; else None. New requests run as right-padded batched forwards
+        (``padded_groups``)."""
         rows, chunks = list(rows), [list(c) for c in chunks]
         starts = [0] * len(rows) if starts is None else list(starts)
         last = [True] * len(rows) if last is None else [bool(x) for x in last]
@@ -560,10 +561,10 @@ class Engine:
     def _prefill_rows(self, rows: list[int], chunks: list[list[int]], samplings: list[SamplingConfig],
                       starts: list[int], last: list[bool]) -> list[int | None]:
         s = self._serving
-        fresh = [i for i, start in enumerate(starts) if start == 0]
         logits: dict[int, Tensor] = {}
-        if fresh:
-            logits.update(zip(fresh, self._prefill_fresh([rows[i] for i in fresh], [chunks[i] for i in fresh]),
+        for group in padded_groups([len(c) if start == 0 else 0 for c, start in zip(chunks, starts, strict=True)]):
+            group.sort(key=rows.__getitem__)  # adjacent rows in order are written in place
+            logits.update(zip(group, self._prefill_fresh([rows[i] for i in group], [chunks[i] for i in group]),
                               strict=True))
         for i, (row, chunk, start) in enumerate(zip(rows, chunks, starts, strict=True)):
             if start:  # a later chunk attends to the row's cached prefix (masked attention)
@@ -659,6 +660,25 @@ class Engine:
         """Why a follower rank started by this engine is gone, or None while they all run (polls, no collective)."""
         code = self._followers.failed() if self._followers is not None else None
         return None if code is None else f"a follower rank exited with code {code}"
+
+
+PADDING_WASTE = 1.25  # a batched prefill computes at most this many times the prompts' own tokens
+
+
+def padded_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of the prompts (length > 0) to prefill together, each group right-padded to its longest:
+    longest first, a prompt joins the current group while the group's padded tokens stay within
+    ``PADDING_WASTE`` times its real ones (so one long prompt never makes many short ones pay its length)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i]):
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= PADDING_WASTE * (total + lengths[i]):
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
 
 
 @dataclass

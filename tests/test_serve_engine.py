@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from krakenlm.engine import Engine, EngineOptions
+from krakenlm.engine import Engine, EngineOptions, padded_groups
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.generate import SamplingConfig
 from krakenlm.parallel.launch import run_ranks
@@ -56,10 +56,12 @@ def test_batched_and_chunked_prefill_give_what_generate_gives_alone(name):
         assert scheduled(engine, batch, 12, policy, sampling) == want, policy
 
 
-def test_batched_prefill_writes_the_cache_one_by_one_prefill_writes():
+@pytest.mark.parametrize("rows", [[4, 1, 2], [2, 3, 1]])  # rows apart (a scratch cache), adjacent (in place)
+def test_batched_prefill_writes_the_cache_one_by_one_prefill_writes(rows):
     engine = Engine(ModelSource(config=tiny("gpt", n_kv_head=2, position="rope")), EngineOptions(device="cpu"))
-    batch, rows = prompts(3, seed=4), [4, 1, 2]  # rows 1 and 2 adjacent, 4 apart: both write paths
+    batch = prompts(3, seed=4)  # 17, 15 and 19 tokens: one padded group
     engine.open_serving(5)
+    engine.prefill_rows([0, 4], [[7] * 30, [8] * 40], [SamplingConfig()] * 2)  # earlier requests to overwrite
     together = engine.prefill_rows(rows, batch, [SamplingConfig()] * 3)
     cache = engine._serving.cache
     keys = [k.clone() for k in cache.keys + cache.values]
@@ -69,6 +71,11 @@ def test_batched_prefill_writes_the_cache_one_by_one_prefill_writes():
         assert cache.valid[row, :n].all() and not cache.valid[row, n:].any()
         for mine, one in zip(keys, cache.keys + cache.values, strict=True):
             torch.testing.assert_close(mine[:, row, :, :n], one[:, row, :, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_groups_bound_the_padding():
+    assert padded_groups([100, 10, 90, 0, 12, 95]) == [[0, 5, 2], [4, 1]]  # 0: not a new prompt
+    assert padded_groups([5, 5, 5]) == [[0, 1, 2]] and padded_groups([0]) == []
 
 
 def test_chunked_prefill_refuses_chunks_out_of_order():
