@@ -576,23 +576,81 @@ class Engine:
     def prefill_row(self, row: int, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> int:
         """Prefill one request into cache row ``row`` (the other rows keep their state) and return its
         first token, sampled with ``sampling`` (its seed starts the row's own generator)."""
-        self._serving_row(row)
-        validate_prompts([prompt], self.config.vocab_size, self.config.block_size, 0)
-        return self._prefill_row(row, list(prompt), sampling or SamplingConfig())
+        token = self.prefill_rows([row], [prompt], [sampling or SamplingConfig()])[0]
+        assert token is not None
+        return token
+
+    def prefill_rows(self, rows: Sequence[int], chunks: Sequence[Sequence[int]],
+                     samplings: Sequence[SamplingConfig], *, starts: Sequence[int] | None = None,
+                     last: Sequence[bool] | None = None) -> list[int | None]:
+        """Prefill prompt chunks into their rows; the other rows keep their state. Chunk i holds tokens
+        [starts[i], starts[i] + len) of row i's prompt (default 0: a new request; otherwise the row's
+        cached length, continuing a chunked prefill). Where ``last[i]`` (default), the chunk ends its
+        prompt and the row's first token, sampled with ``samplings[i]`` (whose seed starts the row's own
+        generator), is returned; else None. New requests run as right-padded batched forwards
+        (``padded_groups``)."""
+        rows, chunks = list(rows), [list(c) for c in chunks]
+        starts = [0] * len(rows) if starts is None else list(starts)
+        last = [True] * len(rows) if last is None else [bool(x) for x in last]
+        if not rows or len(set(rows)) != len(rows) or not len(chunks) == len(samplings) == len(starts) == len(last) \
+                == len(rows):
+            raise InputError(f"prefill_rows: expected distinct rows, one chunk, sampling, start and last each, "
+                             f"got rows {rows}")
+        for row, chunk, start in zip(rows, chunks, starts, strict=True):
+            s = self._serving_row(row)
+            if start and (start != s.lengths[row] or s.samplers[row] is not None):
+                raise InputError(f"prefill_rows: row {row} holds {s.lengths[row]} prompt tokens being prefilled, "
+                                 f"a chunk cannot start at {start}")
+            validate_prompts([chunk], self.config.vocab_size, self.config.block_size - start, 0)
+        return self._prefill_rows(rows, chunks, list(samplings), starts, last)
 
     @lockstep
     @torch.inference_mode()
-    def _prefill_row(self, row: int, prompt: list[int], sampling: SamplingConfig) -> int:
+    def _prefill_rows(self, rows: list[int], chunks: list[list[int]], samplings: list[SamplingConfig],
+                      starts: list[int], last: list[bool]) -> list[int | None]:
         s = self._serving
-        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = self.model(idx, cache=s.cache.rows(row, row + 1), logits_at="last", comm=self.comm)
-        sampler = RowSampler([sampling], self.device, s.vocab_limit)
-        token = self._agree(sampler(logits[:, -1]))
-        s.tokens[row:row + 1].copy_(token)
-        s.slots[row] = s.lengths[row] = len(prompt)
-        s.samplers[row] = (sampling, sampler.generators[0])
-        s.batch_rows = ()  # this row's sampler is new: rebuild the step's sampler
-        return int(token.item())
+        logits: dict[int, Tensor] = {}
+        for group in padded_groups([len(c) if start == 0 else 0 for c, start in zip(chunks, starts, strict=True)]):
+            group.sort(key=rows.__getitem__)  # adjacent rows in order are written in place
+            logits.update(zip(group, self._prefill_fresh([rows[i] for i in group], [chunks[i] for i in group]),
+                              strict=True))
+        for i, (row, chunk, start) in enumerate(zip(rows, chunks, starts, strict=True)):
+            if start:  # a later chunk attends to the row's cached prefix (masked attention)
+                idx = torch.tensor([chunk], dtype=torch.long, device=self.device)
+                logits[i] = self.model(idx, cache=s.cache.rows(row, row + 1), start=start, logits_at="last",
+                                       comm=self.comm)[0, -1]
+            s.lengths[row] = s.slots[row] = start + len(chunk)
+            s.samplers[row] = None
+        done = [i for i in range(len(rows)) if last[i]]
+        tokens: list[int | None] = [None] * len(rows)
+        if done:
+            sampler = RowSampler([samplings[i] for i in done], self.device, s.vocab_limit)
+            token = self._agree(sampler(torch.stack([logits[i] for i in done])))
+            index = torch.tensor([rows[i] for i in done], device=self.device)
+            s.tokens.index_copy_(0, index, token)
+            for i, value, generator in zip(done, token.tolist(), sampler.generators, strict=True):
+                tokens[i], s.samplers[rows[i]] = value, (samplings[i], generator)
+        s.batch_rows = ()  # rows' samplers changed: rebuild the step's sampler
+        return tokens
+
+    def _prefill_fresh(self, rows: list[int], prompts: list[list[int]]) -> Tensor:
+        """New requests' prompts in one forward, right-padded (causal attention never lets a real
+        position see the padding after it) into a scratch cache copied into their rows; the padding's
+        slots are marked invalid and later overwritten by decoding. Returns each prompt's last logits [n, V]."""
+        s, width = self._serving, max(len(p) for p in prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        idx = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            idx[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        in_place = rows == list(range(rows[0], rows[0] + len(rows)))  # adjacent rows: written where they are
+        scratch = s.cache.rows(rows[0], rows[-1] + 1) if in_place else self.model.new_cache(len(rows), width)
+        logits = self.model(idx.to(self.device), cache=scratch, logits_at=lengths - 1, comm=self.comm)[:, 0]
+        index = torch.tensor(rows, device=self.device)
+        if not in_place:
+            for mine, theirs in zip(s.cache.keys + s.cache.values, scratch.keys + scratch.values, strict=True):
+                mine[:, :, :, :width].index_copy_(1, index, theirs)
+        s.cache.valid[index] = torch.arange(s.cache.max_len, device=self.device) < lengths.unsqueeze(1)
+        return logits
 
     def decode_rows(self, rows: Sequence[int]) -> list[int]:
         """One decode step for ``rows`` (each holding a prefilled request): the next token of each, sampled
@@ -650,6 +708,25 @@ class Engine:
         """Why a follower rank started by this engine is gone, or None while they all run (polls, no collective)."""
         code = self._followers.failed() if self._followers is not None else None
         return None if code is None else f"a follower rank exited with code {code}"
+
+
+PADDING_WASTE = 1.25  # a batched prefill computes at most this many times the prompts' own tokens
+
+
+def padded_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of the prompts (length > 0) to prefill together, each group right-padded to its longest:
+    longest first, a prompt joins the current group while the group's padded tokens stay within
+    ``PADDING_WASTE`` times its real ones (so one long prompt never makes many short ones pay its length)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i]):
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= PADDING_WASTE * (total + lengths[i]):
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
 
 
 @dataclass

@@ -63,6 +63,45 @@ def test_prefills_per_step_cap() -> None:
     assert _ids(step.admit) == [2, 3] and _ids(step.decode) == [0, 1]
 
 
+def _chunks(step) -> list[tuple]:
+    return [(c.request.id, c.row, c.start, c.stop, c.last) for c in step.prefill]
+
+
+def test_chunked_prefill_shares_a_token_budget_and_running_requests_keep_decoding() -> None:
+    s = Scheduler(BatchingPolicy(max_batch=4, prefill_chunk=8), context=64)
+    s.submit(Request("short", 3, 4))
+    step = s.plan()
+    assert _chunks(step) == [("short", 0, 0, 3, True)] and _ids(step.admit) == ["short"]
+    s.token("short")
+    s.submit(Request("long", 20, 2))
+    s.submit(Request("next", 2, 2))
+    step = s.plan()  # short decodes; long takes what is left of the budget, next waits for budget
+    assert _ids(step.decode) == ["short"] and _chunks(step) == [("long", 1, 0, 8, False)] and s.waiting == 1
+    with pytest.raises(InputError, match="not prefilled yet"):
+        s.token("long")
+    s.token("short")
+    step = s.plan()  # long continues first; it is not in the decode set
+    assert _ids(step.decode) == ["short"] and _chunks(step) == [("long", 1, 8, 16, False)]
+    s.token("short")
+    step = s.plan()  # long's last 4 tokens and next's whole prompt fit in 8
+    assert _chunks(step) == [("long", 1, 16, 20, True), ("next", 2, 0, 2, True)] and _ids(step.admit) == ["next"]
+    s.token("short"), s.token("long"), s.token("next")
+    step = s.plan()
+    assert [d.request.id for d in step.left] == ["short"] and _ids(step.decode) == ["long", "next"]
+    assert step.prefill == []
+
+
+def test_cancelled_request_leaves_mid_prefill() -> None:
+    s = Scheduler(BatchingPolicy(max_batch=1, prefill_chunk=4), context=64)
+    s.submit(Request("a", 10, 2))
+    s.submit(Request("b", 3, 2))
+    assert _chunks(s.plan()) == [("a", 0, 0, 4, False)]
+    assert s.cancel("a")
+    step = s.plan()
+    assert [(d.request.id, d.reason, d.tokens) for d in step.left] == [("a", "cancelled", 0)]
+    assert _chunks(step) == [("b", 0, 0, 3, True)] and s.reserved_tokens == 5
+
+
 def test_one_token_requests_finish_at_their_prefill_and_stop_ends_early() -> None:
     s = Scheduler(BatchingPolicy(max_batch=4), context=64)
     s.submit(Request("one", 4, 1))
@@ -116,7 +155,8 @@ def test_refusals_are_typed() -> None:
 
 @pytest.mark.parametrize("kwargs,field", [({"max_batch": 0}, "max_batch"), ({"max_tokens": -1}, "max_tokens"),
                                           ({"max_queue": 2.5}, "max_queue"), ({"max_batch": True}, "max_batch"),
-                                          ({"max_prefills_per_step": -1}, "max_prefills_per_step")])
+                                          ({"max_prefills_per_step": -1}, "max_prefills_per_step"),
+                                          ({"prefill_chunk": -1}, "prefill_chunk")])
 def test_policy_validation(kwargs, field) -> None:
     with pytest.raises(InputError, match=field):
         BatchingPolicy(**kwargs)
@@ -131,11 +171,12 @@ def test_request_validation(args, field) -> None:
         Scheduler(BatchingPolicy(), context=0)
 
 
-def test_random_operations_keep_the_invariants() -> None:
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_random_operations_keep_the_invariants(chunk: int) -> None:
     rng = random.Random(7)
-    policy = BatchingPolicy(max_batch=4, max_tokens=60, max_queue=6, max_prefills_per_step=2)
+    policy = BatchingPolicy(max_batch=4, max_tokens=60, max_queue=6, max_prefills_per_step=2, prefill_chunk=chunk)
     s = Scheduler(policy, context=40)
-    submitted, admitted, next_id = [], [], 0
+    submitted, admitted, next_id, prefilled = [], [], 0, {}
     for _ in range(400):
         op = rng.random()
         if op < 0.35:
@@ -147,20 +188,20 @@ def test_random_operations_keep_the_invariants() -> None:
             except QueueFull:
                 assert s.waiting == policy.max_queue
         elif op < 0.42 and submitted:
-            if s.cancel(rng.choice(submitted)):
-                pass
+            s.cancel(rng.choice(submitted))
         else:
             step = s.plan()
-            rows = [row for _, row in step.admit + step.decode]
+            rows = [c.row for c in step.prefill] + [row for _, row in step.decode]
             assert len(rows) == len(set(rows)) and all(0 <= r < policy.max_batch for r in rows)
             assert s.running <= policy.max_batch and s.reserved_tokens <= policy.max_tokens
             assert len(step.admit) <= policy.max_prefills_per_step
+            assert sum(c.stop - c.start for c in step.prefill) <= (chunk or 10**9)
+            for c in step.prefill:  # each prompt's chunks are contiguous, from 0 to its end
+                assert c.start == prefilled.get(c.request.id, 0) < c.stop
+                prefilled[c.request.id] = c.stop
             admitted += _ids(step.admit)
-            for req, _ in step.admit + step.decode:
-                if rng.random() < 0.05:
-                    s.token(req.id, stop=True)
-                else:
-                    s.token(req.id)
+            for req in [c.request for c in step.prefill if c.last] + [req for req, _ in step.decode]:
+                s.token(req.id, stop=rng.random() < 0.05)
     assert admitted == sorted(admitted)  # FIFO: admitted in submission order
 
 

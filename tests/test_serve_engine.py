@@ -5,16 +5,18 @@ import json
 import random
 
 import pytest
+import torch
 
-from krakenlm.engine import Engine, EngineOptions
+from krakenlm.engine import Engine, EngineOptions, padded_groups
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.generate import SamplingConfig
 from krakenlm.parallel.launch import run_ranks
 from krakenlm.serve.protocol import ApiError, decode_body, parse_completion
+from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.serve.text import TextStream
 from krakenlm.source import ModelSource
 from tests.conftest import tiny
-from tests.tp_workers import staggered
+from tests.tp_workers import scheduled, staggered
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -40,6 +42,55 @@ def test_rows_give_what_generate_gives_alone(name):
     assert staggered(engine, batch, 20, sampling) == want  # eight at once, joining one per step
     # rows reused in another order: a row's earlier request leaves nothing behind
     assert staggered(engine, batch[::-1], 20, sampling[::-1], rows=[5, 0, 7, 2, 1, 3, 6, 4]) == want[::-1]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_batched_and_chunked_prefill_give_what_generate_gives_alone(name):
+    engine = Engine(ModelSource(config=CONFIGS[name]), EngineOptions(device="cpu"))
+    batch = prompts(8, seed=2)
+    sampling = [SamplingConfig()] * 5 + [SamplingConfig(0.9, top_k=30, seed=s) for s in (1, 2, 3)]
+    want = alone(engine, batch, 12, sampling)
+    engine.open_serving(6)
+    for policy in (BatchingPolicy(max_batch=6), BatchingPolicy(max_batch=6, prefill_chunk=7),
+                   BatchingPolicy(max_batch=3, prefill_chunk=1)):
+        assert scheduled(engine, batch, 12, policy, sampling) == want, policy
+
+
+@pytest.mark.parametrize("rows", [[4, 1, 2], [2, 3, 1]])  # rows apart (a scratch cache), adjacent (in place)
+def test_batched_prefill_writes_the_cache_one_by_one_prefill_writes(rows):
+    engine = Engine(ModelSource(config=tiny("gpt", n_kv_head=2, position="rope")), EngineOptions(device="cpu"))
+    batch = prompts(3, seed=4)  # 17, 15 and 19 tokens: one padded group
+    engine.open_serving(5)
+    engine.prefill_rows([0, 4], [[7] * 30, [8] * 40], [SamplingConfig()] * 2)  # earlier requests to overwrite
+    together = engine.prefill_rows(rows, batch, [SamplingConfig()] * 3)
+    cache = engine._serving.cache
+    keys = [k.clone() for k in cache.keys + cache.values]
+    for row, prompt, first in zip(rows, batch, together, strict=True):
+        assert engine.prefill_row(row, prompt) == first
+        n = len(prompt)
+        assert cache.valid[row, :n].all() and not cache.valid[row, n:].any()
+        for mine, one in zip(keys, cache.keys + cache.values, strict=True):
+            torch.testing.assert_close(mine[:, row, :, :n], one[:, row, :, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_groups_bound_the_padding():
+    assert padded_groups([100, 10, 90, 0, 12, 95]) == [[0, 5, 2], [4, 1]]  # 0: not a new prompt
+    assert padded_groups([5, 5, 5]) == [[0, 1, 2]] and padded_groups([0]) == []
+
+
+def test_chunked_prefill_refuses_chunks_out_of_order():
+    engine = Engine(ModelSource(config=tiny("gpt")), EngineOptions(device="cpu"))
+    engine.open_serving(2)
+    assert engine.prefill_rows([0], [[1, 2, 3]], [SamplingConfig()], last=[False]) == [None]
+    with pytest.raises(InputError, match="holds no request"):
+        engine.decode_rows([0])  # its prompt is not complete
+    with pytest.raises(InputError, match="cannot start at 2"):
+        engine.prefill_rows([0], [[4]], [SamplingConfig()], starts=[2])
+    assert isinstance(engine.prefill_rows([0], [[4]], [SamplingConfig()], starts=[3])[0], int)
+    with pytest.raises(InputError, match="cannot start at 4"):  # the prompt is complete: decode now
+        engine.prefill_rows([0], [[5]], [SamplingConfig()], starts=[4])
+    with pytest.raises(InputError, match="distinct rows"):
+        engine.prefill_rows([1, 1], [[1], [2]], [SamplingConfig()] * 2)
 
 
 def test_row_operations_refuse_bad_calls():
@@ -82,6 +133,7 @@ def test_tensor_parallel_rows_equal_single_device(tmp_path):
         engine = Engine(ModelSource(config=cfg), EngineOptions(device="cpu"))
         want = alone(engine, payload["prompts"], 16, [SamplingConfig()] * 8)
         assert results[name] == want, name
+        assert results[name + " chunked"] == want, name
 
 
 # Text and protocol -------------------------------------------------------------------------------------

@@ -63,7 +63,9 @@ def gpt_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kraken_tp2_server(tmp_path_factory):
-    server = live_server(tmp_path_factory.mktemp("kraken"), KRAKEN, "--tp", "2", "--max-batch", "8", "--timeout", "10")
+    # prompts prefilled 3 tokens a step in all: the server's chunked and batched prefill on 2 ranks
+    server = live_server(tmp_path_factory.mktemp("kraken"), KRAKEN, "--tp", "2", "--max-batch", "8", "--timeout", "10",
+                         "--prefill-chunk", "3")
     yield server
     server.stop()
 

@@ -11,6 +11,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.generate import SamplingConfig, generate, left_pad
 from krakenlm.parallel.comm import DistComm
+from krakenlm.serve.scheduler import BatchingPolicy, Request, Scheduler
 from krakenlm.source import ModelSource, build_model
 
 PROMPTS = [list(range(3, 23)), list(range(40, 53))]  # different lengths: the left-padding path too
@@ -175,6 +176,35 @@ def staggered(engine: Engine, batch: list[list[int]], steps: int, sampling: list
     return out
 
 
+def scheduled(engine: Engine, batch: list[list[int]], steps: int, policy: BatchingPolicy,
+              sampling: list[SamplingConfig] | None = None) -> list[list[int]]:
+    """Every prompt submitted at once and served as the server's engine loop serves them: each step's
+    prompt chunks in one prefill_rows call (batched, chunked), then one decode step of the others."""
+    sampling = sampling or [SamplingConfig()] * len(batch)
+    sched = Scheduler(policy, engine.config.block_size)
+    for i, prompt in enumerate(batch):
+        sched.submit(Request(i, len(prompt), steps))
+    out: list[list[int]] = [[] for _ in batch]
+    while not sched.idle:
+        plan = sched.plan()
+        if plan.prefill:
+            firsts = engine.prefill_rows([c.row for c in plan.prefill],
+                                         [batch[c.request.id][c.start:c.stop] for c in plan.prefill],
+                                         [sampling[c.request.id] for c in plan.prefill],
+                                         starts=[c.start for c in plan.prefill], last=[c.last for c in plan.prefill])
+            for chunk, token in zip(plan.prefill, firsts, strict=True):
+                assert (token is None) != chunk.last
+                if token is not None:
+                    out[chunk.request.id].append(token)
+                    sched.token(chunk.request.id)
+        if plan.decode:
+            for (request, _), token in zip(plan.decode, engine.decode_rows([row for _, row in plan.decode]),
+                                           strict=True):
+                out[request.id].append(token)
+                sched.token(request.id)
+    return out
+
+
 def serving_rows(payload: dict) -> int:
     """Every case's prompts served through the row operations on this world (greedy, staggered)."""
     world = int(os.environ["WORLD_SIZE"])
@@ -183,6 +213,9 @@ def serving_rows(payload: dict) -> int:
         engine = engine_for({"config": cfg, "seed": 0}, world)
         engine.open_serving(8)
         results[name] = staggered(engine, payload["prompts"], 16)
+        engine.open_serving(4)  # batched and chunked prefill: 8 requests in 4 rows, 16 prompt tokens a step
+        results[name + " chunked"] = scheduled(engine, payload["prompts"], 16,
+                                               BatchingPolicy(max_batch=4, prefill_chunk=16))
     if engine.rank == 0:
         (Path(payload["out"]) / "serving.json").write_text(json.dumps(results))
     engine.barrier()

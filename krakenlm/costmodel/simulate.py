@@ -231,10 +231,11 @@ def simulate(workload: Sequence[Arrival], policy: BatchingPolicy, context: int, 
             t = max(t, pending[0].time)
             continue
         steps += 1
-        for req, _ in step.admit:
-            t += _step_time(times.prefill(req.prompt_len), "prefill")
-            traces[req.id].times.append(t)
-            sched.token(req.id)
+        for chunk in step.prefill:  # priced as a prefill of the chunk's tokens, one request at a time
+            t += _step_time(times.prefill(chunk.stop - chunk.start), "prefill")
+            if chunk.last:
+                traces[chunk.request.id].times.append(t)
+                sched.token(chunk.request.id)
         if step.decode:
             contexts = [req.prompt_len + len(traces[req.id].times) for req, _ in step.decode]
             if engine_shapes:

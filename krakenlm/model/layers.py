@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from krakenlm.model.activations import gelu_tanh
 from krakenlm.model.attention import causal_attention
+from krakenlm.model.gemm import rows_linear
 
 
 def row_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -48,7 +49,7 @@ def linear(x: Tensor, weight: Tensor | nn.Module) -> Tensor:
     krakenlm.model.quant) multiplies itself: quantization swaps weights, the forward does not change."""
     if isinstance(weight, nn.Module):
         return weight.linear(x)
-    return row_linear(x, weight) if single_row(x) else F.linear(x, weight)
+    return row_linear(x, weight) if single_row(x) else rows_linear(x, weight)
 
 
 def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) -> Tensor:
@@ -57,7 +58,7 @@ def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = 
         out = weight.linear(x) if isinstance(weight, nn.Module) else row_linear(x, weight)
         return out if bias is None else out + bias.unsqueeze(1)
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
-        out = F.linear(x[0], weight[0], None if bias is None else bias[0])
+        out = rows_linear(x[0], weight[0], None if bias is None else bias[0])
         return out.unsqueeze(0)
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
@@ -233,10 +234,11 @@ class StackedAttention(nn.Module):
         if step.slots is None:
             kbuf[..., step.start:step.start + t, :] = k.view(s, batch, hkv, t, hs)
             vbuf[..., step.start:step.start + t, :] = v.view(s, batch, hkv, t, hs)
-        else:  # one token per row, each at its own slot
-            index = step.slots.view(1, batch, 1, 1, 1).expand(s, batch, hkv, 1, hs)
-            kbuf.scatter_(3, index, k.view(s, batch, hkv, 1, hs))
-            vbuf.scatter_(3, index, v.view(s, batch, hkv, 1, hs))
+        else:  # one token per row, each at its own slot. An index_put (not a scatter): the compiler
+            # writes it in place, where a scatter into a graph input copies the whole buffer twice
+            rows = torch.arange(batch, device=kbuf.device)
+            kbuf[:, rows, :, step.slots] = k.view(s, batch, hkv, hs).transpose(0, 1)
+            vbuf[:, rows, :, step.slots] = v.view(s, batch, hkv, hs).transpose(0, 1)
         if step.mask is None:
             return k, v
         return (kbuf[..., :step.keys, :].reshape(s * batch, hkv, step.keys, hs),

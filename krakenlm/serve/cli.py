@@ -18,7 +18,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from krakenlm.serve.server import ServeConfig, serve
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_tokens=args.max_tokens,
-                         max_queue=args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+                         max_body_bytes=args.max_body_bytes,
                          drain_timeout=args.drain_timeout, tokenizer=args.tokenizer, read_timeout=args.read_timeout,
                          model_name=args.model_name or args.checkpoint or args.preset or args.config)
     return serve(model_source(args), engine_options(args), config)
@@ -33,6 +34,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache rows)")
     p.add_argument("--max-tokens", type=int, help="KV tokens reserved by running requests (default: every row full)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens prefilled per step, so running requests "
+                   "keep decoding during a long prefill (default 0: whole prompts)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=60.0,

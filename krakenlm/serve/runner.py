@@ -2,11 +2,12 @@
 loop never waits for a step.
 
 Each iteration follows the scheduler's step semantics (krakenlm.serve.scheduler): requests that
-finished or were cancelled leave at the boundary; each admitted request is prefilled into its own
-row (its first token is published at once, for TTFT); then one decode step runs for the requests
-that were already running. Tokens become text (stop strings included) here, so a request stops on
-the step that completes its stop string. Events go to each request's consumer through ``publish``,
-one call per prefill and one per decode step.
+finished or were cancelled leave at the boundary; the step's prompt chunks (newcomers, and long
+prompts prefilled ``prefill_chunk`` tokens a step) are prefilled, the new requests' in one batched
+forward, and each request whose prompt is complete has its first token published at once (TTFT);
+then one decode step runs for the requests that were already running. Tokens become text (stop
+strings included) here, so a request stops on the step that completes its stop string. Events go to
+each request's consumer through ``publish``, one call per step's prefill and one per decode step.
 
 A rank that dies (its process exits, or a collective fails or times out) fails every request with
 503 and leaves the runner dead; /health reports why. ``stop`` drains: it refuses new requests and
@@ -174,11 +175,15 @@ class Runner:
             self._wake.wait(IDLE_POLL_S)
 
     def _step(self, plan: StepPlan) -> None:
-        for request, row in plan.admit:
-            job: Job = request.payload
-            if not job.cancelled:
-                token = self.engine.prefill_row(row, job.prompt, job.sampling)
-                self.publish(self._emit([(job, token)]))
+        chunks = [c for c in plan.prefill if not c.request.payload.cancelled]
+        if chunks:
+            jobs: list[Job] = [c.request.payload for c in chunks]
+            tokens = self.engine.prefill_rows([c.row for c in chunks], [j.prompt[c.start:c.stop] for c, j in
+                                              zip(chunks, jobs, strict=True)], [j.sampling for j in jobs],
+                                              starts=[c.start for c in chunks], last=[c.last for c in chunks])
+            firsts = [(job, token) for job, token in zip(jobs, tokens, strict=True) if token is not None]
+            if firsts:
+                self.publish(self._emit(firsts))
         live = [(request.payload, row) for request, row in plan.decode if not request.payload.cancelled]
         if live:
             tokens = self.engine.decode_rows([row for _, row in live])

@@ -8,16 +8,21 @@ Step semantics (every driver implements exactly this):
 1. At a step boundary the driver calls ``plan()``. Running requests that finished (their last token
    reported, or stopped) or were cancelled leave first, freeing their rows and reserved tokens; they
    are listed in ``StepPlan.left``.
-2. ``StepPlan.decode`` holds every request still running: all of them were running before this step.
-   ``StepPlan.admit`` holds waiting requests in FIFO order that fit (a free row, their reserved tokens
-   within ``max_tokens``, at most ``max_prefills_per_step`` of them), stopping at the first request
-   that does not fit (no reordering, so a large request is never starved by small ones behind it).
-   Admitted requests take the lowest free rows.
-3. The driver prefills each admitted request on its own, in order; its prefill yields its first token.
-4. Then ONE decode step runs for the ``decode`` set: one token each. Newcomers join decode from the
-   next step.
-5. The driver reports every token with ``token(id, stop=...)``; a request is finished when it has
-   ``max_new_tokens`` tokens or the driver says stop (a stop token), and leaves at the next boundary.
+2. ``StepPlan.decode`` holds every running request whose prompt is wholly in its row: all of them
+   were running before this step. ``StepPlan.admit`` holds waiting requests in FIFO order that fit (a
+   free row, their reserved tokens within ``max_tokens``, at most ``max_prefills_per_step`` of them,
+   prefill budget left), stopping at the first request that does not fit (no reordering, so a large
+   request is never starved by small ones behind it). Admitted requests take the lowest free rows.
+3. ``StepPlan.prefill`` holds this step's prompt chunks: first the requests admitted earlier whose
+   prompt is still partly prefilled, then the newcomers, oldest first, within ``prefill_chunk``
+   prompt tokens per step (0: every prompt whole). The driver prefills them, all in one batched
+   forward where it can; a chunk that ends its prompt (``Chunk.last``) yields the request's first token.
+   So a long prompt is prefilled over several steps while the running requests keep decoding.
+4. Then ONE decode step runs for the ``decode`` set: one token each. Requests whose prompt was
+   finished by this step join decode from the next step.
+5. The driver reports every token (the first comes from the last chunk) with ``token(id, stop=...)``;
+   a request is finished when it has ``max_new_tokens`` tokens or the driver says stop (a stop
+   token), and leaves at the next boundary.
 
 ``cancel(id)`` drops a waiting request at once; a running one keeps its row until the next boundary
 (its tokens of the current step may still be reported). A request is refused at ``submit`` when it can
@@ -69,19 +74,23 @@ class BatchingPolicy:
 
     max_batch: running sequences (= KV-cache rows); max_tokens: KV tokens reserved by the running
     requests (each reserves prompt_len + max_new_tokens); max_queue: waiting requests before a submit
-    is refused; max_prefills_per_step: newcomers prefilled per step (0 = as many as fit).
+    is refused; max_prefills_per_step: newcomers admitted per step (0 = as many as fit);
+    prefill_chunk: prompt tokens prefilled per step, over all requests (0 = whole prompts): a long
+    prompt then takes several steps and does not stall the running requests' decoding for its whole prefill.
     """
 
     max_batch: int = 8
     max_tokens: int = 16384
     max_queue: int = 256
     max_prefills_per_step: int = 0
+    prefill_chunk: int = 0
 
     def __post_init__(self) -> None:
         _count("batching policy", "max_batch", self.max_batch, 1)
         _count("batching policy", "max_tokens", self.max_tokens, 1)
         _count("batching policy", "max_queue", self.max_queue, 1)
         _count("batching policy", "max_prefills_per_step", self.max_prefills_per_step, 0)
+        _count("batching policy", "prefill_chunk", self.prefill_chunk, 0)
 
 
 @dataclass(frozen=True)
@@ -117,17 +126,34 @@ class Departure:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens [start, stop) of a request to prefill into its row this step."""
+
+    request: Request
+    row: int
+    start: int
+    stop: int
+
+    @property
+    def last(self) -> bool:
+        """This chunk ends the prompt: its logits give the request's first token."""
+        return self.stop == self.request.prompt_len
+
+
+@dataclass(frozen=True)
 class StepPlan:
-    """What the next step runs: prefills of ``admit`` (in order), then one decode step of ``decode``."""
+    """What the next step runs: the prompt chunks of ``prefill`` (``admit``: the requests that took a row
+    this step), then one decode step of ``decode``."""
 
     admit: list[tuple[Request, int]]
     decode: list[tuple[Request, int]]
     left: list[Departure]
+    prefill: list[Chunk] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """Nothing to run (the driver waits for a submit)."""
-        return not self.admit and not self.decode
+        return not self.prefill and not self.decode
 
 
 @dataclass
@@ -135,6 +161,7 @@ class _Running:
     request: Request
     row: int
     produced: int = 0
+    prefilled: int = 0  # prompt tokens in the row (planned)
     done: str = ""  # "" while running, else the reason it will leave with
 
 
@@ -205,6 +232,8 @@ class Scheduler:
         run = self._running.get(request_id)
         if run is None:
             raise InputError(f"request {request_id!r}: not running, cannot take a token")
+        if run.prefilled < run.request.prompt_len:
+            raise InputError(f"request {request_id!r}: its prompt is not prefilled yet, cannot take a token")
         if run.done in ("finished", "stopped"):
             raise InputError(f"request {request_id!r}: already finished after {run.produced} tokens")
         run.produced += 1
@@ -223,7 +252,7 @@ class Scheduler:
         return self._next_row - 1
 
     def plan(self) -> StepPlan:
-        """Close the boundary (departures), then choose this step's decode set and admissions."""
+        """Close the boundary (departures), then choose this step's decode set, admissions and chunks."""
         left = []
         for rid, run in list(self._running.items()):
             if run.done:
@@ -231,17 +260,37 @@ class Scheduler:
                 heapq.heappush(self._free_rows, run.row)
                 self._reserved -= run.request.tokens
                 left.append(Departure(run.request, run.row, run.done, run.produced))
-        decode = [(run.request, run.row) for run in self._running.values()]
+        decode = [(run.request, run.row) for run in self._running.values()
+                  if run.prefilled == run.request.prompt_len]
+        budget = self.policy.prefill_chunk or LIMIT
+        prefill = []
+        for run in self._running.values():  # chunked prompts continue first, oldest first
+            if budget and run.prefilled < run.request.prompt_len:
+                prefill.append(self._chunk(run, budget))
+                budget -= prefill[-1].stop - prefill[-1].start
         admit: list[tuple[Request, int]] = []
+        while budget and (run := self._admit(len(admit))) is not None:
+            admit.append((run.request, run.row))
+            prefill.append(self._chunk(run, budget))
+            budget -= prefill[-1].stop - prefill[-1].start
+        return StepPlan(admit=admit, decode=decode, left=left, prefill=prefill)
+
+    def _chunk(self, run: _Running, budget: int) -> Chunk:
+        """The next chunk of ``run``'s prompt within ``budget`` tokens (recorded as planned)."""
+        start = run.prefilled
+        run.prefilled = min(run.request.prompt_len, start + budget)
+        return Chunk(run.request, run.row, start, run.prefilled)
+
+    def _admit(self, admitted: int) -> _Running | None:
+        """The first waiting request into the lowest free row, if it fits (FIFO: None stops admission)."""
         cap = self.policy.max_prefills_per_step or self.policy.max_batch
-        while self._waiting and len(self._running) < self.policy.max_batch and len(admit) < cap:
-            request = self._waiting[0]
-            if self._reserved + request.tokens > self.policy.max_tokens:
-                break
-            self._waiting.popleft()
-            self._waiting_ids.discard(request.id)
-            row = self._take_row()
-            self._running[request.id] = _Running(request, row)
-            self._reserved += request.tokens
-            admit.append((request, row))
-        return StepPlan(admit=admit, decode=decode, left=left)
+        if not self._waiting or len(self._running) >= self.policy.max_batch or admitted >= cap:
+            return None
+        request = self._waiting[0]
+        if self._reserved + request.tokens > self.policy.max_tokens:
+            return None
+        self._waiting.popleft()
+        self._waiting_ids.discard(request.id)
+        run = self._running[request.id] = _Running(request, self._take_row())
+        self._reserved += request.tokens
+        return run

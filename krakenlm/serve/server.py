@@ -44,6 +44,7 @@ class ServeConfig:
     max_batch: int = 8
     max_tokens: int | None = None
     max_queue: int = 256
+    prefill_chunk: int = 0  # prompt tokens prefilled per step (0: whole prompts)
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 60.0
@@ -66,7 +67,7 @@ class ServeConfig:
 
     def policy(self, context: int) -> BatchingPolicy:
         tokens = self.max_batch * context if self.max_tokens is None else self.max_tokens
-        return BatchingPolicy(self.max_batch, tokens, self.max_queue)
+        return BatchingPolicy(self.max_batch, tokens, self.max_queue, prefill_chunk=self.prefill_chunk)
 
 
 def bind(host: str, port: int) -> socket.socket:
