@@ -43,6 +43,7 @@ from torch import Tensor
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, KrakenError
 from krakenlm.hf_llama import llama_config, read_llama
+from krakenlm.jsonio import read_json
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
 from krakenlm.resources import model_bytes, require_memory
@@ -264,8 +265,7 @@ def verify_manifest(directory: str | Path, names: tuple[str, ...], required: boo
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    with _reading(path, "JSON config"):
-        doc = json.loads(regular_file(path).read_text())
+    doc = read_json(path, "checkpoint config", CheckpointError)
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: config must be a JSON object")
     return doc

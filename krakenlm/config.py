@@ -16,14 +16,14 @@ base (``position``, ``rope_theta``), SwiGLU (``mlp``), GQA/MQA (``n_kv_head``) a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
-from krakenlm.validation import check_float, check_int, regular_file
+from krakenlm.jsonio import read_json
+from krakenlm.validation import check_float, check_int
 
 ARCHS = ("gpt", "parallel", "kraken", "ladder")
 MLPS = ("gelu", "swiglu")
@@ -188,11 +188,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
         """A user's config file: it must state the size fields (n_layer, n_embd, n_head, vocab_size, block_size)."""
-        try:
-            data = json.loads(regular_file(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read config {path}: {err}") from err
-        return cls.from_dict(data, SIZE_FIELDS)
+        return cls.from_dict(read_json(path, "config"), SIZE_FIELDS)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -58,7 +58,7 @@ from krakenlm.parallel.layouts import Layout, RankPlan, resolve
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.parallel.rank_model import build_rank_model, held_bytes
-from krakenlm.resources import require_memory
+from krakenlm.resources import model_bytes, require_memory
 from krakenlm.roofline import agreed_dtype
 from krakenlm.serve.scheduler import decode_shape
 from krakenlm.source import ModelSource
@@ -218,6 +218,10 @@ class Engine:
         assert opened is not None
         self.plan = ParallelPlan(opened.config, self.options.tp)
         self.shard = self.plan.shard(self.rank)
+        # Before --dtype auto times this model's GEMMs: refuse weights this rank cannot hold (a lower bound;
+        # the source checks its exact need when it reads them)
+        require_memory(model_bytes(opened.config, fraction=1 / self.world),
+                       f"{self.source.describe()}: this rank's share of the weights")
         dtype = agreed_dtype(self.options.dtype, opened.config, self.device, self.shard, distributed=self.distributed)
         self.options = dataclasses.replace(self.options, dtype=dtype)
         self.dtype = parse_dtype(self.options.dtype)

@@ -29,7 +29,6 @@ on other records.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from krakenlm.costmodel.estimator import LM_HEAD, Layout, Workload, phase_estima
 from krakenlm.costmodel.hardware import PER_DTYPE, Hardware, compute_dtype
 from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
 from krakenlm.errors import ConfigError
+from krakenlm.jsonio import read_json_or_lines
 from krakenlm.presets import get_preset
 
 FIT_FIELDS = ("matmul_eff", "attention_eff", "memory_eff", "comm_eff", "alpha", "layer_overhead_s", "link_bw")
@@ -137,17 +137,7 @@ def load_records(path: str | Path, clean_only: bool = False) -> list[dict[str, A
     ``all_rounds_contaminated`` (no round ran without other processes' load, so the time measures
     them as much as the model).
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError(f"calibration: cannot read records {path}: {err.strerror}") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"calibration: {path} is neither JSON nor JSON lines: {err}") from err
+    data = read_json_or_lines(path, "calibration records")
     if not isinstance(data, dict):
         return data
     records = data.get("records", [data])

@@ -17,6 +17,7 @@ from typing import Any
 
 from krakenlm.config import dataclass_fields
 from krakenlm.errors import ConfigError
+from krakenlm.jsonio import read_json
 from krakenlm.machine import machine_spec
 from krakenlm.validation import is_finite_number
 
@@ -229,12 +230,7 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
         if not path.exists():
             raise ConfigError(f"hardware: unknown hardware {str(name_or_path)!r}; "
                               f"available: {', '.join(hardware_names())} or a path to a JSON spec")
-    if path.exists() and not path.is_file():  # a FIFO or device would block the read
-        raise ConfigError(f"hardware: {path} is not a regular file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"hardware: cannot read {path}: {err}") from err
+    data = read_json(path, "hardware", max_bytes=1 << 20)
     if not isinstance(data, dict):
         raise ConfigError(f"hardware: {path} must hold a JSON object")
     return Hardware.from_dict(data)

@@ -14,7 +14,6 @@ the lengths are).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
+from krakenlm.jsonio import read_json_or_lines
 from krakenlm.validation import check_int
 
 ARRIVALS = ("poisson", "constant")
@@ -100,15 +100,9 @@ def arrivals(kind: str, rate: float, requests: int, prompt: Lengths, output: Len
 
 def load_trace(path: str | Path) -> list[Arrival]:
     """Arrivals from a JSON list (or JSON lines) of {"arrival": s, "prompt_len": n, "output_len": n}, by time."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"trace: {path} is not a readable regular file")
-    try:
-        text = path.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
-                                                                        if x.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"trace: cannot read {path}: {err}") from err
+    rows = read_json_or_lines(path, "trace")
+    if not isinstance(rows, list):
+        raise ConfigError(f"trace: {path} must hold a JSON list or JSON lines, got a {type(rows).__name__}")
     out = []
     for i, row in enumerate(rows):
         t = row.get("arrival") if isinstance(row, dict) else None

@@ -49,7 +49,7 @@ from krakenlm.checkpoint import (
 )
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.data import WindowSampler, load_tokens, read_meta
-from krakenlm.dtypes import DTYPES, check_dtype
+from krakenlm.dtypes import AUTO, DTYPES, check_dtype
 from krakenlm.errors import CheckpointError, ConfigError, TrainingError
 from krakenlm.eval.perplexity import mean_cross_entropy
 from krakenlm.model import Transformer
@@ -474,10 +474,6 @@ class Trainer:
         if model_config is None:
             raise ConfigError("train: no model given (use a preset, a config JSON or a recipe)")
         self.block = cfg.block_size or model_config.block_size
-        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
-        tokens = cfg.batch_size * self.block
-        cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device, tokens=tokens,
-                                             distributed=self.dist.world > 1))
         self.cfg = cfg
         self.model_config = model_config
         if self.block > model_config.block_size:
@@ -488,8 +484,14 @@ class Trainer:
                               f"the model has only {model_config.vocab_size}")
         self.accum = _accum_for(cfg, self.block, self.dist.world)
         self.tokens_per_step = self.accum * cfg.batch_size * self.block * self.dist.world
+        # Refuse what cannot fit before 'auto' times this model's GEMMs (at the narrowest dtype it may pick)
+        self._require_memory(DTYPES["bf16" if cfg.dtype == AUTO else cfg.dtype])
+        # 'auto': the faster of bf16 and fp32 for this model's GEMMs here; the checkpoint records the answer
+        tokens = cfg.batch_size * self.block
+        self.cfg = cfg = cfg.replace(dtype=agreed_dtype(cfg.dtype, model_config, self.dist.device, tokens=tokens,
+                                                        distributed=self.dist.world > 1))
         self.autocast_dtype = None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]
-        self._require_memory()
+        self._require_memory(self.autocast_dtype or torch.float32)
 
         self.model = Transformer(model_config, init=False)
         if restored is not None:
@@ -521,9 +523,8 @@ class Trainer:
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
 
-    def _require_memory(self) -> None:
-        """Refuse a model or batch the device cannot hold, before allocating any of it."""
-        dtype = self.autocast_dtype or torch.float32
+    def _require_memory(self, dtype: torch.dtype) -> None:
+        """Refuse a model or batch the device cannot hold (activations in `dtype`), before allocating any of it."""
         windows = self.accum * self.cfg.batch_size * (self.block + 1) * 8  # one step's int64 windows
         windows += 8 * self.cfg.eval_windows  # the evaluation's window starts
         need = training_bytes(self.model_config, self.cfg.batch_size, self.block, dtype) + windows
