@@ -263,6 +263,9 @@ def size_kraken(
                           f"{n_sub}-way Kraken model with {n_layer} layers and {total_heads} heads: its smallest "
                           f"width (d = {step}) already has {size} parameters{' per layer' if per_layer else ''}")
     if hardware_friendly:
+        if heads > exact:  # the heads asked for are ignored here, but a count no width could hold is a mistake
+            raise ConfigError(f"total_heads: {total_heads} heads ({heads} per sub-layer) do not fit the width this "
+                              f"budget buys (d ~ {exact:.0f}); hardware-friendly sizing picks {head_dim}-wide heads")
         if head_dim % 64:
             raise ConfigError(f"head_dim: hardware-friendly sizing needs a multiple of 64, got {head_dim}")
         d = max(64, round(exact / 64) * 64)

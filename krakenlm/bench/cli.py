@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -179,20 +180,26 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
     import torch
 
     from krakenlm.config import ModelConfig
+    from krakenlm.dtypes import parse_dtype
     from krakenlm.parallel.plan import ParallelPlan
     from krakenlm.presets import get_preset
     from krakenlm.roofline import forward_shape, probe
 
-    config = get_preset(args.preset) if args.preset else ModelConfig.from_json(args.config)
-    if args.threads < 1 or args.prompt < 1 or args.batch < 1:
-        raise ConfigError("roofline: threads, prompt and batch must be positive")
+    config = get_preset(args.preset) if args.preset is not None else ModelConfig.from_json(args.config)
+    check_int(args.threads, "threads", maximum=os.cpu_count() or 1)  # a thread per core at most: 1000 exhaust memory
+    check_int(args.prompt, "prompt")
+    check_int(args.batch, "batch")
+    if not args.dtypes:
+        raise ConfigError("dtypes: give at least one, e.g. --dtypes bf16,fp32")
+    for name in args.dtypes:
+        parse_dtype(name)
     torch.set_num_threads(args.threads)
     shard = ParallelPlan(config, args.tp).shard(0)
     shape = forward_shape(config, shard, batch=args.batch, prompt=args.prompt)
     flops = shape.flops()
-    report = {"flops": flops, "dtypes": {}}
-    for name in args.dtypes:
-        roof = probe(shape, name)
+    report: dict[str, Any] = {"flops": flops, "dtypes": {}}
+    roofs = {name: probe(shape, name) for name in args.dtypes}
+    for name, roof in roofs.items():
         report["dtypes"][name] = roof.to_dict() | {"floor_s": sum(flops.values()) / roof.gemm_flops_per_s}
     if args.calibrate:
         from krakenlm.bench.spec import calibrate_machine
@@ -202,7 +209,7 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{config.name or config.arch}, rank 0 of {args.tp}, batch {args.batch} x {args.prompt} tokens, "
-          f"{args.threads} thread(s), {roof.processor}")
+          f"{args.threads} thread(s), {roofs[args.dtypes[0]].processor}")
     print("FLOPs per forward: " + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in flops.items()))
     for name, r in report["dtypes"].items():
         gemms = ", ".join(f"{g} {rate / 1e9:.0f}" for g, rate in r["per_gemm"].items())

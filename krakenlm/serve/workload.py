@@ -26,6 +26,7 @@ from krakenlm.validation import check_int
 
 ARRIVALS = ("poisson", "constant")
 MAX_REQUESTS = 1_000_000
+MAX_SPAN_S = 1e9  # ~32 years; float64 seconds there still resolve 0.2 us
 MAX_TOKENS = 1 << 40
 
 
@@ -89,6 +90,9 @@ def arrivals(kind: str, rate: float, requests: int, prompt: Lengths, output: Len
         raise ConfigError(f"arrivals: must be one of {ARRIVALS} or a trace file, got {kind!r}")
     _check_rate(rate)
     check_int(requests, "requests", maximum=MAX_REQUESTS)
+    if math.isfinite(rate) and (requests - 1) / rate > MAX_SPAN_S:  # float seconds would drop the latencies
+        raise ConfigError(f"rate: {requests} requests at {rate:g}/s span {(requests - 1) / rate:.3g} s; at most "
+                          f"{MAX_SPAN_S:g} s keeps timings to the microsecond (raise --rate or lower --requests)")
     rng = random.Random(seed)
     out, t = [], 0.0
     for i in range(requests):
@@ -136,8 +140,8 @@ class LoadSpec:
             raise ConfigError(f"arrivals: must be one of {ARRIVALS} or a trace file, got {self.arrivals!r}")
         if not isinstance(self.prompt, Lengths) or not isinstance(self.output, Lengths):
             raise ConfigError("load: prompt and output must be Lengths")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
+        # random.Random(-n) is random.Random(n): a negative seed would silently repeat a positive one's load
+        check_int(self.seed, "seed", minimum=0)
 
     @property
     def trace(self) -> bool:
