@@ -143,6 +143,16 @@ def refuse_non_finite(state: dict[str, Tensor], source: str) -> None:
             raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values; refusing a broken checkpoint")
 
 
+def refuse_overflow(model: torch.nn.Module, source: str) -> None:
+    """CheckpointError naming the first weight that is not finite after conversion: finite weights beyond a
+    narrower dtype's range (fp16's 65504) become Inf, and the model would then generate garbage silently."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            limit = torch.finfo(value.dtype).max
+            raise CheckpointError(f"{source}: {name} overflows {value.dtype} (values beyond +-{limit:.6g} become "
+                                  "Inf); run it in a wider dtype (--dtype fp32 or bf16)")
+
+
 # Native format -------------------------------------------------------------------------------------
 def expected_shapes(config: ModelConfig, shard: Shard | None = None) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
@@ -307,6 +317,7 @@ class Checkpoint:
             return
         self._doc = _read_json(self.path / CONFIG_FILE)
         if self._doc.get("format") == FORMAT:
+            self.format_version = _format_version(self.path, self._doc)
             self.format, self.config = "native", _native_config(self.path, self._doc)
         elif self._doc.get("model_type") == "gpt2":
             self.format, self.config = "hf-gpt2", _hf_config(self._doc, str(self.path))
@@ -320,7 +331,7 @@ class Checkpoint:
         tensor checked (floating point, finite) and given one dtype."""
         source = str(self.path)
         if self.format == "native":
-            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE), required=self._doc.get("format_version", 1) != 1)
+            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE), required=self.format_version != 1)
             if _stat(self.path / MANIFEST_FILE) is None:
                 warnings.warn(f"{source}: written by an older krakenlm without checksums; corruption cannot be "
                               "detected (load and save it again to add them)", stacklevel=3)
@@ -346,7 +357,10 @@ class Checkpoint:
         with torch.device("meta"):
             model = Transformer(self.config, shard, init=False)
         model.load_state_dict(state, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=dtype).eval()
+        if dtype is not None:
+            refuse_overflow(model, str(self.path))
+        return model
 
     def release(self) -> None:
         """Drop the loaded torch file (once the model is built it is not needed)."""
@@ -360,6 +374,16 @@ def detect_format(path: str | Path) -> str:
 
 def load_config(path: str | Path) -> ModelConfig:
     return Checkpoint(path).config
+
+
+def _format_version(path: Path, doc: dict[str, Any]) -> int:
+    """The native format version a config.json states (1 when absent: written before versions); a version this
+    krakenlm does not know is refused, not read as the latest (a newer layout would load wrong or unverified)."""
+    version = doc.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path / CONFIG_FILE}: format_version must be an integer 1..{FORMAT_VERSION} (this "
+                              f"krakenlm's), got {version!r}; a newer krakenlm wrote it, or the file was edited")
+    return version
 
 
 def _native_config(path: Path, doc: dict[str, Any]) -> ModelConfig:

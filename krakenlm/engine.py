@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from krakenlm.checkpoint import refuse_overflow
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
 from krakenlm.dtypes import check_dtype, parse_dtype
@@ -236,6 +237,7 @@ class Engine:
                                      self.device)
             self.model, self.held = built.model, (built.weights_bytes, built.replicated_bytes)
         opened.release()
+        refuse_overflow(self.model, self.source.describe())  # weights cast to a narrower dtype may not fit it
         if self.options.pad_heads:
             self.model.pad_heads(self.options.pad_heads)
         self.model.set_attention_kernel(self.options.attention)
