@@ -8,10 +8,11 @@ it reads, so a corrupt or modified checkpoint is never loaded silently. (Format 
 manifests, still loads, with a warning that it cannot be verified.)
 
 Imported: (a) the Kraken authors' nanoGPT-derived torch.save files (a run directory holding one
-``ckpt.pt`` is accepted too), (b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)``
-so nothing but tensors, plain containers and numpy scalars is ever unpickled, and zip-format files are
-CRC-checked first; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
-Llama directories (krakenlm.hf_llama; sharded safetensors too). Exported: HF GPT-2.
+``ckpt.pt``, beside the config.json of training arguments their train.py writes, is accepted too),
+(b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)`` so nothing but tensors, plain
+containers and numpy scalars is ever unpickled, and zip-format files are CRC-checked first; (c) Hugging
+Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face Llama directories
+(krakenlm.hf_llama; sharded safetensors too). Exported: HF GPT-2.
 
 Every reader refuses what is not a regular file before opening it (a FIFO would block), names the
 file on any failure, and checks the tensors it returns: floating point, finite, one dtype.
@@ -289,6 +290,12 @@ def _locate(path: Path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint")
     if not stat.S_ISDIR(st.st_mode) or _stat(path / CONFIG_FILE) is not None:
         return path
+    return _run_file(path, f"no {CONFIG_FILE}")
+
+
+def _run_file(path: Path, why: str) -> Path:
+    """The one .pt file of a run directory (the authors' / nanoGPT's out_dir), or CheckpointError saying `why`
+    the directory is not a checkpoint itself."""
     try:
         pts = sorted(p for p in path.iterdir() if p.suffix == ".pt")
     except PermissionError:
@@ -296,26 +303,36 @@ def _locate(path: Path) -> Path:
     if len(pts) == 1:
         return pts[0]
     if pts:
-        raise CheckpointError(f"{path}: no {CONFIG_FILE} and several .pt files ({', '.join(p.name for p in pts)}); "
+        raise CheckpointError(f"{path}: {why} and several .pt files ({', '.join(p.name for p in pts)}); "
                               "pass the one to load")
-    raise CheckpointError(f"{path}: directory has no {CONFIG_FILE} (nor a .pt checkpoint file)")
+    raise CheckpointError(f"{path}: {why} (nor a .pt checkpoint file)")
 
 
 class Checkpoint:
     """A checkpoint opened once: format detected, config read and, for torch files, the file loaded
     once (a tensor-parallel rank used to torch.load an authors' .pt four times). A run directory that
-    holds exactly one .pt file (the authors' out_dir with its ckpt.pt) opens that file."""
+    holds exactly one .pt file (the authors' out_dir with its ckpt.pt, and the config.json their train.py
+    dumps its arguments to, or none) opens that file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = _locate(Path(path))
         self._torch: dict[str, Any] | None = None
         self._doc: dict[str, Any] = {}
-        if _stat(self.path / CONFIG_FILE) is None:
-            self._torch = _torch_load(self.path)
-            self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
-            self.config = _nanogpt_config(self._torch, self.format, str(self.path))
-            return
-        self._doc = _read_json(self.path / CONFIG_FILE)
+        if _stat(self.path / CONFIG_FILE) is not None:
+            self._doc = _read_json(self.path / CONFIG_FILE)
+            if self._doc.get("format") == FORMAT or self._doc.get("model_type") is not None:
+                self._open_config()
+                return
+            # The authors' train.py writes its own config.json (its training arguments) beside ckpt.pt: the
+            # .pt's model_args describe the model
+            self.path = _run_file(self.path, f"{CONFIG_FILE} is neither a krakenlm, a GPT-2 nor a Llama config")
+            self._doc = {}
+        self._torch = _torch_load(self.path)
+        self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
+        self.config = _nanogpt_config(self._torch, self.format, str(self.path))
+
+    def _open_config(self) -> None:
+        """Format and config of a directory whose config.json describes the model (native, HF GPT-2, HF Llama)."""
         if self._doc.get("format") == FORMAT:
             self.format_version = _format_version(self.path, self._doc)
             self.format, self.config = "native", _native_config(self.path, self._doc)
