@@ -57,25 +57,28 @@ def parse_json(text: str, what: str, error: type[KrakenError] = ConfigError, *, 
 def read_text(path: str | Path, what: str, error: type[KrakenError] = ConfigError, *,
               max_bytes: int = MAX_BYTES) -> str:
     """The UTF-8 text of a regular file of at most `max_bytes`; `error` naming `what` and the path otherwise."""
-    path = regular_file(path, error)
+    try:
+        path = regular_file(path, error)
+    except KrakenError as err:
+        raise error(f"cannot read {what} {err}") from None
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as err:
-        raise error(f"{what}: cannot read {path}: {err.strerror or err}") from None
+        raise error(f"cannot read {what} {path}: {err.strerror or err}") from None
     if len(data) > max_bytes:
-        raise error(f"{what}: {path} is larger than {max_bytes:,} bytes; refusing to read it")
+        raise error(f"cannot read {what} {path}: larger than {max_bytes:,} bytes; refusing to read it")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise error(f"{what}: {path} is not UTF-8 text (byte {err.start})") from None
+        raise error(f"cannot read {what} {path}: not UTF-8 text (byte {err.start})") from None
 
 
 def read_json(path: str | Path, what: str, error: type[KrakenError] = ConfigError, *,
               max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH, constants: bool = False) -> Any:
     """A JSON file, read with every bound above; errors name `what` and the path."""
     text = read_text(path, what, error, max_bytes=max_bytes)
-    return parse_json(text, f"{what} {path}", error, max_depth=max_depth, constants=constants)
+    return parse_json(text, f"cannot read {what} {path}", error, max_depth=max_depth, constants=constants)
 
 
 def read_json_or_lines(path: str | Path, what: str, error: type[KrakenError] = ConfigError, *,
@@ -83,9 +86,9 @@ def read_json_or_lines(path: str | Path, what: str, error: type[KrakenError] = C
     """A JSON document, or JSON lines (one value per non-blank line, returned as a list)."""
     text = read_text(path, what, error, max_bytes=max_bytes)
     try:
-        return parse_json(text, f"{what} {path}", error)
+        return parse_json(text, f"cannot read {what} {path}", error)
     except KrakenError:
         if "\n" not in text.strip():
             raise
-    return [parse_json(line, f"{what} {path} line {i}", error)
+    return [parse_json(line, f"cannot read {what} {path} line {i}", error)
             for i, line in enumerate(text.splitlines(), 1) if line.strip()]
