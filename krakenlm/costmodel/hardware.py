@@ -230,7 +230,7 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
         if not path.exists():
             raise ConfigError(f"hardware: unknown hardware {str(name_or_path)!r}; "
                               f"available: {', '.join(hardware_names())} or a path to a JSON spec")
-    data = read_json(path, "hardware spec", max_bytes=1 << 20)
+    data = read_json(path, "hardware spec", max_bytes=1 << 20, constants=True)  # from_dict names a non-finite field
     if not isinstance(data, dict):
         raise ConfigError(f"hardware: {path} must hold a JSON object")
     return Hardware.from_dict(data)
