@@ -68,7 +68,7 @@ def small_machine(eight_gib: None, monkeypatch: pytest.MonkeyPatch) -> None:
     (["generate", "--config", "{fifo}", "--prompt", "x"], "is a FIFO, not a regular file"),
     (["predict", "--model", "mini-gpt", "--hardware", "{fifo}"], "is a FIFO, not a regular file"),
     (["calibrate", "--records", "{fifo}"], "is a FIFO, not a regular file"),
-    (["calibrate", "--records", "{zero}"], "/dev/zero: is a device or special file"),
+    (["calibrate", "--records", "{zero}"], "cannot read records /dev/zero: is a device or special file"),
     (["simulate", "--model", "mini-gpt", "--rate", "1", "--profile", "{fifo}"], "is a FIFO, not a regular file"),
     (["simulate", "--model", "mini-gpt", "--rate", "1", "--profile", "{zero}"], "is a device or special file"),
     (["simulate", "--model", "mini-gpt", "--arrivals", "{fifo}"], "arrivals"),

@@ -137,7 +137,7 @@ def load_records(path: str | Path, clean_only: bool = False) -> list[dict[str, A
     ``all_rounds_contaminated`` (no round ran without other processes' load, so the time measures
     them as much as the model).
     """
-    data = read_json_or_lines(path, "calibration records")
+    data = read_json_or_lines(path, "records")
     if not isinstance(data, dict):
         return data
     records = data.get("records", [data])
