@@ -524,9 +524,13 @@ def judge(case: Case, timeout_s: float = CASE_TIMEOUT_S, shared: list[Path] | No
         return "other", f"{type(error).__name__}: {message[:300]}"
     if "\n" in message.strip() or "\x1b" in message:
         return "other", f"multi-line or escaped message: {message[:300]!r}"
-    if case.hints and not any(h and h in message for h in case.hints):
+    if case.hints and not any(h and h in message for h in case.hints) and not _NAMED.match(message):
         return "other", f"message names no field or file: {message[:300]}"
     return "clear error", message[:200]
+
+
+# "krakenlm VERB: error: NAME: ..." / "HTTP 400: NAME: ...": the message starts by naming what is wrong
+_NAMED = re.compile(r"^(?:krakenlm [\w ]+: error: |HTTP \d+: )?[\w][\w .\-/'\[\]]{0,60}: ")
 
 
 def run_fuzz(root: Path, seed: int, counts: dict[str, int], timeout_s: float = CASE_TIMEOUT_S,

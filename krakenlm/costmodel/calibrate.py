@@ -138,16 +138,26 @@ def load_records(path: str | Path, clean_only: bool = False) -> list[dict[str, A
     them as much as the model).
     """
     data = read_json_or_lines(path, "records")
-    if not isinstance(data, dict):
-        return data
-    records = data.get("records", [data])
-    if clean_only:
-        # A record carries its cell's median, so (dtype, phase, seconds) identifies the cell it came from.
-        dirty = {(cell["dtype"], phase, v[phase]["median"]) for cell in data.get("cells", [])
-                 if cell.get("all_rounds_contaminated") for v in cell["variants"].values()
-                 for phase in ("prefill", "decode") if phase in v}
-        records = [r for r in records if (r.get("dtype"), r.get("phase"), r.get("seconds")) not in dirty]
+    records = data.get("records", [data]) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise ConfigError(f"calibration: {path} must hold a list of records, {{\"records\": [...]}} or JSON lines, "
+                          f"got {type(records).__name__}")
+    if clean_only and isinstance(data, dict):
+        dirty = _contaminated(data, path)
+        records = [r for r in records
+                   if not isinstance(r, dict) or (r.get("dtype"), r.get("phase"), r.get("seconds")) not in dirty]
     return records
+
+
+def _contaminated(bench: dict[str, Any], path: str | Path) -> set[tuple[Any, str, Any]]:
+    """(dtype, phase, median) of the cells of a `krakenlm bench` file that had no clean round: a record carries
+    its cell's median, so that identifies the cell it came from."""
+    try:
+        return {(cell["dtype"], phase, v[phase]["median"]) for cell in bench.get("cells", [])
+                if cell.get("all_rounds_contaminated") for v in cell["variants"].values()
+                for phase in ("prefill", "decode") if phase in v}
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"calibration: {path}: malformed bench 'cells' ({type(err).__name__}: {err})") from None
 
 
 def predict_point(point: Point, hw: Hardware) -> float:
