@@ -26,6 +26,9 @@ from krakenlm.jsonio import read_json
 from krakenlm.validation import check_float, check_int
 
 ARCHS = ("gpt", "parallel", "kraken", "ladder")
+# Any size field past this is a typo (10**400 in a JSON file): sizes derived from it would overflow float
+# arithmetic before the memory check could refuse them by name. Real models are ~1e5 wide.
+MAX_SIZE = 1 << 40
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -85,7 +88,7 @@ class ModelConfig:
         _check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}, got {self.position!r}")
         _check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
         for name in ("n_layer", "n_embd", "n_head", "n_sub", "vocab_size", "block_size"):
-            check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name, maximum=MAX_SIZE)
         for name in ("bias", "tie_embeddings"):
             _check(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         check_float(self.norm_eps, "norm_eps", minimum=0, exclusive=True)
@@ -99,7 +102,7 @@ class ModelConfig:
         else:
             _check(self.ladder_layers is None, "ladder_layers", f"only applies to arch='ladder', not {self.arch!r}")
         for name in ("n_kv_head", "head_dim", "ffn_hidden"):
-            check_int(getattr(self, name), name, optional=True)
+            check_int(getattr(self, name), name, maximum=MAX_SIZE, optional=True)
         if self.head_dim is None:
             _check(self.n_embd % self.n_head == 0, "n_head",
                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim explicitly")

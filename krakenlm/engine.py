@@ -39,7 +39,7 @@ from krakenlm.checkpoint import refuse_overflow
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
 from krakenlm.dtypes import check_dtype, parse_dtype
-from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
+from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError, ResourceError
 from krakenlm.generate import (
     Generation,
     GenerationResult,
@@ -200,7 +200,7 @@ class Engine:
         # that cannot read its model still joins the agreement, so its peers fail at once, not at a timeout.
         try:
             opened, load_error = self.source.open(), None
-        except (ConfigError, CheckpointError) as err:
+        except (ConfigError, CheckpointError, ResourceError) as err:
             opened, load_error = None, err
         if self.distributed:
             options = self.options.to_dict() | {"device": self.device.type, "threads": None}

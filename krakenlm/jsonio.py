@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,10 @@ def nesting_depth(text: str) -> int:
     return deepest
 
 
-def parse_json(text: str, what: str, error: type[KrakenError] = ConfigError, *, max_depth: int = MAX_DEPTH,
+def parse_json(text: str, what: str, error: Callable[[str], Exception] = ConfigError, *, max_depth: int = MAX_DEPTH,
                constants: bool = False) -> Any:
-    """`text` parsed, or `error` naming `what`: malformed JSON, nesting deeper than `max_depth`, or (unless
-    `constants`) NaN / Infinity."""
+    """`text` parsed, or `error(message)` naming `what`: malformed JSON, nesting deeper than `max_depth`, or
+    (unless `constants`) NaN / Infinity. `error` is any exception factory (the server's makes a 400)."""
     if ("[" in text or "{" in text) and nesting_depth(text) > max_depth:
         raise error(f"{what}: JSON nested deeper than {max_depth} levels; refusing it")
 

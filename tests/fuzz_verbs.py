@@ -167,11 +167,11 @@ def convert_case(rng: random.Random, ws: Workspace) -> Case:
     base = ws.fresh("convert")
     out = _out(base)
     ckpt = rng.choice([ws.native, ws.authors, ws.authors.parent, base / "missing", ws.data, ws.config_json])
-    target = rng.choice([out, out, base, _existing_file(base)])
+    target = rng.choice([out, out, base / "sub" / "dir", _existing_file(base)])
     argv = ["convert", "--checkpoint", str(ckpt), "--out", str(target)]
     argv += _flags(rng, {"--ladder-layers": ["0", "1", "2", "3", "-1", "abc"]})
     case = _cli_run(argv, ws, base)
-    case.outputs = [out]
+    case.outputs = [target]
     case.known = "output-path" if target.is_file() else None
     return case
 
@@ -230,7 +230,7 @@ _LONG_VERBS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
                "--tp": ["0", "-2"], "--dtype": ["int4"], "--device": ["tpu", "cuda:99"]}),
     "bench": (["bench", "--quick", "--out", "{out}"],
               {"--shapes": ["nope", "tiny:0", ""], "--prompts": ["0", "-1", "a"], "--batches": ["0", "-3"],
-               "--dtypes": ["int4", "auto"], "--tp": ["0", "1", "-2"], "--rounds": ["0", "-1"],
+               "--dtypes": ["int4", "fp8"], "--tp": ["0", "1", "-2"], "--rounds": ["0", "-1"],
                "--links": ["-1", "nan", "x"], "--decode-steps": ["-1"], "--timeout": ["0", "nan", "-1"]}),
     "demo": (["demo", "--out", "{out}"],
              {"--steps": ["0", "-1", "abc"], "--prompt-len": ["0", "-5"], "--rounds": ["0", "-1"],

@@ -100,7 +100,6 @@ def test_roofline_refuses_a_probe_that_cannot_fit(eight_gib, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["roofline", "--preset", "tiny-llama", "--dtypes", ""], "dtypes: give at least one"),
     (["roofline", "--preset", "tiny-llama", "--threads", "1000"], "threads: must be an integer"),
     (["roofline", "--preset", ""], "unknown preset ''"),
     (["predict", "--model", ""], "unknown preset ''"),
@@ -116,6 +115,16 @@ def test_roofline_refuses_a_probe_that_cannot_fit(eight_gib, capsys):
 ])
 def test_silently_accepted_or_traceback_arguments_are_refused(argv, message, capsys):
     assert message in refused(argv, capsys)
+
+
+@pytest.mark.parametrize("argv", [["roofline", "--preset", "tiny-llama", "--dtypes", ""],
+                                  ["bench", "--quick", "--shapes", ""], ["bench", "--quick", "--prompts", ","]])
+def test_empty_lists_are_usage_errors(argv, capsys):
+    """An empty list left roofline with nothing to report (UnboundLocalError) and bench with no cells (a run
+    that failed after 'ranks still running after 0s')."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "expected at least one" in capsys.readouterr().err
 
 
 def test_eval_ppl_refuses_unbounded_windows_before_loading(tmp_path, capsys, monkeypatch):
@@ -224,3 +233,32 @@ def test_json_reader_refuses_depth_constants_and_size(tmp_path):
     big.write_text(json.dumps({"a": "x" * 100}))
     with pytest.raises(ConfigError, match="larger than 10 bytes"):
         read_json(big, "spec", max_bytes=10)
+
+
+@pytest.mark.parametrize("consumer,field", [("generate", "n_layer"), ("generate", "norm_eps"),
+                                           ("predict", "memory_bytes")])
+def test_json_ints_past_float_range_are_named(consumer, field, tmp_path, capsys):
+    """10**400 in a config or spec raised OverflowError (int too large to convert to float)."""
+    from krakenlm.costmodel.hardware import SPEC_DIR
+
+    path = tmp_path / "input.json"
+    base = TINY if consumer == "generate" else json.loads((SPEC_DIR / "tpu-v4.json").read_text())
+    path.write_text(json.dumps(base | {field: 123456789}).replace("123456789", str(10**400)))
+    argv = (["generate", "--config", str(path), "--prompt", "x", "--device", "cpu", "--dtype", "fp32"]
+            if consumer == "generate" else ["predict", "--model", "mini-gpt", "--hardware", str(path)])
+    message = refused(argv, capsys)
+    assert field in message and len(message) < 300
+
+
+def test_calibration_records_of_the_wrong_shape_are_named(tmp_path, capsys):
+    path = tmp_path / "records.json"
+    for text in ("3", "null", '{"records": 5}', '{"records": [], "cells": "x"}'):
+        path.write_text(text)
+        assert "calibration" in refused(["calibrate", "--records", str(path)], capsys)
+
+
+def test_demo_refuses_a_missing_device_before_training(tmp_path, capsys):
+    if torch.cuda.device_count() > 99:
+        pytest.skip("this machine has a cuda:99")
+    assert "device: cuda:99" in refused(["demo", "--out", str(tmp_path / "demo"), "--device", "cuda:99"], capsys)
+    assert not (tmp_path / "demo").exists()

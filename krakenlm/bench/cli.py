@@ -20,9 +20,12 @@ QUICK = dict(shapes=["tiny"], prompts=[32], batches=[1], dtypes=["fp32"], tps=[2
 def _list(kind: type) -> Callable[[str], list]:
     def parse(text: str) -> list:
         try:
-            return [kind(x) for x in text.split(",") if x]
+            values = [kind(x) for x in text.split(",") if x]
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from err
+        if not values:  # an empty list left bench with no cells and roofline with no dtype to report
+            raise argparse.ArgumentTypeError(f"expected at least one {kind.__name__}, got {text!r}")
+        return values
     return parse
 
 
@@ -189,8 +192,6 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
     check_int(args.threads, "threads", maximum=os.cpu_count() or 1)  # a thread per core at most: 1000 exhaust memory
     check_int(args.prompt, "prompt")
     check_int(args.batch, "batch")
-    if not args.dtypes:
-        raise ConfigError("dtypes: give at least one, e.g. --dtypes bf16,fp32")
     for name in args.dtypes:
         parse_dtype(name)
     torch.set_num_threads(args.threads)
