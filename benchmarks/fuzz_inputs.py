@@ -32,7 +32,9 @@ from tests.fuzz_verbs import ALL_FAMILIES, WEIGHTS, stop_servers  # noqa: E402
 def counts_for(total: int) -> dict[str, int]:
     """`total` cases split over every family by WEIGHTS (each family at least one)."""
     weight = sum(WEIGHTS.values())
-    return {family: max(1, round(total * WEIGHTS[family] / weight)) for family in ALL_FAMILIES}
+    counts = {family: max(1, int(total * WEIGHTS[family] / weight)) for family in ALL_FAMILIES}
+    counts["files"] += max(0, total - sum(counts.values()))  # the rounding's remainder
+    return counts
 
 
 def main() -> int:

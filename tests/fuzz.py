@@ -437,22 +437,22 @@ FAMILIES: dict[str, Family] = {
 _NON_FINITE_WORD = re.compile(r"(?<![\w.'\"])-?(?:nan|inf)(?![\w'\"])")  # Python's float text, unquoted
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any, printed: bool = True) -> bool:
     """False when a result holds NaN or Inf: a tensor, a float, JSON printed by a verb (any depth) or, in a
-    verb's plain-text table, a bare nan / inf number."""
+    verb's `printed` plain-text output, a bare nan / inf number (a string inside JSON is data, not a number)."""
     if isinstance(value, torch.Tensor):
         return bool(torch.isfinite(value).all())
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
+        return all(_finite(v, False) for v in value)
     if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, str) and value.lstrip().startswith(("{", "[")):  # JSON printed by a verb
+        return all(_finite(v, False) for v in value.values())
+    if isinstance(value, str) and printed and value.lstrip().startswith(("{", "[")):  # JSON printed by a verb
         for text in (value, value.strip().splitlines()[-1]):
             with contextlib.suppress(ValueError):
-                return _finite(json.loads(text))
-    if isinstance(value, str) and not value.lstrip().startswith(("{", "[")):
+                return _finite(json.loads(text), False)
+    if isinstance(value, str) and printed and not value.lstrip().startswith(("{", "[")):
         return _NON_FINITE_WORD.search(value.split("\n---\n")[-1]) is None  # generated text is not a number
     return True
 
