@@ -112,6 +112,7 @@ def test_roofline_refuses_a_probe_that_cannot_fit(eight_gib, capsys):
     (["simulate", "--model", "mini-gpt", "--rate", "1", "--max-tokens", "0"], "max_tokens"),
     (["simulate", "--model", "mini-gpt", "--rate", "1", "--seed", "-1"], "seed: must be an integer >= 0"),
     (["predict", "--model", "gpt2-124m", "--prompt", "2048", "--generate", "64"], "exceed the context"),
+    (["bench", "--quick", "--tp", "1", "--out", "/nonexistent/bench"], "bench: --tp: must be an integer >= 2"),
 ])
 def test_silently_accepted_or_traceback_arguments_are_refused(argv, message, capsys):
     assert message in refused(argv, capsys)

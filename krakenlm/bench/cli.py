@@ -104,8 +104,8 @@ def _check_options(opts: Any) -> None:
     for flag, values in (("--prompts", opts.prompts), ("--batches", opts.batches), ("--tp", opts.tps)):
         if not values:
             raise ConfigError(f"bench: {flag}: give at least one value")
-        for value in values:
-            check_int(value, f"bench: {flag}")
+        for value in values:  # TP 1 has no exchange to time (its single-device baselines run in every cell)
+            check_int(value, f"bench: {flag}", minimum=2 if flag == "--tp" else 1)
     check_int(opts.rounds, "bench: --rounds")
     check_int(opts.max_rounds, "bench: --max-rounds", minimum=opts.rounds)
     check_int(opts.decode_steps, "bench: --decode-steps", minimum=0)
