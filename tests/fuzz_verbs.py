@@ -264,6 +264,8 @@ def long_verb_case(rng: random.Random, ws: Workspace) -> Case:
         argv += [flag, rng.choice(bad[flag]).format(**subs)]
     case = _cli_run(argv, ws, base)
     case.outputs = [_out(base)]
+    if verb == "serve" and "--max-tokens" in argv and argv[argv.index("--max-tokens") + 1] == "0":
+        case.known = "serve-max-tokens"
     return case
 
 
@@ -340,6 +342,7 @@ def file_case(rng: random.Random, ws: Workspace) -> Case:
 _SERVERS: dict[Path, Any] = {}
 KNOWN_GAPS = {  # issue 26's items another helper fixes (tag -> what is expected)
     "output-path": "an output path naming an existing file is refused, never replaced by a folder",
+    "serve-max-tokens": "serve --max-tokens 0 is refused, not the default",
     "deep": "deeply nested JSON body: 400, not a RecursionError 500",
     "n-float": "n: 1.0 is not n = 1",
     "stop-surrogate": "a stop string with a lone surrogate: 400",
