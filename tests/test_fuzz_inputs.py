@@ -1,6 +1,7 @@
 """Seeded fuzz over model configs, checkpoint files, CLI arguments, sampling parameters and `generate`
-(tests/fuzz.py): every case is a valid result or a typed one-line krakenlm error naming the field or file.
-A sample runs here (~20 s); benchmarks/fuzz_inputs.py runs thousands and prints the counts."""
+(tests/fuzz.py), and over every verb's arguments, the files verbs read and HTTP bodies (tests/fuzz_verbs.py):
+every case is a valid result or a typed one-line krakenlm error naming the field or file. Samples run here
+(~20 s each); `python benchmarks/fuzz_inputs.py --cases 1000` runs the long fuzz and prints the counts."""
 
 from __future__ import annotations
 
