@@ -20,12 +20,9 @@ QUICK = dict(shapes=["tiny"], prompts=[32], batches=[1], dtypes=["fp32"], tps=[2
 def _list(kind: type) -> Callable[[str], list]:
     def parse(text: str) -> list:
         try:
-            values = [kind(x) for x in text.split(",") if x]
+            return [kind(x) for x in text.split(",") if x]
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from err
-        if not values:  # an empty list left bench with no cells and roofline with no dtype to report
-            raise argparse.ArgumentTypeError(f"expected at least one {kind.__name__}, got {text!r}")
-        return values
     return parse
 
 
@@ -101,9 +98,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_options(opts: Any) -> None:
     """Every option checked here, once, before any rank starts (a bad value must not fail on every rank)."""
-    for flag, values in (("--prompts", opts.prompts), ("--batches", opts.batches), ("--tp", opts.tps)):
-        if not values:
+    counts = (("--prompts", opts.prompts), ("--batches", opts.batches), ("--tp", opts.tps))
+    for flag, values in (("--shapes", opts.shapes), ("--dtypes", opts.dtypes), ("--links", opts.links), *counts):
+        if not values:  # an empty list made a sweep of no cells, which then failed as if ranks had hung
             raise ConfigError(f"bench: {flag}: give at least one value")
+    for flag, values in counts:
         for value in values:  # TP 1 has no exchange to time (its single-device baselines run in every cell)
             check_int(value, f"bench: {flag}", minimum=2 if flag == "--tp" else 1)
     check_int(opts.rounds, "bench: --rounds")
@@ -192,6 +191,8 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
     check_int(args.threads, "threads", maximum=os.cpu_count() or 1)  # a thread per core at most: 1000 exhaust memory
     check_int(args.prompt, "prompt")
     check_int(args.batch, "batch")
+    if not args.dtypes:  # nothing to measure: the report had no roofline to print (UnboundLocalError)
+        raise ConfigError("dtypes: give at least one, e.g. --dtypes bf16,fp32")
     for name in args.dtypes:
         parse_dtype(name)
     torch.set_num_threads(args.threads)
