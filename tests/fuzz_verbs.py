@@ -233,6 +233,20 @@ def loadtest_case(rng: random.Random, ws: Workspace) -> Case:
     return case
 
 
+def doctor_case(rng: random.Random, ws: Workspace) -> Case:
+    """`doctor`: on a machine without CUDA a one-line report; with CUDA only a refused --out (its checks take
+    minutes)."""
+    import torch
+
+    base = ws.fresh("doctor")
+    out = _out(base)
+    bad = [_existing_file(base), base / "existing.json" / "below"]
+    target = rng.choice(bad if torch.cuda.is_available() else [out, out, *bad])
+    case = _cli_run(["doctor", "--out", str(target), "--no-timings"], ws, base)
+    case.outputs = [out]
+    return case
+
+
 # Refusal-only verbs (a valid run takes minutes) --------------------------------------------------------
 _LONG_VERBS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
     "serve": (["serve", "--config", "{config}", "--device", "cpu", "--port", "0"],
@@ -434,9 +448,10 @@ def server_case(rng: random.Random, ws: Workspace) -> Case:
 VERB_FAMILIES: dict[str, Callable[[random.Random, Workspace], Case]] = {
     "predict": predict_case, "plan": plan_case, "simulate": simulate_case, "calibrate": calibrate_case,
     "size": size_case, "roofline": roofline_case, "convert": convert_case, "eval-tasks": eval_tasks_case,
-    "loadtest": loadtest_case, "long-verbs": long_verb_case, "files": file_case, "server": server_case}
+    "loadtest": loadtest_case, "doctor": doctor_case, "long-verbs": long_verb_case, "files": file_case,
+    "server": server_case}
 ALL_FAMILIES = FAMILIES | VERB_FAMILIES
 # Shares of a `--cases N` run (what a case costs: eval tasks runs lm-eval, a server case is one request)
 WEIGHTS = {"config": 3, "checkpoint": 3, "cli": 2, "sampling": 3, "generate": 2, "engine": 2, "predict": 6,
            "plan": 3, "simulate": 4, "calibrate": 2, "size": 3, "roofline": 2, "convert": 2, "eval-tasks": 1,
-           "loadtest": 2, "long-verbs": 4, "files": 8, "server": 8}
+           "loadtest": 2, "doctor": 1, "long-verbs": 4, "files": 8, "server": 8}

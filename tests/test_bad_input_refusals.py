@@ -94,9 +94,16 @@ def test_too_big_is_refused_before_any_allocation_or_probe(argv, message, files,
     assert not (tmp_path / "out").exists()
 
 
-def test_roofline_refuses_a_probe_that_cannot_fit(eight_gib, capsys):
+def test_roofline_refuses_a_probe_that_cannot_fit(eight_gib, files, capsys):
     message = refused(["roofline", "--preset", "tiny-llama", "--prompt", "100000000"], capsys)
     assert "timing the attn_qkv_weight GEMM (1x100000000x64x128) needs at least" in message
+    assert "one layer of gpt (the GEMM probe) needs" in refused(["roofline", "--config", str(files["huge"])],
+                                                                     capsys)
+
+
+def test_simulate_refuses_a_model_whose_weights_cannot_load(capsys):
+    message = refused(["simulate", "--model", "gpt-175b", "--rate", "1", "--requests", "3"], capsys)
+    assert "weights need 325.20 GiB per chip on 1 x a100-40gb-nvswitch" in message
 
 
 @pytest.mark.parametrize("argv,message", [

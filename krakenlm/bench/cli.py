@@ -185,6 +185,7 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
     from krakenlm.dtypes import parse_dtype
     from krakenlm.parallel.plan import ParallelPlan
     from krakenlm.presets import get_preset
+    from krakenlm.resources import require_memory
     from krakenlm.roofline import forward_shape, probe
 
     config = get_preset(args.preset) if args.preset is not None else ModelConfig.from_json(args.config)
@@ -195,6 +196,9 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
         raise ConfigError("dtypes: give at least one, e.g. --dtypes bf16,fp32")
     for name in args.dtypes:
         parse_dtype(name)
+    # the probe holds one layer's weights in fp32 (and its shapes are read off a 1-layer model): refuse a layer
+    # that cannot fit before building even that on the meta device (n_embd 1e9 overflowed its storage size)
+    require_memory(4 * config.layer_params(), f"one layer of {config.name or config.arch} (the GEMM probe)")
     torch.set_num_threads(args.threads)
     shard = ParallelPlan(config, args.tp).shard(0)
     shape = forward_shape(config, shard, batch=args.batch, prompt=args.prompt)

@@ -23,6 +23,7 @@ from krakenlm.costmodel.estimator import (
     Workload,
     estimate,
     format_bytes,
+    weights_per_chip,
 )
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
 from krakenlm.costmodel.pipeline import Pipeline
@@ -358,6 +359,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=max_tokens,
                             max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)
     times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head, overhead=host)
+    weights = weights_per_chip(config, times.tp, args.dtype, args.pp)
+    if weights > hw.memory_bytes:  # predict notes it; a simulated service of a model that cannot load is refused
+        raise ConfigError(f"chips: {config.name or config.arch}'s {args.dtype} weights need {format_bytes(weights)} "
+                          f"per chip on {args.chips} x {hw.name}, which has {format_bytes(hw.memory_bytes)}; "
+                          "add --chips or --pp, or use --dtype int8")
     sim = simulate(load, policy, config.block_size, times, rate=spec.offered_rate, slo=slo,
                    engine_shapes=args.engine_shapes)
     out = sim.report | {"simulation": {"model": config.name or config.arch, "hardware": hw.name, "chips": args.chips,
