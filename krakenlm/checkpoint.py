@@ -318,6 +318,7 @@ class Checkpoint:
         self.path = _locate(Path(path))
         self._torch: dict[str, Any] | None = None
         self._doc: dict[str, Any] = {}
+        self.format_version: int | None = None  # native checkpoints only
         if _stat(self.path / CONFIG_FILE) is not None:
             self._doc = _read_json(self.path / CONFIG_FILE)
             if self._doc.get("format") == FORMAT or self._doc.get("model_type") is not None:

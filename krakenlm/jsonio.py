@@ -6,7 +6,8 @@ traces, checkpoint metadata, server requests), so bad input is refused the same 
 - nesting deeper than ``MAX_DEPTH`` is refused before the parser recurses (a RecursionError, or a later
   walk over the value, would otherwise surface as a traceback);
 - NaN / Infinity are not JSON and are refused (``constants=True`` accepts them);
-- every failure is one ``error`` (a KrakenError type) naming the file or the body.
+- every failure is one ``error`` (a KrakenError type; for ``parse_json`` any exception factory, so the
+  server can make it a 400) naming the file or the body.
 """
 
 from __future__ import annotations
