@@ -8,7 +8,10 @@ Three families, each a function (rng, workspace) -> Case:
   place, a missing file), sometimes with the manifest re-sealed as a hand edit would;
 - CLI arguments of `train`, `prepare`, `eval ppl` and `presets`, run in-process through krakenlm.cli.main.
 
-tests/test_fuzz_inputs.py runs a sample in CI; benchmarks/fuzz_inputs.py runs many and prints the counts.
+tests/fuzz_verbs.py adds issue 26's families (every verb's arguments, the files verbs read, HTTP bodies), and
+the judge below also fails a case that creates or changes a file outside its named outputs, or prints a
+non-finite number. tests/test_fuzz_inputs.py runs a sample in CI; benchmarks/fuzz_inputs.py runs many and
+prints the counts.
 """
 
 from __future__ import annotations
