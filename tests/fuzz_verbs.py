@@ -251,7 +251,7 @@ def doctor_case(rng: random.Random, ws: Workspace) -> Case:
 _LONG_VERBS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
     "serve": (["serve", "--config", "{config}", "--device", "cpu", "--port", "0"],
               {"--max-batch": ["0", "-1", "abc"], "--max-tokens": ["0", "-5"], "--max-queue": ["0", "-1"],
-               "--max-body-bytes": ["0", "-1"], "--drain-timeout": ["nan", "-1", "inf"], "--port": ["99999", "-1"],
+               "--max-body-bytes": ["0", "-1"], "--drain-timeout": ["nan", "-1"], "--port": ["99999", "-1"],
                "--tp": ["0", "-2"], "--dtype": ["int4"], "--device": ["tpu", "cuda:99"]}),
     "bench": (["bench", "--quick", "--out", "{out}"],
               {"--shapes": ["nope", "tiny:0", ""], "--prompts": ["0", "-1", "a"], "--batches": ["0", "-3"],
