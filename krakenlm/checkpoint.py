@@ -8,10 +8,11 @@ it reads, so a corrupt or modified checkpoint is never loaded silently. (Format 
 manifests, still loads, with a warning that it cannot be verified.)
 
 Imported: (a) the Kraken authors' nanoGPT-derived torch.save files (a run directory holding one
-``ckpt.pt`` is accepted too), (b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)``
-so nothing but tensors, plain containers and numpy scalars is ever unpickled, and zip-format files are
-CRC-checked first; (c) Hugging Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face
-Llama directories (krakenlm.hf_llama; sharded safetensors too); (e) krakenlm's own Hugging Face exports
+``ckpt.pt``, beside the config.json of training arguments their train.py writes, is accepted too),
+(b) nanoGPT GPT files, both loaded with ``torch.load(weights_only=True)`` so nothing but tensors, plain
+containers and numpy scalars is ever unpickled, and zip-format files are CRC-checked first; (c) Hugging
+Face GPT-2 directories (config.json + model.safetensors); (d) Hugging Face Llama directories
+(krakenlm.hf_llama; sharded safetensors too); (e) krakenlm's own Hugging Face exports
 (krakenlm.interop.hf_export: native tensors, the config under "krakenlm"). Exported: HF GPT-2.
 
 Every reader refuses what is not a regular file before opening it (a FIFO would block), names the
@@ -44,6 +45,7 @@ from torch import Tensor
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError, KrakenError
 from krakenlm.hf_llama import llama_config, read_llama
+from krakenlm.jsonio import read_json
 from krakenlm.model import Shard, Transformer
 from krakenlm.model.params import FORMATS, foreign, foreign_state, shapes, strip_foreign, tied_names
 from krakenlm.model.sharding import shard_ranges, shard_state_dict, take
@@ -130,6 +132,16 @@ def refuse_non_finite(state: dict[str, Tensor], source: str) -> None:
     for name, value in state.items():
         if not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values; refusing a broken checkpoint")
+
+
+def refuse_overflow(model: torch.nn.Module, source: str) -> None:
+    """CheckpointError naming the first weight that is not finite after conversion: finite weights beyond a
+    narrower dtype's range (fp16's 65504) become Inf, and the model would then generate garbage silently."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            limit = torch.finfo(value.dtype).max
+            raise CheckpointError(f"{source}: {name} overflows {value.dtype} (values beyond +-{limit:.6g} become "
+                                  "Inf); run it in a wider dtype (--dtype fp32 or bf16)")
 
 
 # Native format -------------------------------------------------------------------------------------
@@ -284,8 +296,7 @@ def verify_manifest(directory: str | Path, names: tuple[str, ...], required: boo
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    with _reading(path, "JSON config"):
-        doc = json.loads(regular_file(path).read_text())
+    doc = read_json(path, "checkpoint config", CheckpointError)
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: config must be a JSON object")
     return doc
@@ -299,6 +310,12 @@ def _locate(path: Path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint")
     if not stat.S_ISDIR(st.st_mode) or _stat(path / CONFIG_FILE) is not None:
         return path
+    return _run_file(path, f"no {CONFIG_FILE}")
+
+
+def _run_file(path: Path, why: str) -> Path:
+    """The one .pt file of a run directory (the authors' / nanoGPT's out_dir), or CheckpointError saying `why`
+    the directory is not a checkpoint itself."""
     try:
         pts = sorted(p for p in path.iterdir() if p.suffix == ".pt")
     except PermissionError:
@@ -306,27 +323,39 @@ def _locate(path: Path) -> Path:
     if len(pts) == 1:
         return pts[0]
     if pts:
-        raise CheckpointError(f"{path}: no {CONFIG_FILE} and several .pt files ({', '.join(p.name for p in pts)}); "
+        raise CheckpointError(f"{path}: {why} and several .pt files ({', '.join(p.name for p in pts)}); "
                               "pass the one to load")
-    raise CheckpointError(f"{path}: directory has no {CONFIG_FILE} (nor a .pt checkpoint file)")
+    raise CheckpointError(f"{path}: {why} (nor a .pt checkpoint file)")
 
 
 class Checkpoint:
     """A checkpoint opened once: format detected, config read and, for torch files, the file loaded
     once (a tensor-parallel rank used to torch.load an authors' .pt four times). A run directory that
-    holds exactly one .pt file (the authors' out_dir with its ckpt.pt) opens that file."""
+    holds exactly one .pt file (the authors' out_dir with its ckpt.pt, and the config.json their train.py
+    dumps its arguments to, or none) opens that file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = _locate(Path(path))
         self._torch: dict[str, Any] | None = None
         self._doc: dict[str, Any] = {}
-        if _stat(self.path / CONFIG_FILE) is None:
-            self._torch = _torch_load(self.path)
-            self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
-            self.config = _nanogpt_config(self._torch, self.format, str(self.path))
-            return
-        self._doc = _read_json(self.path / CONFIG_FILE)
+        self.format_version: int | None = None  # native checkpoints only
+        if _stat(self.path / CONFIG_FILE) is not None:
+            self._doc = _read_json(self.path / CONFIG_FILE)
+            if self._doc.get("format") == FORMAT or self._doc.get("model_type") is not None:
+                self._open_config()
+                return
+            # The authors' train.py writes its own config.json (its training arguments) beside ckpt.pt: the
+            # .pt's model_args describe the model
+            self.path = _run_file(self.path, f"{CONFIG_FILE} is neither a krakenlm, a GPT-2 nor a Llama config")
+            self._doc = {}
+        self._torch = _torch_load(self.path)
+        self.format = "kraken-authors" if "n_heads_in_split" in self._torch["model_args"] else "nanogpt"
+        self.config = _nanogpt_config(self._torch, self.format, str(self.path))
+
+    def _open_config(self) -> None:
+        """Format and config of a directory whose config.json describes the model (native, HF GPT-2, HF Llama)."""
         if self._doc.get("format") == FORMAT:
+            self.format_version = _format_version(self.path, self._doc)
             self.format, self.config = "native", _native_config(self.path, self._doc)
         elif self._doc.get("model_type") == "gpt2":
             self.format, self.config = "hf-gpt2", _hf_config(self._doc, str(self.path))
@@ -342,7 +371,7 @@ class Checkpoint:
         tensor checked (floating point, finite) and given one dtype."""
         source = str(self.path)
         if self.format == "native":
-            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE), required=self._doc.get("format_version", 1) != 1)
+            verify_manifest(self.path, (CONFIG_FILE, WEIGHTS_FILE), required=self.format_version != 1)
             if _stat(self.path / MANIFEST_FILE) is None:
                 warnings.warn(f"{source}: written by an older krakenlm without checksums; corruption cannot be "
                               "detected (load and save it again to add them)", stacklevel=3)
@@ -369,7 +398,10 @@ class Checkpoint:
         with torch.device("meta"):
             model = Transformer(self.config, shard, init=False)
         model.load_state_dict(state, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=dtype).eval()
+        if dtype is not None:
+            refuse_overflow(model, str(self.path))
+        return model
 
     def release(self) -> None:
         """Drop the loaded torch file (once the model is built it is not needed)."""
@@ -384,6 +416,16 @@ def detect_format(path: str | Path) -> str:
 
 def load_config(path: str | Path) -> ModelConfig:
     return Checkpoint(path).config
+
+
+def _format_version(path: Path, doc: dict[str, Any]) -> int:
+    """The native format version a config.json states (1 when absent: written before versions); a version this
+    krakenlm does not know is refused, not read as the latest (a newer layout would load wrong or unverified)."""
+    version = doc.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path / CONFIG_FILE}: format_version must be an integer 1..{FORMAT_VERSION} (this "
+                              f"krakenlm's), got {version!r}; a newer krakenlm wrote it, or the file was edited")
+    return version
 
 
 def _native_config(path: Path, doc: dict[str, Any]) -> ModelConfig:

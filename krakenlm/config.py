@@ -16,16 +16,19 @@ base (``position``, ``rope_theta``), SwiGLU (``mlp``), GQA/MQA (``n_kv_head``) a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
-from krakenlm.validation import check_float, check_int, regular_file
+from krakenlm.jsonio import read_json
+from krakenlm.validation import check_float, check_int
 
 ARCHS = ("gpt", "parallel", "kraken", "ladder")
+# Any size field past this is a typo (10**400 in a JSON file): sizes derived from it would overflow float
+# arithmetic before the memory check could refuse them by name. Real models are ~1e5 wide.
+MAX_SIZE = 1 << 40
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -85,7 +88,7 @@ class ModelConfig:
         _check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}, got {self.position!r}")
         _check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
         for name in ("n_layer", "n_embd", "n_head", "n_sub", "vocab_size", "block_size"):
-            check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name, maximum=MAX_SIZE)
         for name in ("bias", "tie_embeddings"):
             _check(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         check_float(self.norm_eps, "norm_eps", minimum=0, exclusive=True)
@@ -99,7 +102,7 @@ class ModelConfig:
         else:
             _check(self.ladder_layers is None, "ladder_layers", f"only applies to arch='ladder', not {self.arch!r}")
         for name in ("n_kv_head", "head_dim", "ffn_hidden"):
-            check_int(getattr(self, name), name, optional=True)
+            check_int(getattr(self, name), name, maximum=MAX_SIZE, optional=True)
         if self.head_dim is None:
             _check(self.n_embd % self.n_head == 0, "n_head",
                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim explicitly")
@@ -188,11 +191,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
         """A user's config file: it must state the size fields (n_layer, n_embd, n_head, vocab_size, block_size)."""
-        try:
-            data = json.loads(regular_file(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read config {path}: {err}") from err
-        return cls.from_dict(data, SIZE_FIELDS)
+        return cls.from_dict(read_json(path, "config"), SIZE_FIELDS)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -267,6 +266,9 @@ def size_kraken(
                           f"{n_sub}-way Kraken model with {n_layer} layers and {total_heads} heads: its smallest "
                           f"width (d = {step}) already has {size} parameters{' per layer' if per_layer else ''}")
     if hardware_friendly:
+        if heads > exact:  # the heads asked for are ignored here, but a count no width could hold is a mistake
+            raise ConfigError(f"total_heads: {total_heads} heads ({heads} per sub-layer) do not fit the width this "
+                              f"budget buys (d ~ {exact:.0f}); hardware-friendly sizing picks {head_dim}-wide heads")
         if head_dim % 64:
             raise ConfigError(f"head_dim: hardware-friendly sizing needs a multiple of 64, got {head_dim}")
         d = max(64, round(exact / 64) * 64)

@@ -164,7 +164,9 @@ def _report(measured: dict[str, Any], predicted: dict[str, Any]) -> None:
 def run_demo(args: DemoConfig) -> int:
     """Every stage, skipping those whose output exists; prints the comparison and writes summary.json."""
     from krakenlm.eval.perplexity import perplexity
+    from krakenlm.parallel.group import resolve_device
 
+    resolve_device(args.device)  # a device that does not exist is refused now, not after the training
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = _data(out, args.vocab)

@@ -36,10 +36,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from krakenlm.checkpoint import refuse_overflow
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
 from krakenlm.dtypes import check_dtype, parse_dtype
-from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError
+from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError, ResourceError
 from krakenlm.generate import (
     Generation,
     GenerationResult,
@@ -204,7 +205,7 @@ class Engine:
         # that cannot read its model still joins the agreement, so its peers fail at once, not at a timeout.
         try:
             opened, load_error = self.source.open(), None
-        except (ConfigError, CheckpointError) as err:
+        except (ConfigError, CheckpointError, ResourceError) as err:
             opened, load_error = None, err
         if self.distributed:
             options = self.options.to_dict() | {"device": self.device.type, "threads": None}
@@ -239,6 +240,7 @@ class Engine:
                                      self.device)
             self.model, self.held = built.model, (built.weights_bytes, built.replicated_bytes)
         opened.release()
+        refuse_overflow(self.model, self.source.describe())  # weights cast to a narrower dtype may not fit it
         if self.options.pad_heads:
             self.model.pad_heads(self.options.pad_heads)
         self.model.set_attention_kernel(self.options.attention)

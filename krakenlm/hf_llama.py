@@ -11,7 +11,6 @@ differently (RoPE scaling, biases, another activation) is refused with the field
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from krakenlm.config import ModelConfig
 from krakenlm.errors import CheckpointError, ConfigError
+from krakenlm.jsonio import read_json
 from krakenlm.model import Shard
 from krakenlm.model.params import foreign, foreign_state, strip_foreign, tied_names
 from krakenlm.model.sharding import shard_ranges, take
@@ -96,10 +96,8 @@ def _weight_files(path: Path) -> dict[str, str]:
     """HF tensor name -> the safetensors file holding it (one file, or the shards of the index)."""
     index = path / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a readable safetensors index ({err})") from err
+        doc = read_json(index, "safetensors index", CheckpointError)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map must be an object")
         return {str(k): str(v) for k, v in weight_map.items()}

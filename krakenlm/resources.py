@@ -61,7 +61,11 @@ def available_memory(device: torch.device | str | None = None) -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:,.2f} GiB"
+    """`n` bytes in GiB; an int past float's range (from a config with n_layer 10**400) as a power of ten."""
+    try:
+        return f"{n / GIB:,.2f} GiB"
+    except OverflowError:
+        return f"~1e{len(str(int(n) // GIB)) - 1} GiB"
 
 
 def require_memory(needed: int, what: str, device: torch.device | str | None = None) -> None:

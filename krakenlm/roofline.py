@@ -23,6 +23,7 @@ from krakenlm.model.attention import attention_flops
 from krakenlm.model.layers import stacked_linear
 from krakenlm.model.sharding import Shard
 from krakenlm.model.transformer import Transformer
+from krakenlm.resources import require_memory
 
 PROBES = MeasurementCache("roofline")
 MEMORY_PROBE_BYTES = 256 * 2**20  # well beyond any last-level cache
@@ -105,6 +106,10 @@ class Roofline:
 
 
 def _time_gemm(g: Gemm, dtype: torch.dtype, device: torch.device) -> float:
+    # fp32 draws, their casts and the output: refuse a shape (a 1e8-token prompt) the device cannot hold
+    elements = g.streams * (g.m * g.k + g.n * g.k)
+    need = elements * (4 + dtype.itemsize) + g.streams * g.m * g.n * dtype.itemsize
+    require_memory(need, f"timing the {g.name} GEMM ({g.streams}x{g.m}x{g.k}x{g.n})", device)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(g.streams, g.m, g.k, generator=gen, device=device).to(dtype)
     w = torch.randn(g.streams, g.n, g.k, generator=gen, device=device).to(dtype)

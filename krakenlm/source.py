@@ -42,10 +42,14 @@ class RandomWeights:
     config: ModelConfig
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # The full model is built first, on the host: refuse one that cannot fit before anything is
+        # allocated or measured (--dtype auto times this model's GEMMs before building it).
+        require_memory(model_bytes(self.config), f"building {self.config.name or 'the model'} "
+                       f"({self.config.num_params():,} parameters)")
+
     def model(self, shard: Shard | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> Transformer:
-        require_memory(model_bytes(self.config), f"building {self.config.name or 'the model'} "
-                       f"({self.config.num_params():,} parameters)")  # the full model is built first, on the host
         full = Transformer(self.config, init=False)
         full.reset_parameters(self.seed)
         if shard is None or shard == Shard.full(self.config):

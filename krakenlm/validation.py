@@ -21,13 +21,19 @@ def check_int(value: Any, name: str, *, minimum: int | None = 1, maximum: int | 
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
-        raise ConfigError(f"{name}: must be {_describe('an integer', minimum, maximum, optional)}, got {value!r}")
+        raise ConfigError(f"{name}: must be {_describe('an integer', minimum, maximum, optional)}, got {shown(value)}")
     return value
 
 
 def is_finite_number(value: Any) -> bool:
-    """A real int or float (not a bool, which Python counts as an int), neither NaN nor infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real int or float (not a bool, which Python counts as an int), neither NaN nor infinite, nor an int
+    past float's range (10**400 in a JSON file: as a float it would be infinite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_float(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None,
@@ -41,8 +47,15 @@ def check_float(value: Any, name: str, *, minimum: float | None = None, maximum:
     ok = ok and (maximum is None or value <= maximum)
     if not ok:
         low = None if minimum is None else (f"> {minimum}" if exclusive else f">= {minimum}")
-        raise ConfigError(f"{name}: must be {_describe('a finite number', low, maximum, optional)}, got {value!r}")
+        raise ConfigError(f"{name}: must be {_describe('a finite number', low, maximum, optional)}, "
+                          f"got {shown(value)}")
     return float(value)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """repr(value) for a message, shortened when long (a 400-digit int from a JSON file)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit // 2]}... ({len(text)} characters)"
 
 
 def _describe(kind: str, minimum: Any, maximum: Any, optional: bool) -> str:

@@ -156,9 +156,9 @@ def test_absurd_batch_is_refused_with_the_numbers_before_allocating(data_dir, tm
               progress=False)
 
 
-@pytest.mark.parametrize("flag,value,field", [("--windows", "0", "num_windows"), ("--windows", "-3", "num_windows"),
+@pytest.mark.parametrize("flag,value,field", [("--windows", "0", "windows"), ("--windows", "-3", "windows"),
                                               ("--batch-size", "0", "batch_size"),
-                                              ("--windows", str(10**12), "GiB")])
+                                              ("--windows", str(10**12), "<= 1000000, got 1000000000000")])
 def test_eval_ppl_bad_counts_are_one_line(data_dir, tmp_path, capsys, flag, value, field):
     from krakenlm.checkpoint import save_checkpoint
     from krakenlm.source import build_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -97,11 +98,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_options(opts: Any) -> None:
     """Every option checked here, once, before any rank starts (a bad value must not fail on every rank)."""
-    for flag, values in (("--prompts", opts.prompts), ("--batches", opts.batches), ("--tp", opts.tps)):
-        if not values:
+    counts = (("--prompts", opts.prompts), ("--batches", opts.batches), ("--tp", opts.tps))
+    for flag, values in (("--shapes", opts.shapes), ("--dtypes", opts.dtypes), ("--links", opts.links), *counts):
+        if not values:  # an empty list made a sweep of no cells, which then failed as if ranks had hung
             raise ConfigError(f"bench: {flag}: give at least one value")
-        for value in values:
-            check_int(value, f"bench: {flag}")
+    for flag, values in counts:
+        for value in values:  # TP 1 has no exchange to time (its single-device baselines run in every cell)
+            check_int(value, f"bench: {flag}", minimum=2 if flag == "--tp" else 1)
     check_int(opts.rounds, "bench: --rounds")
     check_int(opts.max_rounds, "bench: --max-rounds", minimum=opts.rounds)
     check_int(opts.decode_steps, "bench: --decode-steps", minimum=0)
@@ -179,20 +182,30 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
     import torch
 
     from krakenlm.config import ModelConfig
+    from krakenlm.dtypes import parse_dtype
     from krakenlm.parallel.plan import ParallelPlan
     from krakenlm.presets import get_preset
+    from krakenlm.resources import require_memory
     from krakenlm.roofline import forward_shape, probe
 
-    config = get_preset(args.preset) if args.preset else ModelConfig.from_json(args.config)
-    if args.threads < 1 or args.prompt < 1 or args.batch < 1:
-        raise ConfigError("roofline: threads, prompt and batch must be positive")
+    config = get_preset(args.preset) if args.preset is not None else ModelConfig.from_json(args.config)
+    check_int(args.threads, "threads", maximum=os.cpu_count() or 1)  # a thread per core at most: 1000 exhaust memory
+    check_int(args.prompt, "prompt")
+    check_int(args.batch, "batch")
+    if not args.dtypes:  # nothing to measure: the report had no roofline to print (UnboundLocalError)
+        raise ConfigError("dtypes: give at least one, e.g. --dtypes bf16,fp32")
+    for name in args.dtypes:
+        parse_dtype(name)
+    # the probe holds one layer's weights in fp32 (and its shapes are read off a 1-layer model): refuse a layer
+    # that cannot fit before building even that on the meta device (n_embd 1e9 overflowed its storage size)
+    require_memory(4 * config.layer_params(), f"one layer of {config.name or config.arch} (the GEMM probe)")
     torch.set_num_threads(args.threads)
     shard = ParallelPlan(config, args.tp).shard(0)
     shape = forward_shape(config, shard, batch=args.batch, prompt=args.prompt)
     flops = shape.flops()
-    report = {"flops": flops, "dtypes": {}}
-    for name in args.dtypes:
-        roof = probe(shape, name)
+    report: dict[str, Any] = {"flops": flops, "dtypes": {}}
+    roofs = {name: probe(shape, name) for name in args.dtypes}
+    for name, roof in roofs.items():
         report["dtypes"][name] = roof.to_dict() | {"floor_s": sum(flops.values()) / roof.gemm_flops_per_s}
     if args.calibrate:
         from krakenlm.bench.spec import calibrate_machine
@@ -202,7 +215,7 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{config.name or config.arch}, rank 0 of {args.tp}, batch {args.batch} x {args.prompt} tokens, "
-          f"{args.threads} thread(s), {roof.processor}")
+          f"{args.threads} thread(s), {roofs[args.dtypes[0]].processor}")
     print("FLOPs per forward: " + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in flops.items()))
     for name, r in report["dtypes"].items():
         gemms = ", ".join(f"{g} {rate / 1e9:.0f}" for g, rate in r["per_gemm"].items())

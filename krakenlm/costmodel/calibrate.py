@@ -35,7 +35,6 @@ on other records.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from krakenlm.costmodel.hardware import PER_DTYPE, Hardware, compute_dtype
 from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
 from krakenlm.costmodel.overlap import NO_OVERLAP, SYSTEM_MODES, Overlap, parse_overlap
 from krakenlm.errors import ConfigError
+from krakenlm.jsonio import read_json_or_lines
 from krakenlm.presets import get_preset
 
 FIT_FIELDS = ("matmul_eff", "attention_eff", "memory_eff", "comm_eff", "alpha", "layer_overhead_s", "link_bw")
@@ -156,27 +156,27 @@ def load_records(path: str | Path, clean_only: bool = False) -> list[dict[str, A
     ``all_rounds_contaminated`` (no round ran without other processes' load, so the time measures
     them as much as the model).
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError(f"calibration: cannot read records {path}: {err.strerror}") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"calibration: {path} is neither JSON nor JSON lines: {err}") from err
-    if not isinstance(data, dict):
-        return data
-    records = data.get("records", [data])
-    if clean_only:
-        # A record carries its cell's median, so (dtype, phase, seconds) identifies the cell it came from.
-        dirty = {(cell["dtype"], phase, v[phase]["median"]) for cell in data.get("cells", [])
-                 if cell.get("all_rounds_contaminated") for v in cell["variants"].values()
-                 for phase in ("prefill", "decode") if phase in v}
-        records = [r for r in records if (r.get("dtype"), r.get("phase"), r.get("seconds")) not in dirty]
+    data = read_json_or_lines(path, "records")
+    records = data.get("records", [data]) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise ConfigError(f"calibration: {path} must hold a list of records, {{\"records\": [...]}} or JSON lines, "
+                          f"got {type(records).__name__}")
+    if clean_only and isinstance(data, dict):
+        dirty = _contaminated(data, path)
+        records = [r for r in records
+                   if not isinstance(r, dict) or (r.get("dtype"), r.get("phase"), r.get("seconds")) not in dirty]
     return records
+
+
+def _contaminated(bench: dict[str, Any], path: str | Path) -> set[tuple[Any, str, Any]]:
+    """(dtype, phase, median) of the cells of a `krakenlm bench` file that had no clean round: a record carries
+    its cell's median, so that identifies the cell it came from."""
+    try:
+        return {(cell["dtype"], phase, v[phase]["median"]) for cell in bench.get("cells", [])
+                if cell.get("all_rounds_contaminated") for v in cell["variants"].values()
+                for phase in ("prefill", "decode") if phase in v}
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"calibration: {path}: malformed bench 'cells' ({type(err).__name__}: {err})") from None
 
 
 def predict_point(point: Point, hw: Hardware) -> float:

@@ -31,6 +31,7 @@ from krakenlm.costmodel.estimator import (
     Workload,
     estimate,
     format_bytes,
+    weights_per_chip,
 )
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
 from krakenlm.costmodel.pipeline import Pipeline
@@ -41,7 +42,7 @@ from krakenlm.presets import get_preset
 from krakenlm.serve.report import parse_slo_targets
 from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.serve.workload import ARRIVALS, Lengths, LoadSpec
-from krakenlm.validation import check_output_file
+from krakenlm.validation import check_int, check_output_file
 
 GIB = 2 ** 30
 
@@ -147,7 +148,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> ModelConfig:
-    return get_preset(args.model) if args.model else ModelConfig.from_json(args.config)
+    return get_preset(args.model) if args.model is not None else ModelConfig.from_json(args.config)
 
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
@@ -239,6 +240,7 @@ def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> LoadSpe
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    check_int(args.top, "top")
     config, hw = _config(args), load_hardware(args.hardware)
     memory_limit = None if args.memory_limit is None else args.memory_limit * GIB
     if args.slo is not None:
@@ -285,7 +287,7 @@ def run_command(args: argparse.Namespace, config: ModelConfig, est: Estimate) ->
         runnable = str(choose(config, est.tp, wl, load_hardware(args.hardware)))
         note = f"\n  (the planned {layout} does not run here: {err}; this runs {runnable}, the fastest that does)"
         layout = runnable
-    source = f"--preset {args.model}" if args.model else f"--config {args.config}"
+    source = f"--preset {args.model}" if args.model is not None else f"--config {args.config}"
     if config.name != _config(args).name or config != _config(args):
         note += f"\n  (the plan's model is {config.name or 'a resized variant'}: save its config and pass --config)"
     dtype = "--dtype bf16 --quantize int8" if wl.dtype == "int8" else f"--dtype {wl.dtype}"
@@ -366,9 +368,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     slo = _json_object(args.goodput_slo, "--goodput-slo", '{"ttft_s": 0.2}')
     host = _host_overhead(args, config, hw)
     longest = max(a.prompt_len + a.output_len for a in load)
-    policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=args.max_tokens or args.max_batch * longest,
+    max_tokens = args.max_batch * longest if args.max_tokens is None else args.max_tokens  # 0 is refused, not a default
+    policy = BatchingPolicy(max_batch=args.max_batch, max_tokens=max_tokens,
                             max_queue=args.max_queue, max_prefills_per_step=args.max_prefills_per_step)
     times = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head, overhead=host)
+    weights = weights_per_chip(config, times.tp, args.dtype, args.pp)
+    if weights > hw.memory_bytes:  # predict notes it; a simulated service of a model that cannot load is refused
+        raise ConfigError(f"chips: {config.name or config.arch}'s {args.dtype} weights need {format_bytes(weights)} "
+                          f"per chip on {args.chips} x {hw.name}, which has {format_bytes(hw.memory_bytes)}; "
+                          "add --chips or --pp, or use --dtype int8")
     sim = simulate(load, policy, config.block_size, times, rate=spec.offered_rate, slo=slo,
                    engine_shapes=args.engine_shapes)
     out = sim.report | {"simulation": {"model": config.name or config.arch, "hardware": hw.name, "chips": args.chips,

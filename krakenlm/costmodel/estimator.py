@@ -120,9 +120,16 @@ class Workload:
         return self.batch if phase == "prefill" or self.decode_batch is None else self.decode_batch
 
 
+def beyond_context(config: ModelConfig, workload: Workload) -> bool:
+    """Whether the request runs past the model's trained context (prompt + new > block_size)."""
+    return workload.prompt + workload.generate > config.block_size
+
+
 def check_context(config: ModelConfig, workload: Workload) -> None:
-    """The request must fit the model's context, as the engine requires (prompt + new <= block_size)."""
-    if workload.prompt + workload.generate > config.block_size:
+    """A model with learned positions has no position past block_size: the request must fit, as the engine
+    requires. A position-free (RoPE) model computes the same shapes past it, so a cost estimate goes on
+    (Pope et al.'s Table 3 prices PaLM 62B at 2048 + 64 tokens); the estimate carries a note instead."""
+    if beyond_context(config, workload) and config.position == "learned":
         raise ConfigError(f"prompt, generate: {workload.prompt} prompt + {workload.generate} generated tokens "
                           f"exceed the context of {config.name or config.arch} ({config.block_size} tokens, "
                           f"block_size)")
@@ -666,6 +673,9 @@ def _assemble(config: ModelConfig, hw: Hardware, workload: Workload, tp: int, st
               if decode else 0.0)
     kv = max(kv_pre, kv_dec)
     notes = []
+    if beyond_context(config, wl):
+        notes.append(f"{wl.prompt + wl.generate} tokens run past {config.name or config.arch}'s trained context "
+                     f"of {config.block_size} (RoPE has no position limit: priced, but quality there is untested)")
     if w + kv > hw.memory_bytes:
         notes.append(f"does not fit: {format_bytes(w + kv)} per chip > {format_bytes(hw.memory_bytes)}")
     padded = config.n_head < (tp // config.n_sub if config.arch == "kraken" else tp)

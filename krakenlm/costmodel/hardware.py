@@ -17,8 +17,9 @@ from typing import Any
 
 from krakenlm.config import dataclass_fields
 from krakenlm.errors import ConfigError
+from krakenlm.jsonio import read_json
 from krakenlm.machine import machine_spec
-from krakenlm.validation import check_output_file, is_finite_number
+from krakenlm.validation import check_output_file, is_finite_number, shown
 
 SPEC_DIR = Path(__file__).with_name("hardware")
 TOPOLOGIES = ("ring", "switch", "torus")
@@ -44,7 +45,7 @@ def _check_number(spec: str, key: str, value: Any, lo: float, hi: float, lo_open
     ok = is_finite_number(value) and (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
         bound = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise ConfigError(f"hardware {spec}: {key} must be a finite number in {bound}, got {value!r}")
+        raise ConfigError(f"hardware {spec}: {key} must be a finite number in {bound}, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Hardware:
                 _check_number(self.name, f"{key}[{dtype}]", v, 0.0, 1.0)
         elif not is_finite_number(value) or not 0 < value <= 1:
             raise ConfigError(f"hardware {self.name}: {key} must be a number in (0, 1] or a mapping "
-                              f"dtype -> number in (0, 1], got {value!r}")
+                              f"dtype -> number in (0, 1], got {shown(value)}")
 
     def _check_nodes(self) -> None:
         c = self.chips_per_node
@@ -236,12 +237,7 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
         if not path.exists():
             raise ConfigError(f"hardware: unknown hardware {str(name_or_path)!r}; "
                               f"available: {', '.join(hardware_names())} or a path to a JSON spec")
-    if path.exists() and not path.is_file():  # a FIFO or device would block the read
-        raise ConfigError(f"hardware: {path} is not a regular file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"hardware: cannot read {path}: {err}") from err
+    data = read_json(path, "hardware spec", max_bytes=1 << 20, constants=True)  # from_dict names a non-finite field
     if not isinstance(data, dict):
         raise ConfigError(f"hardware: {path} must hold a JSON object")
     return Hardware.from_dict(data)

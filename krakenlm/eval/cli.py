@@ -10,7 +10,7 @@ from typing import Any
 
 from krakenlm.dtypes import DTYPES
 from krakenlm.errors import InputError
-from krakenlm.validation import check_output_file
+from krakenlm.validation import check_int, check_output_file
 
 
 def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
@@ -33,12 +33,16 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
 def _perplexity(checkpoint: str, data: str, args: argparse.Namespace) -> float:
     from krakenlm.checkpoint import load_config, load_model
     from krakenlm.dtypes import parse_dtype
-    from krakenlm.eval.perplexity import perplexity
+    from krakenlm.eval.perplexity import MAX_WINDOWS, perplexity
     from krakenlm.parallel.group import resolve_device
+    from krakenlm.resources import model_bytes, require_memory
     from krakenlm.roofline import resolve_dtype
 
+    check_int(args.windows, "windows", maximum=MAX_WINDOWS)  # before a model is loaded
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, load_config(checkpoint), device)
+    config = load_config(checkpoint)
+    require_memory(model_bytes(config), f"{checkpoint}: the model's weights")  # before --dtype auto times its GEMMs
+    dtype = resolve_dtype(args.dtype, config, device)
     model = load_model(checkpoint, dtype=parse_dtype(dtype), device=device)
     return perplexity(model, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
                       seed=args.ppl_seed)

@@ -25,6 +25,9 @@ from krakenlm.validation import check_int
 TokenSource = str | Path | np.ndarray | Tensor | Sequence[int]
 
 
+MAX_WINDOWS = 1_000_000  # 200x the paper's ~5000: more is hours of forwards, not a better estimate
+
+
 @torch.no_grad()
 def mean_cross_entropy(model: Transformer, data: TokenSource, *, split: str = "val", block_size: int | None = None,
                        num_windows: int = 200, batch_size: int = 8, seed: int = 1234,
@@ -36,7 +39,7 @@ def mean_cross_entropy(model: Transformer, data: TokenSource, *, split: str = "v
     """
     if model.shard.sub_count != model.config.n_sub or model.shard.parts != 1:
         raise InputError("perplexity needs a full (unsharded) model")
-    check_int(num_windows, "num_windows")
+    check_int(num_windows, "num_windows", maximum=MAX_WINDOWS)
     check_int(batch_size, "batch_size")
     tokens = load_tokens(data, split)
     block = block_size or model.config.block_size

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from krakenlm.errors import InputError
+from krakenlm.jsonio import parse_json, read_text
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 TEMPLATES = Path(__file__).parent / "superglue"
@@ -65,19 +66,37 @@ def check_data(data_dir: str | Path, tasks: list[str]) -> dict[str, Path]:
         if not path.is_file():
             raise InputError(f"{path}: missing; expected one JSON object per line with the HF super_glue "
                              f"'{task}' fields {list(REQUIRED_FIELDS[task])}")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in read_text(path, "task data", InputError).splitlines() if line.strip()]
         if not lines:
             raise InputError(f"{path}: no examples")
         for number, line in enumerate(lines, 1):
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err})") from err
+            doc = parse_json(line, f"{path}:{number}", InputError)
             missing = [f for f in REQUIRED_FIELDS[task] if not isinstance(doc, dict) or f not in doc]
             if missing:
                 raise InputError(f"{path}:{number}: missing field(s) {missing}")
+            for name in REQUIRED_FIELDS[task]:
+                problem = _field_problem(task, name, doc[name])
+                if problem:
+                    raise InputError(f"{path}:{number}: {name} {problem}, got {doc[name]!r:.80}")
         files[task] = path.resolve()
     return files
+
+
+def _field_problem(task: str, name: str, value: Any) -> str | None:
+    """What is wrong with one field's value (the prompt hooks index, slice and compare with them), or None."""
+    if name == "label":
+        classes = 3 if task == "cb" else 2
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < classes
+        return None if ok else f"must be an integer class 0..{classes - 1}"
+    if name in ("span2_index", "start1", "end1"):
+        return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else \
+            "must be a word or character index >= 0"
+    if name in ("entities", "answers"):
+        ok = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+        return None if ok else "must be a non-empty list of strings"
+    if task == "copa" and name == "question":
+        return None if value in ("cause", "effect") else "must be 'cause' or 'effect'"
+    return None if isinstance(value, str) else "must be a string"
 
 
 def render_tasks(data_dir: str | Path, out_dir: str | Path, tasks: list[str] | None = None) -> list[str]:

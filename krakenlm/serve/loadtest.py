@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -46,9 +47,26 @@ class Target:
     url: str
     api_key: str | None = None
 
+    def __post_init__(self) -> None:
+        check_url(self.url, f"{self.name} url")
+
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def check_url(url: str, what: str = "url") -> None:
+    """An http(s) URL with a host and a port in 0-65535, checked before any connection (a bad port made the
+    connecting task group fail with an exception group, not a message)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        raise ConfigError(f"{what}: not a valid URL {url!r} ({err})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what}: expected http://HOST:PORT, got {url!r}")
+    if port == 0:
+        raise ConfigError(f"{what}: port 0 is not a server's port, got {url!r}")
 
 
 def parse_targets(text: str, api_key: str | None = None) -> list[Target]:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from krakenlm.errors import ConfigError
+from krakenlm.jsonio import read_json
 from krakenlm.serve.loadtest import Target, run_load
 from krakenlm.serve.scheduler import bucket
 from krakenlm.serve.workload import Lengths, LoadSpec
@@ -126,12 +127,7 @@ def save_profiles(path: str | Path, profiles: dict[str, EngineProfile]) -> None:
 def load_profile(spec: str) -> EngineProfile:
     """``FILE`` (holding one server's profile) or ``FILE:NAME`` -> that profile."""
     path, name = (spec, None) if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as err:
-        raise ConfigError(f"profile: cannot read {path}: {err.strerror or err}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"profile: {path} is not JSON ({err})") from None
+    data = read_json(path, "profile")
     profiles = data.get("profiles") if isinstance(data, dict) else None
     if not isinstance(profiles, dict) or not profiles:
         raise ConfigError(f"profile: {path} holds no profiles (write one with `krakenlm loadtest --profile --out`)")

@@ -14,7 +14,6 @@ the lengths are).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from krakenlm.errors import ConfigError
+from krakenlm.jsonio import read_json_or_lines
 from krakenlm.validation import check_int
 
 ARRIVALS = ("poisson", "constant")
 MAX_REQUESTS = 1_000_000
+MAX_SPAN_S = 1e9  # ~32 years; float64 seconds there still resolve 0.2 us
 MAX_TOKENS = 1 << 40
 
 
@@ -89,6 +90,9 @@ def arrivals(kind: str, rate: float, requests: int, prompt: Lengths, output: Len
         raise ConfigError(f"arrivals: must be one of {ARRIVALS} or a trace file, got {kind!r}")
     _check_rate(rate)
     check_int(requests, "requests", maximum=MAX_REQUESTS)
+    if math.isfinite(rate) and (requests - 1) / rate > MAX_SPAN_S:  # float seconds would drop the latencies
+        raise ConfigError(f"rate: {requests} requests at {rate:g}/s span {(requests - 1) / rate:.3g} s; at most "
+                          f"{MAX_SPAN_S:g} s keeps timings to the microsecond (raise --rate or lower --requests)")
     rng = random.Random(seed)
     out, t = [], 0.0
     for i in range(requests):
@@ -100,15 +104,9 @@ def arrivals(kind: str, rate: float, requests: int, prompt: Lengths, output: Len
 
 def load_trace(path: str | Path) -> list[Arrival]:
     """Arrivals from a JSON list (or JSON lines) of {"arrival": s, "prompt_len": n, "output_len": n}, by time."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"trace: {path} is not a readable regular file")
-    try:
-        text = path.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
-                                                                        if x.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"trace: cannot read {path}: {err}") from err
+    rows = read_json_or_lines(path, "trace")
+    if not isinstance(rows, list):
+        raise ConfigError(f"trace: {path} must hold a JSON list or JSON lines, got a {type(rows).__name__}")
     out = []
     for i, row in enumerate(rows):
         t = row.get("arrival") if isinstance(row, dict) else None
@@ -142,8 +140,8 @@ class LoadSpec:
             raise ConfigError(f"arrivals: must be one of {ARRIVALS} or a trace file, got {self.arrivals!r}")
         if not isinstance(self.prompt, Lengths) or not isinstance(self.output, Lengths):
             raise ConfigError("load: prompt and output must be Lengths")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
+        # random.Random(-n) is random.Random(n): a negative seed would silently repeat a positive one's load
+        check_int(self.seed, "seed", minimum=0)
 
     @property
     def trace(self) -> bool:
