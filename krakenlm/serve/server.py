@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -178,4 +179,15 @@ def serve(source: ModelSource, options: EngineOptions, config: ServeConfig) -> i
         print(f"krakenlm serve: {name} on {engine.world} rank(s), {engine.device.type}, max batch "
               f"{policy.max_batch}, queue {policy.max_queue}", file=sys.stderr, flush=True)
         _Server(uv, runner, config.drain_timeout).run(sockets=[sock])
+    if runner.dead is not None:
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """End the process without C++ destructors: after a collective timed out against a stalled rank, gloo's
+    threads may still be waiting and tearing them down at exit aborts ("terminate called without an active
+    exception", exit -6). Everything of ours is closed and flushed by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
