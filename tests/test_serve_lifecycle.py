@@ -135,7 +135,7 @@ def test_a_drain_that_runs_out_of_time_ends_requests_with_a_readable_error(tmp_p
 
 
 def test_sigterm_with_a_stopped_follower_ends_the_server_and_the_rank(tmp_path):
-    server = live_server(tmp_path, KRAKEN, "--tp", "2", "--timeout", "5")
+    server = live_server(tmp_path, KRAKEN, "--tp", "2", "--timeout", "5", "--dtype", "fp32")  # no probe within 5 s
     (follower,) = server.children()
     try:
         os.kill(follower, signal.SIGSTOP)
