@@ -23,7 +23,9 @@ from krakenlm.validation import regular_file
 
 MAX_DEPTH = 64  # deeper than any config, spec or request this project reads
 MAX_BYTES = 256 << 20  # larger than any benchmark record file; a bound, not a budget
-_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+# A string runs to its closing quote or, unterminated, to the end (so every quote starts one match and the
+# scan is linear: an unterminated string of escaped quotes was a quadratic rescan from each one)
+_STRUCTURE = re.compile(r'"(?:[^"\\]|\\[\s\S]?)*(?:"|\Z)|[\[\]{}]')
 
 
 def nesting_depth(text: str) -> int:

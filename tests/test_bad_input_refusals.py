@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,16 @@ def test_json_reader_refuses_depth_constants_and_size(tmp_path):
     big.write_text(json.dumps({"a": "x" * 100}))
     with pytest.raises(ConfigError, match="larger than 10 bytes"):
         read_json(big, "spec", max_bytes=10)
+
+
+def test_json_depth_scan_is_linear_on_unterminated_strings():
+    """An unterminated string of escaped quotes (`["\\"\\"...`) made the depth scan restart at every quote:
+    quadratic (~25 s for these 64 KiB, hours for 1 MiB). Now one pass, then the usual refusal."""
+    assert nesting_depth(r'["a\"[", [["\\"]]]') == 3 and nesting_depth('[[["\\') == 3
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse_json('["' + '\\"' * (1 << 15), "x")
+    assert time.perf_counter() - start < 2
 
 
 @pytest.mark.parametrize("consumer,field", [("generate", "n_layer"), ("generate", "norm_eps"),

@@ -30,7 +30,7 @@ def test_fuzzed_inputs_are_valid_or_a_clear_error(tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_fuzzed_verbs_files_and_bodies_are_valid_or_a_clear_error(tmp_path):
     """Issue 26: every verb's arguments, the files verbs read and HTTP bodies (tests/fuzz_verbs.py), a
-    bounded sample (~30 s); known gaps another change owns are counted apart, not judged here."""
+    bounded sample (~30 s)."""
     from tests.fuzz_verbs import VERB_FAMILIES, stop_servers
 
     bad: list[str] = []

@@ -159,6 +159,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
 BAD_BODIES = [
     (b"{bad", "not valid JSON"), (b"\xff\xfe{}", "not valid UTF-8"), (b"[1, 2]", "must be a JSON object"),
     (b'{"prompt": "a", "temperature": NaN}', "NaN is not valid JSON"),
+    (b'{"prompt": ' + b"[" * 64 + b"]" * 64 + b"}", "request body: JSON nested deeper than 64 levels"),
 ]
 BAD_FIELDS = [
     ({"prompt": "a", "foo": 1}, "foo: unknown field"), ({}, "prompt: required"), ({"prompt": ""}, "prompt: must not"),

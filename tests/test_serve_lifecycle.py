@@ -32,7 +32,7 @@ def server(tmp_path_factory):
 
 
 @pytest.mark.parametrize("body,message", [
-    (b'{"prompt": "a", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"prompt": "a", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper than 64 levels"),
     (b'{"prompt": "a", "n": 1.0}', "n=1"), (b'{"prompt": "a", "stop": "\\ud800"}', "not valid Unicode"),
     (b'{"prompt": "\\udfff abc"}', "not valid Unicode"), (b'{"prompt": "a", "user": 5}', "user"),
 ])

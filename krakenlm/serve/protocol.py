@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from krakenlm.errors import KrakenError
+from krakenlm.jsonio import parse_json
 from krakenlm.validation import is_finite_number
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -69,29 +71,19 @@ class CompletionRequest:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
-    """The request's JSON object; 400 for non-UTF-8, malformed JSON, NaN/Infinity, nesting deeper than the
-    parser's recursion limit, strings that are not Unicode text (a lone surrogate, \\ud800) or a non-object."""
+    """The request's JSON object, read by the reader every file goes through (krakenlm.jsonio); 400 for
+    non-UTF-8, malformed JSON, NaN/Infinity, nesting deeper than jsonio.MAX_DEPTH, strings that are not
+    Unicode text (a lone surrogate, \\ud800) or a non-object."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {err.start})") from None
-
-    def refuse_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        data = json.loads(text, parse_constant=refuse_constant)
-    except (json.JSONDecodeError, ValueError) as err:
-        raise ApiError(400, f"request body is not valid JSON: {err}") from None
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply") from None
+    data = parse_json(text, "request body", partial(ApiError, 400))
     try:  # every string must be text a tokenizer and a response can carry: no lone surrogates anywhere
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as err:
         raise ApiError(400, f"request body holds a string that is not valid Unicode ({err.reason}: "
                        f"{err.object[err.start:err.end]!a})") from None
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data
