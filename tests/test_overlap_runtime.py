@@ -1,0 +1,62 @@
+"""Standard TP with its all-reduces overlapped by the runtime (chunked:K, collective-matmul): exact against
+one device on 2 and 4 ranks, prefill (with left padding) and decode; refused where it does not apply."""
+
+import json
+
+import pytest
+
+from krakenlm.engine import Engine, EngineOptions
+from krakenlm.errors import ConfigError
+from krakenlm.parallel.launch import run_ranks
+from krakenlm.source import ModelSource
+from tests.conftest import tiny
+
+SHAPES = {
+    "gpt": tiny("gpt", n_layer=2),
+    "llama": tiny("gpt", n_layer=2, n_kv_head=2, position="rope", mlp="swiglu", norm="rmsnorm", bias=False,
+                  tie_embeddings=False),
+    "parallel": tiny("parallel", n_layer=2, n_kv_head=1, bias=False),
+}
+MODES = ("chunked:3", "collective-matmul")
+
+
+def cases(world: int) -> dict[str, dict]:
+    out = {f"{shape} {mode}": {"config": SHAPES[shape].to_dict(), "overlap": mode}
+           for shape in SHAPES for mode in MODES}
+    # one sequence: a decode step has fewer tokens than ranks (chunked: one chunk; the ring: empty rows)
+    out["gpt collective-matmul one sequence"] = {"config": SHAPES["gpt"].to_dict(), "overlap": "collective-matmul",
+                                                 "prompts": 1}
+    out["gpt chunked:64 one sequence"] = {"config": SHAPES["gpt"].to_dict(), "overlap": "chunked:64", "prompts": 1}
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_overlapped_standard_tp_equals_one_device(world, tmp_path):
+    want = cases(world)
+    out = tmp_path / "r.json"
+    assert run_ranks("tests.overlap_workers:equivalence", world, {"cases": want, "out": str(out), "decode_steps": 6},
+                     grace=60) == 0
+    results = json.loads(out.read_text())
+    assert results.keys() == want.keys()
+    for name, ranks in results.items():
+        for rank, r in enumerate(ranks):
+            assert r["prefill"] <= 1e-4 and r["decode"] <= 1e-4, (name, rank, r["prefill"], r["decode"])
+            assert r["greedy_equal"], name
+            assert r["hidden"] is not None, name  # the timeline watched the overlapped transfers
+
+
+@pytest.mark.parametrize(("arch", "options", "match"), [
+    ("kraken", {"tp_overlap": "chunked:4"}, "Kraken and ladder models overlap by their own schedule"),
+    ("ladder", {"tp_overlap": "collective-matmul"}, "Kraken and ladder models overlap by their own schedule"),
+    ("gpt", {"tp_overlap": "collective-matmul", "compile": True}, "drop --compile"),
+    ("gpt", {"tp_overlap": "chunked:2", "layout": "2d-ws/attn-heads"}, "partitioning layout"),
+])
+def test_overlap_is_refused_where_it_does_not_apply(arch, options, match):
+    with pytest.raises(ConfigError, match=match):
+        Engine(ModelSource(config=tiny(arch, n_layer=2), seed=0), EngineOptions(device="cpu", **options))
+
+
+@pytest.mark.parametrize("text", ["full", "chunked:0", "chunked", "ring"])
+def test_bad_overlap_values_are_refused(text):
+    with pytest.raises(ConfigError, match="overlap"):
+        EngineOptions(tp_overlap=text)
