@@ -2,9 +2,12 @@
 one device on 2 and 4 ranks, prefill (with left padding) and decode; refused where it does not apply."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from krakenlm.cli import main
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError
 from krakenlm.parallel.launch import run_ranks
@@ -60,3 +63,28 @@ def test_overlap_is_refused_where_it_does_not_apply(arch, options, match):
 def test_bad_overlap_values_are_refused(text):
     with pytest.raises(ConfigError, match="overlap"):
         EngineOptions(tp_overlap=text)
+
+
+def _generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "krakenlm", "generate", "--prompt", "To be, or not",
+                           "--max-new-tokens", "5", "--dtype", "fp32", *args], capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.mark.parametrize("preset", ["mini-gpt", "mini-parallel"])
+def test_generate_with_overlap_matches_one_device(preset):
+    one = _generate("--preset", preset)
+    two = _generate("--preset", preset, "--tp", "2", "--overlap", "collective-matmul")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert one.stdout == two.stdout
+    assert "AllReduce time hidden by the --overlap mode" in two.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preset", "mini-kraken-2way", "--overlap", "chunked:4"], "Kraken and ladder models overlap"),
+    (["--preset", "mini-gpt", "--overlap", "chunked:x"], "overlap: must be none"),
+])
+def test_generate_refuses_overlap_in_one_line(args, message, capsys):
+    assert main(["generate", "--prompt", "x", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
