@@ -152,6 +152,8 @@ class OverlapComm(DistComm):
     def _chunked(self, x: Deferred) -> Tensor:
         """Chunk k's all-reduce in flight while chunk k+1 is projected; awaited together at the end."""
         bounds = token_bounds(x.tokens, max(1, min(self.mode.chunks, x.tokens)))
+        if len(bounds) == 1:  # nothing to split (chunked:1, a one-token decode step): Megatron's blocking sum
+            return super().reduce(x.rows(0, x.tokens), "chunked")
         pending = [self._issue(x.rows(a, b), self.shard_group, self.shard_size, "chunked") for a, b in bounds]
         return torch.cat([p.wait() for p in pending], 1)
 
