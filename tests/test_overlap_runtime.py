@@ -50,11 +50,21 @@ def test_overlapped_standard_tp_equals_one_device(world, tmp_path):
             assert r["greedy_equal"], name
             if not want[name].get("compile"):  # the timeline watched the overlapped transfers (eager only)
                 assert 0.0 <= r["hidden"] <= 1.0, name
-            layer0 = [site for _, site, _ in r["ledger_prefill"]["layer0"]]
-            if want[name]["overlap"].startswith("chunked") and want[name].get("prompts", 4) > 1:
-                k = int(want[name]["overlap"].split(":")[1])
-                pairs = 1 if want[name]["config"]["arch"] == "parallel" else 2  # a parallel block: one fused pair
-                assert layer0 == ["chunked"] * pairs * min(k, r["batch"] * r["width"]), (name, layer0)
+            check_ledger(want[name], r)
+
+
+def check_ledger(case: dict, r: dict) -> None:
+    """chunked:K issues min(K, tokens) all-reduces per pair; collective-matmul's loops move what the
+    all-gather and reduce-scatter they decompose move (D = tokens x E x 4 bytes each)."""
+    layer0 = r["ledger_prefill"]["layer0"]
+    pairs = 1 if case["config"]["arch"] == "parallel" else 2  # a parallel block: one fused pair
+    tokens = r["batch"] * r["width"]
+    if case["overlap"].startswith("chunked") and case.get("prompts", 4) > 1:
+        k = int(case["overlap"].split(":")[1])
+        assert [site for _, site, _ in layer0] == ["chunked"] * pairs * min(k, tokens), layer0
+    if case["overlap"] == "collective-matmul":
+        d = tokens * case["config"]["n_embd"] * 4
+        assert layer0 == [["all_gather", "ring all-gather", d], ["reduce_scatter", "ring reduce-scatter", d]] * pairs
 
 
 @pytest.mark.parametrize(("arch", "options", "match"), [

@@ -163,6 +163,7 @@ class OverlapComm(DistComm):
         n, r = self.shard_size, self.index
         bounds = token_bounds(x.tokens, n)
         acc = x.rows(*bounds[(r - 1) % n])
+        self._note_loop("reduce_scatter", x.tokens * acc.shape[-1] * acc.element_size(), "ring reduce-scatter")
         for s in range(1, n):
             a, b = bounds[(r - 1 - s) % n]
             hop = self._hop(acc, b - a)
@@ -180,6 +181,7 @@ class OverlapComm(DistComm):
             return project(memo[1])
         n, r = self.shard_size, self.index
         sizes = [b - a for a, b in token_bounds(self.state.tokens, n)]
+        self._note_loop("all_gather", sum(sizes) * x.shape[-1] * x.element_size(), "ring all-gather")
         outs: list[Tensor | None] = [None] * n
         pieces: list[Tensor | None] = [None] * n
         piece, src = x, r
@@ -191,6 +193,11 @@ class OverlapComm(DistComm):
         if keep:
             self.state.memo = (x, torch.cat(pieces, 1))  # type: ignore[arg-type]
         return torch.cat(outs, 1)  # type: ignore[arg-type]
+
+    def _note_loop(self, kind: str, nbytes: int, site: str) -> None:
+        """One looped collective in the ledger, as the collective it decomposes (its hops move the same bytes)."""
+        if self.ledger is not None and not self.no_comm and not torch.compiler.is_compiling():
+            self.ledger.record(kind, tuple(dist.get_process_group_ranks(self.shard_group)), nbytes, site, self._layer)
 
     def _hop(self, send: Tensor, rows: int) -> _Hop | Ready:
         """Send ``send`` to the next rank of the ring and receive ``rows`` rows from the previous one (a rank
