@@ -194,6 +194,11 @@ class OverlapComm(DistComm):
             self.state.memo = (x, torch.cat(pieces, 1))  # type: ignore[arg-type]
         return torch.cat(outs, 1)  # type: ignore[arg-type]
 
+    def gather_rows(self, y: Tensor) -> Tensor:
+        """Every rank's token rows of ``y`` on every rank (the head's input; no layer's collective)."""
+        self._layer = -1
+        return self.gather_matmul(y, lambda rows: rows)
+
     def _note_loop(self, kind: str, nbytes: int, site: str) -> None:
         """One looped collective in the ledger, as the collective it decomposes (its hops move the same bytes)."""
         if self.ledger is not None and not self.no_comm and not torch.compiler.is_compiling():
@@ -275,12 +280,10 @@ class DeferredMLP(nn.Module):
         return Deferred([(mlp.activate(self.entry(x, mlp.project_in)), mlp.project_out)])
 
 
-def _gather_rows_hook(state: RunState) -> Any:
+def _gather_rows_hook() -> Any:
     """collective-matmul head: every rank's rows of the last layer's output, on every rank."""
     def hook(module: nn.Module, args: Any, kwargs: Any, out: Tensor) -> Tensor:
-        comm = kwargs["comm"]
-        comm._layer = -1
-        return comm.gather_matmul(out, lambda t: t)
+        return kwargs["comm"].gather_rows(out)
     return hook
 
 
@@ -296,6 +299,6 @@ def overlap_view(model: Transformer, comm: OverlapComm) -> Transformer:
     if ring:
         view.wte = TokenRows(model.wte, comm.state, comm.shard_size, comm.index)
         view.wpe = None if model.wpe is None else TokenRows(model.wpe, comm.state, comm.shard_size, comm.index)
-        view.layers[-1].register_forward_hook(_gather_rows_hook(comm.state), with_kwargs=True)
+        view.layers[-1].register_forward_hook(_gather_rows_hook(), with_kwargs=True)
     watch_layers(view)
     return view
