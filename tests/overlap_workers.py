@@ -10,6 +10,7 @@ from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.source import ModelSource
 from tests.layout_workers import PROMPTS, _reference, compare
+from tests.tp_workers import staggered
 
 
 def equivalence(payload: dict) -> int:
@@ -34,3 +35,22 @@ def equivalence(payload: dict) -> int:
     engines[0].barrier()
     engines[0].close()
     return 0
+
+
+def serving_rows(payload: dict) -> int:
+    """The server's row operations (staggered prefills and batched decode steps) under each overlap mode."""
+    world, results = int(os.environ["WORLD_SIZE"]), {}
+    for mode in payload["modes"]:
+        options = EngineOptions(tp=world, device="cpu", timeout=60, tp_overlap=mode)
+        engine = Engine(ModelSource(config=ModelConfig.from_dict(payload["config"]), seed=0), options)
+        engine.open_serving(4)
+        results[mode] = staggered(engine, payload["prompts"], 8)
+        engine.barrier()
+        engine.close()
+    if rank_zero():
+        Path(payload["out"]).write_text(json.dumps(results))
+    return 0
+
+
+def rank_zero() -> bool:
+    return int(os.environ["RANK"]) == 0

@@ -67,6 +67,17 @@ def check_ledger(case: dict, r: dict) -> None:
         assert layer0 == [["all_gather", "ring all-gather", d], ["reduce_scatter", "ring reduce-scatter", d]] * pairs
 
 
+def test_server_rows_under_overlap_equal_one_device(tmp_path):
+    """Staggered one-row prefills and decode steps of 1-3 rows (fewer tokens than chunks, or than ranks)."""
+    config = SHAPES["llama"]
+    batch = [list(range(5, 5 + n)) for n in (9, 2, 17)]
+    payload = {"config": config.to_dict(), "modes": list(MODES), "prompts": batch, "out": str(tmp_path / "r.json")}
+    assert run_ranks("tests.overlap_workers:serving_rows", 2, payload, grace=30) == 0
+    one = Engine(ModelSource(config=config, seed=0), EngineOptions(device="cpu"))
+    want = [one.generate([p], 8).tokens[0] for p in batch]
+    assert json.loads((tmp_path / "r.json").read_text()) == {mode: want for mode in MODES}
+
+
 @pytest.mark.parametrize(("arch", "options", "match"), [
     ("kraken", {"tp_overlap": "chunked:4"}, "Kraken and ladder models overlap by their own schedule"),
     ("ladder", {"tp_overlap": "collective-matmul"}, "Kraken and ladder models overlap by their own schedule"),
