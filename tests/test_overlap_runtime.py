@@ -29,6 +29,8 @@ def cases(world: int) -> dict[str, dict]:
     # one sequence: a decode step has fewer tokens than ranks (chunked: one chunk; the ring: empty rows)
     out["gpt collective-matmul one sequence"] = {"config": SHAPES["gpt"].to_dict(), "overlap": "collective-matmul",
                                                  "prompts": 1}
+    out["parallel collective-matmul three sequences"] = {"config": SHAPES["parallel"].to_dict(),  # uneven rows
+                                                         "overlap": "collective-matmul", "prompts": 3}
     out["gpt chunked:64 one sequence"] = {"config": SHAPES["gpt"].to_dict(), "overlap": "chunked:64", "prompts": 1}
     if world == 2:  # the compiled decode step: chunks as functional collectives (4 rows: 2 chunks)
         out["llama chunked:2 compiled"] = {"config": SHAPES["llama"].to_dict(), "overlap": "chunked:2",
