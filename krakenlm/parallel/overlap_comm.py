@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from krakenlm.costmodel.estimator import SYSTEM_OVERLAP_ARCHS
 from krakenlm.costmodel.overlap import Overlap
 from krakenlm.errors import ConfigError
 from krakenlm.model.layers import AttentionShape, AttentionStep, StackedAttention, StackedMLP
@@ -45,9 +46,6 @@ from krakenlm.model.transformer import Ready, Transformer
 from krakenlm.parallel.comm import CudaClock, DistComm, HostClock, _guard, _nccl_duration, watch_layers
 from krakenlm.parallel.layout_comm import _shallow, sequence_rows
 from krakenlm.parallel.plan import ParallelPlan
-
-SYSTEM_OVERLAP_ARCHS = ("gpt", "parallel")
-OVERLAP_EVENTS = ("chunked", "ring")  # the timeline names of the collectives these modes overlap
 
 
 def check_system_overlap(arch: str, mode: Overlap, *, layout_default: bool, compile: bool) -> None:
