@@ -39,18 +39,15 @@ def equivalence(payload: dict) -> int:
 
 def serving_rows(payload: dict) -> int:
     """The server's row operations (staggered prefills and batched decode steps) under each overlap mode."""
-    world, results = int(os.environ["WORLD_SIZE"]), {}
+    world, results, engines = int(os.environ["WORLD_SIZE"]), {}, []
     for mode in payload["modes"]:
         options = EngineOptions(tp=world, device="cpu", timeout=60, tp_overlap=mode)
         engine = Engine(ModelSource(config=ModelConfig.from_dict(payload["config"]), seed=0), options)
+        engines.append(engine)  # the first one owns the process group: closed last
         engine.open_serving(4)
         results[mode] = staggered(engine, payload["prompts"], 8)
-        engine.barrier()
-        engine.close()
-    if rank_zero():
+    if int(os.environ["RANK"]) == 0:
         Path(payload["out"]).write_text(json.dumps(results))
+    engines[0].barrier()
+    engines[0].close()
     return 0
-
-
-def rank_zero() -> bool:
-    return int(os.environ["RANK"]) == 0
