@@ -19,7 +19,7 @@ def equivalence(payload: dict) -> int:
     results, engines = {}, []
     for name, case in payload["cases"].items():
         options = EngineOptions(tp=world, device="cpu", timeout=60, tp_overlap=case["overlap"],
-                                compile=case.get("compile", False))
+                                compile=case.get("compile", False), quantize=case.get("quantize"))
         engine = Engine(ModelSource(config=ModelConfig.from_dict(case["config"]), seed=0), options)
         engines.append(engine)  # the first one owns the process group: closed last
         mine = compare(engine, _reference(case), payload["decode_steps"], PROMPTS[:case.get("prompts", 4)])

@@ -35,6 +35,9 @@ def cases(world: int) -> dict[str, dict]:
     if world == 2:  # the compiled decode step: chunks as functional collectives (4 rows: 2 chunks)
         out["llama chunked:2 compiled"] = {"config": SHAPES["llama"].to_dict(), "overlap": "chunked:2",
                                            "compile": True}
+        # int8 weights: the deferred projections multiply through the Int8Weight modules
+        out["llama int8 collective-matmul"] = {"config": SHAPES["llama"].to_dict(), "overlap": "collective-matmul",
+                                               "quantize": "int8"}
     return out
 
 
