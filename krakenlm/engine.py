@@ -39,6 +39,7 @@ from torch import Tensor
 from krakenlm.checkpoint import refuse_overflow
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
+from krakenlm.costmodel.overlap import parse_overlap
 from krakenlm.dtypes import check_dtype, parse_dtype
 from krakenlm.errors import CheckpointError, ConfigError, DistributedError, InputError, ResourceError
 from krakenlm.generate import (
@@ -58,6 +59,7 @@ from krakenlm.parallel.launch import Ranks, under_torchrun
 from krakenlm.parallel.layout_comm import LayoutRun
 from krakenlm.parallel.layouts import Layout, RankPlan, resolve
 from krakenlm.parallel.ledger import Ledger
+from krakenlm.parallel.overlap_comm import OverlapComm, check_system_overlap, overlap_view
 from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.parallel.rank_model import build_rank_model, held_bytes
 from krakenlm.preflight import check_engine, check_ranks
@@ -94,6 +96,7 @@ class EngineOptions:
     threads: int | None = None  # CPU threads per rank (default: cores / ranks on this node)
     layout: str | None = None  # "2d-ws/attn-batch", "PREFILL,DECODE", "auto" (parallel.layouts); None: Megatron/Kraken
     quantize: str | None = None  # "int8": weight-only int8 made from the checkpoint at load
+    tp_overlap: str = "none"  # gpt / parallel: none, chunked:K or collective-matmul (parallel.overlap_comm)
 
     def __post_init__(self) -> None:
         check_int(self.tp, "tp")
@@ -112,6 +115,9 @@ class EngineOptions:
             if not isinstance(self.layout, str):
                 raise ConfigError(f"layout: expected a layout string or auto, got {self.layout!r}")
             Layout.parse(self.layout)
+        if parse_overlap(self.tp_overlap).mode == "full":
+            raise ConfigError("tp_overlap: must be none, chunked:K or collective-matmul ('full' is no runtime's "
+                              "schedule)")
         if self.pad_heads and (self.quantize or self.layout):
             raise ConfigError("pad_heads: not supported together with a layout or int8 weights (both slice heads "
                               "of the unpadded model)")
@@ -245,10 +251,16 @@ class Engine:
             self.model.pad_heads(self.options.pad_heads)
         self.model.set_attention_kernel(self.options.attention)
         self.comm: Comm = LOCAL
+        overlap = parse_overlap(self.options.tp_overlap)  # standard TP overlapped by the runtime (overlap_comm)
+        if overlap.system:
+            check_system_overlap(self.config.arch, overlap, layout_default=default, compile=self.options.compile)
         self._layouts: LayoutRun | None = None  # a layout's per-phase model views and Comms
         if self.world > 1 and rank_plan is not None:
             self._layouts = LayoutRun(self.model, rank_plan, built.extras, no_comm=self.options.no_comm)
             self.model, self.comm = self._layouts.views["prefill"], self._layouts.comms["prefill"]
+        elif self.world > 1 and overlap.system:
+            comm = OverlapComm(self.plan, overlap, no_comm=self.options.no_comm, device=self.device)
+            self.model, self.comm = overlap_view(self.model, comm), comm
         elif self.world > 1:
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                  device=self.device)
@@ -509,7 +521,8 @@ class Engine:
         loop = Generation(self.model, self.decode_step, self.new_cache, self.comm, self.synchronize, self._text,
                           timed_steps=timed_steps, agree=self._agree)
         watch = isinstance(self.comm, DistComm) and not self.options.compile and (
-            trace is not None or self.plan.collectives_per_forward()["overlapped_allreduce"] > 0)
+            trace is not None or isinstance(self.comm, OverlapComm)
+            or self.plan.collectives_per_forward()["overlapped_allreduce"] > 0)
         if not watch:
             return loop.run(prompts, max_new_tokens, sampler, stop)
         timeline = self.comm.timeline

@@ -177,3 +177,34 @@ def test_grid_targets_script_reads_a_committed_grid():
         assert r["met"] == (r["value"] <= float(r["target"].split()[-1]) if "<=" in r["target"]
                             else r["value"] >= float(r["target"].split()[-1]))
         assert r["met"] or "ms" in r["why"] or "no-comm" in r["why"]
+
+
+def test_bench_system_overlap_variants_are_timed_and_recorded(tmp_path, capsys):
+    """chunked:K and collective-matmul next to the blocking models and Kraken: timed, their hidden fraction
+    measured in place and on the timeline, and written as records the calibration fits overlap factors to."""
+    result = _run(tmp_path, "--overlap", "chunked:4,collective-matmul", "--no-peer", "--no-single",
+                  "--no-breakdown", "--no-roofline")
+    out = capsys.readouterr().out
+    (cell,) = result["cells"]
+    systems = {"gpt/chunked:4", "parallel/chunked:4", "gpt/collective-matmul", "parallel/collective-matmul"}
+    assert systems <= set(cell["variants"])
+    for label in systems:
+        arch, mode = label.split("/")
+        assert cell["variants"][label]["overlap"] == mode and cell["variants"][label]["decode"]["median"] > 0
+        assert {f"{arch}-{mode}/{arch}", f"kraken/{arch}-{mode}"} <= set(cell["ratios"]["prefill"])
+        assert 0.0 <= cell["hidden_fraction"][label]["timeline"] <= 1.0
+        assert "in_place" in cell["hidden_fraction"][label]
+        assert label in out  # the overlap table
+    records = [r for r in load_records(tmp_path / "bench.json") if r.get("variant") in systems]
+    assert len(records) == 2 * len(systems)
+    by = {(r["variant"], r["phase"]): r for r in records}
+    assert by["gpt/chunked:4", "prefill"]["overlap"] == "chunked:4"  # 32 tokens: four chunks
+    assert by["gpt/chunked:4", "decode"]["overlap"] == "chunked:1"  # one token per step: one chunk, blocking
+    assert by["parallel/collective-matmul", "decode"]["overlap"] == "collective-matmul"
+    for rec in records:
+        assert str(parse_record(rec).overlap) == rec["overlap"]
+
+
+def test_bench_rejects_an_overlap_that_is_no_system_mode(tmp_path, capsys):
+    assert main(["bench", "--quick", "--no-plots", "--overlap", "full", "--out", str(tmp_path)]) == 2
+    assert "give chunked:K or collective-matmul" in capsys.readouterr().err

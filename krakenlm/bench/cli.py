@@ -86,6 +86,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="partitioning layouts as extra variants of gpt and parallel, separated by ';' (e.g. "
                         "'2d-ws/attn-batch;wg-xy/attn-batch,2d-ws/attn-batch'); cells whose batch the ranks do not "
                         "divide skip weight-gathered prefills")
+    p.add_argument("--overlap", dest="overlaps", type=_list(str),
+                   help="system overlap modes of standard TP as extra variants of gpt and parallel, e.g. "
+                        "'chunked:4,collective-matmul' (labels gpt/chunked:4 ...; each with its hidden fraction)")
     p.add_argument("--int8", action="store_true", default=None, help="also time int8 weights (gpt, TP and one device)")
     p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds, loopback: a smoke run for tests")
     p.add_argument("--timeout", dest="timeout_s", type=float,
@@ -126,7 +129,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("shapes", "prompts", "batches", "dtypes", "tps", "links", "rounds",
                                             "max_rounds", "decode_steps", "peer", "single", "breakdown",
                                             "max_other_cores", "idle_wait_s", "checkpoints", "pad_heads", "device",
-                                            "compile", "layouts", "int8", "roofline", "attention", "timeout_s")
+                                            "compile", "layouts", "overlaps", "int8", "roofline", "attention",
+                                            "timeout_s")
              if getattr(args, k) is not None}
     if args.checkpoints:
         given["shapes"] = ["checkpoints"]
@@ -150,6 +154,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(results.table(result))
     if any("ladder" in c["variants"] for c in result["cells"]):
         print(results.ladder_table(result))
+    if opts.overlaps:
+        print(results.overlap_table(result))
     for path in paths:
         print(f"wrote {path}")
     for failure in result["failed"]:

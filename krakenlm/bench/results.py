@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from krakenlm.bench.sweep import Options
+from krakenlm.costmodel.overlap import chunks_used, parse_overlap
 
 RECORD_VARIANTS = ("gpt", "parallel", "kraken", "ladder", "gpt/single", "kraken/single")
 
@@ -45,7 +46,7 @@ def records(cells: list[dict[str, Any]], decode_steps: int) -> list[dict[str, An
     for cell in cells:
         for label, v in cell["variants"].items():
             quantized = v.get("quantize") == "int8"
-            if label not in RECORD_VARIANTS and not v.get("layout") and not quantized:
+            if label not in RECORD_VARIANTS and not v.get("layout") and not quantized and not v.get("overlap"):
                 continue
             if quantized and cell["dtype"] != "bf16":
                 continue  # the cost model's int8 computes in bf16
@@ -60,11 +61,21 @@ def records(cells: list[dict[str, Any]], decode_steps: int) -> list[dict[str, An
                     rec["layout"] = parts[0] if phase == "prefill" else parts[-1]
                 if label not in RECORD_VARIANTS:
                     rec["variant"] = label
+                if v.get("overlap"):
+                    rec["overlap"] = record_overlap(v["overlap"], cell["batch"] * (cell["prompt_len"] if phase ==
+                                                                                   "prefill" else 1))
                 rec |= {"preset": v["preset"]} if v["preset"] else {"config": v["config"]}
                 if phase == "decode":
                     rec["generate"] = decode_steps  # context: prompt_len + steps/2 on average
                 out.append(rec)
     return out
+
+
+def record_overlap(mode: str, tokens: int) -> str:
+    """The mode a forward of ``tokens`` tokens ran: chunked:K with the chunks actually used (the runtime never
+    makes more chunks than tokens), as the cost model prices it."""
+    overlap = parse_overlap(mode)
+    return f"chunked:{chunks_used(overlap, tokens)}" if overlap.mode == "chunked" else str(overlap)
 
 
 def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -190,4 +201,25 @@ def ladder_table(result: dict[str, Any]) -> str:
         row += [_share(hidden["in_place"]), _share(hidden.get("ladder", {}).get("in_place")),
                 _fmt(ratio(c, "ladder/gpt", "decode")), _fmt(ratio(c, "ladder/kraken", "decode"))]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def overlap_table(result: dict[str, Any]) -> str:
+    """Standard TP overlapped by the runtime, per cell and mode: paired TTFT against the blocking model and
+    against Kraken, and the share of the blocking model's exposed AllReduce time the mode hid (in place,
+    from the paired rounds; and the timeline's share of the overlapped transfers' time)."""
+    head = ["link", "shape", "T", "B", "dtype", "tp", "variant", "TTFT vs blocking", "TTFT kraken/variant",
+            "hidden in place", "hidden timeline", "decode vs blocking"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in result["cells"]:
+        for label, v in c["variants"].items():
+            if not v.get("overlap"):
+                continue
+            arch, mode = v["arch"], v["overlap"]
+            hidden = c["hidden_fraction"].get(label, {})
+            timeline = hidden.get("timeline")
+            row = _where(c) + [label, _fmt(ratio(c, f"{arch}-{mode}/{arch}")), _fmt(ratio(c, f"kraken/{arch}-{mode}")),
+                               _share(hidden.get("in_place")), "-" if timeline is None else f"{timeline:.0%}",
+                               _fmt(ratio(c, f"{arch}-{mode}/{arch}", "decode"))]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

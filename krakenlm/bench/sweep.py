@@ -28,6 +28,7 @@ from krakenlm.bench.breakdown import MarkedComm, profile_forward
 from krakenlm.bench.netns import Links
 from krakenlm.bench.timing import RoundLog, Stats, paired_ratio, process_cpu_seconds, system_busy_seconds, wait_for_idle
 from krakenlm.config import ModelConfig, size_kraken
+from krakenlm.costmodel.overlap import parse_overlap
 from krakenlm.dtypes import parse_dtype
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError, DistributedError
@@ -85,6 +86,7 @@ class Options:
     compile: bool = False  # also time compiled decode steps (variants "<arch>/compiled")
     layouts: list[str] = field(default_factory=list)  # partitioning layouts (variants "<arch>/<layout>", gpt/parallel)
     int8: bool = False  # also time int8 weights (variants "gpt/int8", "gpt/single-int8")
+    overlaps: list[str] = field(default_factory=list)  # system overlap modes (variants "<arch>/<mode>", gpt/parallel)
 
 
 # Shapes ---------------------------------------------------------------------------------------
@@ -183,6 +185,7 @@ class Variant:
     cache: KVCache | None = None  # for decode jobs; replaced every cell
     layout: str | None = None
     quantize: str | None = None
+    overlap: str | None = None  # a system overlap mode of standard TP (chunked:K, collective-matmul)
 
     def runs(self, batch: int) -> bool:
         """A weight-gathered prefill shards the batch: it sits out batches the ranks do not divide."""
@@ -255,13 +258,17 @@ def _build_variants(models: dict[str, Model], dtype: str, opts: Options, world: 
 
 
 def _layout_variants(models: dict[str, Model], dtype: str, opts: Options, world: int, rank: int) -> list[Variant]:
-    """Pope's layouts (gpt and parallel blocks) and int8 weights (gpt, also on one device)."""
+    """Pope's layouts and the system overlap modes (gpt and parallel blocks) and int8 weights (gpt, also on
+    one device)."""
     out = []
     for arch in ("gpt", "parallel"):
         if arch in models:
             for lay in opts.layouts:
                 engine = Engine(_source(models[arch], opts.seed), _options(opts, dtype, world, layout=lay))
                 out.append(Variant(f"{arch}/{lay}", models[arch], engine, world, layout=lay))
+            for mode in opts.overlaps:
+                engine = Engine(_source(models[arch], opts.seed), _options(opts, dtype, world, tp_overlap=mode))
+                out.append(Variant(f"{arch}/{mode}", models[arch], engine, world, overlap=mode))
     if opts.int8 and "gpt" in models:
         engine = Engine(_source(models["gpt"], opts.seed), _options(opts, dtype, world, quantize="int8"))
         out.append(Variant("gpt/int8", models["gpt"], engine, world, quantize="int8"))
@@ -396,15 +403,15 @@ def _extras(variants: list[Variant], idx: Tensor, opts: Options) -> dict[str, An
     """Untimed runs after the rounds: the exchange timeline, the per-category breakdown, the peer check."""
     by_label = {v.label: v for v in variants}
     out: dict[str, Any] = {}
-    for arch in OVERLAPPING:
-        v = by_label.get(arch)
+    for label in [*OVERLAPPING, *(v.label for v in variants if v.overlap)]:
+        v = by_label.get(label)
         if v is not None and v.engine is not None and isinstance(v.engine.comm, DistComm):
             timeline = v.engine.comm.timeline
             timeline.clear()
             timeline.enabled = True
             v.prefill(idx)
             timeline.enabled = False
-            out[f"{arch}_timeline_hidden_fraction"] = timeline.hidden_fraction()
+            out[f"{label}_timeline_hidden_fraction"] = timeline.hidden_fraction()
     if opts.breakdown:
         out["breakdown"] = {}
         for label in ("gpt", "parallel", "kraken", "kraken/blocking", "ladder", "ladder/blocking"):
@@ -435,29 +442,38 @@ def _summarise(jobs: list[Job], samples: list[list[float]], log: RoundLog, extra
     for job, s in zip(jobs, samples, strict=True):
         v = job.variant
         entry = variants.setdefault(v.label, {"arch": v.model.arch, "tp": v.tp, "preset": v.model.preset,
-                                              "layout": v.layout, "quantize": v.quantize,
+                                              "layout": v.layout, "quantize": v.quantize, "overlap": v.overlap,
                                               "config": v.model.config.to_dict(), "layers": v.model.config.n_layer,
                                               "full_layers": v.model.full_layers})
         entry[job.phase] = asdict(Stats.of(s)) | {"samples": s}
         entry[f"{job.phase}_per_layer_s"] = entry[job.phase]["median"] / v.model.config.n_layer
         entry[f"{job.phase}_full_depth_estimate_s"] = entry[f"{job.phase}_per_layer_s"] * v.model.full_layers
         series[job.phase][v.label] = s
+    # each system overlap mode against its blocking model (which is its "blocking" variant) and Kraken
+    systems = {v.label: v.model.arch for v in (job.variant for job in jobs) if v.overlap}
+    pairs = RATIOS + [(f"{arch}-{label.partition('/')[2]}/{arch}", label, arch) for label, arch in systems.items()] \
+        + [(f"kraken/{arch}-{label.partition('/')[2]}", "kraken", label) for label, arch in systems.items()]
     ratios: dict[str, dict[str, Any]] = {}
     for phase, by_label in series.items():
-        ratios[phase] = {name: asdict(paired_ratio(by_label[a], by_label[b])) for name, a, b in RATIOS
+        ratios[phase] = {name: asdict(paired_ratio(by_label[a], by_label[b])) for name, a, b in pairs
                          if a in by_label and b in by_label}
-    hidden = {arch: {"in_place": _hidden_in_place(series["prefill"], arch),
-                     "timeline": extras.pop(f"{arch}_timeline_hidden_fraction", None)} for arch in OVERLAPPING}
+    blocking = {arch: f"{arch}/blocking" for arch in OVERLAPPING} | systems
+    hidden = {label: {"in_place": _hidden_in_place(series["prefill"], label, blocking[label]),
+                      "timeline": extras.pop(f"{label}_timeline_hidden_fraction", None)} for label in blocking}
+    system_hidden = {label: hidden[label] for label in systems}
     return {"rounds": log.to_dict(), "variants": variants, "ratios": ratios,
-            "hidden_fraction": hidden["kraken"] | {"ladder": hidden["ladder"]}, **extras}
+            "hidden_fraction": hidden["kraken"] | {"ladder": hidden["ladder"]} | system_hidden, **extras}
 
 
-def _hidden_in_place(pre: dict[str, list[float]], arch: str) -> dict[str, Any] | None:
-    """Share of the blocking variant's exposed AllReduce time that overlapping removed, per round."""
-    if not all(k in pre for k in (arch, f"{arch}/blocking", f"{arch}/no-comm")):
+def _hidden_in_place(pre: dict[str, list[float]], label: str, blocking: str) -> dict[str, Any] | None:
+    """Share of the blocking variant's exposed AllReduce time that overlapping removed, per round: ``label``
+    against ``blocking`` (Kraken / ladder: their blocking variants; a system mode: its standard model) and
+    the architecture's no-comm ceiling."""
+    ceiling = f"{label.partition('/')[0]}/no-comm"
+    if not all(k in pre for k in (label, blocking, ceiling)):
         return None
     per_round = [(b - o) / (b - n) if b > n else float("nan")
-                 for o, b, n in zip(pre[arch], pre[f"{arch}/blocking"], pre[f"{arch}/no-comm"], strict=True)]
+                 for o, b, n in zip(pre[label], pre[blocking], pre[ceiling], strict=True)]
     finite = [x for x in per_round if x == x]
     return asdict(Stats.of(finite)) if finite else None
 
@@ -517,6 +533,14 @@ def _headline(result: dict[str, Any]) -> str:
 
 
 # Coordinator ----------------------------------------------------------------------------------
+def check_overlaps(modes: list[str]) -> None:
+    """Each --overlap value a system mode the runtime runs (chunked:K or collective-matmul)."""
+    for mode in modes:
+        if not parse_overlap(mode).system:
+            raise ConfigError(f"bench: --overlap {mode!r}: give chunked:K or collective-matmul (gpt and parallel "
+                              "always run blocking too)")
+
+
 def _launch(payload: dict[str, Any], world: int, links: Links | None, timeout: float) -> None:
     """Run every rank (inside its network namespace when links are shaped) through the one launcher."""
     env = {"OMP_NUM_THREADS": "1"}
@@ -534,6 +558,7 @@ def run_sweep(opts: Options, progress: Callable[[str], None] = print, partial: b
     or Ctrl-C raises, unless ``partial``: then the sweep keeps the cells finished so far, goes on past a
     failed launch (listed under "failed") and stops at Ctrl-C ("interrupted")."""
     sweep: dict[str, Any] = {"cells": [], "skipped": [], "failed": [], "interrupted": False}
+    check_overlaps(opts.overlaps)
     for tp in opts.tps:  # bad shapes and layouts fail here, in one line, before any process starts
         for shape in opts.shapes:
             models = resolve_shape(shape, tp, opts.checkpoints)

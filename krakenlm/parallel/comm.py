@@ -39,7 +39,8 @@ from krakenlm.model.transformer import Ready, Transformer
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 
-OVERLAPPED = ("exchange", "ladder")  # collectives issued async: Kraken's exchange, ladder's per-module sums
+# collectives issued async: Kraken's exchange, ladder's per-module sums, overlap_comm's chunks and ring hops
+OVERLAPPED = ("exchange", "ladder", "chunked", "ring")
 
 
 class HostClock:
