@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from krakenlm.cli import add_engine_args, add_model_args, engine_options, model_source
+from krakenlm.cli_args import add_engine_args, add_model_args, engine_options, model_source
 from krakenlm.errors import ConfigError
 from krakenlm.serve.workload import ARRIVALS, Lengths
 from krakenlm.validation import check_output_file
