@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from krakenlm.batching.scheduler import decode_shape
 from krakenlm.checkpoint import refuse_overflow
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
@@ -63,7 +64,6 @@ from krakenlm.parallel.rank_model import build_rank_model, held_bytes
 from krakenlm.preflight import check_engine, check_ranks
 from krakenlm.resources import require_memory
 from krakenlm.roofline import agreed_dtype
-from krakenlm.serve.scheduler import decode_shape
 from krakenlm.source import ModelSource
 from krakenlm.validation import check_float, check_int
 

@@ -13,6 +13,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from krakenlm.batching.profile import load_profile
+from krakenlm.batching.report import parse_slo_targets
+from krakenlm.batching.scheduler import BatchingPolicy
+from krakenlm.batching.workload import ARRIVALS, Lengths, LoadSpec
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.calibrate import (
     FIT_FIELDS,
@@ -39,9 +43,6 @@ from krakenlm.costmodel.planner import OBJECTIVES, plan
 from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, fit_host_overhead, plan_slo, simulate
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
-from krakenlm.serve.report import parse_slo_targets
-from krakenlm.serve.scheduler import BatchingPolicy
-from krakenlm.serve.workload import ARRIVALS, Lengths, LoadSpec
 from krakenlm.validation import check_int, check_output_file
 
 GIB = 2 ** 30
@@ -231,7 +232,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> LoadSpec:
-    """The load: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate`` (krakenlm.serve.workload,
+    """The load: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate`` (krakenlm.batching.workload,
     the load generator's own)."""
     if args.arrivals in ARRIVALS and args.rate is None:
         raise ConfigError(f"rate: --rate is required with --arrivals {args.arrivals}")
@@ -348,8 +349,6 @@ def _host_overhead(args: argparse.Namespace, config: ModelConfig, hw: Hardware) 
             raise ConfigError(f"--host-overhead: keys are prefill_s, step_s, row_s, got {sorted(overhead)}") from None
     if overhead:
         raise ConfigError("simulate: give --host-overhead or --profile, not both")
-    from krakenlm.serve.profile import load_profile  # the HTTP client only when a profile is read
-
     profile = load_profile(args.profile)
     bare = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head)
     host = fit_host_overhead(bare, profile, args.max_batch, config.block_size, args.engine_shapes)

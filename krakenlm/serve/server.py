@@ -21,12 +21,12 @@ from types import FrameType
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from krakenlm.batching.scheduler import BatchingPolicy
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError
 from krakenlm.serve.app import FrontEnd, create_app
 from krakenlm.serve.metrics import ServeMetrics
 from krakenlm.serve.runner import Runner
-from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.source import ModelSource
 from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
 from krakenlm.validation import check_float, check_int
