@@ -42,7 +42,6 @@ from krakenlm.bench.sweep import Options, run_sweep
 from krakenlm.costmodel.calibrate import calibrate
 from krakenlm.costmodel.estimator import Layout
 from krakenlm.costmodel.hardware import Hardware, load_hardware
-from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
 from krakenlm.costmodel.simulate import (
     CostModelTimes,
     HostOverhead,
@@ -51,6 +50,7 @@ from krakenlm.costmodel.simulate import (
     fit_host_overhead,
     simulate,
 )
+from krakenlm.layout import KRAKEN_LAYOUT
 from krakenlm.presets import get_preset
 from krakenlm.serve.loadtest import Target, run_loads
 from krakenlm.serve.process import ServerProcess

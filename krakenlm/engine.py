@@ -50,6 +50,7 @@ from krakenlm.generate import (
     Stop,
     validate_prompts,
 )
+from krakenlm.layout import Layout
 from krakenlm.model import LOCAL, Comm, KVCache, Transformer
 from krakenlm.model.attention import check_kernel
 from krakenlm.model.quant import QUANTIZE
@@ -57,7 +58,7 @@ from krakenlm.parallel.comm import DistComm, watch_layers
 from krakenlm.parallel.group import agree, check_device_name, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
 from krakenlm.parallel.layout_comm import LayoutRun
-from krakenlm.parallel.layouts import Layout, RankPlan, resolve
+from krakenlm.parallel.layouts import RankPlan, resolve
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.plan import ParallelPlan
 from krakenlm.parallel.rank_model import build_rank_model, held_bytes

@@ -38,10 +38,12 @@ from krakenlm.costmodel.estimator import (
     weights_per_chip,
 )
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
+from krakenlm.costmodel.layout_choice import check_layout, choose
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import OBJECTIVES, plan
 from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, fit_host_overhead, plan_slo, simulate
 from krakenlm.errors import ConfigError
+from krakenlm.layout import Layout
 from krakenlm.presets import get_preset
 from krakenlm.validation import check_int, check_output_file
 
@@ -274,8 +276,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace, config: ModelConfig, est: Estimate) -> str:
     """The `krakenlm generate` line that runs a plan's choice (or why it cannot, and what runs instead)."""
-    from krakenlm.parallel.layouts import Layout, check_layout, choose
-
     if est.stages > 1:
         return f"run it: krakenlm runs tensor parallelism only; this plan pipelines over {est.stages} stages"
     wl = est.workload
