@@ -158,7 +158,7 @@ def _report(measured: dict[str, Any], predicted: dict[str, Any]) -> None:
           + (f"; {hidden['in_place']:.0%} of blocking mode's exposed time removed" if hidden["in_place"] is not None
              else ""))
     print("(cost model: a spec calibrated on this machine in seconds - GEMM and attention rates at each model's "
-          "shapes, a loopback all-reduce, per-layer overhead; `krakenlm predict --hardware cpu-gloo` uses it)")
+          "shapes, a loopback all-reduce, per-layer overhead; `krakenlm predict --hardware cpu-gloo@here` uses it)")
 
 
 def run_demo(args: DemoConfig) -> int:

@@ -55,8 +55,8 @@ def _source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", "--preset", dest="model", help="preset name (see `krakenlm presets`)")
     src.add_argument("--config", help="ModelConfig JSON file")
     p.add_argument("--hardware", default="a100-40gb-nvswitch",
-                   help="bundled spec (tpu-v4, a100-40gb-nvswitch, a100-80gb-nvswitch, h100-sxm, h200, cpu-gloo) "
-                        "or a JSON spec path")
+                   help="bundled spec (tpu-v4, a100-40gb-nvswitch, a100-80gb-nvswitch, h100-sxm, h200, cpu-gloo), "
+                        "cpu-gloo@here (the spec calibrated on this machine) or a JSON spec path")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight type (int8 = weight-only)")
     p.add_argument("--overlap", default="none",
                    help="none: max(compute, memory) + comm; full: max of all three; chunked:K (standard TP's "

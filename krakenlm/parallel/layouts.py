@@ -312,7 +312,7 @@ class RankPlan:
 
 # Choosing (--layout auto) -----------------------------------------------------------------------------------
 def runtime_hardware(device: torch.device) -> str:
-    """The bundled cost-model spec for this device: the calibrated CPU spec, or the GPU by its name."""
+    """The bundled cost-model spec for this device: cpu-gloo (the file, never a calibration), or the GPU by its name."""
     if device.type != "cuda":
         return "cpu-gloo"
     name = torch.cuda.get_device_name(device).lower()
