@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -206,7 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLines(logging.Handler):
+    """The library's run notes (an engine's measured choices) as lines on whichever stderr is current."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _show_run_notes() -> None:
+    log = logging.getLogger("krakenlm")
+    if not any(isinstance(h, _StderrLines) for h in log.handlers):
+        log.addHandler(_StderrLines())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _show_run_notes()
     try:
         args = build_parser().parse_args(argv)  # imports every subsystem: seconds, a Ctrl-C may land here
     except KeyboardInterrupt:

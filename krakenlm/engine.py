@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import threading
@@ -38,6 +39,8 @@ from torch import Tensor
 
 from krakenlm.batching.scheduler import decode_shape
 from krakenlm.checkpoint import refuse_overflow
+from krakenlm.choices import Choices
+from krakenlm.choices import resolve as resolve_choices
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
 from krakenlm.dtypes import check_dtype, parse_dtype
@@ -244,7 +247,7 @@ class Engine:
         refuse_overflow(self.model, self.source.describe())  # weights cast to a narrower dtype may not fit it
         if self.options.pad_heads:
             self.model.pad_heads(self.options.pad_heads)
-        self.model.set_attention_kernel(self.options.attention)
+        self._choose()
         self.comm: Comm = LOCAL
         self._layouts: LayoutRun | None = None  # a layout's per-phase model views and Comms
         if self.world > 1 and rank_plan is not None:
@@ -254,6 +257,16 @@ class Engine:
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                  device=self.device)
             watch_layers(self.model)
+
+    def _choose(self) -> None:
+        """The measured choices, once, at the shapes this engine is built for (the workload's batch and
+        prompt), as plain options the model runs with; logged on rank 0 (the CLI prints it)."""
+        wl = self.workload or Workload(batch=1, prompt=128, generate=32)
+        self.choices: Choices = resolve_choices(self.model, self.options.dtype, self.dtype, self.device,
+                                                kernel=self.options.attention, sequences=wl.batch, prompt=wl.prompt)
+        self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu)
+        if self.rank == 0:
+            logging.getLogger("krakenlm").info("%s", self.choices)
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod

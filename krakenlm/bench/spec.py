@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from krakenlm.choices import attention_kernel
+from krakenlm.choices import resolve as resolve_choices
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.hardware import CALIBRATED, Hardware, load_hardware
 from krakenlm.dtypes import parse_dtype
@@ -113,8 +115,9 @@ def _attention_seconds(shape: ForwardShape, config: ModelConfig, shard: Shard, b
     size = config.head_size
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch * shard.sub_count, heads, prompt, size, generator=gen).to(dtype) for _ in range(3))
+    kernel = attention_kernel(batch * shard.sub_count * heads, 1, prompt, size, dtype, torch.device("cpu"), False)
     with torch.no_grad():
-        return fastest_seconds(lambda: causal_attention(q, k, v, size ** -0.5), torch.device("cpu"))
+        return fastest_seconds(lambda: causal_attention(q, k, v, size ** -0.5, kernel), torch.device("cpu"))
 
 
 def _layer_seconds(config: ModelConfig, shard: Shard, batch: int, prompt: int, dtype: torch.dtype) -> float:
@@ -123,6 +126,8 @@ def _layer_seconds(config: ModelConfig, shard: Shard, batch: int, prompt: int, d
     seconds = []
     for layers in (1, 2):
         model = Transformer(config.replace(n_layer=layers), shard).to(dtype).eval()
+        choices = resolve_choices(model, str(dtype)[6:], dtype, torch.device("cpu"), sequences=batch, prompt=prompt)
+        model.set_forms(choices.attention, choices.linear, choices.gelu)  # as an engine runs it
         with torch.inference_mode():
             seconds.append(fastest_seconds(lambda m=model: m(idx, logits_at="last"), torch.device("cpu")))
     return max(seconds[1] - seconds[0], 0.0)

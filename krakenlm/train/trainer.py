@@ -47,6 +47,7 @@ from krakenlm.checkpoint import (
     verify_manifest,
     write_manifest,
 )
+from krakenlm.choices import resolve as resolve_choices
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.data import WindowSampler, load_tokens, read_meta
 from krakenlm.dtypes import DTYPES, check_dtype
@@ -499,6 +500,11 @@ class Trainer:
         else:
             self.model.reset_parameters(cfg.seed)
         self.model.to(self.dist.device).train()
+        # the measured forms, once, at the training step's shapes (krakenlm.choices); printed with the run
+        self.choices = resolve_choices(self.model, cfg.dtype, self.autocast_dtype or torch.float32, self.dist.device,
+                                       sequences=cfg.batch_size, prompt=self.block, training=True)
+        self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu)
+        self._announce(str(self.choices))
         self.optimizer = make_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.sampler = WindowSampler(load_tokens(cfg.data, "train"), self.block, cfg.batch_size, self.accum,
                                      self.dist.world, self.dist.rank, cfg.seed)
