@@ -500,11 +500,10 @@ class Trainer:
         else:
             self.model.reset_parameters(cfg.seed)
         self.model.to(self.dist.device).train()
-        # the measured forms, once, at the training step's shapes (krakenlm.choices); printed with the run
+        # the measured forms, once, at the training step's shapes (krakenlm.choices); shown when the run starts
         self.choices = resolve_choices(self.model, cfg.dtype, self.autocast_dtype or torch.float32, self.dist.device,
                                        sequences=cfg.batch_size, prompt=self.block, training=True)
         self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu)
-        self._announce(str(self.choices))
         self.optimizer = make_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.sampler = WindowSampler(load_tokens(cfg.data, "train"), self.block, cfg.batch_size, self.accum,
                                      self.dist.world, self.dist.rank, cfg.seed)
@@ -611,6 +610,7 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
 
+            self._announce(str(self.choices))
             bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         loss, val_loss, ckpt = float("nan"), None, self.resumed_from
         try:
