@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -82,6 +81,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         result = engine.generate(ids, args.max_new_tokens, sampling, Stop((tokenizer.eot_token,)),
                                  vocab_limit=tokenizer.vocab_size, trace=args.trace)
         print_result(result, args.prompt, tokenizer, engine.world, engine.config.arch)
+        print(f"[tp={engine.world}] {engine.choices}", file=sys.stderr)
     return 0
 
 
@@ -207,22 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrLines(logging.Handler):
-    """The library's run notes (an engine's measured choices) as lines on whichever stderr is current."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)
-
-
-def _show_run_notes() -> None:
-    log = logging.getLogger("krakenlm")
-    if not any(isinstance(h, _StderrLines) for h in log.handlers):
-        log.addHandler(_StderrLines())
-        log.setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _show_run_notes()
     try:
         args = build_parser().parse_args(argv)  # imports every subsystem: seconds, a Ctrl-C may land here
     except KeyboardInterrupt:

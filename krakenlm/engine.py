@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import functools
 import json
-import logging
 import math
 import os
 import threading
@@ -260,13 +259,11 @@ class Engine:
 
     def _choose(self) -> None:
         """The measured choices, once, at the shapes this engine is built for (the workload's batch and
-        prompt), as plain options the model runs with; logged on rank 0 (the CLI prints it)."""
+        prompt), as plain options the model runs with; the verbs print them with their results."""
         wl = self.workload or Workload(batch=1, prompt=128, generate=32)
         self.choices: Choices = resolve_choices(self.model, self.options.dtype, self.dtype, self.device,
                                                 kernel=self.options.attention, sequences=wl.batch, prompt=wl.prompt)
         self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu)
-        if self.rank == 0:
-            logging.getLogger("krakenlm").info("%s", self.choices)
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod

@@ -40,8 +40,10 @@ def _perplexity(checkpoint: str, data: str, args: argparse.Namespace) -> float:
     # the engine checks memory before --dtype auto times its GEMMs
     with Engine(ModelSource.of(checkpoint=checkpoint), EngineOptions(device=args.device, dtype=args.dtype),
                 local=True) as engine:
-        return perplexity(engine, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
-                          seed=args.ppl_seed)
+        ppl = perplexity(engine, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
+                         seed=args.ppl_seed)
+        print(f"[eval] {checkpoint}: perplexity with {engine.choices}", file=sys.stderr)
+        return ppl
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -64,6 +66,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                       tokenizer=args.tokenizer, device=args.device, timeout=args.timeout)
         try:
             scores = evaluate(lm, args.data_dir, tasks, args.limit)
+            print(f"[eval] {name}: {lm.engine.choices}", file=sys.stderr)
         finally:
             lm.close()
         ppl = _perplexity(ckpt, args.ppl_data, args) if args.ppl_data else None

@@ -176,6 +176,6 @@ def serve(source: ModelSource, options: EngineOptions, config: ServeConfig) -> i
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _exit_after_drain)
         print(f"krakenlm serve: {name} on {engine.world} rank(s), {engine.device.type}, max batch "
-              f"{policy.max_batch}, queue {policy.max_queue}", file=sys.stderr, flush=True)
+              f"{policy.max_batch}, queue {policy.max_queue}; {engine.choices}", file=sys.stderr, flush=True)
         _Server(uv, runner, config.drain_timeout).run(sockets=[sock])
     return 0
