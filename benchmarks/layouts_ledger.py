@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from krakenlm.config import ModelConfig
+from krakenlm.costmodel.layout_choice import runnable
 from krakenlm.engine import Engine, EngineOptions
+from krakenlm.layout import Layout
 from krakenlm.parallel.launch import run_ranks
-from krakenlm.parallel.layouts import Layout, runnable
 from krakenlm.parallel.ledger import predicted
 from krakenlm.presets import get_preset
 from krakenlm.source import ModelSource

@@ -17,10 +17,10 @@ import json
 import math
 from pathlib import Path
 
+from krakenlm.batching.workload import Lengths, LoadSpec
 from krakenlm.bench.results import environment
 from krakenlm.serve.loadtest import Target, run_loads, table
 from krakenlm.serve.process import ServerProcess
-from krakenlm.serve.workload import Lengths, LoadSpec
 
 
 def main() -> None:

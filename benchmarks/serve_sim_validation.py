@@ -3,7 +3,7 @@ three request rates x two architectures (standard TP and Kraken, 2 ranks, 124M s
 The rates are fractions (default 0.3, 0.5, 0.7) of the slower server's capacity measured by the profile
 below: past capacity a run has no steady state and its percentiles measure how long the run lasts.
 
-Both sides get the same load (krakenlm.serve.workload.LoadSpec: Poisson arrivals, seeded, prompt and
+Both sides get the same load (krakenlm.batching.workload.LoadSpec: Poisson arrivals, seeded, prompt and
 output lengths drawn uniformly). The simulator steps the server's scheduler with the CPU spec calibrated
 from bench records (``cpu-gloo`` refitted by ``krakenlm calibrate``'s fit to a short bench run taken
 first, at the servers' shapes: prefill of 128 tokens, decode at batch 1 and 8; ``--bundled-spec`` uses
@@ -16,7 +16,7 @@ rank). Four simulations per cell:
   requests at once for each decode width the engine computes, w = 1, 2, 4, 8, and a least-squares line
   through them), never to the validation loads;
 * + engine shapes: each decode step priced at the shape the eager engine computes (every row up to the
-  highest one in use, keys up to the bucketed longest context; krakenlm.serve.scheduler.decode_shape);
+  highest one in use, keys up to the bucketed longest context; krakenlm.batching.scheduler.decode_shape);
 * profile: no cost model; the step times read off the profile itself (krakenlm.costmodel.simulate.
   ProfileTimes, at the engine's shapes), as profiling-based simulators such as Vidur do.
 
@@ -34,12 +34,14 @@ import json
 import statistics
 from pathlib import Path
 
+from krakenlm.batching.profile import EngineProfile
+from krakenlm.batching.scheduler import BatchingPolicy
+from krakenlm.batching.workload import Lengths, LoadSpec
 from krakenlm.bench.results import environment, records
 from krakenlm.bench.sweep import Options, run_sweep
 from krakenlm.costmodel.calibrate import calibrate
 from krakenlm.costmodel.estimator import Layout
 from krakenlm.costmodel.hardware import Hardware, load_hardware
-from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
 from krakenlm.costmodel.simulate import (
     CostModelTimes,
     HostOverhead,
@@ -48,12 +50,11 @@ from krakenlm.costmodel.simulate import (
     fit_host_overhead,
     simulate,
 )
+from krakenlm.layout import KRAKEN_LAYOUT
 from krakenlm.presets import get_preset
 from krakenlm.serve.loadtest import Target, run_loads
 from krakenlm.serve.process import ServerProcess
-from krakenlm.serve.profile import EngineProfile, measure_profiles
-from krakenlm.serve.scheduler import BatchingPolicy
-from krakenlm.serve.workload import Lengths, LoadSpec
+from krakenlm.serve.profiler import measure_profiles
 
 TP, MAX_BATCH = 2, 8
 VARIANTS = ("model", "overhead", "engine", "profile")  # the four simulations of the module docstring

@@ -16,11 +16,11 @@ import json
 import statistics
 from pathlib import Path
 
+from krakenlm.batching.workload import Lengths, LoadSpec
 from krakenlm.bench.results import environment
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.serve.loadtest import Target, prompt_ids, run_load
 from krakenlm.serve.process import ServerProcess
-from krakenlm.serve.workload import Lengths, LoadSpec
 from krakenlm.source import ModelSource
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from krakenlm.checkpoint import load_config, load_model
+from krakenlm.checkpoint import load_config
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError
-from krakenlm.generate import SamplingConfig, Stop, generate
+from krakenlm.generate import SamplingConfig, Stop
 from krakenlm.source import ModelSource
 from krakenlm.tokenizer import BPETokenizer, load_bpe
 
@@ -125,11 +125,24 @@ def _predict(checkpoints: dict[str, str], prompt_len: int, dtype: str) -> dict[s
     return out
 
 
+def _one_device(checkpoint: str) -> Engine:
+    """The single-device reference every comparison here is made against: fp32 on the CPU."""
+    return Engine(ModelSource(checkpoint=checkpoint), EngineOptions(device="cpu", dtype="fp32"), local=True)
+
+
+def _perplexity(checkpoint: str, data: Path) -> float:
+    from krakenlm.eval.perplexity import perplexity
+
+    with _one_device(checkpoint) as engine:
+        return perplexity(engine, data, num_windows=40, block_size=256)
+
+
 def _generate(checkpoint: str, tok: BPETokenizer, args: DemoConfig) -> dict[str, Any]:
     """Greedy on 2 ranks checked against one device, then a sampled continuation (what reads like the corpus)."""
     prompt, stop = [tok.encode(PROMPT)], Stop((tok.eot_token,))
-    single = generate(load_model(checkpoint), prompt, 40, stop_token=tok.eot_token, vocab_limit=tok.vocab_size)
     source, options = ModelSource(checkpoint=checkpoint), EngineOptions(tp=2, device=args.device, dtype="fp32")
+    with _one_device(checkpoint) as engine:
+        single = engine.generate(prompt, 40, stop=stop, vocab_limit=tok.vocab_size)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=0)
     with Engine.launch(source, options) as engine:
         greedy = engine.generate(prompt, 40, stop=stop, vocab_limit=tok.vocab_size)
@@ -158,12 +171,11 @@ def _report(measured: dict[str, Any], predicted: dict[str, Any]) -> None:
           + (f"; {hidden['in_place']:.0%} of blocking mode's exposed time removed" if hidden["in_place"] is not None
              else ""))
     print("(cost model: a spec calibrated on this machine in seconds - GEMM and attention rates at each model's "
-          "shapes, a loopback all-reduce, per-layer overhead; `krakenlm predict --hardware cpu-gloo` uses it)")
+          "shapes, a loopback all-reduce, per-layer overhead; `krakenlm predict --hardware cpu-gloo@here` uses it)")
 
 
 def run_demo(args: DemoConfig) -> int:
     """Every stage, skipping those whose output exists; prints the comparison and writes summary.json."""
-    from krakenlm.eval.perplexity import perplexity
     from krakenlm.parallel.group import resolve_device
 
     resolve_device(args.device)  # a device that does not exist is refused now, not after the training
@@ -173,8 +185,7 @@ def run_demo(args: DemoConfig) -> int:
     checkpoints = {name: str(_train(out, data, preset, args)) for name, preset in MODELS.items()}
 
     summary: dict[str, Any] = {"checkpoints": checkpoints, "steps": args.steps, "vocab": args.vocab}
-    summary["val_perplexity"] = {name: perplexity(load_model(path), data, num_windows=40, block_size=256)
-                                 for name, path in checkpoints.items()}
+    summary["val_perplexity"] = {name: _perplexity(path, data) for name, path in checkpoints.items()}
     _say("validation perplexity (corpus BPE tokens): "
          + ", ".join(f"{n} {p:.1f}" for n, p in summary["val_perplexity"].items()))
     summary |= _generate(checkpoints["kraken"], load_bpe(data), args)

@@ -36,7 +36,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from krakenlm.batching.scheduler import decode_shape
 from krakenlm.checkpoint import refuse_overflow
+from krakenlm.choices import Choices
+from krakenlm.choices import resolve as resolve_choices
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.costmodel.estimator import Workload
 from krakenlm.costmodel.overlap import parse_overlap
@@ -50,6 +53,7 @@ from krakenlm.generate import (
     Stop,
     validate_prompts,
 )
+from krakenlm.layout import Layout
 from krakenlm.model import LOCAL, Comm, KVCache, Transformer
 from krakenlm.model.attention import check_kernel
 from krakenlm.model.quant import QUANTIZE
@@ -57,7 +61,7 @@ from krakenlm.parallel.comm import DistComm, watch_layers
 from krakenlm.parallel.group import agree, check_device_name, init_distributed, resolve_device
 from krakenlm.parallel.launch import Ranks, under_torchrun
 from krakenlm.parallel.layout_comm import LayoutRun
-from krakenlm.parallel.layouts import Layout, RankPlan, resolve
+from krakenlm.parallel.layouts import RankPlan, resolve
 from krakenlm.parallel.ledger import Ledger
 from krakenlm.parallel.overlap_comm import OverlapComm, check_system_overlap, overlap_view
 from krakenlm.parallel.plan import ParallelPlan
@@ -65,7 +69,6 @@ from krakenlm.parallel.rank_model import build_rank_model, held_bytes
 from krakenlm.preflight import check_engine, check_ranks
 from krakenlm.resources import require_memory
 from krakenlm.roofline import agreed_dtype
-from krakenlm.serve.scheduler import decode_shape
 from krakenlm.source import ModelSource
 from krakenlm.validation import check_float, check_int
 
@@ -249,7 +252,7 @@ class Engine:
         refuse_overflow(self.model, self.source.describe())  # weights cast to a narrower dtype may not fit it
         if self.options.pad_heads:
             self.model.pad_heads(self.options.pad_heads)
-        self.model.set_attention_kernel(self.options.attention)
+        self._choose()
         self.comm: Comm = LOCAL
         overlap = parse_overlap(self.options.tp_overlap)  # standard TP overlapped by the runtime (overlap_comm)
         if overlap.system:
@@ -265,6 +268,14 @@ class Engine:
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                  device=self.device)
             watch_layers(self.model)
+
+    def _choose(self) -> None:
+        """The measured choices, once, at the shapes this engine is built for (the workload's batch and
+        prompt), as plain options the model runs with; the verbs print them with their results."""
+        wl = self.workload or Workload(batch=1, prompt=128, generate=32)
+        self.choices: Choices = resolve_choices(self.model, self.options.dtype, self.dtype, self.device,
+                                                kernel=self.options.attention, sequences=wl.batch, prompt=wl.prompt)
+        self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu)
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod

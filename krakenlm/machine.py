@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from krakenlm.cpuload import other_busy_cores
+
 
 def cache_dir() -> Path:
     """Where measurements are kept (created on first write)."""
@@ -152,8 +154,6 @@ def _other_cores_busy(device: torch.device) -> bool:
     """Whether other processes keep the CPU busy right now (a shared machine's noise)."""
     if device.type != "cpu":
         return False
-    from krakenlm.bench.timing import other_busy_cores
-
     try:
         return other_busy_cores([os.getpid()], 0.05) > 0.3
     except OSError:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from krakenlm import choices
 from krakenlm.model import activations
 from krakenlm.model.activations import gelu_form, gelu_tanh
 
@@ -31,8 +32,10 @@ def test_bf16_error_is_torchs():
 @pytest.mark.parametrize("form", ["tanh", "sigmoid"])
 def test_measured_choice_runs_the_cached_form(monkeypatch, tmp_path, form):
     monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
-    activations.CHOICES.forget()
-    monkeypatch.setattr(activations, "_measure", lambda *a: {f: 1.0 if f == form else 2.0 for f in ("tanh", "sigmoid")})
+    choices.GELU.forget()
+    monkeypatch.setattr(activations, "measure", lambda *a: {f: 1.0 if f == form else 2.0 for f in ("tanh", "sigmoid")})
     x = torch.randn(10, 10)
-    torch.testing.assert_close(gelu_tanh(x), gelu_form(form, x), rtol=0, atol=0)
-    activations.CHOICES.forget()
+    chosen = choices.gelu_form(x.dtype, x.device, training=False)
+    assert chosen == form
+    torch.testing.assert_close(gelu_tanh(x, chosen), gelu_form(form, x), rtol=0, atol=0)
+    choices.GELU.forget()

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from krakenlm import choices
 from krakenlm.errors import ConfigError
 from krakenlm.model import attention
 from krakenlm.model.attention import causal_attention, check_kernel, run_kernel
@@ -93,7 +94,7 @@ def test_kernel_names_are_checked():
 
 def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
-    attention.CHOICES.forget()
+    choices.ATTENTION.forget()
     calls = []
 
     def fake_measure(heads, kv, t, hs, dtype, device, training):
@@ -102,28 +103,29 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
 
     monkeypatch.setattr(attention, "measure", fake_measure)
     q, k, v = qkv(1, 4, 4, 100, 16)
-    out = causal_attention(q, k, v, 0.25)
+    kernel = choices.attention_kernel(4, 1, 100, 16, q.dtype, q.device, training=False)
     assert calls == [(4, 4, 128, 16, False)]  # prompt length rounded up to a power of two
-    torch.testing.assert_close(out, run_kernel("blocked:64", q, k, v, 0.25))
+    torch.testing.assert_close(causal_attention(q, k, v, 0.25, kernel), run_kernel("blocked:64", q, k, v, 0.25))
     entry = next(iter(json.loads((tmp_path / "attention.json").read_text()).values()))
     assert entry["choice"] == "blocked:64"
     # a fresh process (memo and in-memory cache dropped) reads the file and measures nothing
-    attention.CHOICES.forget()
-    causal_attention(q, k, v, 0.25)
+    choices.ATTENTION.forget()
+    choices.attention_kernel(4, 1, 100, 16, q.dtype, q.device, training=False)
     assert len(calls) == 1
-    attention.CHOICES.forget()
+    choices.ATTENTION.forget()
 
 
 def test_corrupt_choice_cache_is_ignored_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
     (tmp_path / "attention.json").write_text("{not json")
-    attention.CHOICES.forget()
+    choices.ATTENTION.forget()
     q, k, v = qkv(1, 2, 2, 20, 8)
     with pytest.warns(RuntimeWarning, match="ignoring the unreadable measurement cache"):
-        out = causal_attention(q, k, v, 8 ** -0.5)
+        kernel = choices.attention_kernel(2, 1, 20, 8, q.dtype, q.device, training=False)
+    out = causal_attention(q, k, v, 8 ** -0.5, kernel)
     torch.testing.assert_close(out.double(), reference(q, k, v, 8 ** -0.5), rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "attention.json").read_text())  # rewritten whole
-    attention.CHOICES.forget()
+    choices.ATTENTION.forget()
 
 
 @pytest.mark.parametrize("arch", ["gpt", "parallel", "kraken"])

@@ -253,12 +253,24 @@ def test_shipped_records_need_per_dtype_efficiencies(cpu) -> None:
 def test_bundled_cpu_gloo_is_the_shipped_fit(cpu) -> None:
     from krakenlm.costmodel.hardware import SPEC_DIR
 
-    # by path: the name prefers a spec calibrated on this machine, which an earlier test (the demo) may save
-    bundled = load_hardware(SPEC_DIR / "cpu-gloo.json")
+    bundled = load_hardware("cpu-gloo")  # the file, whatever an earlier test (the demo) calibrated here
+    assert bundled == load_hardware(SPEC_DIR / "cpu-gloo.json")
     for key, value in cpu.fit.fitted.items():
         field, _, dtype = key.rstrip("]").partition("[")
         got = bundled.eff(field, dtype) if dtype else getattr(bundled, field)
         assert got == pytest.approx(value, rel=1e-6), key
+
+
+def test_calibrated_spec_only_by_its_own_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from krakenlm.costmodel import hardware
+
+    monkeypatch.setattr(hardware, "machine_spec", lambda: None)
+    with pytest.raises(ConfigError, match="cpu-gloo@here"):
+        load_hardware("cpu-gloo@here")
+    here = load_hardware("cpu-gloo-nominal").with_factors(name="cpu-gloo@here", alpha=1e-3)
+    monkeypatch.setattr(hardware, "machine_spec", here.to_dict)
+    assert load_hardware("cpu-gloo@here") == here
+    assert load_hardware("cpu-gloo") == load_hardware(hardware.SPEC_DIR / "cpu-gloo.json") != here
 
 
 def test_validation_tables_render() -> None:

@@ -1,4 +1,5 @@
-"""The few-rows linear layer: both forms compute F.linear; the form is measured once per key, then cached."""
+"""The few-rows linear layer: both forms compute F.linear; the form is measured once per key (when an engine
+is built, krakenlm.choices), then cached."""
 
 import json
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from krakenlm import choices
 from krakenlm.model import gemm
 
 
@@ -23,7 +25,7 @@ def test_forms_equal_the_float64_product(rows, with_bias, rng):
 
 def test_choice_is_measured_once_per_key_then_read_from_the_cache(monkeypatch, tmp_path, rng):
     monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
-    gemm.CHOICES.forget()
+    choices.LINEAR.forget()
     calls = []
 
     def fake_measure(probe, weight, bias):
@@ -32,18 +34,19 @@ def test_choice_is_measured_once_per_key_then_read_from_the_cache(monkeypatch, t
 
     monkeypatch.setattr(gemm, "measure", fake_measure)
     x, w = torch.randn(5, 16, generator=rng), torch.randn(24, 16, generator=rng)
+    cpu = torch.device("cpu")
+    form = choices.linear_form(5, w, x.dtype, cpu)
+    assert choices.linear_form(7, w, x.dtype, cpu) == form == "transposed"  # 5 and 7 rows share the bucket of 8
+    assert calls == [((8, 16), (24, 16), False)]
+    assert choices.linear_form(65, w, x.dtype, cpu) == "linear"  # above FEW_ROWS: F.linear, nothing measured
     with torch.inference_mode():
-        out = gemm.rows_linear(x, w)
-        gemm.rows_linear(x[:7], w)  # 5 and 7 rows share the bucket of 8
-        torch.testing.assert_close(out, gemm.few_rows_form("transposed", x, w))
-        assert calls == [((8, 16), (24, 16), False)]
-        gemm.rows_linear(torch.randn(65, 16), w)  # above FEW_ROWS: F.linear, nothing measured
+        torch.testing.assert_close(gemm.rows_linear(x, w, form=form), gemm.few_rows_form("transposed", x, w))
     trained = torch.randn(32, 16, generator=rng, requires_grad=True)
-    gemm.rows_linear(x, trained).sum().backward()  # training: F.linear, nothing measured
+    gemm.rows_linear(x, trained, form=form).sum().backward()  # training: F.linear
     assert len(calls) == 1 and trained.grad is not None
     entry = next(iter(json.loads((tmp_path / "few_rows_linear.json").read_text()).values()))
     assert entry["choice"] == "transposed"
-    gemm.CHOICES.forget()
-    gemm.rows_linear(x, w.detach())  # a fresh process reads the file
+    choices.LINEAR.forget()
+    choices.linear_form(5, w, x.dtype, cpu)  # a fresh process reads the file
     assert len(calls) == 1
-    gemm.CHOICES.forget()
+    choices.LINEAR.forget()

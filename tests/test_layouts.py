@@ -25,10 +25,12 @@ from krakenlm.cli import main as cli_main
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.estimator import Workload, max_context
 from krakenlm.costmodel.hardware import load_hardware
+from krakenlm.costmodel.layout_choice import check_layout, choose
 from krakenlm.costmodel.layouts import layer_pairs, split_2d_axes
 from krakenlm.errors import ConfigError
+from krakenlm.layout import Layout
 from krakenlm.parallel.launch import run_ranks
-from krakenlm.parallel.layouts import Layout, Mesh, check_layout, choose
+from krakenlm.parallel.layouts import Mesh
 from krakenlm.parallel.ledger import predicted
 from krakenlm.presets import get_preset
 from tests.conftest import tiny

@@ -167,9 +167,9 @@ def test_prepare_refuses_a_foreign_directory(tmp_path):
 
 def test_report_writers_refuse_a_fifo(tmp_path):
     """Library writers of single files check their path too (a FIFO would block the writer forever)."""
+    from krakenlm.batching.profile import save_profiles
     from krakenlm.costmodel.hardware import load_hardware
     from krakenlm.eval.report import write
-    from krakenlm.serve.profile import save_profiles
 
     fifo = special_files(tmp_path)[0]
     os.mkfifo(tmp_path / "fifo.md")  # eval's table, written next to its JSON

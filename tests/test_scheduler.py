@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from krakenlm.batching.scheduler import BatchingPolicy, QueueFull, Request, Scheduler
 from krakenlm.errors import InputError, KrakenError
-from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler
 
 
 def _ids(pairs) -> list:
@@ -206,6 +206,6 @@ def test_random_operations_keep_the_invariants(chunk: int) -> None:
 
 
 def test_scheduler_and_report_import_without_torch() -> None:
-    code = ("import sys; import krakenlm.serve.scheduler, krakenlm.serve.report; "
+    code = ("import sys; import krakenlm.batching.scheduler, krakenlm.batching.report; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
+from krakenlm.batching.scheduler import BatchingPolicy
 from krakenlm.engine import Engine, EngineOptions, padded_groups
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.generate import SamplingConfig
 from krakenlm.parallel.launch import run_ranks
 from krakenlm.serve.protocol import ApiError, decode_body, parse_completion
-from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.serve.text import TextStream
 from krakenlm.source import ModelSource
 from tests.conftest import tiny

@@ -269,8 +269,8 @@ def test_loadtest_reports_and_compares(gpt_server, tmp_path, capsys):
 def test_a_profile_measured_on_the_server_feeds_the_simulator(gpt_server, tmp_path, capsys):
     """loadtest --profile: TTFT alone at the low / middle / high prompt, ITL at every engine width (from the
     server's max_batch 8); simulate --profile fits the host overhead to it."""
+    from krakenlm.batching.profile import load_profile
     from krakenlm.cli import main
-    from krakenlm.serve.profile import load_profile
 
     out = tmp_path / "profile.json"
     assert main(["loadtest", "--url", gpt_server.url, "--profile", "--profile-reps", "1", "--prompt-len", "8-16",
@@ -288,9 +288,9 @@ def test_a_profile_measured_on_the_server_feeds_the_simulator(gpt_server, tmp_pa
 
 def test_loadtest_and_simulate_run_the_same_load(gpt_server, tmp_path, capsys):
     """The same workload arguments and seed: the server gets, and the simulator models, the same requests
-    (krakenlm.serve.workload), so their reports count the same requests and output tokens."""
+    (krakenlm.batching.workload), so their reports count the same requests and output tokens."""
+    from krakenlm.batching.workload import Lengths, LoadSpec
     from krakenlm.cli import main
-    from krakenlm.serve.workload import Lengths, LoadSpec
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(GPT.to_dict()))

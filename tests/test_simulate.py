@@ -9,6 +9,9 @@ import random
 import numpy as np
 import pytest
 
+from krakenlm.batching.report import METRICS, RequestRecord, parse_slo_targets, percentile, summarize
+from krakenlm.batching.scheduler import BatchingPolicy, decode_shape
+from krakenlm.batching.workload import Arrival, Lengths, LoadSpec, arrivals, load_trace
 from krakenlm.cli import main
 from krakenlm.costmodel.estimator import Layout, Workload, phase_estimate
 from krakenlm.costmodel.hardware import load_hardware
@@ -16,9 +19,6 @@ from krakenlm.costmodel.simulate import ConstantTimes, CostModelTimes, HostOverh
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.presets import get_preset
 from krakenlm.serve.loadtest import prompt_ids
-from krakenlm.serve.report import METRICS, RequestRecord, parse_slo_targets, percentile, summarize
-from krakenlm.serve.scheduler import BatchingPolicy, decode_shape
-from krakenlm.serve.workload import Arrival, Lengths, LoadSpec, arrivals, load_trace
 
 A100 = load_hardware("a100-40gb-nvswitch")
 REPORT_FIELDS = {"rate", "requests", "completed", "failed", "duration_s", "throughput_rps", "output_tokens_per_s",
@@ -252,7 +252,7 @@ def test_simulate_and_plan_slo_cli(tmp_path, capsys) -> None:
 
 def _profile_from(times, overhead: HostOverhead, widths=(1, 2, 4, 8), engine_shapes: bool = False):
     """A profile a server with exactly this host overhead would measure (the fit must give it back)."""
-    from krakenlm.serve.profile import EngineProfile
+    from krakenlm.batching.profile import EngineProfile
 
     prompt, output, context = 128, 32, times.config.block_size
     mid = prompt + output // 2
@@ -289,7 +289,7 @@ def test_host_overhead_fitted_to_a_profile_is_the_one_that_made_it(engine_shapes
 
 
 def test_engine_profiles_are_checked_and_read_by_name(tmp_path) -> None:
-    from krakenlm.serve.profile import EngineProfile, engine_widths, load_profile, save_profiles
+    from krakenlm.batching.profile import EngineProfile, engine_widths, load_profile, save_profiles
 
     assert engine_widths(8) == (1, 2, 4, 8) and engine_widths(6) == (1, 2, 4, 6) and engine_widths(1) == (1,)
     good = dict(prompt=128, output=32, prompts=(64, 128), ttft_alone_s=(0.1, 0.2), widths=(1, 2), itl_s=(0.05, 0.07))
@@ -308,8 +308,8 @@ def test_engine_profiles_are_checked_and_read_by_name(tmp_path) -> None:
 
 
 def test_simulate_cli_fits_the_host_overhead_to_a_profile(tmp_path, capsys) -> None:
+    from krakenlm.batching.profile import save_profiles
     from krakenlm.costmodel.simulate import fit_host_overhead
-    from krakenlm.serve.profile import save_profiles
 
     cfg = get_preset("gpt2-124m")
     bare = CostModelTimes(cfg, load_hardware("cpu-gloo"), 2, dtype="fp32")
@@ -330,8 +330,8 @@ def test_simulate_cli_fits_the_host_overhead_to_a_profile(tmp_path, capsys) -> N
 def test_profile_times_read_the_measured_steps() -> None:
     """Prefill on the line through TTFT alone; a decode step at a measured width is that width's gap,
     between widths it is interpolated, past the widest it stays there."""
+    from krakenlm.batching.profile import EngineProfile
     from krakenlm.costmodel.simulate import ProfileTimes
-    from krakenlm.serve.profile import EngineProfile
 
     profile = EngineProfile(128, 32, (64, 128, 192), (0.10, 0.14, 0.18), (1, 2, 4, 8), (0.05, 0.06, 0.10, 0.30))
     times = ProfileTimes(profile)

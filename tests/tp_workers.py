@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from krakenlm.batching.scheduler import BatchingPolicy, Request, Scheduler
 from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.generate import SamplingConfig, generate, left_pad
 from krakenlm.parallel.comm import DistComm
-from krakenlm.serve.scheduler import BatchingPolicy, Request, Scheduler
 from krakenlm.source import ModelSource, build_model
 
 PROMPTS = [list(range(3, 23)), list(range(40, 53))]  # different lengths: the left-padding path too

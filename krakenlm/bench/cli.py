@@ -167,7 +167,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def add_roofline_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("roofline", help="this machine's GEMM throughput at a model's shapes: the ceiling its "
-                       "prefill is held to (MFU), per dtype; --calibrate also fits the cost model's cpu-gloo spec")
+                       "prefill is held to (MFU), per dtype; --calibrate also fits this machine's "
+                       "cost-model spec (cpu-gloo@here)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="named configuration (see `krakenlm presets`)")
     src.add_argument("--config", help="ModelConfig JSON file")
@@ -177,7 +178,7 @@ def add_roofline_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtypes", type=_list(str), default=["bf16", "fp32"])
     p.add_argument("--threads", type=int, default=1, help="compute threads (the benchmark runs one per rank)")
     p.add_argument("--calibrate", action="store_true", help="also probe attention, per-layer overhead and a "
-                   "loopback all-reduce, and save the spec `predict --hardware cpu-gloo` uses on this machine")
+                   "loopback all-reduce, and save it as this machine's `--hardware cpu-gloo@here`")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_roofline)
 
@@ -229,7 +230,7 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
               f"memory {r['memory_bytes_per_s'] / 1e9:.1f} GB/s; prefill floor {r['floor_s'] * 1e3:.1f} ms")
     if args.calibrate:
         spec = report["spec"]
-        print(f"calibrated cpu-gloo spec saved: attention_eff {spec['attention_eff']}, link "
+        print(f"calibrated spec saved as cpu-gloo@here: attention_eff {spec['attention_eff']}, link "
               f"{spec['link_bw'] / 1e9:.2f} GB/s, alpha {spec['alpha'] * 1e6:.0f} us, layer overhead "
               f"{spec['layer_overhead_s'] * 1e3:.2f} ms")
     return 0

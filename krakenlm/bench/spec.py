@@ -15,8 +15,8 @@ probes instead of a fit to the thing it predicts:
 - layer_overhead_s: a one-layer forward's time beyond its GEMMs and attention (norms, activations,
   residuals, Python), from the difference of a 2-layer and a 1-layer model.
 
-One thread per rank, as the benchmark runs. The spec is cached per machine (krakenlm/machine.py)
-and ``load_hardware("cpu-gloo")`` prefers it to the bundled file.
+One thread per rank, as the benchmark runs. The spec is cached per machine (krakenlm/machine.py) and
+read by name: ``load_hardware("cpu-gloo@here")``; ``cpu-gloo`` stays the bundled file everywhere.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from krakenlm.choices import attention_kernel
+from krakenlm.choices import resolve as resolve_choices
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.hardware import Hardware, load_hardware
+from krakenlm.costmodel.hardware import CALIBRATED, Hardware, load_hardware
 from krakenlm.dtypes import parse_dtype
 from krakenlm.errors import DistributedError
 from krakenlm.machine import MACHINE_SPECS, busy_cores, cpu_model, fastest_seconds, spec_key
@@ -113,8 +115,9 @@ def _attention_seconds(shape: ForwardShape, config: ModelConfig, shard: Shard, b
     size = config.head_size
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch * shard.sub_count, heads, prompt, size, generator=gen).to(dtype) for _ in range(3))
+    kernel = attention_kernel(batch * shard.sub_count * heads, 1, prompt, size, dtype, torch.device("cpu"), False)
     with torch.no_grad():
-        return fastest_seconds(lambda: causal_attention(q, k, v, size ** -0.5), torch.device("cpu"))
+        return fastest_seconds(lambda: causal_attention(q, k, v, size ** -0.5, kernel), torch.device("cpu"))
 
 
 def _layer_seconds(config: ModelConfig, shard: Shard, batch: int, prompt: int, dtype: torch.dtype) -> float:
@@ -123,6 +126,8 @@ def _layer_seconds(config: ModelConfig, shard: Shard, batch: int, prompt: int, d
     seconds = []
     for layers in (1, 2):
         model = Transformer(config.replace(n_layer=layers), shard).to(dtype).eval()
+        choices = resolve_choices(model, str(dtype)[6:], dtype, torch.device("cpu"), sequences=batch, prompt=prompt)
+        model.set_forms(choices.attention, choices.linear, choices.gelu)  # as an engine runs it
         with torch.inference_mode():
             seconds.append(fastest_seconds(lambda m=model: m(idx, logits_at="last"), torch.device("cpu")))
     return max(seconds[1] - seconds[0], 0.0)
@@ -131,7 +136,7 @@ def _layer_seconds(config: ModelConfig, shard: Shard, batch: int, prompt: int, d
 def calibrate_machine(config: ModelConfig, tp: int = 2, prompt: int = 256, batch: int = 1,
                       dtypes: tuple[str, ...] = ("bf16", "fp32"), link: tuple[float, float] | None = None) -> Hardware:
     """Probe this machine at one rank's shapes of ``config`` split over ``tp`` ranks and cache the spec
-    (also as the machine's ``cpu-gloo``). ``link``: a loopback (alpha, bytes/s) measured already."""
+    (also as the machine's ``cpu-gloo@here``). ``link``: a loopback (alpha, bytes/s) measured already."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     siblings = max(0, min(tp, os.cpu_count() or 1) - 1)  # the other ranks on this machine compute meanwhile
@@ -153,7 +158,7 @@ def calibrate_machine(config: ModelConfig, tp: int = 2, prompt: int = 256, batch
     finally:
         torch.set_num_threads(threads)
     spec = load_hardware("cpu-gloo-nominal").with_factors(
-        name="cpu-gloo", peak_flops=peak, matmul_eff=1.0, attention_eff=attention, memory_eff=1.0,
+        name=CALIBRATED, peak_flops=peak, matmul_eff=1.0, attention_eff=attention, memory_eff=1.0,
         memory_bw=roof.memory_bytes_per_s, link_bw=link_bw, alpha=alpha, comm_eff=1.0,
         layer_overhead_s=max(float(np.mean(overhead)), 0.0),
         description=f"Calibrated on this machine ({cpu_model()}, torch {torch.__version__}, one thread per rank) "
@@ -162,7 +167,7 @@ def calibrate_machine(config: ModelConfig, tp: int = 2, prompt: int = 256, batch
                     "shapes, attention with the kernel chosen there, a large copy, a loopback all-reduce, and "
                     "one layer's time beyond its GEMMs and attention.")
     MACHINE_SPECS.put(_shape_key(config, tp, prompt, batch), spec.to_dict())
-    MACHINE_SPECS.put(spec_key(), spec.to_dict())  # what `predict --hardware cpu-gloo` reads here
+    MACHINE_SPECS.put(spec_key(), spec.to_dict())  # what `predict --hardware cpu-gloo@here` reads
     return spec
 
 

@@ -26,9 +26,10 @@ from torch import Tensor
 
 from krakenlm.bench.breakdown import MarkedComm, profile_forward
 from krakenlm.bench.netns import Links
-from krakenlm.bench.timing import RoundLog, Stats, paired_ratio, process_cpu_seconds, system_busy_seconds, wait_for_idle
+from krakenlm.bench.timing import RoundLog, Stats, paired_ratio, wait_for_idle
 from krakenlm.config import ModelConfig, size_kraken
 from krakenlm.costmodel.overlap import parse_overlap
+from krakenlm.cpuload import process_cpu_seconds, system_busy_seconds
 from krakenlm.dtypes import parse_dtype
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError, DistributedError

@@ -8,48 +8,11 @@ Rounds during which other processes used the CPU are dropped and counted, never 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def system_busy_seconds() -> float:
-    """CPU seconds spent in user, nice and system mode by the whole machine since boot.
-
-    irq/softirq are left out on purpose: loopback and veth traffic of our own ranks is handled
-    there and cannot be attributed to a process.
-    """
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    user, nice, system = (int(v) for v in fields[1:4])
-    return (user + nice + system) / _CLK_TCK
-
-
-def process_cpu_seconds(pid: int | str = "self") -> float:
-    """User + system CPU seconds of one process, all its threads included."""
-    with open(f"/proc/{pid}/stat") as f:
-        after_name = f.read().rsplit(")", 1)[1].split()
-    return (int(after_name[11]) + int(after_name[12])) / _CLK_TCK
-
-
-def other_busy_cores(own_pids: list[int], interval: float = 0.25) -> float:
-    """Average number of cores that processes other than ``own_pids`` kept busy over ``interval``."""
-    def own() -> float:
-        total = 0.0
-        for pid in own_pids:
-            try:
-                total += process_cpu_seconds(pid)
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-        return total
-
-    sys0, own0, t0 = system_busy_seconds(), own(), time.perf_counter()
-    time.sleep(interval)
-    sys1, own1, t1 = system_busy_seconds(), own(), time.perf_counter()
-    return max(0.0, (sys1 - sys0) - (own1 - own0)) / (t1 - t0)
+from krakenlm.cpuload import CLK_TCK, other_busy_cores
 
 
 def wait_for_idle(own_pids: list[int], threshold_cores: float, max_wait_s: float) -> tuple[float, float]:
@@ -88,7 +51,7 @@ class RoundLog:
     kept: list[bool] = field(default_factory=list)
 
     def add(self, other_cpu_s: float, wall_s: float, idle_wait_s: float, max_other_cores: float) -> bool:
-        keep = other_cpu_s <= max_other_cores * wall_s + 2 / _CLK_TCK  # /proc/stat counts in ticks
+        keep = other_cpu_s <= max_other_cores * wall_s + 2 / CLK_TCK  # /proc/stat counts in ticks
         self.other_cpu_s.append(other_cpu_s)
         self.wall_s.append(wall_s)
         self.idle_wait_s.append(idle_wait_s)

@@ -46,10 +46,10 @@ import numpy as np
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.estimator import LM_HEAD, Layout, Workload, phase_estimate
 from krakenlm.costmodel.hardware import PER_DTYPE, Hardware, compute_dtype
-from krakenlm.costmodel.layouts import KRAKEN_LAYOUT
 from krakenlm.costmodel.overlap import NO_OVERLAP, SYSTEM_MODES, Overlap, parse_overlap
 from krakenlm.errors import ConfigError
 from krakenlm.jsonio import read_json_or_lines
+from krakenlm.layout import KRAKEN_LAYOUT
 from krakenlm.presets import get_preset
 
 FIT_FIELDS = ("matmul_eff", "attention_eff", "memory_eff", "comm_eff", "alpha", "layer_overhead_s", "link_bw")

@@ -13,6 +13,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from krakenlm.batching.profile import load_profile
+from krakenlm.batching.report import parse_slo_targets
+from krakenlm.batching.scheduler import BatchingPolicy
+from krakenlm.batching.workload import ARRIVALS, Lengths, LoadSpec
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.calibrate import (
     FIT_FIELDS,
@@ -34,14 +38,13 @@ from krakenlm.costmodel.estimator import (
     weights_per_chip,
 )
 from krakenlm.costmodel.hardware import DTYPES, Hardware, load_hardware
+from krakenlm.costmodel.layout_choice import check_layout, choose
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import OBJECTIVES, plan
 from krakenlm.costmodel.simulate import CostModelTimes, HostOverhead, fit_host_overhead, plan_slo, simulate
 from krakenlm.errors import ConfigError
+from krakenlm.layout import Layout
 from krakenlm.presets import get_preset
-from krakenlm.serve.report import parse_slo_targets
-from krakenlm.serve.scheduler import BatchingPolicy
-from krakenlm.serve.workload import ARRIVALS, Lengths, LoadSpec
 from krakenlm.validation import check_int, check_output_file
 
 GIB = 2 ** 30
@@ -52,8 +55,8 @@ def _source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", "--preset", dest="model", help="preset name (see `krakenlm presets`)")
     src.add_argument("--config", help="ModelConfig JSON file")
     p.add_argument("--hardware", default="a100-40gb-nvswitch",
-                   help="bundled spec (tpu-v4, a100-40gb-nvswitch, a100-80gb-nvswitch, h100-sxm, h200, cpu-gloo) "
-                        "or a JSON spec path")
+                   help="bundled spec (tpu-v4, a100-40gb-nvswitch, a100-80gb-nvswitch, h100-sxm, h200, cpu-gloo), "
+                        "cpu-gloo@here (the spec calibrated on this machine) or a JSON spec path")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight type (int8 = weight-only)")
     p.add_argument("--overlap", default="none",
                    help="none: max(compute, memory) + comm; full: max of all three; chunked:K (standard TP's "
@@ -231,7 +234,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, prompt: Lengths, output: Lengths) -> LoadSpec:
-    """The load: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate`` (krakenlm.serve.workload,
+    """The load: a trace file, or ``--requests`` poisson/constant arrivals at ``--rate`` (krakenlm.batching.workload,
     the load generator's own)."""
     if args.arrivals in ARRIVALS and args.rate is None:
         raise ConfigError(f"rate: --rate is required with --arrivals {args.arrivals}")
@@ -273,8 +276,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace, config: ModelConfig, est: Estimate) -> str:
     """The `krakenlm generate` line that runs a plan's choice (or why it cannot, and what runs instead)."""
-    from krakenlm.parallel.layouts import Layout, check_layout, choose
-
     if est.stages > 1:
         return f"run it: krakenlm runs tensor parallelism only; this plan pipelines over {est.stages} stages"
     wl = est.workload
@@ -348,8 +349,6 @@ def _host_overhead(args: argparse.Namespace, config: ModelConfig, hw: Hardware) 
             raise ConfigError(f"--host-overhead: keys are prefill_s, step_s, row_s, got {sorted(overhead)}") from None
     if overhead:
         raise ConfigError("simulate: give --host-overhead or --profile, not both")
-    from krakenlm.serve.profile import load_profile  # the HTTP client only when a profile is read
-
     profile = load_profile(args.profile)
     bare = CostModelTimes(config, hw, args.chips, args.pp, args.dtype, args.overlap, args.lm_head)
     host = fit_host_overhead(bare, profile, args.max_batch, config.block_size, args.engine_shapes)

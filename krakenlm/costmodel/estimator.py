@@ -44,9 +44,6 @@ from krakenlm.config import ModelConfig
 from krakenlm.costmodel.collectives import collective_time, p2p_time
 from krakenlm.costmodel.hardware import BYTES, DTYPES, Hardware
 from krakenlm.costmodel.layouts import (
-    ATTENTION,
-    FFN_LAYOUTS,
-    KRAKEN_LAYOUT,
     CommOp,
     check_split,
     gathered_fraction,
@@ -71,6 +68,7 @@ from krakenlm.costmodel.overlap import (
 )
 from krakenlm.costmodel.pipeline import Pipeline, crosses_node, pipeline_time, stage_layers
 from krakenlm.errors import ConfigError
+from krakenlm.layout import ATTENTION, FFN_LAYOUTS, KRAKEN_LAYOUT
 
 PHASES = ("prefill", "decode")
 SYSTEM_OVERLAP_ARCHS = ("gpt", "parallel")  # what chunked / collective-matmul overlap: Megatron 1d-ws

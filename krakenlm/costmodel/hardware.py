@@ -22,6 +22,7 @@ from krakenlm.machine import machine_spec
 from krakenlm.validation import check_output_file, is_finite_number, shown
 
 SPEC_DIR = Path(__file__).with_name("hardware")
+CALIBRATED = "cpu-gloo@here"  # the spec calibrated on the running machine (krakenlm.bench.spec)
 TOPOLOGIES = ("ring", "switch", "torus")
 NODE_TOPOLOGIES = ("ring", "switch")  # how the inter-node network is traversed (see collectives.py)
 AXIS_BANDWIDTH = ("full", "per_axis")
@@ -227,10 +228,15 @@ def hardware_names() -> list[str]:
 
 
 def load_hardware(name_or_path: str | Path) -> Hardware:
-    """A bundled spec by name (``tpu-v4``) or any spec JSON file by path. ``cpu-gloo`` is the spec
-    calibrated on this machine when there is one (``krakenlm roofline --calibrate``, the demo)."""
+    """A bundled spec by name (``tpu-v4``, ``cpu-gloo``: always the file), any spec JSON file by path, or
+    ``cpu-gloo@here``: the spec calibrated on this machine (``krakenlm roofline --calibrate``, the demo),
+    used only where a caller names it, so a name means the same spec on every machine and in every order."""
     path = Path(name_or_path)
-    if str(name_or_path) == "cpu-gloo" and (calibrated := machine_spec()) is not None:
+    if str(name_or_path) == CALIBRATED:
+        calibrated = machine_spec()
+        if calibrated is None:
+            raise ConfigError(f"hardware: {CALIBRATED} is the spec calibrated on this machine, and there is none "
+                              f"yet: run `krakenlm roofline --preset gpt2-124m --tp 2 --calibrate` (or the demo)")
         return Hardware.from_dict(calibrated)
     if path.suffix != ".json":
         path = SPEC_DIR / f"{name_or_path}.json"

@@ -47,11 +47,7 @@ from itertools import combinations
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.collectives import Group
 from krakenlm.errors import ConfigError
-
-FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz")
-KRAKEN_LAYOUT = "kraken"
-ATTENTION = ("heads", "batch")
-_WG_AXES = {"wg-x": 1, "wg-xy": 2, "wg-xyz": 3}
+from krakenlm.layout import ATTENTION, FFN_LAYOUTS, GATHERED_AXES
 
 
 @dataclass(frozen=True)
@@ -162,8 +158,8 @@ def pair_ops(layout: str, pair: MatPair, tokens: float, mesh: tuple[int, ...], c
                 CommOp("reduce_scatter", tokens * pair.f_in / yz, x_group),
                 CommOp("all_gather", tokens * pair.f_out / yz, x_group),
                 CommOp("reduce_scatter", tokens * pair.e / x, yz_group)]
-    if layout in _WG_AXES:
-        g_group = mesh_group(mesh, tuple(range(_WG_AXES[layout])), chips_per_node)
+    if layout in GATHERED_AXES:
+        g_group = mesh_group(mesh, tuple(range(GATHERED_AXES[layout])), chips_per_node)
         rest = wg_rest_group(layout, mesh, chips_per_node)
         n_g = g_group.size
         return [CommOp("all_gather", pair.params * n_g / n, g_group, tensor="weight"),
@@ -177,14 +173,14 @@ def wg_rest_group(layout: str, mesh: tuple[int, ...], chips_per_node: int = 0) -
     Chips of one gather group hold different batch shards; the chips that share a gathered weight
     (same coordinates on the gathered axes) split its F columns and exchange tokens. Over one chip
     (wg-xyz, or all axes gathered) activations do not move."""
-    return mesh_group(mesh, tuple(range(_WG_AXES[layout], len(mesh))), chips_per_node)
+    return mesh_group(mesh, tuple(range(GATHERED_AXES[layout], len(mesh))), chips_per_node)
 
 
 def gathered_fraction(layout: str, mesh: tuple[int, ...]) -> float:
     """Fraction of a layer's weights each chip multiplies with: 1/n weight-stationary, N_g/n gathered."""
     n = math.prod(mesh)
-    if layout in _WG_AXES:
-        return math.prod(mesh[: _WG_AXES[layout]]) / n
+    if layout in GATHERED_AXES:
+        return math.prod(mesh[: GATHERED_AXES[layout]]) / n
     return 1 / n
 
 

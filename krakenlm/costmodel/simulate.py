@@ -1,7 +1,7 @@
 """Serving simulator: requests arrive (Poisson at a rate, evenly spaced, or from a trace), wait in the
-iteration-level scheduler the server uses (krakenlm.serve.scheduler, the same code), and every step
+iteration-level scheduler the server uses (krakenlm.batching.scheduler, the same code), and every step
 takes the cost model's time: each admitted request is prefilled on its own at batch 1, then one decode
-step runs at the running batch and its mean context. The result is the report of krakenlm.serve.report,
+step runs at the running batch and its mean context. The result is the report of krakenlm.batching.report,
 field for field what the load generator prints for a real server.
 
 ``plan_slo`` searches deployments (chips, pipeline stages, Kraken degree, batch limit) from the fewest
@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
+from krakenlm.batching.report import RequestRecord, SloTarget, summarize
+from krakenlm.batching.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, decode_shape
+from krakenlm.batching.workload import Arrival
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.estimator import (
     Layout,
@@ -38,12 +41,9 @@ from krakenlm.costmodel.layouts import check_split
 from krakenlm.costmodel.pipeline import Pipeline
 from krakenlm.costmodel.planner import deployment_label, deployments
 from krakenlm.errors import ConfigError, InputError
-from krakenlm.serve.report import RequestRecord, SloTarget, summarize
-from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, decode_shape
-from krakenlm.serve.workload import Arrival
 
 if TYPE_CHECKING:
-    from krakenlm.serve.profile import EngineProfile
+    from krakenlm.batching.profile import EngineProfile
 
 
 class StepTimes(Protocol):
@@ -119,7 +119,7 @@ def _nonnegative_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 class ProfileTimes:
-    """Step times read off a server's measured profile (krakenlm.serve.profile), the way Vidur-style
+    """Step times read off a server's measured profile (krakenlm.batching.profile), the way Vidur-style
     simulators use profiled operators: a prefill from the least-squares line of TTFT alone over prompt
     length; a decode step of w rows from the inter-token gap measured at the engine widths, linear between
     them (simulate with ``engine_shapes``, whose widths are the engine's own). Host time is in the
@@ -179,7 +179,7 @@ class CostModelTimes:
 
 @dataclass(frozen=True)
 class Simulation:
-    """A simulated run: the report (krakenlm.serve.report fields), the per-request records and the
+    """A simulated run: the report (krakenlm.batching.report fields), the per-request records and the
     scheduler's side of it (steps, mean decode batch, longest queue)."""
 
     report: dict[str, Any]

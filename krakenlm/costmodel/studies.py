@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from krakenlm.batching.scheduler import BatchingPolicy
+from krakenlm.batching.workload import Lengths, arrivals
 from krakenlm.config import ModelConfig
 from krakenlm.costmodel.calibrate import (
     FIT_FIELDS,
@@ -37,8 +39,6 @@ from krakenlm.costmodel.layouts import (
 from krakenlm.costmodel.simulate import CostModelTimes, simulate
 from krakenlm.errors import ConfigError
 from krakenlm.presets import get_preset
-from krakenlm.serve.scheduler import BatchingPolicy
-from krakenlm.serve.workload import Lengths, arrivals
 
 PAPER_KRAKEN_SPEEDUP = 0.356  # Kraken paper: geometric-mean TTFT improvement over standard TP
 PALM_540B_PARAMS = 540e9  # the nominal count Pope et al. use for MFU

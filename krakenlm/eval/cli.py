@@ -31,21 +31,19 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
 
 
 def _perplexity(checkpoint: str, data: str, args: argparse.Namespace) -> float:
-    from krakenlm.checkpoint import load_config, load_model
-    from krakenlm.dtypes import parse_dtype
+    from krakenlm.engine import Engine, EngineOptions
     from krakenlm.eval.perplexity import MAX_WINDOWS, perplexity
-    from krakenlm.parallel.group import resolve_device
-    from krakenlm.resources import model_bytes, require_memory
-    from krakenlm.roofline import resolve_dtype
+    from krakenlm.source import ModelSource
 
     check_int(args.windows, "windows", maximum=MAX_WINDOWS)  # before a model is loaded
-    device = resolve_device(args.device)
-    config = load_config(checkpoint)
-    require_memory(model_bytes(config), f"{checkpoint}: the model's weights")  # before --dtype auto times its GEMMs
-    dtype = resolve_dtype(args.dtype, config, device)
-    model = load_model(checkpoint, dtype=parse_dtype(dtype), device=device)
-    return perplexity(model, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
-                      seed=args.ppl_seed)
+    check_int(args.batch_size, "batch_size")
+    # the engine checks memory before --dtype auto times its GEMMs
+    with Engine(ModelSource.of(checkpoint=checkpoint), EngineOptions(device=args.device, dtype=args.dtype),
+                local=True) as engine:
+        ppl = perplexity(engine, data, split=args.split, num_windows=args.windows, batch_size=args.batch_size,
+                         seed=args.ppl_seed)
+        print(f"[eval] {checkpoint}: perplexity with {engine.choices}", file=sys.stderr)
+        return ppl
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -68,6 +66,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                       tokenizer=args.tokenizer, device=args.device, timeout=args.timeout)
         try:
             scores = evaluate(lm, args.data_dir, tasks, args.limit)
+            print(f"[eval] {name}: {lm.engine.choices}", file=sys.stderr)
         finally:
             lm.close()
         ppl = _perplexity(ckpt, args.ppl_data, args) if args.ppl_data else None

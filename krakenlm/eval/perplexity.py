@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from krakenlm.data import gather_windows, load_tokens, window_starts
+from krakenlm.engine import Engine
 from krakenlm.errors import InputError
 from krakenlm.model import Transformer
 from krakenlm.resources import forward_bytes, require_memory
@@ -29,14 +30,17 @@ MAX_WINDOWS = 1_000_000  # 200x the paper's ~5000: more is hours of forwards, no
 
 
 @torch.no_grad()
-def mean_cross_entropy(model: Transformer, data: TokenSource, *, split: str = "val", block_size: int | None = None,
-                       num_windows: int = 200, batch_size: int = 8, seed: int = 1234,
+def mean_cross_entropy(model: Transformer | Engine, data: TokenSource, *, split: str = "val",
+                       block_size: int | None = None, num_windows: int = 200, batch_size: int = 8, seed: int = 1234,
                        autocast: torch.dtype | None = None) -> float:
     """Mean cross-entropy (nats/token) of the model on `num_windows` seeded random windows of data.
 
     data: a prepared data dir (uses `split`), a .bin token file, or token ids (array / tensor / list).
     block_size: window length (default: the model's context). autocast: e.g. torch.bfloat16.
+    ``model``: a one-device Engine (what `krakenlm eval ppl` runs), or the Transformer a trainer holds.
     """
+    forward = model.forward if isinstance(model, Engine) else model
+    model = model.model if isinstance(model, Engine) else model
     if model.shard.sub_count != model.config.n_sub or model.shard.parts != 1:
         raise InputError("perplexity needs a full (unsharded) model")
     check_int(num_windows, "num_windows", maximum=MAX_WINDOWS)
@@ -61,7 +65,7 @@ def mean_cross_entropy(model: Transformer, data: TokenSource, *, split: str = "v
         for first in range(0, num_windows, batch_size):  # slices, not split(): no tensor object per batch
             x, y = gather_windows(tokens, starts[first:first + batch_size], block)
             with cast:
-                logits = model(x.to(device))
+                logits = forward(x.to(device))
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
             total += loss.double().cpu()
     finally:
@@ -69,7 +73,7 @@ def mean_cross_entropy(model: Transformer, data: TokenSource, *, split: str = "v
     return float(total) / (num_windows * block)
 
 
-def perplexity(model: Transformer, data: TokenSource, *, split: str = "val", block_size: int | None = None,
+def perplexity(model: Transformer | Engine, data: TokenSource, *, split: str = "val", block_size: int | None = None,
                num_windows: int = 200, batch_size: int = 8, seed: int = 1234,
                autocast: torch.dtype | None = None) -> float:
     """exp(mean cross-entropy) over seeded windows; arguments as for mean_cross_entropy."""

@@ -4,7 +4,7 @@ GELU_tanh(x) = x/2 (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3), is the same
 x * sigmoid(2z) (tanh(z) = 2 sigmoid(2z) - 1). CPUs vectorize sigmoid far better than tanh (torch's
 tanh-GELU ran at 1.5 ns per element on an AMD Zen 5, the sigmoid form at 0.55 in bf16 and 0.42 in
 fp32), while on a GPU the single fused kernel wins; so the form is chosen by measurement per
-(machine, dtype, inference or training) and cached (krakenlm/machine.py). The sigmoid form computes
+(machine, dtype, inference or training) when an engine or trainer is built (krakenlm.choices). The sigmoid form computes
 16-bit inputs in fp32 and rounds once, as the fused kernel does.
 """
 
@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from krakenlm.machine import MeasuredChoice, fastest_seconds, machine_key
+from krakenlm.machine import fastest_seconds
 
 FORMS = ("tanh", "sigmoid")
-CHOICES = MeasuredChoice("gelu")
 _TWO_C = 2 * math.sqrt(2 / math.pi)
 _PROBE = (512, 1536)
 
@@ -37,7 +36,8 @@ def gelu_form(form: str, x: Tensor) -> Tensor:
     return gelu_sigmoid(x) if form == "sigmoid" else F.gelu(x, approximate="tanh")
 
 
-def _measure(dtype: torch.dtype, device: torch.device, training: bool) -> dict[str, float]:
+def measure(dtype: torch.dtype, device: torch.device, training: bool) -> dict[str, float]:
+    """Seconds per call of each form on a fixed probe, forward (and backward when ``training``)."""
     x = torch.randn(_PROBE, generator=torch.Generator(device=device).manual_seed(0), device=device).to(dtype)
     x.requires_grad_(training)
     grad = torch.ones_like(x)
@@ -52,10 +52,9 @@ def _measure(dtype: torch.dtype, device: torch.device, training: bool) -> dict[s
     return times
 
 
-def gelu_tanh(x: Tensor) -> Tensor:
-    """GELU (tanh approximation) in the form measured fastest here for x's dtype and gradient mode."""
+def gelu_tanh(x: Tensor, form: str = "tanh") -> Tensor:
+    """GELU (tanh approximation) in ``form`` (the one measured fastest here, krakenlm.choices); in a trace
+    the fused kernel."""
     if torch.compiler.is_compiling():
         return F.gelu(x, approximate="tanh")
-    training = torch.is_grad_enabled() and x.requires_grad
-    key = f"{machine_key(x.device)}|{str(x.dtype)[6:]}|{'train' if training else 'infer'}"
-    return gelu_form(CHOICES.pick(key, lambda: _measure(x.dtype, x.device, training)), x)
+    return gelu_form(form, x)

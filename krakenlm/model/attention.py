@@ -10,9 +10,9 @@ Candidates, all exact formulations of softmax(q k^T * scale + causal) v:
   fast (bf16 with AVX-512 BF16 or AMX) this runs at GEMM speed where the CPU flash kernel runs 3-8x
   slower (docs/benchmarks.md has the measurements).
 
-The choice is measured once per (machine, dtype, forward-only or training, batch x heads, prompt
-length, head size) on random data of that shape (prompt lengths rounded up to a power of two),
-then cached (krakenlm/machine.py), so every later run and every rank reads it. In training the
+The choice (``auto``) is measured when an engine or trainer is built (krakenlm.choices), per (machine,
+dtype, forward-only or training, batch x heads, prompt length, head size) on random data of that shape
+(prompt lengths rounded up to a power of two), and cached; the model runs the kernel it was given. In training the
 blocked kernel keeps each block's probabilities for the backward (about heads x T^2 / 2 elements per
 call), so it is a candidate there only while that stays under ``TRAIN_SCORE_BYTES``.
 Attention with a mask (left padding, a prefill after earlier tokens, a decode step) always uses SDPA.
@@ -29,14 +29,13 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 
 from krakenlm.errors import ConfigError
-from krakenlm.machine import MeasuredChoice, fastest_seconds, machine_key
+from krakenlm.machine import fastest_seconds
 
 KERNELS = ("auto", "sdpa", "blocked")
 BLOCKS = (64, 128, 256)
 DEFAULT_BLOCK = 128  # for kernel="blocked" without a measurement
 TRAIN_SCORE_BYTES = 256 * 2**20
 PROFILE_RANGE = "krakenlm::attention"
-CHOICES = MeasuredChoice("attention")
 
 
 def check_kernel(kernel: str) -> str:
@@ -105,10 +104,6 @@ def run_kernel(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Te
     return _blocked(q, k, v, scale, int(block) if block else DEFAULT_BLOCK)
 
 
-def _bucket(n: int, floor: int) -> int:
-    return max(floor, 1 << max(0, n - 1).bit_length())
-
-
 def candidates(heads: int, t: int, hs: int, itemsize: int, training: bool) -> list[str]:
     """The kernels worth measuring at a shape (blocks shorter than the prompt; memory-capped in training)."""
     out = ["sdpa"]
@@ -141,24 +136,9 @@ def measure(heads: int, kv_heads: int, t: int, hs: int, dtype: torch.dtype, devi
     return times
 
 
-def choose(q: Tensor, k: Tensor) -> str:
-    """The fastest kernel for this shape on this machine (measured on first use, then cached)."""
-    n, h, t, hs = q.shape
-    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    heads, tb = _bucket(n * h, 1), _bucket(t, 16)
-    kv = max(1, heads // (h // k.shape[1]))
-    key = (f"{machine_key(q.device)}|{str(q.dtype)[6:]}|{'train' if training else 'infer'}"
-           f"|heads {heads}/{kv}|T {tb}|hs {hs}")
-    return CHOICES.pick(key, lambda: measure(heads, kv, tb, hs, q.dtype, q.device, training))
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str = "auto") -> Tensor:
-    """softmax(q k^T * scale, causal) v for q [N, H, T, hs] and k, v [N, Hkv, T, hs] -> [N, T, H, hs].
-
-    ``kernel`` "auto" runs the kernel measured fastest for this shape on this machine; inside
-    torch.compile it is SDPA (no measurement in a trace)."""
-    if kernel == "auto":
-        kernel = "sdpa" if torch.compiler.is_compiling() or q.shape[2] == 1 else choose(q, k)
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str = "sdpa") -> Tensor:
+    """softmax(q k^T * scale, causal) v for q [N, H, T, hs] and k, v [N, Hkv, T, hs] -> [N, T, H, hs], with
+    the named kernel (``auto`` is resolved before a model runs: krakenlm.choices)."""
     # every kernel computes in q's dtype, as SDPA does; the profiler range lets a breakdown count its ops
     # (a trace has no profiler, so a compiled graph leaves it out)
     marked = contextlib.nullcontext() if torch.compiler.is_compiling() else record_function(PROFILE_RANGE)

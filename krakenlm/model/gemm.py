@@ -6,8 +6,8 @@ result is transposed back; both are exact up to summation order. BLAS libraries 
 differently when M is small: with MKL on an Intel Xeon (one thread, fp32) ``F.linear`` at M = 8
 took 1.05 ms for a 3072 x 768 weight and 40 ms for GPT-2's 50257 x 768 LM head, W @ x^T 0.74 and
 28 ms (at M = 1 they tie). So the form is chosen by measurement per (machine, dtype, rows rounded up
-to a power of two, weight shape) on the layer's own weight, and cached (krakenlm/machine.py). Inside
-torch.compile, with gradients, and above ``FEW_ROWS`` rows it is ``F.linear``.
+to a power of two, weight shape) when an engine is built (krakenlm.choices), and the model runs the
+form it was given. Inside torch.compile, with gradients, and above ``FEW_ROWS`` rows it is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from krakenlm.machine import MeasuredChoice, fastest_seconds, machine_key
+from krakenlm.machine import fastest_seconds
 
 FORMS = ("linear", "transposed")
 FEW_ROWS = 64
-CHOICES = MeasuredChoice("few_rows_linear")
 
 
 def few_rows_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -31,10 +30,6 @@ def few_rows_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _bucket(rows: int) -> int:
-    return 1 << max(0, rows - 1).bit_length()
-
-
 def measure(x: Tensor, weight: Tensor, bias: Tensor | None) -> dict[str, float]:
     """Seconds per call of each form on ``weight`` for random rows shaped like ``x``."""
     probe = torch.randn(x.shape, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device)
@@ -43,13 +38,10 @@ def measure(x: Tensor, weight: Tensor, bias: Tensor | None) -> dict[str, float]:
                                   budget_s=0.02) for form in FORMS}
 
 
-def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [M, in] @ weight[out, in]^T (+ bias): for a few rows, in the form measured fastest here."""
-    rows = x.shape[0]
-    if (rows > FEW_ROWS or torch.compiler.is_compiling()
+def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, form: str = "linear") -> Tensor:
+    """x [M, in] @ weight[out, in]^T (+ bias): for a few rows outside a trace and without gradients, in
+    ``form`` (the one measured fastest here, krakenlm.choices); otherwise F.linear."""
+    if (form == "linear" or x.shape[0] > FEW_ROWS or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
-    out, inner = weight.shape
-    key = f"{machine_key(x.device)}|{str(x.dtype)[6:]}|rows {_bucket(rows)}|{out}x{inner}|bias {bias is not None}"
-    probe = x.new_empty(_bucket(rows), inner)
-    return few_rows_form(CHOICES.pick(key, lambda: measure(probe, weight, bias)), x, weight, bias)
+    return few_rows_form(form, x, weight, bias)

@@ -44,21 +44,23 @@ def row_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -
     return out.reshape(b, h, 1, hs).to(q.dtype)
 
 
-def linear(x: Tensor, weight: Tensor | nn.Module) -> Tensor:
-    """x [M, in] @ weight[out, in]^T (the LM head, the conjunction). A weight that is a module (int8,
-    krakenlm.model.quant) multiplies itself: quantization swaps weights, the forward does not change."""
+def linear(x: Tensor, weight: Tensor | nn.Module, form: str = "linear") -> Tensor:
+    """x [M, in] @ weight[out, in]^T (the LM head, the conjunction); a few rows in ``form``
+    (krakenlm.model.gemm). A weight that is a module (int8, krakenlm.model.quant) multiplies itself:
+    quantization swaps weights, the forward does not change."""
     if isinstance(weight, nn.Module):
         return weight.linear(x)
-    return row_linear(x, weight) if single_row(x) else rows_linear(x, weight)
+    return row_linear(x, weight) if single_row(x) else rows_linear(x, weight, form=form)
 
 
-def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) -> Tensor:
-    """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM."""
+def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None, form: str = "linear") -> Tensor:
+    """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM (one stream
+    of a few rows: in ``form``, krakenlm.model.gemm)."""
     if isinstance(weight, nn.Module) or single_row(x):
         out = weight.linear(x) if isinstance(weight, nn.Module) else row_linear(x, weight)
         return out if bias is None else out + bias.unsqueeze(1)
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
-        out = rows_linear(x[0], weight[0], None if bias is None else bias[0])
+        out = rows_linear(x[0], weight[0], None if bias is None else bias[0], form)
         return out.unsqueeze(0)
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
@@ -190,7 +192,8 @@ class StackedAttention(nn.Module):
     def __init__(self, streams: int, dim: int, shape: AttentionShape, bias: bool, index: int = 0) -> None:
         super().__init__()
         self.shape, self.index = shape, index
-        self.kernel = "auto"  # causal kernel without a mask: measured fastest here (krakenlm/model/attention.py)
+        self.kernel = "sdpa"  # causal kernel without a mask (krakenlm/model/attention.py; an engine's choice)
+        self.linear_form = "linear"  # the few-row linear form (krakenlm/model/gemm.py; an engine's choice)
         qkv = (shape.n_head + 2 * shape.n_kv_head) * shape.head_size
         self.qkv_weight = nn.Parameter(torch.empty(streams, qkv, dim))
         self.qkv_bias = nn.Parameter(torch.zeros(streams, qkv)) if bias else None
@@ -201,10 +204,10 @@ class StackedAttention(nn.Module):
         return self.project_out(self.attend(self.project_in(x), step))
 
     def project_in(self, x: Tensor) -> Tensor:
-        return stacked_linear(x, self.qkv_weight, self.qkv_bias)
+        return stacked_linear(x, self.qkv_weight, self.qkv_bias, self.linear_form)
 
     def project_out(self, out: Tensor) -> Tensor:
-        return stacked_linear(out, self.proj_weight)
+        return stacked_linear(out, self.proj_weight, form=self.linear_form)
 
     def attend(self, qkv: Tensor, step: AttentionStep) -> Tensor:
         """Fused q|k|v [S, B*t, (h + 2 hkv) hs] -> attention output [S, B*t, h hs], through the KV cache."""
@@ -268,6 +271,7 @@ class StackedMLP(nn.Module):
     def __init__(self, streams: int, dim: int, hidden: int, bias: bool, kind: str) -> None:
         super().__init__()
         self.kind = kind
+        self.gelu, self.linear_form = "tanh", "linear"  # forms an engine or trainer chose (krakenlm.choices)
         up = 2 * hidden if kind == "swiglu" else hidden
         self.up_weight = nn.Parameter(torch.empty(streams, up, dim))
         self.up_bias = nn.Parameter(torch.zeros(streams, up)) if bias else None
@@ -277,16 +281,16 @@ class StackedMLP(nn.Module):
         return self.project_out(self.activate(self.project_in(x)))
 
     def project_in(self, x: Tensor) -> Tensor:
-        return stacked_linear(x, self.up_weight, self.up_bias)
+        return stacked_linear(x, self.up_weight, self.up_bias, self.linear_form)
 
     def activate(self, hidden: Tensor) -> Tensor:
         if self.kind == "swiglu":
             gate, up = hidden.chunk(2, dim=-1)
             return F.silu(gate) * up
-        return gelu_tanh(hidden)
+        return gelu_tanh(hidden, self.gelu)
 
     def project_out(self, hidden: Tensor) -> Tensor:
-        return stacked_linear(hidden, self.down_weight)
+        return stacked_linear(hidden, self.down_weight, form=self.linear_form)
 
 
 def attention_mask(valid: Tensor, q_len: int, start: int, streams: int) -> Tensor:

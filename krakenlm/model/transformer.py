@@ -195,6 +195,7 @@ class Transformer(nn.Module):
             self.conj_bias = nn.Parameter(torch.zeros(d)) if config.bias else None
         self.ln_f = StackedNorm(1, d, config.norm, config.bias, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.linear_form = "linear"  # the conjunction's and the head's few-row form (set_forms)
         if init:
             self.reset_parameters()
 
@@ -216,10 +217,24 @@ class Transformer(nn.Module):
         return self
 
     def set_attention_kernel(self, kernel: str) -> Transformer:
-        """The causal attention kernel of every layer: auto (measured fastest here), sdpa or blocked[:rows]."""
-        check_kernel(kernel)
+        """The causal attention kernel of every layer: sdpa or blocked[:rows] (``auto`` is resolved by
+        whoever builds the run: krakenlm.choices)."""
+        if check_kernel(kernel) == "auto":
+            raise ConfigError("attention: 'auto' is measured when an engine or trainer is built "
+                              "(krakenlm.choices); a model runs a named kernel")
         for layer in self.layers:
             layer.attn.kernel = kernel
+        return self
+
+    def set_forms(self, attention: str, linear: str, gelu: str) -> Transformer:
+        """The measured choices an engine or trainer resolved (krakenlm.choices.Choices), as plain names."""
+        self.set_attention_kernel(attention)
+        self.linear_form = linear
+        for module in self.modules():
+            if isinstance(module, (StackedAttention, StackedMLP)):
+                module.linear_form = linear
+            if isinstance(module, StackedMLP):
+                module.gelu = gelu
         return self
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -314,12 +329,12 @@ class Transformer(nn.Module):
             width = d // shard.parts
             cols = y[..., shard.part * width:(shard.part + 1) * width]  # [S, B, t, d/parts]
             z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width)
-            z = comm.reduce_conj(linear(z, self.conj_weight))
+            z = comm.reduce_conj(linear(z, self.conj_weight, self.linear_form))
             if self.conj_bias is not None:
                 z = z + self.conj_bias
             z = z.unsqueeze(0)
         else:
             z = y.reshape(1, batch * t_out, d)
         z = self.ln_f(z)[0]
-        logits = linear(z, self.wte.weight if self.lm_head is None else self.lm_head.weight)
+        logits = linear(z, self.wte.weight if self.lm_head is None else self.lm_head.weight, self.linear_form)
         return logits.view(batch, t_out, -1)

@@ -1,10 +1,9 @@
 """Pope et al.'s partitioning layouts executed: each layout is a plan (data) applied to the ordinary model.
 
-Layout strings are the cost model's (krakenlm.costmodel.layouts): ``1d-ws``, ``2d-ws``, ``wg-x``,
-``wg-xy``, ``wg-xyz`` for the matrix pairs of a layer, each with ``/attn-heads`` (default) or
-``/attn-batch``; ``kraken`` for Kraken models; ``PREFILL,DECODE`` gives the phases their own. The
-mesh is the cost model's (``make_mesh``: n ranks as X x Y x Z, the last axis fastest), and 2D splits
-every pair on the axes the cost model finds cheapest (``split_2d_axes``), so what runs is what is priced.
+Layout names and parsing are krakenlm.layout's; which layouts run, and the ``auto`` choice, are
+krakenlm.costmodel.layout_choice's. The mesh is the cost model's (``make_mesh``: n ranks as X x Y x Z, the
+last axis fastest), and 2D splits every pair on the axes the cost model finds cheapest (``split_2d_axes``),
+so what runs is what is priced.
 
 What each rank holds (E = n_embd; a pair is an in-projection W_in: E -> f_in and an out-projection
 W_out: f_out -> E; a gpt layer has an attention and an FFN pair, a parallel block one fused pair):
@@ -34,86 +33,17 @@ import torch
 from torch import Tensor
 
 from krakenlm.config import ModelConfig
-from krakenlm.costmodel.estimator import Layout as CostLayout
-from krakenlm.costmodel.estimator import Workload, phase_estimate
-from krakenlm.costmodel.hardware import Hardware, load_hardware
-from krakenlm.costmodel.layouts import (
-    ATTENTION,
-    FFN_LAYOUTS,
-    KRAKEN_LAYOUT,
-    check_split,
-    layer_pairs,
-    make_mesh,
-    split_2d_axes,
-)
+from krakenlm.costmodel.estimator import Workload
+from krakenlm.costmodel.hardware import load_hardware
+from krakenlm.costmodel.layout_choice import check_layout, choose
+from krakenlm.costmodel.layouts import layer_pairs, make_mesh, split_2d_axes
 from krakenlm.errors import ConfigError
+from krakenlm.layout import GATHERED_AXES, Layout, PhaseLayout
 from krakenlm.model.layers import AttentionShape
 from krakenlm.model.params import COLUMN_FFN, COLUMN_QKV, ROW_HEADS, lookup, matrix_param, pair_matrices, qkv_blocks
 from krakenlm.model.sharding import Shard, gathered_ffn_rows, split_ranges
 
 Ranges = list[tuple[int, int]]
-WS_LAYOUTS = ("1d-ws", "2d-ws")
-GATHERED_AXES = {"wg-x": 1, "wg-xy": 2, "wg-xyz": 3}
-
-
-@dataclass(frozen=True)
-class PhaseLayout:
-    """One phase's layout: how the matrix pairs are split and how attention is sharded."""
-
-    ffn: str
-    attention: str = "heads"
-
-    def __post_init__(self) -> None:
-        if self.ffn not in FFN_LAYOUTS + (KRAKEN_LAYOUT,):
-            raise ConfigError(f"layout: {self.ffn!r} is not a layout; use one of {FFN_LAYOUTS + (KRAKEN_LAYOUT,)} "
-                              f"(with /attn-heads or /attn-batch), or auto")
-        if self.attention not in ATTENTION:
-            raise ConfigError(f"layout: attention must be attn-heads or attn-batch, got attn-{self.attention}")
-
-    @classmethod
-    def parse(cls, text: str) -> PhaseLayout:
-        ffn, _, attn = text.strip().partition("/")
-        if attn and not attn.startswith("attn-"):
-            raise ConfigError(f"layout: expected LAYOUT/attn-heads or LAYOUT/attn-batch, got {text!r}")
-        return cls(ffn, attn.removeprefix("attn-") or "heads")
-
-    def __str__(self) -> str:
-        return self.ffn if self.ffn == KRAKEN_LAYOUT else f"{self.ffn}/attn-{self.attention}"
-
-    @property
-    def gathered(self) -> bool:
-        return self.ffn in GATHERED_AXES
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The layouts of prefill and decode (the cost model's (prefill, decode) pair)."""
-
-    prefill: PhaseLayout
-    decode: PhaseLayout
-
-    @classmethod
-    def parse(cls, text: str) -> Layout:
-        """``LAYOUT`` for both phases or ``PREFILL,DECODE``."""
-        parts = [p for p in text.split(",")]
-        if len(parts) not in (1, 2) or not all(p.strip() for p in parts):
-            raise ConfigError(f"layout: expected LAYOUT or PREFILL,DECODE, got {text!r}")
-        phases = [PhaseLayout.parse(p) for p in parts]
-        return cls(phases[0], phases[-1])
-
-    @classmethod
-    def default(cls, config: ModelConfig) -> Layout:
-        """What the engine runs without a layout: Kraken's sub-layer split, else Megatron (1D, heads)."""
-        one = PhaseLayout(KRAKEN_LAYOUT) if config.arch == "kraken" else PhaseLayout("1d-ws")
-        return cls(one, one)
-
-    def phase(self, name: str) -> PhaseLayout:
-        return self.prefill if name == "prefill" else self.decode
-
-    def __str__(self) -> str:
-        return str(self.prefill) if self.prefill == self.decode else f"{self.prefill},{self.decode}"
-
-
 # The mesh ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Mesh:
@@ -329,68 +259,6 @@ def assemble(plan: GatherPlan, gathered: Tensor, piece_shape: tuple[int, ...]) -
     return out
 
 
-# Validation -------------------------------------------------------------------------------------------------
-def check_layout(config: ModelConfig, layout: Layout, tp: int) -> None:
-    """Refuse, naming the constraint, a layout this model and number of ranks cannot run."""
-    kraken = config.arch == "kraken"
-    for phase in (layout.prefill, layout.decode):
-        if kraken != (phase.ffn == KRAKEN_LAYOUT):
-            raise ConfigError(f"layout: {phase} does not apply to arch={config.arch!r} (Kraken models run 'kraken': "
-                              f"the sub-layer split, 1D inside a sub-layer when T = kN; gpt and parallel models one of "
-                              f"{FFN_LAYOUTS})")
-    if kraken:
-        return
-    if config.arch == "ladder" and layout != Layout.default(config):
-        raise ConfigError(f"layout: {layout} does not apply to arch='ladder' (its modules' sums overlap the next "
-                          f"module: Megatron, the default layout, only)")
-    dec, pre = layout.decode, layout.prefill
-    if dec.gathered:
-        raise ConfigError(f"layout: {dec} for decode: weight-gathered layouts are for prefill (a decode step moves "
-                          f"the weights of every layer for a handful of tokens); decode with 1d-ws or 2d-ws")
-    if pre.gathered and pre.attention != "batch":
-        raise ConfigError(f"layout: {pre}: weight-gathered layouts shard the batch, so attention is batch-sharded "
-                          f"too; use {pre.ffn}/attn-batch")
-    if pre != dec and not (pre.gathered and dec.attention == "batch"):
-        raise ConfigError(f"layout: prefill {pre} and decode {dec} must share the stored weights and the KV cache: "
-                          f"use one layout for both, or a weight-gathered prefill (wg-*/attn-batch) with an "
-                          f"attn-batch decode")
-    _check_divisible(config, dec, tp)
-    if pre.gathered and tp > 1:
-        _check_gather(config, pre, dec, tp)
-
-
-def _check_divisible(config: ModelConfig, phase: PhaseLayout, tp: int) -> None:
-    check_split(config, tp)
-    hs, n = config.head_size, tp
-    needs = [("ffn_size", config.ffn_size, "the FFN columns")]
-    if phase.ffn == "2d-ws":
-        needs.append(("n_embd", config.n_embd, "the residual stream's E chunks"))
-    if phase.attention == "batch":
-        needs += [("n_head * head_size", config.n_head * hs, "the q columns"),
-                  ("n_kv_head * head_size", config.kv_heads * hs, "the k and v columns")]
-    elif config.kv_heads % n and n % config.kv_heads:
-        raise ConfigError(f"layout: attn-heads on {n} ranks needs n_kv_head={config.kv_heads} to divide or be a "
-                          f"multiple of {n}; use attn-batch")
-    elif config.n_head % n:
-        raise ConfigError(f"layout: attn-heads on {n} ranks needs n_head={config.n_head} divisible by {n} (whole "
-                          f"heads per rank); use attn-batch")
-    for what, value, why in needs:
-        if value % n:
-            raise ConfigError(f"layout: {phase} on {n} ranks splits {why} evenly: {what}={value} is not divisible "
-                              f"by {n}")
-
-
-def _check_gather(config: ModelConfig, pre: PhaseLayout, dec: PhaseLayout, tp: int) -> None:
-    """A weight-gathered prefill must receive whole rows of E from the decode's stored weights."""
-    mesh = Mesh.for_ranks(tp)
-    axes = set(range(min(GATHERED_AXES[pre.ffn], len(mesh.dims))))
-    storage = StoragePlan(config, mesh, 0, dec.ffn, dec.attention)
-    for name, split in storage.splits.items():
-        if not set(split.x_axes) <= axes:
-            raise ConfigError(f"layout: {pre} gathers mesh axes {sorted(axes)} of {mesh.dims}, but {dec} splits the "
-                              f"{name} pair's E over axes {list(split.x_axes)}: gather those too (e.g. wg-xyz)")
-
-
 @dataclass(frozen=True)
 class RankPlan:
     """Everything a rank needs to run a Layout: the mesh, its storage and the per-phase gathers."""
@@ -444,7 +312,7 @@ class RankPlan:
 
 # Choosing (--layout auto) -----------------------------------------------------------------------------------
 def runtime_hardware(device: torch.device) -> str:
-    """The bundled cost-model spec for this device: the calibrated CPU spec, or the GPU by its name."""
+    """The bundled cost-model spec for this device: cpu-gloo (the file, never a calibration), or the GPU by its name."""
     if device.type != "cuda":
         return "cpu-gloo"
     name = torch.cuda.get_device_name(device).lower()
@@ -452,44 +320,6 @@ def runtime_hardware(device: torch.device) -> str:
         if key in name:
             return spec
     return "h100-sxm"
-
-
-def runnable(config: ModelConfig, tp: int) -> list[Layout]:
-    """Every (prefill, decode) layout this model runs on ``tp`` ranks."""
-    if config.arch == "kraken" or tp == 1:
-        return [Layout.default(config)]
-    out = []
-    for dec in (PhaseLayout(f, a) for f in WS_LAYOUTS for a in ATTENTION):
-        pres = [dec] + ([PhaseLayout(w, "batch") for w in GATHERED_AXES] if dec.attention == "batch" else [])
-        for pre in pres:
-            try:
-                check_layout(config, Layout(pre, dec), tp)
-            except ConfigError:
-                continue
-            out.append(Layout(pre, dec))
-    return out
-
-
-def choose(config: ModelConfig, tp: int, workload: Workload, hardware: Hardware) -> Layout:
-    """The runnable layout the cost model predicts fastest for ``workload`` (prefill + all decode steps)."""
-    best: tuple[float, Layout] | None = None
-    for layout in runnable(config, tp):
-        if config.arch == "kraken" or tp == 1:
-            return layout
-        if layout.prefill.gathered and workload.batch % tp:
-            continue
-
-        def seconds(phase: str, p: PhaseLayout) -> float:
-            cost = CostLayout(p.ffn, p.attention, tp, head="replicated")
-            return phase_estimate(config, hardware, workload, phase, cost).time_s
-
-        total = seconds("prefill", layout.prefill)
-        if workload.generate:
-            total += workload.generate * seconds("decode", layout.decode)
-        if best is None or total < best[0] * (1 - 1e-9):
-            best = (total, layout)
-    assert best is not None
-    return best[1]
 
 
 def resolve(text: str | None, config: ModelConfig, tp: int, workload: Workload | None,

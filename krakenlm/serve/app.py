@@ -19,13 +19,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from krakenlm.batching.scheduler import QueueFull
 from krakenlm.errors import InputError
 from krakenlm.generate import SamplingConfig
 from krakenlm.serve import protocol
 from krakenlm.serve.metrics import CONTENT_TYPE
 from krakenlm.serve.protocol import ApiError, CompletionRequest
 from krakenlm.serve.runner import Event, Job, Runner, job_id
-from krakenlm.serve.scheduler import QueueFull
 from krakenlm.serve.text import TextStream
 from krakenlm.tokenizer import Tokenizer
 

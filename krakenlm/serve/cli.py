@@ -8,9 +8,9 @@ import math
 import sys
 from pathlib import Path
 
-from krakenlm.cli import add_engine_args, add_model_args, engine_options, model_source
+from krakenlm.batching.workload import ARRIVALS, Lengths
+from krakenlm.cli_args import add_engine_args, add_model_args, engine_options, model_source
 from krakenlm.errors import ConfigError
-from krakenlm.serve.workload import ARRIVALS, Lengths
 from krakenlm.validation import check_output_file
 
 
@@ -59,8 +59,8 @@ def _rates(text: str) -> list[float]:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from krakenlm.batching.workload import LoadSpec
     from krakenlm.serve.loadtest import Target, parse_targets, plot, run_loads, table
-    from krakenlm.serve.workload import LoadSpec
 
     if (args.url is None) == (args.compare is None):
         raise ConfigError("loadtest: give exactly one of --url or --compare")
@@ -96,8 +96,9 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _profile(targets: list, prompt: Lengths, output: Lengths, reps: int, out: str | None) -> int:
-    """`loadtest --profile`: each server's step-time profile (krakenlm.serve.profile), printed and saved."""
-    from krakenlm.serve.profile import measure_profiles, save_profiles
+    """`loadtest --profile`: each server's step-time profile (krakenlm.batching.profile), printed and saved."""
+    from krakenlm.batching.profile import save_profiles
+    from krakenlm.serve.profiler import measure_profiles
 
     profiles = measure_profiles(targets, prompt, output, reps)
     for name, p in profiles.items():

@@ -1,6 +1,6 @@
 """`krakenlm loadtest`: streaming completions against OpenAI-compatible servers at the arrival times of a
-``LoadSpec`` (krakenlm.serve.workload: Poisson, constant or a trace; the simulator reads the same load),
-summarised by krakenlm.serve.report (TTFT, TPOT, ITL, e2e percentiles, throughput, goodput).
+``LoadSpec`` (krakenlm.batching.workload: Poisson, constant or a trace; the simulator reads the same load),
+summarised by krakenlm.batching.report (TTFT, TPOT, ITL, e2e percentiles, throughput, goodput).
 
 Each request sends its ``prompt_len`` random token ids (seeded, so every server gets the same prompts)
 and asks for exactly its ``output_len`` tokens (``ignore_eos``), greedy, streamed with the usage chunk. A
@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from krakenlm.batching.report import RequestRecord, check_slo, summarize
+from krakenlm.batching.workload import Arrival, Lengths, LoadSpec
 from krakenlm.errors import ConfigError
-from krakenlm.serve.report import RequestRecord, check_slo, summarize
-from krakenlm.serve.workload import Arrival, Lengths, LoadSpec
 from krakenlm.validation import check_float, check_output_file
 
 DEFAULT_TIMEOUT_S = 600.0  # seconds one request may take
@@ -150,7 +150,7 @@ def _lengths(lengths: Lengths) -> int | str:
 
 def run_load(target: Target, spec: LoadSpec, slo: dict[str, float] | None = None,
              timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    """One load against one server: the report of krakenlm.serve.report plus what was offered."""
+    """One load against one server: the report of krakenlm.batching.report plus what was offered."""
     check_float(timeout, "timeout", minimum=0, exclusive=True)
     return asyncio.run(_run(target, spec, check_slo(slo), timeout))
 

@@ -1,7 +1,7 @@
 """The engine loop on rank 0: one thread steps the shared Scheduler and the Engine, so the HTTP event
 loop never waits for a step.
 
-Each iteration follows the scheduler's step semantics (krakenlm.serve.scheduler): requests that
+Each iteration follows the scheduler's step semantics (krakenlm.batching.scheduler): requests that
 finished or were cancelled leave at the boundary; the step's prompt chunks (newcomers, and long
 prompts prefilled ``prefill_chunk`` tokens a step) are prefilled, the new requests' in one batched
 forward, and each request whose prompt is complete has its first token published at once (TTFT);
@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from krakenlm.batching.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, StepPlan
 from krakenlm.engine import Engine
 from krakenlm.errors import DistributedError
 from krakenlm.generate import SamplingConfig
 from krakenlm.serve.metrics import ServeMetrics
 from krakenlm.serve.protocol import ApiError
-from krakenlm.serve.scheduler import BatchingPolicy, QueueFull, Request, Scheduler, StepPlan
 from krakenlm.serve.text import TextStream
 
 IDLE_POLL_S = 0.2  # how often an idle loop checks that the follower ranks still run

@@ -22,12 +22,12 @@ from types import FrameType
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from krakenlm.batching.scheduler import BatchingPolicy
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.errors import ConfigError
 from krakenlm.serve.app import FrontEnd, create_app
 from krakenlm.serve.metrics import ServeMetrics
 from krakenlm.serve.runner import Runner
-from krakenlm.serve.scheduler import BatchingPolicy
 from krakenlm.source import ModelSource
 from krakenlm.tokenizer import default_tokenizer_for, get_tokenizer
 from krakenlm.validation import check_float, check_int
@@ -177,7 +177,7 @@ def serve(source: ModelSource, options: EngineOptions, config: ServeConfig) -> i
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _exit_after_drain)
         print(f"krakenlm serve: {name} on {engine.world} rank(s), {engine.device.type}, max batch "
-              f"{policy.max_batch}, queue {policy.max_queue}", file=sys.stderr, flush=True)
+              f"{policy.max_batch}, queue {policy.max_queue}; {engine.choices}", file=sys.stderr, flush=True)
         _Server(uv, runner, config.drain_timeout).run(sockets=[sock])
     if runner.dead is not None:
         _exit_now(0)

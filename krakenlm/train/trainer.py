@@ -47,6 +47,7 @@ from krakenlm.checkpoint import (
     verify_manifest,
     write_manifest,
 )
+from krakenlm.choices import resolve as resolve_choices
 from krakenlm.config import ModelConfig, dataclass_fields
 from krakenlm.data import WindowSampler, load_tokens, read_meta
 from krakenlm.dtypes import DTYPES, check_dtype
@@ -493,12 +494,7 @@ class Trainer:
                                                         distributed=self.dist.world > 1))
         self.autocast_dtype = None if cfg.dtype == "fp32" else DTYPES[cfg.dtype]
 
-        self.model = Transformer(model_config, init=False)
-        if restored is not None:
-            self.model.load_state_dict(restored.weights)
-        else:
-            self.model.reset_parameters(cfg.seed)
-        self.model.to(self.dist.device).train()
+        self._build_model(model_config, restored)
         self.optimizer = make_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.sampler = WindowSampler(load_tokens(cfg.data, "train"), self.block, cfg.batch_size, self.accum,
                                      self.dist.world, self.dist.rank, cfg.seed)
@@ -518,6 +514,29 @@ class Trainer:
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.peak = _peak_flops(cfg, self.dist.device) * self.dist.world
         self.params = model_config.num_params()
+
+    def _progress_bar(self) -> Any:
+        """The run's progress bar (None without progress), after a line naming the measured choices."""
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        self._announce(str(self.choices))
+        return tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _build_model(self, model_config: ModelConfig, restored: Restored | None) -> None:
+        """The model on the device, restored or freshly initialised, running the forms measured fastest for
+        the training step's shapes (krakenlm.choices; resolved once, here)."""
+        cfg = self.cfg
+        self.model = Transformer(model_config, init=False)
+        if restored is not None:
+            self.model.load_state_dict(restored.weights)
+        else:
+            self.model.reset_parameters(cfg.seed)
+        self.model.to(self.dist.device).train()
+        self.choices = resolve_choices(self.model, cfg.dtype, self.autocast_dtype or torch.float32, self.dist.device,
+                                       sequences=cfg.batch_size, prompt=self.block, training=True)
+        self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu)
 
     def _announce(self, message: str) -> None:
         if self.dist.is_main:
@@ -601,11 +620,7 @@ class Trainer:
             (self.out / RUN_CONFIG).write_text(json.dumps(
                 {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "world_size": self.dist.world,
                  "grad_accum": self.accum, "tokens_per_step": self.tokens_per_step, "params": self.params}, indent=2))
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = self._progress_bar()
         loss, val_loss, ckpt = float("nan"), None, self.resumed_from
         try:
             with open(metrics_path, "a") if main else contextlib.nullcontext() as log:

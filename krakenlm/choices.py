@@ -1,0 +1,81 @@
+"""Measured choices: the exact forms a run may compute in whose speed depends on the machine (the dtype
+under ``auto``, the causal attention kernel, the few-row linear form, the GELU form), resolved once
+when an Engine or a Trainer is built and stored on it as plain options (``Choices``), printed with
+every run. The model's forward only reads them: nothing is measured inside a forward.
+
+Each measurement is taken at the shapes the run is built for, once per (machine, dtype, shape) key,
+and cached on disk (krakenlm.machine.MeasuredChoice), so later runs and the other ranks read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from krakenlm.machine import MeasuredChoice, machine_key
+from krakenlm.model import Transformer, activations, attention, gemm
+
+ATTENTION = MeasuredChoice("attention")
+LINEAR = MeasuredChoice("few_rows_linear")
+GELU = MeasuredChoice("gelu")
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What one engine or trainer runs: plain names, nothing left to measure."""
+
+    dtype: str
+    attention: str  # sdpa | blocked:B
+    linear: str  # the few-row linear form: linear | transposed
+    gelu: str  # tanh | sigmoid
+
+    def __str__(self) -> str:
+        return f"choices: dtype={self.dtype} attention={self.attention} linear={self.linear} gelu={self.gelu}"
+
+
+def _bucket(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+def attention_kernel(heads: int, group: int, t: int, head_size: int, dtype: torch.dtype, device: torch.device,
+                     training: bool) -> str:
+    """The causal kernel measured fastest for ``heads`` query heads (all sequences), ``group`` of them per
+    K/V head (GQA), over ``t`` tokens here."""
+    heads, tb = _bucket(heads), _bucket(t, 16)
+    kv = max(1, heads // group)
+    key = (f"{machine_key(device)}|{str(dtype)[6:]}|{'train' if training else 'infer'}"
+           f"|heads {heads}/{kv}|T {tb}|hs {head_size}")
+    return ATTENTION.pick(key, lambda: attention.measure(heads, kv, tb, head_size, dtype, device, training))
+
+
+def linear_form(rows: int, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> str:
+    """The few-row linear form measured fastest for ``rows`` rows times ``weight`` here."""
+    if rows > gemm.FEW_ROWS:
+        return "linear"
+    out, inner = weight.shape[-2:]
+    key = f"{machine_key(device)}|{str(dtype)[6:]}|rows {_bucket(rows)}|{out}x{inner}|bias False"
+    probe = torch.empty(_bucket(rows), inner, dtype=dtype, device=device)
+    w = weight.detach().reshape(-1, inner)[:out].to(dtype)
+    return LINEAR.pick(key, lambda: gemm.measure(probe, w, None))
+
+
+def gelu_form(dtype: torch.dtype, device: torch.device, training: bool) -> str:
+    """The tanh-GELU form measured fastest for this dtype and gradient mode here."""
+    key = f"{machine_key(device)}|{str(dtype)[6:]}|{'train' if training else 'infer'}"
+    return GELU.pick(key, lambda: activations.measure(dtype, device, training))
+
+
+def resolve(model: Transformer, dtype_name: str, dtype: torch.dtype, device: torch.device, *, kernel: str = "auto",
+            sequences: int = 1, prompt: int = 128, training: bool = False) -> Choices:
+    """The choices for ``model`` run on ``device`` in ``dtype``, measured at ``sequences`` x ``prompt`` tokens
+    (its prefill's shape; a decode step's rows are ``sequences``); ``kernel`` other than auto is kept."""
+    shape = model.layers[0].attn.shape
+    streams = model.layers[0].attn.qkv_weight.shape[0]
+    if kernel == "auto":
+        kernel = attention_kernel(sequences * streams * shape.n_head, max(1, shape.n_head // shape.n_kv_head),
+                                  min(prompt, model.config.block_size), shape.head_size, dtype, device, training)
+    head = model.wte.weight if model.lm_head is None else model.lm_head.weight
+    linear = "linear" if training or not isinstance(head, torch.Tensor) else linear_form(sequences, head, dtype, device)
+    gelu = gelu_form(dtype, device, training) if model.config.mlp == "gelu" else "tanh"
+    return Choices(dtype_name, kernel, linear, gelu)
