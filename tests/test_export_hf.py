@@ -470,3 +470,16 @@ def test_static_cache_is_refused_by_name(tmp_path: Path) -> None:
     hf = load_hf(tmp_path / "out")
     with pytest.raises(ValueError, match="DynamicCache"):
         hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, cache_implementation="static")
+
+
+def test_learned_positions_export_no_rope_field(tmp_path: Path) -> None:
+    """vLLM reads any RoPE field as RoPE and refuses an odd head size for it (Kraken 125M's 113): a model with
+    learned positions carries none, in config.json nor in the config class the vLLM plugin registers."""
+    from krakenlm.interop.hf_config import KrakenLMConfig
+
+    config = ModelConfig(arch="kraken", n_sub=2, n_layer=1, n_embd=18, n_head=2, vocab_size=257, block_size=16)
+    doc = json.loads((export_model(Transformer(config), tmp_path / "out", tokenizer="bytes").path
+                       / "config.json").read_text())
+    assert config.head_size == 9 and not {k for k in doc if k.startswith("rope")}
+    hf = KrakenLMConfig(**{k: v for k, v in doc.items() if k not in ("model_type", "architectures", "auto_map")})
+    assert getattr(hf, "rope_theta", None) is None and not getattr(hf, "rope_parameters", None)

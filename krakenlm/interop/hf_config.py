@@ -30,7 +30,12 @@ class KrakenLMConfig(PretrainedConfig):
                 vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.total_heads, num_key_value_heads=cfg.kv_heads * cfg.n_sub,
                 head_dim=cfg.head_size, max_position_embeddings=cfg.block_size,
-                tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta)
+                tie_word_embeddings=cfg.tie_embeddings)
+            if cfg.position == "rope":
+                kwargs.update(rope_theta=cfg.rope_theta)
+            else:  # vLLM treats any RoPE field as RoPE, and refuses an odd head size (Kraken 125M's 113) for it
+                for field in ("rope_theta", "rope_parameters", "rope_scaling"):
+                    kwargs.pop(field, None)
         super().__init__(**kwargs)
 
     def native(self) -> ModelConfig:

@@ -117,7 +117,8 @@ def krakenlm_hf_config(config: ModelConfig) -> dict[str, Any]:
             "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
             "num_key_value_heads": config.kv_heads, "head_dim": config.head_size,
             "intermediate_size": config.ffn_size, "max_position_embeddings": config.block_size,
-            "tie_word_embeddings": config.tie_embeddings, "rope_theta": config.rope_theta, "use_cache": True}
+            "tie_word_embeddings": config.tie_embeddings, "use_cache": True,
+            **({"rope_theta": config.rope_theta} if config.position == "rope" else {})}
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
