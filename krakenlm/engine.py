@@ -409,6 +409,14 @@ class Engine:
             self._followers = None
         self._teardown()
 
+    def abandon(self) -> None:
+        """Stop the followers and leave the process group as it is, for a process about to exit after a
+        collective timed out: tearing gloo down then can abort the process ("terminate called ...")."""
+        self._driving = False
+        if self._followers is not None:
+            self._followers.kill()
+            self._followers = None
+
     # Facts and helpers ---------------------------------------------------------------------------------
     @property
     def config(self) -> ModelConfig:

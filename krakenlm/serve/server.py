@@ -161,8 +161,9 @@ def serve(source: ModelSource, options: EngineOptions, config: ServeConfig) -> i
     engine = Engine.launch(source, options)
     if not engine.is_driver:  # a torchrun rank >= 1 followed rank 0 until it closed
         return 0
+    runner: Runner | None = None
     with contextlib.ExitStack() as stack:
-        stack.callback(engine.close)
+        stack.callback(lambda: _close(engine, runner))
         tokenizer = get_tokenizer(config.tokenizer or default_tokenizer_for(engine.config.vocab_size))
         policy = config.policy(engine.config.block_size)
         engine.open_serving(config.max_batch, vocab_limit=min(tokenizer.vocab_size, engine.config.vocab_size))
@@ -179,15 +180,17 @@ def serve(source: ModelSource, options: EngineOptions, config: ServeConfig) -> i
         print(f"krakenlm serve: {name} on {engine.world} rank(s), {engine.device.type}, max batch "
               f"{policy.max_batch}, queue {policy.max_queue}; {engine.choices}", file=sys.stderr, flush=True)
         _Server(uv, runner, config.drain_timeout).run(sockets=[sock])
-    if runner.dead is not None:
-        _exit_now(0)
     return 0
 
 
-def _exit_now(code: int) -> None:
-    """End the process without C++ destructors: after a collective timed out against a stalled rank, gloo's
-    threads may still be waiting and tearing them down at exit aborts ("terminate called without an active
-    exception", exit -6). Everything of ours is closed and flushed by now."""
+def _close(engine: Engine, runner: Runner | None) -> None:
+    """Close the engine; after it died (a collective timed out against a stalled rank) stop its followers and
+    end the process without tearing gloo down, which then aborted it ("terminate called without an active
+    exception", exit -6) in about half of such shutdowns. The socket is closed and the output flushed first."""
+    if runner is None or runner.dead is None:
+        engine.close()
+        return
+    engine.abandon()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)
