@@ -8,8 +8,9 @@ def run() -> int:
     try:
         from krakenlm.cli import main
     except KeyboardInterrupt:
-        print("krakenlm: interrupted", file=sys.stderr)
-        return 130
+        from krakenlm.errors import exit_interrupted
+
+        exit_interrupted()
     return main()
 
 

@@ -16,7 +16,7 @@ from krakenlm.cli_args import add_engine_args, add_model_args, engine_options, m
 from krakenlm.costmodel.estimator import Workload
 from krakenlm.demo import DemoConfig, run_demo
 from krakenlm.engine import Engine
-from krakenlm.errors import KrakenError
+from krakenlm.errors import KrakenError, exit_interrupted
 from krakenlm.generate import GenerationResult, SamplingConfig, Stop
 from krakenlm.tokenizer import Tokenizer, check_text, default_tokenizer_for, get_tokenizer
 
@@ -212,8 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # imports every subsystem: seconds, a Ctrl-C may land here
     except KeyboardInterrupt:
-        print("krakenlm: interrupted", file=sys.stderr)
-        return 130
+        exit_interrupted()
     try:
         return int(args.func(args) or 0)
     except KrakenError as err:

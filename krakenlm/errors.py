@@ -1,5 +1,9 @@
 """Typed errors: library code raises these, the CLI turns them into one line and exit code 2."""
 
+import os
+import sys
+from typing import NoReturn
+
 
 class KrakenError(Exception):
     """Base class for errors a user can act on (bad input, not a bug)."""
@@ -27,3 +31,12 @@ class ResourceError(KrakenError, MemoryError):
 
 class TrainingError(KrakenError, RuntimeError):
     """A training run cannot go on (non-finite loss, a checkpoint that cannot be written)."""
+
+
+def exit_interrupted(what: str = "krakenlm") -> NoReturn:
+    """End a process whose start-up (imports) a Ctrl-C cut short: one line, exit 130. Through os._exit: a
+    KeyboardInterrupt raised inside code an extension module runs while importing marks the interpreter as
+    interrupted even once caught, and it then killed itself with SIGINT at exit (-2) after printing our line."""
+    print(f"{what}: interrupted", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
