@@ -17,8 +17,8 @@ from krakenlm.costmodel.estimator import Workload
 from krakenlm.demo import DemoConfig, run_demo
 from krakenlm.engine import Engine
 from krakenlm.errors import KrakenError, exit_interrupted
-from krakenlm.generate import GenerationResult, SamplingConfig, Stop
-from krakenlm.tokenizer import Tokenizer, check_text, default_tokenizer_for, get_tokenizer
+from krakenlm.generate import SamplingConfig, Stop
+from krakenlm.tokenizer import check_text, default_tokenizer_for, get_tokenizer
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -44,22 +44,6 @@ def _cmd_size(args: argparse.Namespace) -> int:
     return 0
 
 
-HIDDEN_BEHIND = {"kraken": "Kraken AllReduce time hidden behind attention",
-                 "ladder": "Ladder AllReduce time hidden behind the next module"}
-
-
-def print_result(result: GenerationResult, prompts: list[str], tokenizer: Tokenizer, tp: int,
-                 arch: str = "kraken") -> None:
-    for text, tokens in zip(prompts, result.tokens, strict=True):
-        print(text + tokenizer.decode(tokens))
-        print("---")
-    print(f"[tp={tp}] prompt tokens {result.prompt_tokens}, TTFT {result.prefill_seconds * 1e3:.1f} ms, "
-          f"decode {result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
-    if result.exchange_hidden is not None:
-        what = HIDDEN_BEHIND.get(arch, "AllReduce time hidden by the --overlap mode")
-        print(f"[tp={tp}] {what}: {result.exchange_hidden:.0%}", file=sys.stderr)
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.trace is not None:
         from krakenlm.validation import check_output_dir
@@ -72,7 +56,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     workload = Workload(batch=len(args.prompt), prompt=prompt,
                         generate=max(args.max_new_tokens, 0), dtype="int8" if args.quantize else
                         ("fp32" if args.dtype == "fp32" else "bf16"))
-    with Engine.launch(model_source(args), engine_options(args), workload) as engine:
+    source, options = model_source(vars(args)), engine_options(vars(args))
+    with Engine.launch(source, options, workload) as engine:
         if not engine.is_driver:  # a torchrun rank >= 1: it followed rank 0, which prints
             return 0
         if args.layout:
@@ -81,7 +66,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ids = [tokenizer.encode(p) for p in args.prompt]
         result = engine.generate(ids, args.max_new_tokens, sampling, Stop((tokenizer.eot_token,)),
                                  vocab_limit=tokenizer.vocab_size, trace=args.trace)
-        print_result(result, args.prompt, tokenizer, engine.world, engine.config.arch)
+        print("\n---\n".join(result.completions(args.prompt, tokenizer.decode)) + "\n---")
+        print("\n".join(result.summary(engine.world, engine.config.arch)), file=sys.stderr)
         print(f"[tp={engine.world}] {engine.choices}", file=sys.stderr)
     return 0
 

@@ -1,9 +1,12 @@
 """Argument groups shared by the verbs that load and run a model, and their translation into the
-library's ModelSource and EngineOptions: one definition, so every verb spells them alike."""
+library's ModelSource and EngineOptions: one definition, so every verb spells them alike. The translators
+read the parsed flags as a plain mapping (``vars(args)``), so nothing below the parser sees argparse."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 from krakenlm.dtypes import DTYPES
 from krakenlm.engine import EngineOptions
@@ -40,14 +43,15 @@ def add_engine_args(parser: argparse.ArgumentParser, *, tp_help: str = "tensor-p
                         help="causal attention kernel: auto (measured fastest here), sdpa or blocked[:rows]")
 
 
-def model_source(args: argparse.Namespace) -> ModelSource:
+def model_source(flags: Mapping[str, Any]) -> ModelSource:
     """The ModelSource that --checkpoint / --preset / --config / --seed name."""
-    return ModelSource.of(checkpoint=args.checkpoint, preset=args.preset, config=args.config, seed=args.seed)
+    return ModelSource.of(checkpoint=flags["checkpoint"], preset=flags["preset"], config=flags["config"],
+                          seed=flags["seed"])
 
 
-def engine_options(args: argparse.Namespace, **overrides: object) -> EngineOptions:
+def engine_options(flags: Mapping[str, Any], **overrides: object) -> EngineOptions:
     """EngineOptions from add_engine_args' flags, with ``overrides`` (e.g. a verb's fixed tp)."""
-    given = {k: getattr(args, k) for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads", "layout",
-                                           "quantize", "attention")}
-    given["tp_overlap"] = getattr(args, "overlap", "none")
-    return EngineOptions(**given | {"no_comm": getattr(args, "no_comm", False)} | overrides)
+    given = {k: flags[k] for k in ("device", "dtype", "tp", "timeout", "compile", "pad_heads", "layout",
+                                   "quantize", "attention")}
+    given["tp_overlap"] = flags.get("overlap", "none")
+    return EngineOptions(**given | {"no_comm": flags.get("no_comm", False)} | overrides)

@@ -103,6 +103,10 @@ class Stop:
     strings: tuple[str, ...] = ()
 
 
+HIDDEN_BEHIND = {"kraken": "Kraken AllReduce time hidden behind attention",
+                 "ladder": "Ladder AllReduce time hidden behind the next module"}
+
+
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]
@@ -117,6 +121,19 @@ class GenerationResult:
     def decode_tokens_per_second(self) -> float:
         generated = sum(len(t) for t in self.tokens)
         return generated / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def completions(self, prompts: Sequence[str], decode: Callable[[list[int]], str]) -> list[str]:
+        """Each prompt followed by its decoded continuation, in prompt order."""
+        return [text + decode(tokens) for text, tokens in zip(prompts, self.tokens, strict=True)]
+
+    def summary(self, tp: int, arch: str) -> list[str]:
+        """The run's timing lines (and how much AllReduce time was hidden, when the run measured it)."""
+        lines = [f"[tp={tp}] prompt tokens {self.prompt_tokens}, TTFT {self.prefill_seconds * 1e3:.1f} ms, "
+                 f"decode {self.decode_tokens_per_second:.1f} tokens/s"]
+        if self.exchange_hidden is not None:
+            what = HIDDEN_BEHIND.get(arch, "AllReduce time hidden by the --overlap mode")
+            lines.append(f"[tp={tp}] {what}: {self.exchange_hidden:.0%}")
+        return lines
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int, max_new_tokens: int,

@@ -22,7 +22,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          max_body_bytes=args.max_body_bytes,
                          drain_timeout=args.drain_timeout, tokenizer=args.tokenizer, read_timeout=args.read_timeout,
                          model_name=args.model_name or args.checkpoint or args.preset or args.config)
-    return serve(model_source(args), engine_options(args), config)
+    return serve(model_source(vars(args)), engine_options(vars(args)), config)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
