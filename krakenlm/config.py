@@ -217,6 +217,15 @@ class KrakenSize:
     params: int
 
 
+def _exact_width(budget: int, n_layer: int, n_sub: int, w: int, per_layer: bool, embedding_rows: int) -> float:
+    """The real width d whose parameter count is ``budget``: a quadratic in d (``w`` d^2 per sub-layer's matmuls)."""
+    if per_layer:
+        return math.sqrt(budget / (n_sub * w))
+    a = n_layer * n_sub * w + n_sub  # P = L*N*(w d^2 + 2d) + N d^2 + d + (V + block) d
+    b = n_layer * n_sub * 2 + 1 + embedding_rows
+    return (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+
+
 def size_kraken(
     budget: int,
     n_layer: int,
@@ -250,12 +259,7 @@ def size_kraken(
         raise ConfigError(f"n_sub: total_heads={total_heads} is not divisible by n_sub={n_sub}")
     heads = total_heads // n_sub
     w = 4 + 2 * ffn_mult
-    if per_layer:
-        exact = math.sqrt(budget / (n_sub * w))
-    else:  # P = L*N*(w d^2 + 2d) + N d^2 + d + (V + block) d
-        a = n_layer * n_sub * w + n_sub
-        b = n_layer * n_sub * 2 + 1 + vocab_size + block_size
-        exact = (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+    exact = _exact_width(budget, n_layer, n_sub, w, per_layer, vocab_size + block_size)
     step = head_dim if hardware_friendly else heads
     if round(exact / step) < 1:  # the nearest width would be 0: the budget cannot buy one head per sub-layer
         smallest = ModelConfig(arch="kraken", n_layer=n_layer, n_embd=step, n_head=step // head_dim if

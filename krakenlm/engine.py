@@ -69,7 +69,7 @@ from krakenlm.parallel.rank_model import build_rank_model, held_bytes
 from krakenlm.preflight import check_engine, check_ranks
 from krakenlm.resources import require_memory
 from krakenlm.roofline import agreed_dtype
-from krakenlm.source import ModelSource
+from krakenlm.source import ModelSource, OpenedSource
 from krakenlm.validation import check_float, check_int
 
 # How the decode step compiles per device. CUDA: CUDA graphs. CPU: every intermediate a GEMV reads is
@@ -210,27 +210,7 @@ class Engine:
         if self.device.type == "cpu" and (self.options.threads or self.world > 1):
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
             torch.set_num_threads(self.options.threads or max(1, (os.cpu_count() or 1) // per_node))
-        # Agree on everything before any work: a mismatch must fail here, naming what differs. A rank
-        # that cannot read its model still joins the agreement, so its peers fail at once, not at a timeout.
-        try:
-            opened, load_error = self.source.open(), None
-        except (ConfigError, CheckpointError, ResourceError) as err:
-            opened, load_error = None, err
-        if self.distributed:
-            options = self.options.to_dict() | {"device": self.device.type, "threads": None}
-            facts = {"load_error": None if load_error is None else str(load_error), "world_size": self.world,
-                     "config": None if opened is None else opened.config.to_dict(),
-                     "source": self.source.fingerprint(), "options": options}
-            if load_error is not None:
-                with contextlib.suppress(DistributedError):
-                    agree(facts)  # tells the peers, which raise naming this rank
-                raise load_error
-            agree(facts)
-        elif load_error is not None:
-            raise load_error
-        if self.options.tp != self.world:
-            raise DistributedError(f"tp={self.options.tp} but {self.world} ranks were launched; they must be equal")
-        assert opened is not None
+        opened = self._open_agreed()
         check_engine(opened.config, self.options.tp, self.options.dtype, self.device, quantize=self.options.quantize,
                      local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))  # before the dtype probe
         self.plan = ParallelPlan(opened.config, self.options.tp)
@@ -268,6 +248,31 @@ class Engine:
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                  device=self.device)
             watch_layers(self.model)
+
+    def _open_agreed(self) -> OpenedSource:
+        """Open the model, every rank agreeing on everything before any work: a mismatch fails here, naming what
+        differs. A rank that cannot read its model still joins the agreement, so its peers fail at once, not at
+        a timeout."""
+        try:
+            opened, load_error = self.source.open(), None
+        except (ConfigError, CheckpointError, ResourceError) as err:
+            opened, load_error = None, err
+        if self.distributed:
+            options = self.options.to_dict() | {"device": self.device.type, "threads": None}
+            facts = {"load_error": None if load_error is None else str(load_error), "world_size": self.world,
+                     "config": None if opened is None else opened.config.to_dict(),
+                     "source": self.source.fingerprint(), "options": options}
+            if load_error is not None:
+                with contextlib.suppress(DistributedError):
+                    agree(facts)  # tells the peers, which raise naming this rank
+            else:
+                agree(facts)
+        if load_error is not None:
+            raise load_error
+        if self.options.tp != self.world:
+            raise DistributedError(f"tp={self.options.tp} but {self.world} ranks were launched; they must be equal")
+        assert opened is not None
+        return opened
 
     def _choose(self) -> None:
         """The measured choices, once, at the shapes this engine is built for (the workload's batch and
