@@ -32,8 +32,8 @@ from typing import Any
 import torch.distributed as dist
 
 from krakenlm.errors import DistributedError
+from krakenlm.parallel.rank import LAUNCHER_PID, call, started_key
 
-LAUNCHER_PID = "KRAKENLM_LAUNCHER_PID"  # a launched rank exits when this process is gone
 Prefix = Callable[[int], list[str]]
 Env = Callable[[int], dict[str, str]]
 
@@ -138,11 +138,6 @@ class Ranks:
                 os.unlink(payload)
 
 
-def started_key(rank: int) -> str:
-    """The store key a launched rank sets once its target is imported and about to run."""
-    return f"krakenlm/started/{rank}"
-
-
 def _write_payload(target: str, args: dict[str, Any]) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="krakenlm-ranks-", delete=False) as f:
         json.dump({"target": target, "args": args}, f)
@@ -155,8 +150,6 @@ def run_ranks(target: str, world: int, args: dict[str, Any], *, timeout: float |
     """Run ``target(args)`` on ``world`` ranks: as this process under torchrun, else as child processes.
     Returns 0 or the first failing rank's exit code."""
     if under_torchrun():
-        from krakenlm.parallel.rank import call
-
         return call(target, args)
     ranks = Ranks(target, args, world, master_addr=master_addr, port=port, prefix=prefix, env=env)
     try:

@@ -16,7 +16,13 @@ from typing import Any
 import torch.distributed as dist
 
 from krakenlm.errors import ConfigError, KrakenError
-from krakenlm.parallel.launch import LAUNCHER_PID, started_key
+
+LAUNCHER_PID = "KRAKENLM_LAUNCHER_PID"  # a launched rank exits when this process is gone
+
+
+def started_key(rank: int) -> str:
+    """The store key a launched rank sets once its target is imported and about to run."""
+    return f"krakenlm/started/{rank}"
 
 
 def _target(target: str) -> Callable[[dict[str, Any]], Any]:
