@@ -7,7 +7,6 @@ what went untested (scripts/test prints skip reasons)."""
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys
@@ -21,13 +20,13 @@ from krakenlm.checkpoint import save_checkpoint
 from krakenlm.config import ModelConfig
 from krakenlm.engine import Engine, EngineOptions
 from krakenlm.interop.hf_export import export_model
-from krakenlm.interop.vllm_process import VllmServer, vllm_env, vllm_venv
+from krakenlm.interop.vllm_process import VllmServer, greedy_tokens, has_vllm, peaked, vllm_venv
 from krakenlm.model.transformer import Transformer
 from krakenlm.source import ModelSource
 
 VENV = vllm_venv()
 needs_vllm = pytest.mark.skipif(
-    not (VENV / "bin" / "vllm").exists(),
+    not has_vllm(),
     reason=f"NOT TESTED: serving through vLLM (no vLLM venv at {VENV}; scripts/bootstrap-vllm.sh creates it, "
            "scripts/test does so)")
 
@@ -44,14 +43,6 @@ MODELS = {
 _rng = random.Random(0)
 PROMPTS = [[_rng.randrange(BASE["vocab_size"]) for _ in range(_rng.randint(3, 40))] for _ in range(20)]
 MAX_TOKENS = 32
-
-
-def peaked(model: Transformer) -> Transformer:
-    """A random model whose logits are far apart (final-norm gain 20): greedy picks then cannot flip on
-    the rounding differences between two runtimes' kernels."""
-    with torch.no_grad():
-        model.ln_f.weight.fill_(20.0)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +70,8 @@ def krakenlm_tokens(checkpoint: Path) -> list[list[int]]:
 @needs_vllm
 def test_tp1_every_architecture_matches_krakenlm(models: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     """vLLM's engine at TP 1 (one process for the three models; Kraken's two sub-layers on one rank)."""
-    request = tmp_path / "request.json"
     exports = {str(export): name for name, (_, export) in models.items()}
-    request.write_text(json.dumps({"models": list(exports), "prompts": PROMPTS, "max_tokens": MAX_TOKENS}))
-    script = Path(__file__).with_name("vllm_generate.py")
-    done = subprocess.run([str(VENV / "bin" / "python"), str(script), str(request)], capture_output=True, text=True,
-                          timeout=420, env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
-    assert done.returncode == 0, done.stderr[-4000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = greedy_tokens([export for _, export in models.values()], PROMPTS, MAX_TOKENS)
     for export, tokens in got.items():
         name = exports[export]
         assert tokens == krakenlm_tokens(models[name][0]), f"{name}: vLLM's greedy tokens differ from krakenlm's"

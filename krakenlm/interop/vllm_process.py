@@ -1,19 +1,27 @@
-"""vLLM's own commands (``vllm serve``, ``vllm bench serve``) run from its separate virtual environment, for
-the tests and benchmarks: where that venv is, the environment its processes need here, and a served model
-that always stops (its whole process group) with the caller."""
+"""vLLM's own commands (``vllm serve``, ``vllm bench serve``, its offline engine) run from its separate virtual
+environment, for the tests, benchmarks and `krakenlm doctor`: where that venv is, the environment its processes
+need here, greedy tokens through its offline engine, and a served model that always stops (its whole process
+group) with the caller."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+import torch
 
 from krakenlm.errors import KrakenError
+
+if TYPE_CHECKING:
+    from krakenlm.model import Transformer
 from krakenlm.parallel.launch import free_port
 
 # Offline, no telemetry, one thread per rank and no core pinning (vLLM's automatic binding wants a NUMA
@@ -35,6 +43,38 @@ def vllm_env(**extra: str) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return os.environ | VLLM_ENV | {"PYTHONPATH": path} | extra
+
+
+def peaked(model: Transformer) -> Transformer:
+    """A random model whose logits are far apart (final-norm gain 20): greedy picks then cannot flip on the
+    rounding differences between two runtimes' kernels, so their tokens can be compared exactly."""
+    with torch.no_grad():
+        model.ln_f.weight.fill_(20.0)
+    return model
+
+
+def has_vllm() -> bool:
+    """Whether the vLLM venv is there (its ``vllm`` command)."""
+    return (vllm_venv() / "bin" / "vllm").exists()
+
+
+def greedy_tokens(models: list[Path], prompts: list[list[int]], max_tokens: int, *, tp: int = 1,
+                  max_model_len: int = 128, timeout: float = 420.0) -> dict[str, list[list[int]]]:
+    """Greedy continuations of ``prompts`` by each exported model through vLLM's offline engine (fp32,
+    eager; ``krakenlm.interop.vllm_generate`` in the vLLM venv), keyed by the model's directory."""
+    with tempfile.TemporaryDirectory(prefix="krakenlm-vllm-") as tmp:
+        request = Path(tmp) / "request.json"
+        request.write_text(json.dumps({"models": [str(m) for m in models], "prompts": prompts,
+                                       "max_tokens": max_tokens, "tp": tp, "max_model_len": max_model_len}))
+        try:
+            done = subprocess.run([str(vllm_venv() / "bin" / "python"), "-m", "krakenlm.interop.vllm_generate",
+                                   str(request)], capture_output=True, text=True, timeout=timeout,
+                                  env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as err:
+            raise KrakenError(f"vLLM's offline engine did not finish within {timeout:g}s") from err
+    if done.returncode != 0:
+        raise KrakenError(f"vLLM's offline engine exited with {done.returncode}:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class VllmServer:
