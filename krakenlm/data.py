@@ -14,10 +14,10 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def _split_document(ids: np.ndarray, index: int, val_fraction: float, split_by: 
     return (ids[:0], ids) if in_val else (ids, ids[:0])
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temp file in the same directory, fsync, then rename over the target."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

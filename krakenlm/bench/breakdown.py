@@ -19,6 +19,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from krakenlm.model.attention import PROFILE_RANGE
+from krakenlm.model.transformer import Pending
 from krakenlm.parallel.comm import DistComm
 
 CATEGORIES = ("norm", "GEMM", "overlapped GEMM", "attention", "LM head", "AllReduce", "other")
@@ -28,7 +29,7 @@ _ATTENTION = PROFILE_RANGE
 
 
 class _MarkedPending:
-    def __init__(self, inner, landed: Callable[[], None] | None) -> None:
+    def __init__(self, inner: Pending, landed: Callable[[], None] | None) -> None:
         self.inner, self.landed = inner, landed
 
     def wait(self) -> Tensor:
