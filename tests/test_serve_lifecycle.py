@@ -162,3 +162,27 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def test_accepted_connections_send_without_nagle_delays():
+    """The listener's connections have TCP_NODELAY: with Nagle on, a response written in two pieces (headers,
+    body; or one SSE chunk after another) waited for the client's delayed ACK, ~40 ms each on Linux."""
+    import asyncio
+
+    from krakenlm.serve.server import bind
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listener = bind("127.0.0.1", 0)
+        async with await asyncio.start_server(handle, sock=listener):
+            _, writer = await asyncio.open_connection(*listener.getsockname())
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+            return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

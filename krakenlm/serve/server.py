@@ -74,7 +74,10 @@ class ServeConfig:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: any free port), or ConfigError naming the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto is IPPROTO_TCP, and an
+    # accepted socket inherits the listener's 0; with Nagle on, every response that goes out in two writes
+    # waited for the client's delayed ACK: 44 ms per /health, per first token, per streamed chunk.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
