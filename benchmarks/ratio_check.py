@@ -41,7 +41,7 @@ def main() -> None:
         print(json.dumps({"rows": rows, "held_out": held}, indent=1))
         return
     print(markdown(rows, held))
-    print(f"\nin-sample ({hw.name}): {within(rows)}"
+    print(f"\n{hw.name} as given: {within(rows)}"
           + (f"; held out by {args.held_out} (refitting {args.fields}): {within(held)}" if held else ""))
 
 
