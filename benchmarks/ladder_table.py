@@ -12,12 +12,11 @@ collectives (alpha 0, unbounded link), what the bench's no-comm ranks measure.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from krakenlm.costmodel.calibrate import Point, parse_record, predict_point
+from krakenlm.bench.predicted import predict_variant
 from krakenlm.costmodel.hardware import Hardware, load_hardware
 
 RATIOS = ("ladder/gpt", "kraken/gpt", "ladder/kraken", "gpt/no-comm", "kraken/no-comm", "ladder/no-comm",
@@ -25,18 +24,10 @@ RATIOS = ("ladder/gpt", "kraken/gpt", "ladder/kraken", "gpt/no-comm", "kraken/no
 ARCHS = ("gpt", "kraken", "ladder")
 
 
-def _predictions(cell: dict[str, Any], phase: str, hw: Hardware, steps: int) -> dict[str, float]:
+def _predictions(cell: dict[str, Any], phase: str, hw: Hardware, steps: int) -> dict[str, float | None]:
     """Predicted seconds per variant label (gpt, kraken, ladder and their no-comm ceilings)."""
-    free = hw.with_factors(alpha=0.0, link_bw=1e30)
-    out = {}
-    for arch in ARCHS:
-        v = cell["variants"][arch]
-        rec = {"arch": v["arch"], "tp": v["tp"], "batch": cell["batch"], "prompt_len": cell["prompt_len"],
-               "dtype": cell["dtype"], "phase": phase, "link_gbps": cell["link_gbps"], "seconds": 1.0,
-               "generate": steps} | ({"preset": v["preset"]} if v["preset"] else {"config": v["config"]})
-        point: Point = parse_record(rec)
-        out[arch] = predict_point(point, hw)
-        out[f"{arch}/no-comm"] = predict_point(dataclasses.replace(point, link_bw=None), free)
+    out = {label: predict_variant(cell, label, hw, phase, steps) for arch in ARCHS
+           for label in (arch, f"{arch}/no-comm")}
     out["ladder/blocking"], out["kraken/blocking"] = out["gpt"], None  # ladder awaited at once = gpt's schedule
     return out
 

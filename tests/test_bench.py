@@ -208,3 +208,73 @@ def test_bench_system_overlap_variants_are_timed_and_recorded(tmp_path, capsys):
 def test_bench_rejects_an_overlap_that_is_no_system_mode(tmp_path, capsys):
     assert main(["bench", "--quick", "--no-plots", "--overlap", "full", "--out", str(tmp_path)]) == 2
     assert "give chunked:K or collective-matmul" in capsys.readouterr().err
+
+
+OVERLAP_GRID = "docs/results/bench-overlap-xeon167.json"
+
+
+def _overlap_grid() -> dict:
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / OVERLAP_GRID).read_text())
+
+
+def test_predicted_ratios_are_the_estimator_on_the_bench_records():
+    """krakenlm/bench/predicted.py on the committed overlap grid: each overlap ratio's prediction is the
+    estimator's time of the numerator's record over the denominator's, records as the bench wrote them
+    (overlap chunked:K with the chunks used), and its measured value the cell's paired median."""
+    from krakenlm.bench.predicted import cell_name, ratio_rows
+    from krakenlm.costmodel.calibrate import predict_point
+    from krakenlm.costmodel.hardware import load_hardware
+
+    result, hw = _overlap_grid(), load_hardware("cpu-gloo")
+    seconds = {}
+    for rec in result["records"]:
+        cell = next(c for c in result["cells"] if c["link_gbps"] == rec["link_gbps"]
+                    and c["prompt_len"] == rec["prompt_len"] and c["batch"] == rec["batch"])
+        seconds[cell_name(cell), rec.get("variant", rec["arch"])] = predict_point(parse_record(rec), hw)
+    rows = [r for c in result["cells"] for r in ratio_rows(c, hw, overlap_only=True)]
+    assert len(rows) == 8 * len(result["cells"])  # 4 variants, each over its model and Kraken over it
+    for r in rows:
+        num, den = r["ratio"].split("/")
+        num, den = (x if x in ("gpt", "parallel", "kraken") else x.replace("-", "/", 1) for x in (num, den))
+        assert r["predicted"] == pytest.approx(seconds[r["cell"], num] / seconds[r["cell"], den], rel=1e-9)
+        cell = next(c for c in result["cells"] if cell_name(c) == r["cell"])
+        assert r["measured"] == cell["ratios"]["prefill"][r["ratio"]]["median"]
+
+
+def test_held_out_fits_find_the_cost_models_own_times_again():
+    """The overlap grid with every time replaced by a known spec's prediction: in-sample errors are 0 and
+    each link's cells, predicted by overlap fields refitted from elsewhere on the other links, are within
+    1%; a wrong start spec predicts the same cells worse (the refit did the work)."""
+    from krakenlm.bench.predicted import held_out_rows, link_name, predict_variant, ratio_rows
+    from krakenlm.bench.sweep import ratio_pairs
+    from krakenlm.costmodel.calibrate import OVERLAP_FIELDS
+    from krakenlm.costmodel.hardware import load_hardware
+
+    result = _overlap_grid()
+    truth = load_hardware("cpu-gloo").with_factors(overlap_slowdown=0.6, overlap_step_s=2e-3)
+    start = truth.with_factors(overlap_slowdown=0.05, overlap_step_s=1e-5)
+    for cell in result["cells"]:
+        for label, v in cell["variants"].items():
+            v["prefill"]["median"] = predict_variant(cell, label, truth) or v["prefill"]["median"]
+        systems = {label: v["arch"] for label, v in cell["variants"].items() if v.get("overlap")}
+        for name, num, den in ratio_pairs(systems):
+            if name in cell["ratios"]["prefill"]:
+                r = cell["variants"][num]["prefill"]["median"] / cell["variants"][den]["prefill"]["median"]
+                cell["ratios"]["prefill"][name] |= {"median": r, "min": r, "max": r}
+    assert all(abs(r["error_pct"]) < 1e-6 for c in result["cells"] for r in ratio_rows(c, truth, overlap_only=True))
+    held = held_out_rows(result, start, OVERLAP_FIELDS, link_name, overlap_only=True)
+    assert len(held) == 8 * len(result["cells"]) and max(abs(r["error_pct"]) for r in held) < 1.0
+    assert max(abs(r["error_pct"]) for c in result["cells"] for r in ratio_rows(c, start, overlap_only=True)) > 5
+
+
+def test_overlap_plot_only_where_a_grid_has_overlap_variants(tmp_path):
+    from pathlib import Path
+
+    from krakenlm.bench import plots
+
+    path = plots.overlap(_overlap_grid(), tmp_path / "overlap.png")
+    assert path is not None and path.stat().st_size > 0
+    grid = json.loads((Path(__file__).resolve().parents[1] / "docs/results/bench-grid.json").read_text())
+    assert plots.overlap(grid, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

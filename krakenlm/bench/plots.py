@@ -151,7 +151,38 @@ def bandwidth(result: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def overlap(result: dict[str, Any], path: Path) -> Path | None:
+    """Kraken's TTFT speedup over each standard-TP variant, blocking and system-overlapped (variant / Kraken,
+    median of per-round ratios), per cell, one panel per link; None without overlap variants."""
+    cells = [c for c in result["cells"] if any(v.get("overlap") for v in c["variants"].values())]
+    if not cells:
+        return None
+    links = sorted({_link(c) for c in cells}, key=lambda s: (s != "loopback", s))
+    fig, axes = plt.subplots(len(links), 1, figsize=(8, 3.2 * len(links)), squeeze=False)
+    for ax, link in zip(axes[:, 0], links, strict=True):
+        panel = [c for c in cells if _link(c) == link]
+        names = list(dict.fromkeys(f"kraken/{label.replace('/', '-')}" for c in panel for label, v in
+                                   c["variants"].items() if v.get("overlap") or label in ("gpt", "parallel")))
+        width, top = 0.8 / len(names), 1.0
+        for k, name in enumerate(sorted(names, key=lambda n: (n.split("-")[0].split("/")[1], n))):
+            values = [1 / c["ratios"]["prefill"][name]["median"] if name in c["ratios"]["prefill"] else 0
+                      for c in panel]
+            top = max(top, *values)
+            ax.bar([i + width * (k - (len(names) - 1) / 2) for i in range(len(panel))], values, width=width,
+                   label="over " + name.split("/", 1)[1].replace("-", "/", 1))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylim(0, 1.3 * top)  # room for the legend
+        ax.set_xticks(range(len(panel)), [_cell_label(c) for c in panel], fontsize=7)
+        ax.set_ylabel("Kraken TTFT speedup")
+        ax.set_title(f"{link}, tp={panel[0]['tp']}: Kraken vs blocking and overlapped standard TP", fontsize=9)
+        ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_all(result: dict[str, Any], out_dir: Path) -> list[Path]:
     paths = [speedup(result, out_dir / "bench_speedup.png"), breakdown(result, out_dir / "bench_breakdown.png"),
-             bandwidth(result, out_dir / "bench_bandwidth.png")]
+             bandwidth(result, out_dir / "bench_bandwidth.png"), overlap(result, out_dir / "bench_overlap.png")]
     return [p for p in paths if p is not None]

@@ -50,25 +50,34 @@ def records(cells: list[dict[str, Any]], decode_steps: int) -> list[dict[str, An
                 continue
             if quantized and cell["dtype"] != "bf16":
                 continue  # the cost model's int8 computes in bf16
-            for phase in ("prefill", "decode"):
-                if phase not in v:
-                    continue
-                rec = {"arch": v["arch"], "tp": v["tp"], "batch": cell["batch"], "prompt_len": cell["prompt_len"],
-                       "dtype": "int8" if quantized else cell["dtype"], "phase": phase,
-                       "link_gbps": None if v["tp"] == 1 else cell["link_gbps"], "seconds": v[phase]["median"]}
-                if v.get("layout"):
-                    parts = v["layout"].split(",")
-                    rec["layout"] = parts[0] if phase == "prefill" else parts[-1]
-                if label not in RECORD_VARIANTS:
-                    rec["variant"] = label
-                if v.get("overlap"):
-                    rec["overlap"] = record_overlap(v["overlap"], cell["batch"] * (cell["prompt_len"] if phase ==
-                                                                                   "prefill" else 1))
-                rec |= {"preset": v["preset"]} if v["preset"] else {"config": v["config"]}
-                if phase == "decode":
-                    rec["generate"] = decode_steps  # context: prompt_len + steps/2 on average
-                out.append(rec)
+            out += [rec for phase in ("prefill", "decode")
+                    if (rec := variant_record(cell, label, phase, decode_steps)) is not None]
     return out
+
+
+def variant_record(cell: dict[str, Any], label: str, phase: str, decode_steps: int) -> dict[str, Any] | None:
+    """The calibration record of the cell's variant ``label`` in ``phase`` (``seconds``: its median), None
+    where that phase was not timed. No-comm and blocking variants get their model's record too: what
+    they measure is the caller's to say."""
+    v = cell["variants"][label]
+    if phase not in v:
+        return None
+    quantized = v.get("quantize") == "int8"
+    rec = {"arch": v["arch"], "tp": v["tp"], "batch": cell["batch"], "prompt_len": cell["prompt_len"],
+           "dtype": "int8" if quantized else cell["dtype"], "phase": phase,
+           "link_gbps": None if v["tp"] == 1 else cell["link_gbps"], "seconds": v[phase]["median"]}
+    if v.get("layout"):
+        parts = v["layout"].split(",")
+        rec["layout"] = parts[0] if phase == "prefill" else parts[-1]
+    if label not in RECORD_VARIANTS:
+        rec["variant"] = label
+    if v.get("overlap"):
+        tokens = cell["batch"] * (cell["prompt_len"] if phase == "prefill" else 1)
+        rec["overlap"] = record_overlap(v["overlap"], tokens)
+    rec |= {"preset": v["preset"]} if v["preset"] else {"config": v["config"]}
+    if phase == "decode":
+        rec["generate"] = decode_steps  # context: prompt_len + steps/2 on average
+    return rec
 
 
 def record_overlap(mode: str, tokens: int) -> str:

@@ -56,6 +56,13 @@ RATIOS = [("kraken/gpt", "kraken", "gpt"), ("kraken/parallel", "kraken", "parall
 OVERLAPPING = ("kraken", "ladder")  # architectures whose AllReduces run during compute (a blocking variant each)
 
 
+def ratio_pairs(systems: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(name, numerator, denominator) of every paired ratio of a cell: RATIOS and, per system overlap variant
+    (``systems``: label -> its blocking model's arch), the variant over that model and Kraken over it."""
+    return (RATIOS + [(f"{arch}-{label.partition('/')[2]}/{arch}", label, arch) for label, arch in systems.items()]
+            + [(f"kraken/{arch}-{label.partition('/')[2]}", "kraken", label) for label, arch in systems.items()])
+
+
 @dataclass(frozen=True)
 class Options:
     """The grid and the timing discipline (JSON-serialisable: it travels to every rank)."""
@@ -452,8 +459,7 @@ def _summarise(jobs: list[Job], samples: list[list[float]], log: RoundLog, extra
         series[job.phase][v.label] = s
     # each system overlap mode against its blocking model (which is its "blocking" variant) and Kraken
     systems = {v.label: v.model.arch for v in (job.variant for job in jobs) if v.overlap}
-    pairs = RATIOS + [(f"{arch}-{label.partition('/')[2]}/{arch}", label, arch) for label, arch in systems.items()] \
-        + [(f"kraken/{arch}-{label.partition('/')[2]}", "kraken", label) for label, arch in systems.items()]
+    pairs = ratio_pairs(systems)
     ratios: dict[str, dict[str, Any]] = {}
     for phase, by_label in series.items():
         ratios[phase] = {name: asdict(paired_ratio(by_label[a], by_label[b])) for name, a, b in pairs
