@@ -1,5 +1,6 @@
 """Measured choices: the exact forms a run may compute in whose speed depends on the machine (the dtype
-under ``auto``, the causal attention kernel, the few-row linear form, the GELU form), resolved once
+under ``auto``, the causal attention kernel, the few-row linear form, the compiled one-row linear form,
+the GELU form), resolved once
 when an Engine or a Trainer is built and stored on it as plain options (``Choices``), printed with
 every run. The model's forward only reads them: nothing is measured inside a forward.
 
@@ -9,6 +10,7 @@ and cached on disk (krakenlm.machine.MeasuredChoice), so later runs and the othe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from krakenlm.model import Transformer, activations, attention, gemm
 
 ATTENTION = MeasuredChoice("attention")
 LINEAR = MeasuredChoice("few_rows_linear")
+ROW = MeasuredChoice("compiled_row_linear")
 GELU = MeasuredChoice("gelu")
 
 
@@ -29,9 +32,11 @@ class Choices:
     attention: str  # sdpa | blocked:B
     linear: str  # the few-row linear form: linear | transposed
     gelu: str  # tanh | sigmoid
+    row: str = "reduce"  # one row inside a compiled decode step: reduce | library (measured only when compiling)
 
     def __str__(self) -> str:
-        return f"choices: dtype={self.dtype} attention={self.attention} linear={self.linear} gelu={self.gelu}"
+        return (f"choices: dtype={self.dtype} attention={self.attention} linear={self.linear} gelu={self.gelu} "
+                f"row={self.row}")
 
 
 def _bucket(n: int, floor: int = 1) -> int:
@@ -60,6 +65,18 @@ def linear_form(rows: int, weight: torch.Tensor, dtype: torch.dtype, device: tor
     return LINEAR.pick(key, lambda: gemm.measure(probe, w, None))
 
 
+def row_form(model: Transformer, dtype: torch.dtype, device: torch.device,
+             compile: Callable[[Callable[..., object]], Callable[..., object]]) -> str:
+    """The one-row linear form a compiled decode step streams ``model``'s FFN weights fastest in here."""
+    weights = [layer.mlp.up_weight for layer in model.layers]
+    if not all(isinstance(w, torch.Tensor) for w in weights):  # int8 modules multiply themselves
+        return "reduce"
+    flat = [w.detach()[0].to(dtype) for w in weights]
+    out, inner = flat[0].shape
+    key = f"{machine_key(device)}|{str(dtype)[6:]}|{len(flat)} x {out}x{inner}"
+    return ROW.pick(key, lambda: gemm.measure_row(flat, compile))
+
+
 def gelu_form(dtype: torch.dtype, device: torch.device, training: bool) -> str:
     """The tanh-GELU form measured fastest for this dtype and gradient mode here."""
     key = f"{machine_key(device)}|{str(dtype)[6:]}|{'train' if training else 'infer'}"
@@ -67,9 +84,11 @@ def gelu_form(dtype: torch.dtype, device: torch.device, training: bool) -> str:
 
 
 def resolve(model: Transformer, dtype_name: str, dtype: torch.dtype, device: torch.device, *, kernel: str = "auto",
-            sequences: int = 1, prompt: int = 128, training: bool = False) -> Choices:
+            sequences: int = 1, prompt: int = 128, training: bool = False,
+            compile: Callable[[Callable[..., object]], Callable[..., object]] | None = None) -> Choices:
     """The choices for ``model`` run on ``device`` in ``dtype``, measured at ``sequences`` x ``prompt`` tokens
-    (its prefill's shape; a decode step's rows are ``sequences``); ``kernel`` other than auto is kept."""
+    (its prefill's shape; a decode step's rows are ``sequences``); ``kernel`` other than auto is kept.
+    ``compile``: how the run compiles its decode step, when it does (the one-row form is measured so)."""
     shape = model.layers[0].attn.shape
     streams = model.layers[0].attn.qkv_weight.shape[0]
     if kernel == "auto":
@@ -78,4 +97,5 @@ def resolve(model: Transformer, dtype_name: str, dtype: torch.dtype, device: tor
     head = model.wte.weight if model.lm_head is None else model.lm_head.weight
     linear = "linear" if training or not isinstance(head, torch.Tensor) else linear_form(sequences, head, dtype, device)
     gelu = gelu_form(dtype, device, training) if model.config.mlp == "gelu" else "tanh"
-    return Choices(dtype_name, kernel, linear, gelu)
+    row = "reduce" if compile is None or training else row_form(model, dtype, device, compile)
+    return Choices(dtype_name, kernel, linear, gelu, row)

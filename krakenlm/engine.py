@@ -279,8 +279,13 @@ class Engine:
         prompt), as plain options the model runs with; the verbs print them with their results."""
         wl = self.workload or Workload(batch=1, prompt=128, generate=32)
         self.choices: Choices = resolve_choices(self.model, self.options.dtype, self.dtype, self.device,
-                                                kernel=self.options.attention, sequences=wl.batch, prompt=wl.prompt)
-        self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu)
+                                                kernel=self.options.attention, sequences=wl.batch, prompt=wl.prompt,
+                                                compile=self._compiler if self.options.compile else None)
+        self.model.set_forms(self.choices.attention, self.choices.linear, self.choices.gelu, self.choices.row)
+
+    def _compiler(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """How this engine compiles its decode step (per device: COMPILE_SETTINGS)."""
+        return torch.compile(fn, fullgraph=True, dynamic=False, **COMPILE_SETTINGS.get(self.device.type, {}))
 
     # Launching -----------------------------------------------------------------------------------------
     @classmethod
@@ -469,6 +474,8 @@ class Engine:
         other = copy.copy(self)
         if compile is not None:
             other.options = dataclasses.replace(self.options, compile=compile)
+            if compile and not self.options.compile:
+                other._choose()  # the one-row form a compiled step runs (the shared model's other forms stay)
         if comm_changes and isinstance(self.comm, DistComm):
             other.comm = self.comm.variant(**comm_changes)
         other._decode_step, other._joined, other._followers, other._driving = None, False, None, False
@@ -513,7 +520,7 @@ class Engine:
                 return model.decode(tokens, slots, positions, cache, keys=keys, comm=comm)
 
             if self.options.compile:
-                step = torch.compile(step, fullgraph=True, dynamic=False, **COMPILE_SETTINGS.get(self.device.type, {}))
+                step = self._compiler(step)
             self._decode_step = step
         return self._decode_step
 

@@ -33,3 +33,50 @@ def test_decode_step_compiles_fullgraph_and_equals_eager(world, tmp_path):
     for arch, r in results.items():
         assert r["capture_diff"] <= 1e-5, (arch, r)
     assert results["kraken"]["compiled_equal"]
+
+
+@pytest.mark.parametrize("row", ["reduce", "library"])
+@pytest.mark.parametrize("arch", ["gpt", "kraken"])
+def test_one_row_forms_trace_as_named_and_equal_eager(arch, row):
+    """A compiled batch-1 decode step runs its linears in the measured one-row form: the traced graph holds
+    library linears exactly when the form is `library` (int8 and attention aside), and both equal eager."""
+    import torch
+
+    from krakenlm.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ARCHS[arch]).eval().set_forms("sdpa", "linear", "tanh", row)
+    graphs = []
+
+    def keep(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(model, cache):
+        return model.decode(torch.tensor([5]), torch.tensor([3]), torch.tensor([3]), cache)
+
+    with torch.inference_mode():
+        caches = [model.new_cache(1, 16) for _ in range(2)]
+        for cache in caches:
+            model(torch.tensor([[1, 2, 3]]), cache=cache)
+        torch._dynamo.reset()
+        traced = torch.compile(step, backend=keep, fullgraph=True)(model, caches[0])
+        eager = step(model, caches[1])
+    linears = sum(node.target is torch._C._nn.linear for gm in graphs for node in gm.graph.nodes)
+    assert (linears > 0) == (row == "library"), linears
+    assert (traced - eager).abs().max().item() <= 1e-4
+
+
+def test_a_compiled_engine_measures_its_one_row_form(tmp_path, monkeypatch):
+    """The one-row form is measured (and printed) only for an engine that compiles its decode step."""
+    from krakenlm.engine import Engine, EngineOptions
+    from krakenlm.model.gemm import ROW_FORMS
+    from krakenlm.source import ModelSource
+
+    monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
+    source = ModelSource(config=ARCHS["gpt"], seed=0)
+    with Engine(source, EngineOptions(device="cpu", dtype="fp32")) as eager:
+        assert eager.choices.row == "reduce"  # not measured
+        compiled = eager.variant(compile=True)
+        assert compiled.choices.row in ROW_FORMS and f"row={compiled.choices.row}" in str(compiled.choices)
+        assert compiled.generate([[1, 2, 3]], 4).tokens == eager.generate([[1, 2, 3]], 4).tokens

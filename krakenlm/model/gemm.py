@@ -7,10 +7,21 @@ differently when M is small: with MKL on an Intel Xeon (one thread, fp32) ``F.li
 took 1.05 ms for a 3072 x 768 weight and 40 ms for GPT-2's 50257 x 768 LM head, W @ x^T 0.74 and
 28 ms (at M = 1 they tie). So the form is chosen by measurement per (machine, dtype, rows rounded up
 to a power of two, weight shape) when an engine is built (krakenlm.choices), and the model runs the
-form it was given. Inside torch.compile, with gradients, and above ``FEW_ROWS`` rows it is ``F.linear``.
+form it was given. With gradients and above ``FEW_ROWS`` rows it is ``F.linear``.
+
+Inside torch.compile, ONE row (a decode step at batch 1) runs as ``row_linear``, a multiply-and-sum the
+compiler turns into one vectorized pass over the weight, or as the library's GEMV (``F.linear``, an
+extern call in the compiled graph). Which streams the weights faster depends on the CPU: on an AMD EPYC
+Zen 5 BLAS GEMV read weights at half the bandwidth of the generated reduction (11 vs 23 GB/s); on an
+Intel Xeon (family 6 model 167) fp32 GEMV ran at the memory floor and the reduction at 1.16x it, while
+in bf16 the reduction was the faster (1.43x vs 1.62x). So this form is measured too (``measure_row``),
+when a compiled engine is built.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +30,28 @@ from torch import Tensor
 from krakenlm.machine import fastest_seconds
 
 FORMS = ("linear", "transposed")
+ROW_FORMS = ("reduce", "library")
 FEW_ROWS = 64
+
+
+@dataclass(frozen=True)
+class LinearForms:
+    """The forms a model's linear layers run in (an engine's measured choices): ``rows`` for a few rows
+    outside a trace, ``row`` for one row inside torch.compile."""
+
+    rows: str = "linear"
+    row: str = "reduce"
+
+
+def row_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., 1, in] @ weight[..., out, in]^T for ONE row, as a multiply-and-sum the compiler turns into
+    one vectorized pass over the weight (fp32 accumulation)."""
+    return (x.float().unsqueeze(-2) * weight.float().unsqueeze(-3)).sum(-1).to(x.dtype)
+
+
+def one_row(x: Tensor, forms: LinearForms) -> bool:
+    """Whether a linear layer sees one row under torch.compile and runs it as ``row_linear``."""
+    return forms.row == "reduce" and x.shape[-2] == 1 and torch.compiler.is_compiling()
 
 
 def few_rows_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -36,6 +68,21 @@ def measure(x: Tensor, weight: Tensor, bias: Tensor | None) -> dict[str, float]:
     probe = probe.to(x.dtype)
     return {form: fastest_seconds(lambda form=form: few_rows_form(form, probe, weight, bias), x.device, repeats=3,
                                   budget_s=0.02) for form in FORMS}
+
+
+def measure_row(weights: Sequence[Tensor], compile: Callable[[Callable[..., object]], Callable[..., object]]
+                ) -> dict[str, float]:
+    """Seconds per pass of each one-row form over ``weights`` [out, in] (a model's layer weights, so they
+    stream from memory as a decode step reads them), each compiled by ``compile``."""
+    gen = torch.Generator(device=weights[0].device).manual_seed(0)
+    rows = [torch.randn(1, w.shape[1], generator=gen, device=w.device).to(w.dtype) for w in weights]
+    forms = {"reduce": row_linear, "library": lambda x, w: F.linear(x, w)}
+    seconds = {}
+    for name, form in forms.items():
+        step = compile(lambda form=form: [form(x, w) for x, w in zip(rows, weights, strict=True)])
+        step()  # compiles
+        seconds[name] = fastest_seconds(step, weights[0].device, repeats=3, budget_s=0.05)
+    return seconds
 
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, form: str = "linear") -> Tensor:

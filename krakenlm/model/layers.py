@@ -15,19 +15,13 @@ from torch import Tensor, nn
 
 from krakenlm.model.activations import gelu_tanh
 from krakenlm.model.attention import causal_attention
-from krakenlm.model.gemm import rows_linear
+from krakenlm.model.gemm import LinearForms, one_row, row_linear, rows_linear
 
-
-def row_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., 1, in] @ weight[..., out, in]^T for ONE row, as a multiply-and-sum the compiler turns into
-    one vectorized pass over the weight (fp32 accumulation). A decode step at batch 1 is a chain of
-    such matrix-vector products; BLAS GEMV calls read the weight at about half this machine's memory
-    bandwidth (measured: 11 vs 23 GB/s on one core), the generated reduction at full bandwidth."""
-    return (x.float().unsqueeze(-2) * weight.float().unsqueeze(-3)).sum(-1).to(x.dtype)
+DEFAULT_FORMS = LinearForms()
 
 
 def single_row(x: Tensor) -> bool:
-    """Whether a linear layer sees one row under torch.compile (where ``row_linear`` pays)."""
+    """Whether a layer sees one row per sequence under torch.compile (where ``row_attention`` pays)."""
     return x.shape[-2] == 1 and torch.compiler.is_compiling()
 
 
@@ -44,23 +38,24 @@ def row_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -
     return out.reshape(b, h, 1, hs).to(q.dtype)
 
 
-def linear(x: Tensor, weight: Tensor | nn.Module, form: str = "linear") -> Tensor:
-    """x [M, in] @ weight[out, in]^T (the LM head, the conjunction); a few rows in ``form``
-    (krakenlm.model.gemm). A weight that is a module (int8, krakenlm.model.quant) multiplies itself:
-    quantization swaps weights, the forward does not change."""
+def linear(x: Tensor, weight: Tensor | nn.Module, forms: LinearForms = DEFAULT_FORMS) -> Tensor:
+    """x [M, in] @ weight[out, in]^T (the LM head, the conjunction) in ``forms`` (krakenlm.model.gemm). A
+    weight that is a module (int8, krakenlm.model.quant) multiplies itself: quantization swaps weights,
+    the forward does not change."""
     if isinstance(weight, nn.Module):
         return weight.linear(x)
-    return row_linear(x, weight) if single_row(x) else rows_linear(x, weight, form=form)
+    return row_linear(x, weight) if one_row(x, forms) else rows_linear(x, weight, form=forms.rows)
 
 
-def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None, form: str = "linear") -> Tensor:
+def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None,
+                   forms: LinearForms = DEFAULT_FORMS) -> Tensor:
     """x [S, M, in] @ weight[S, out, in]^T (+ bias [S, out]) -> [S, M, out], one batched GEMM (one stream
-    of a few rows: in ``form``, krakenlm.model.gemm)."""
-    if isinstance(weight, nn.Module) or single_row(x):
+    of a few rows, or one row compiled: in ``forms``, krakenlm.model.gemm)."""
+    if isinstance(weight, nn.Module) or one_row(x, forms):
         out = weight.linear(x) if isinstance(weight, nn.Module) else row_linear(x, weight)
         return out if bias is None else out + bias.unsqueeze(1)
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
-        out = rows_linear(x[0], weight[0], None if bias is None else bias[0], form)
+        out = rows_linear(x[0], weight[0], None if bias is None else bias[0], forms.rows)
         return out.unsqueeze(0)
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
@@ -193,7 +188,7 @@ class StackedAttention(nn.Module):
         super().__init__()
         self.shape, self.index = shape, index
         self.kernel = "sdpa"  # causal kernel without a mask (krakenlm/model/attention.py; an engine's choice)
-        self.linear_form = "linear"  # the few-row linear form (krakenlm/model/gemm.py; an engine's choice)
+        self.forms = DEFAULT_FORMS  # the linear layers' forms (krakenlm/model/gemm.py; an engine's choice)
         qkv = (shape.n_head + 2 * shape.n_kv_head) * shape.head_size
         self.qkv_weight = nn.Parameter(torch.empty(streams, qkv, dim))
         self.qkv_bias = nn.Parameter(torch.zeros(streams, qkv)) if bias else None
@@ -204,10 +199,10 @@ class StackedAttention(nn.Module):
         return self.project_out(self.attend(self.project_in(x), step))
 
     def project_in(self, x: Tensor) -> Tensor:
-        return stacked_linear(x, self.qkv_weight, self.qkv_bias, self.linear_form)
+        return stacked_linear(x, self.qkv_weight, self.qkv_bias, self.forms)
 
     def project_out(self, out: Tensor) -> Tensor:
-        return stacked_linear(out, self.proj_weight, form=self.linear_form)
+        return stacked_linear(out, self.proj_weight, forms=self.forms)
 
     def attend(self, qkv: Tensor, step: AttentionStep) -> Tensor:
         """Fused q|k|v [S, B*t, (h + 2 hkv) hs] -> attention output [S, B*t, h hs], through the KV cache."""
@@ -271,7 +266,7 @@ class StackedMLP(nn.Module):
     def __init__(self, streams: int, dim: int, hidden: int, bias: bool, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.gelu, self.linear_form = "tanh", "linear"  # forms an engine or trainer chose (krakenlm.choices)
+        self.gelu, self.forms = "tanh", DEFAULT_FORMS  # forms an engine or trainer chose (krakenlm.choices)
         up = 2 * hidden if kind == "swiglu" else hidden
         self.up_weight = nn.Parameter(torch.empty(streams, up, dim))
         self.up_bias = nn.Parameter(torch.zeros(streams, up)) if bias else None
@@ -281,7 +276,7 @@ class StackedMLP(nn.Module):
         return self.project_out(self.activate(self.project_in(x)))
 
     def project_in(self, x: Tensor) -> Tensor:
-        return stacked_linear(x, self.up_weight, self.up_bias, self.linear_form)
+        return stacked_linear(x, self.up_weight, self.up_bias, self.forms)
 
     def activate(self, hidden: Tensor) -> Tensor:
         if self.kind == "swiglu":
@@ -290,7 +285,7 @@ class StackedMLP(nn.Module):
         return gelu_tanh(hidden, self.gelu)
 
     def project_out(self, hidden: Tensor) -> Tensor:
-        return stacked_linear(hidden, self.down_weight, form=self.linear_form)
+        return stacked_linear(hidden, self.down_weight, forms=self.forms)
 
 
 def attention_mask(valid: Tensor, q_len: int, start: int, streams: int) -> Tensor:

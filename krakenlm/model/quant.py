@@ -14,7 +14,7 @@ computes. Kernels (``int8_mm``), chosen per device, activation dtype and number 
   bf16 0.28 ms; M=8 0.41 vs 0.32; M=16 1.09 vs 0.42) and is a slow reference loop for fp32.
 - ``dequant``: the weight converted to the activation dtype, then the ordinary GEMM (prefill-sized
   M, fp32 activations, and CUDA, whose int8pack kernel is a one-thread-per-output loop).
-Under torch.compile a one-row product is a reduction (layers.row_linear) the compiler fuses with the
+Under torch.compile a one-row product is a reduction (gemm.row_linear) the compiler fuses with the
 int8 -> float conversion, so the compiled decode step reads int8 on every device. A device where
 int8pack does not run (a probe, once) falls back to dequant.
 """
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from krakenlm.errors import ConfigError
-from krakenlm.model.layers import row_linear, single_row
+from krakenlm.model.gemm import row_linear
+from krakenlm.model.layers import single_row
 from krakenlm.model.params import lookup, owner_of
 
 QUANTIZE = ("int8",)

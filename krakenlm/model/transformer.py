@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from krakenlm.config import ModelConfig
 from krakenlm.errors import ConfigError, InputError
 from krakenlm.model.attention import check_kernel
+from krakenlm.model.gemm import LinearForms
 from krakenlm.model.layers import (
+    DEFAULT_FORMS,
     AttentionShape,
     AttentionStep,
     KVCache,
@@ -195,7 +197,7 @@ class Transformer(nn.Module):
             self.conj_bias = nn.Parameter(torch.zeros(d)) if config.bias else None
         self.ln_f = StackedNorm(1, d, config.norm, config.bias, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
-        self.linear_form = "linear"  # the conjunction's and the head's few-row form (set_forms)
+        self.forms = DEFAULT_FORMS  # the conjunction's and the head's linear forms (set_forms)
         if init:
             self.reset_parameters()
 
@@ -226,13 +228,13 @@ class Transformer(nn.Module):
             layer.attn.kernel = kernel
         return self
 
-    def set_forms(self, attention: str, linear: str, gelu: str) -> Transformer:
+    def set_forms(self, attention: str, linear: str, gelu: str, row: str = "reduce") -> Transformer:
         """The measured choices an engine or trainer resolved (krakenlm.choices.Choices), as plain names."""
         self.set_attention_kernel(attention)
-        self.linear_form = linear
+        self.forms = LinearForms(linear, row)
         for module in self.modules():
             if isinstance(module, (StackedAttention, StackedMLP)):
-                module.linear_form = linear
+                module.forms = self.forms
             if isinstance(module, StackedMLP):
                 module.gelu = gelu
         return self
@@ -329,12 +331,12 @@ class Transformer(nn.Module):
             width = d // shard.parts
             cols = y[..., shard.part * width:(shard.part + 1) * width]  # [S, B, t, d/parts]
             z = cols.permute(1, 2, 0, 3).reshape(batch * t_out, s * width)
-            z = comm.reduce_conj(linear(z, self.conj_weight, self.linear_form))
+            z = comm.reduce_conj(linear(z, self.conj_weight, self.forms))
             if self.conj_bias is not None:
                 z = z + self.conj_bias
             z = z.unsqueeze(0)
         else:
             z = y.reshape(1, batch * t_out, d)
         z = self.ln_f(z)[0]
-        logits = linear(z, self.wte.weight if self.lm_head is None else self.lm_head.weight, self.linear_form)
+        logits = linear(z, self.wte.weight if self.lm_head is None else self.lm_head.weight, self.forms)
         return logits.view(batch, t_out, -1)
