@@ -114,8 +114,9 @@ def measure(dtype: str, rounds: int, steps_only: bool) -> dict[str, object]:
         ratios |= {"kraken eager / gpt eager": paired("kraken eager", "gpt eager"),
                    "ours eager e2e / hf": paired("gpt eager e2e", "hf generate e2e"),
                    "ours compiled e2e / hf": paired("gpt compiled e2e", "hf generate e2e")}
-    return {"dtype": dtype, "median_ms": med, "floor_ms": floor_ms, "step_bytes": nbytes,
-            "read_bandwidth_gb_s": {k: v / 1e9 for k, v in bandwidth.items()}, "ratios": ratios, "samples": samples}
+    return {"dtype": dtype, "choices": str(compiled.choices), "median_ms": med, "floor_ms": floor_ms,
+            "step_bytes": nbytes, "read_bandwidth_gb_s": {k: v / 1e9 for k, v in bandwidth.items()}, "ratios": ratios,
+            "samples": samples}
 
 
 def main() -> None:
@@ -139,7 +140,8 @@ def main() -> None:
     print(f"\n{results['cpu']}: decode step / floor")
     for run in results["runs"]:
         r = run["ratios"]
-        print(f"  {run['dtype']:<5} eager {r['gpt eager / floor']:.2f}x, compiled {r['gpt compiled / floor']:.2f}x")
+        print(f"  {run['dtype']:<5} eager {r['gpt eager / floor']:.2f}x, compiled {r['gpt compiled / floor']:.2f}x "
+              f"({run['choices']})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
