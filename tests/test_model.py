@@ -161,6 +161,22 @@ def test_rows_with_their_own_sampling_parameters():
         assert mixed[row] == RowSampler([config], torch.device("cpu"))(logits[row:row + 1])[0]
 
 
+def test_unfiltered_rows_draw_from_the_plain_softmax():
+    """Rows without top-k / top-p sample softmax(logits / temperature) itself (no vocabulary sort), one
+    seeded generator per row: the same draws as multinomial on that distribution."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    configs = [SamplingConfig(temperature=t, seed=s) for t, s in ((0.7, 1), (1.0, 2), (1.3, 3), (2.0, 4))]
+    sampler = RowSampler(configs, torch.device("cpu"))
+    assert sampler.unfiltered and not RowSampler([SamplingConfig(temperature=1.0, top_p=0.9)], torch.device("cpu"))\
+        .unfiltered
+    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+    for _ in range(5):  # the generators carry on from draw to draw
+        got = sampler(logits)
+        want = [torch.multinomial(((row - row.max()) / c.temperature).softmax(-1), 1, generator=g).item()
+                for row, c, g in zip(logits, configs, generators, strict=True)]
+        assert got.tolist() == want
+
+
 @pytest.mark.parametrize("bad", [dict(top_k=2.5), dict(temperature="1"), dict(temperature=float("nan")),
                                  dict(top_p=0.0), dict(top_k=True), dict(seed=1.5)])
 def test_bad_sampling_parameters_are_refused_with_the_field_named(bad):
