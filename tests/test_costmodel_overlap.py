@@ -9,7 +9,7 @@ import pytest
 
 from krakenlm.cli import main
 from krakenlm.costmodel.calibrate import calibrate, parse_record, predict_point
-from krakenlm.costmodel.collectives import Group, collective_time
+from krakenlm.costmodel.collectives import Group, collective_time, p2p_time
 from krakenlm.costmodel.estimator import Layout, Workload, estimate, phase_estimate
 from krakenlm.costmodel.hardware import Hardware, load_hardware
 from krakenlm.costmodel.layouts import layer_pairs
@@ -29,7 +29,11 @@ from krakenlm.presets import get_preset
 A100 = load_hardware("a100-40gb-nvswitch")
 H100 = load_hardware("h100-sxm")
 # Memory traffic negligible, no per-step cost, no latency: only compute and link bytes remain.
-IDEAL = A100.with_factors(memory_bw=1e18, overlap_slowdown=0.0, overlap_step_s=0.0, alpha=0.0)
+IDEAL = A100.with_factors(memory_bw=1e18, overlap_slowdown=0.0, overlap_step_s=0.0, ring_slowdown=0.0,
+                          ring_step_s=0.0, alpha=0.0)
+# Each mode's own (slowdown, step) pair: what changing it moves, and what it leaves alone.
+MODE_FIELDS = {"chunked:4": ("overlap_slowdown", "overlap_step_s"),
+               "collective-matmul": ("ring_slowdown", "ring_step_s")}
 
 
 def _ttft(name: str, hw, overlap: str, prompt: int = 2048, chips: int = 8, layout: str | None = "1d-ws") -> float:
@@ -107,16 +111,52 @@ def test_collective_matmul_hand_computed() -> None:
         assert got == pytest.approx(_ttft("gpt-6.7b", hw, "none", prompt) + layers * extra, rel=1e-9)
 
 
+def test_collective_matmul_hand_computed_with_slow_hops() -> None:
+    """Nothing hidden (ring_slowdown 1): a loop costs C + (n-1) hop, so each pair adds 2 (n-1) (hop + step)
+    and saves the blocking X; a hop at ring_hop_eff 0.4 moves D/n at 0.4 of the link's achievable rate."""
+    hw = IDEAL.with_factors(alpha=2e-6, ring_slowdown=1.0, ring_step_s=7e-6, ring_hop_eff=0.4)
+    n, layers = 8, get_preset("gpt-6.7b").n_layer
+    hop = lambda d: 2e-6 + d / n / (hw.link_bw * hw.comm_eff * 0.4)  # noqa: E731
+    for prompt in (64, 2048):
+        extra = sum(2 * (n - 1) * (hop(d) + 7e-6) - x for _, _, x, d in _pair_terms("gpt-6.7b", hw, prompt, n))
+        got = _ttft("gpt-6.7b", hw, "collective-matmul", prompt)
+        assert got == pytest.approx(_ttft("gpt-6.7b", hw, "none", prompt) + layers * extra, rel=1e-9)
+
+
 @pytest.mark.parametrize("overlap", ["chunked:4", "collective-matmul"])
 def test_monotonic_in_slowdown_step_cost_and_link(overlap: str) -> None:
-    times = [_ttft("gpt-13b", A100.with_factors(overlap_slowdown=s), overlap) for s in (0.0, 0.1, 0.5, 1.0)]
+    slowdown, step = MODE_FIELDS[overlap]
+    times = [_ttft("gpt-13b", A100.with_factors(**{slowdown: s}), overlap) for s in (0.0, 0.1, 0.5, 1.0)]
     assert times == sorted(times) and times[0] < times[-1]
-    steps = [_ttft("gpt-13b", A100.with_factors(overlap_step_s=s), overlap) for s in (0.0, 1e-5, 1e-4)]
+    steps = [_ttft("gpt-13b", A100.with_factors(**{step: s}), overlap) for s in (0.0, 1e-5, 1e-4)]
     assert steps == sorted(steps) and steps[0] < steps[-1]
     links = [_ttft("gpt-13b", A100.with_factors(link_bw=bw), overlap) for bw in (25e9, 100e9, 300e9)]
     assert links == sorted(links, reverse=True)
     # nothing hidden when compute stops for every transfer: never faster than blocking
-    assert _ttft("gpt-13b", A100.with_factors(overlap_slowdown=1.0), overlap) >= _ttft("gpt-13b", A100, "none")
+    assert _ttft("gpt-13b", A100.with_factors(**{slowdown: 1.0}), overlap) >= _ttft("gpt-13b", A100, "none")
+
+
+def test_ring_hop_efficiency_prices_only_the_ring() -> None:
+    """A slower hop (lower ring_hop_eff) never speeds collective matmul up and slows it where hops are exposed;
+    chunked, blocking and pipeline-parallel sends (p2p_time without eff) do not see it."""
+    hw = A100.with_factors(ring_slowdown=1.0)
+    ring = [_ttft("gpt-13b", hw.with_factors(ring_hop_eff=e), "collective-matmul") for e in (0.1, 0.5, 1.0)]
+    assert ring == sorted(ring, reverse=True) and ring[0] > ring[-1]
+    for overlap in ("none", "chunked:4"):
+        assert _ttft("gpt-13b", hw.with_factors(ring_hop_eff=0.1), overlap) == _ttft("gpt-13b", hw, overlap)
+    assert p2p_time(1e6, hw.with_factors(ring_hop_eff=0.1), False) == p2p_time(1e6, hw, False)
+    assert p2p_time(1e6, hw, True, eff=0.5) == pytest.approx(2 * p2p_time(1e6, hw, True) - hw.inter_node_alpha)
+
+
+@pytest.mark.parametrize("overlap", ["chunked:4", "collective-matmul"])
+def test_each_mode_reads_only_its_own_factors(overlap: str) -> None:
+    other = next(v for k, v in MODE_FIELDS.items() if k != overlap)
+    moved = A100.with_factors(**{other[0]: 1.0, other[1]: 1e-3})
+    assert _ttft("gpt-13b", moved, overlap) == _ttft("gpt-13b", A100, overlap)
+    for prompt in (1, 2048):  # one chunk is blocking whatever the factors
+        odd = A100.with_factors(overlap_slowdown=1.0, overlap_step_s=1e-3, ring_slowdown=1.0, ring_hop_eff=0.2)
+        assert _ttft("gpt-13b", odd, "chunked:1", prompt) == pytest.approx(_ttft("gpt-13b", odd, "none", prompt),
+                                                                         rel=1e-12)
 
 
 def test_breakdown_exposed_plus_hidden_is_the_communication() -> None:
@@ -178,6 +218,24 @@ def test_calibration_fits_the_slowdown_from_overlap_records() -> None:
         parse_record(named | {"variant": "gpt/chunked:0"})
 
 
+def test_calibration_fits_the_ring_factors_from_collective_matmul_records() -> None:
+    """ring_slowdown, ring_step_s and ring_hop_eff come back from collective-matmul records over three links
+    and two prompts; chunked's factors are not touched by them."""
+    cpu = load_hardware("cpu-gloo-nominal")
+    truth = cpu.with_factors(ring_slowdown=0.8, ring_step_s=3e-4, ring_hop_eff=0.5)
+    records = []
+    for prompt in (128, 512):
+        for gbps in (None, 1.0, 10.0):
+            rec = {"arch": "gpt", "preset": "gpt2-124m", "tp": 2, "batch": 1, "prompt_len": prompt,
+                   "dtype": "fp32", "phase": "prefill", "link_gbps": gbps, "seconds": 1.0,
+                   "overlap": "collective-matmul"}
+            records.append(rec | {"seconds": predict_point(parse_record(rec), truth)})
+    fit = calibrate(cpu, records, fields=("ring_slowdown", "ring_step_s", "ring_hop_eff"))
+    for key, value in (("ring_slowdown", 0.8), ("ring_step_s", 3e-4), ("ring_hop_eff", 0.5)):
+        assert fit.fitted[key] == pytest.approx(value, rel=0.02)
+    assert fit.hardware.overlap_factors("chunked") == cpu.overlap_factors("chunked")
+
+
 @pytest.fixture(scope="module")
 def study() -> list[OverlapRow]:
     return overlap_study()
@@ -216,8 +274,11 @@ def test_overlap_study_conclusions(study) -> None:
 
 @pytest.mark.parametrize("key,value", [("overlap_slowdown", 1.5), ("overlap_slowdown", -0.1),
                                        ("overlap_slowdown", float("nan")), ("overlap_step_s", -1e-6),
-                                       ("overlap_step_s", 2.0), ("overlap_step_s", "3us")])
+                                       ("overlap_step_s", 2.0), ("overlap_step_s", "3us"),
+                                       ("ring_slowdown", 1.01), ("ring_slowdown", None), ("ring_step_s", -1.0),
+                                       ("ring_hop_eff", 0.0), ("ring_hop_eff", 1.5), ("ring_hop_eff", True)])
 def test_bad_overlap_fields_name_the_field(key: str, value) -> None:
     with pytest.raises(ConfigError, match=key):
         Hardware.from_dict(A100.to_dict() | {key: value})
-    assert Hardware.from_dict(A100.to_dict() | {key: 0.0}).overlap_slowdown in (0.0, A100.overlap_slowdown)
+    valid = 1.0 if key == "ring_hop_eff" else 0.0
+    assert getattr(Hardware.from_dict(A100.to_dict() | {key: valid}), key) == valid

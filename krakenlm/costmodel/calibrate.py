@@ -53,7 +53,8 @@ from krakenlm.layout import KRAKEN_LAYOUT
 from krakenlm.presets import get_preset
 
 FIT_FIELDS = ("matmul_eff", "attention_eff", "memory_eff", "comm_eff", "alpha", "layer_overhead_s", "link_bw")
-OVERLAP_FIELDS = ("overlap_slowdown", "overlap_step_s")  # bound only by records of system overlap modes
+# bound only by records of system overlap modes: chunked's (the first two) and collective-matmul's
+OVERLAP_FIELDS = ("overlap_slowdown", "overlap_step_s", "ring_slowdown", "ring_step_s", "ring_hop_eff")
 FITTABLE = FIT_FIELDS + OVERLAP_FIELDS
 # Bounds of log(field): efficiencies cannot exceed 1 and latencies stay below a second, so a field no
 # point is bound by cannot run away; link_bw (a loopback's bandwidth is not known beforehand) 1 MB/s-10 TB/s.
@@ -284,7 +285,7 @@ def _starts(theta: np.ndarray, params: list[tuple[str, str | None]]) -> list[np.
     """``theta`` and, when overlap_slowdown is fitted, copies of it with that field at each of _SLOWDOWN_STARTS."""
     out = [theta]
     for i, (f, _) in enumerate(params):
-        if f == "overlap_slowdown":
+        if f in ("overlap_slowdown", "ring_slowdown"):
             out += [np.where(np.arange(len(theta)) == i, np.log(v), theta) for v in _SLOWDOWN_STARTS]
     return out
 
@@ -306,7 +307,7 @@ def calibrate(hw: Hardware, records: list[dict[str, Any]],
         raise ConfigError("calibration: no records to fit")
     params = _parameters(hw, fields, points, per_dtype)
     measured = np.log([p.seconds for p in points])
-    floor = {"alpha": 1e-7, "layer_overhead_s": 1e-7, "overlap_step_s": 1e-7}
+    floor = {"alpha": 1e-7, "layer_overhead_s": 1e-7, "overlap_step_s": 1e-7, "ring_step_s": 1e-7}
     lo, hi = np.array([_LOG_BOUNDS.get(f, _DEFAULT_BOUNDS) for f, _ in params]).T
     start = [getattr(hw, f) if d is None else hw.eff(f, d) for f, d in params]
     theta = np.clip(np.log([max(v, floor.get(f, 1e-6)) for (f, _), v in zip(params, start, strict=True)]), lo, hi)

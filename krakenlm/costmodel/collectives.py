@@ -119,11 +119,12 @@ def collective_time(kind: str, nbytes: float, group: Group, hw: Hardware) -> flo
     return 2 * phase if kind == "all_reduce" else phase
 
 
-def p2p_time(nbytes: float, hw: Hardware, across_nodes: bool) -> float:
+def p2p_time(nbytes: float, hw: Hardware, across_nodes: bool, eff: float = 1.0) -> float:
     """One point-to-point send of ``nbytes`` from each chip to its peer (pipeline stages): latency plus
-    bytes over the node fabric, or over the chip's NIC when the peer is in another node."""
+    bytes over the node fabric, or over the chip's NIC when the peer is in another node; ``eff`` scales
+    that bandwidth (a collective matmul's ring hop: ``hw.ring_hop_eff``)."""
     if nbytes <= 0:
         return 0.0
     if across_nodes:
-        return hw.inter_node_alpha + nbytes / (hw.inter_node_bw * hw.inter_node_eff)
-    return hw.alpha + nbytes / (hw.link_bw * hw.comm_eff)
+        return hw.inter_node_alpha + nbytes / (hw.inter_node_bw * hw.inter_node_eff * eff)
+    return hw.alpha + nbytes / (hw.link_bw * hw.comm_eff * eff)

@@ -335,8 +335,8 @@ def _system_pairs(config: ModelConfig, hw: Hardware, layout: Layout, tokens: int
         work = PairWork(c_in=2 * tokens * p_in / flop_rate, m_in=p_in * w_bytes / mem_rate,
                         c_out=2 * tokens * p_out / flop_rate, m_out=p_out * w_bytes / mem_rate,
                         x_chunk=collective_time("all_reduce", d / chunks_used(overlap, tokens), group, hw),
-                        x_step=p2p_time(d / n, hw, group.nodes > 1) if n > 1 else 0.0)
-        extra += pair_extra(work, overlap, n, hw.overlap_slowdown, hw.overlap_step_s, tokens)
+                        x_step=p2p_time(d / n, hw, group.nodes > 1, hw.ring_hop_eff) if n > 1 else 0.0)
+        extra += pair_extra(work, overlap, n, *hw.overlap_factors(overlap.mode), tokens)
         comm += pair_comm(work, overlap, n, tokens)
     return extra, comm
 

@@ -70,9 +70,13 @@ class Hardware:
     (one NIC per chip), latency per step, ``ring`` (m-1 steps over m nodes) or ``switch`` (1 step),
     and its efficiency. ``chips_per_node=0`` is one fabric for any chip count (the TPU torus, a CPU).
 
-    System-overlapped standard TP (overlap.py): ``overlap_slowdown`` is the fraction of a concurrent
-    transfer's duration that compute loses (0: transfers on their own engines; 1: nothing hidden, a
-    CPU core doing gloo's copies); ``overlap_step_s`` the fixed cost of each extra chunk or ring step.
+    System-overlapped standard TP (overlap.py), one pair of factors per mode. ``chunked:K`` (async
+    all-reduces): ``overlap_slowdown`` is the fraction of a concurrent transfer's duration that compute
+    loses (0: transfers on their own engines; 1: nothing hidden, a CPU core doing gloo's copies) and
+    ``overlap_step_s`` the fixed cost of each extra chunk. ``collective-matmul`` (point-to-point ring
+    hops): ``ring_slowdown`` and ``ring_step_s`` the same for each hop, and ``ring_hop_eff`` a hop's
+    bandwidth as a fraction of the link's achievable one (``link_bw * comm_eff``, or the network's
+    across nodes): a send/recv pair need not stream as well as the collective the link was fitted on.
     """
 
     name: str
@@ -97,6 +101,9 @@ class Hardware:
     inter_node_eff: float = 1.0
     overlap_slowdown: float = 0.0
     overlap_step_s: float = 0.0
+    ring_slowdown: float = 0.0
+    ring_step_s: float = 0.0
+    ring_hop_eff: float = 1.0
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -108,10 +115,12 @@ class Hardware:
         self._check_fabric()
         for key in ("memory_bytes", "memory_bw", "link_bw"):
             _check_number(self.name, key, getattr(self, key), *RATE_RANGE)
-        for key in ("alpha", "layer_overhead_s", "overlap_step_s"):
+        for key in ("alpha", "layer_overhead_s", "overlap_step_s", "ring_step_s"):
             _check_number(self.name, key, getattr(self, key), 0.0, LATENCY_MAX, lo_open=False)
-        _check_number(self.name, "comm_eff", self.comm_eff, 0.0, 1.0)
-        _check_number(self.name, "overlap_slowdown", self.overlap_slowdown, 0.0, 1.0, lo_open=False)
+        for key in ("comm_eff", "ring_hop_eff"):
+            _check_number(self.name, key, getattr(self, key), 0.0, 1.0)
+        for key in ("overlap_slowdown", "ring_slowdown"):
+            _check_number(self.name, key, getattr(self, key), 0.0, 1.0, lo_open=False)
         for key in PER_DTYPE:
             self._check_factor(key)
         self._check_nodes()
@@ -201,6 +210,13 @@ class Hardware:
     def memory_rate(self, dtype: str) -> float:
         """Achievable HBM bytes/s when streaming ``dtype`` weights: memory_bw x memory_eff."""
         return self.memory_bw * self.eff("memory_eff", dtype)
+
+    def overlap_factors(self, mode: str) -> tuple[float, float]:
+        """(slowdown, seconds per extra step) of a system overlap mode: ``chunked``'s async all-reduces or
+        ``collective-matmul``'s ring hops."""
+        if mode == "collective-matmul":
+            return self.ring_slowdown, self.ring_step_s
+        return self.overlap_slowdown, self.overlap_step_s
 
     def with_factors(self, **changes: Any) -> Hardware:
         """A copy with some fields changed (used by calibration and what-if studies)."""

@@ -14,16 +14,20 @@ projection's weights again, so its time is c = max(C_out/K, M_out). Two-stage pi
 the all-gather before the in-projection and the reduce-scatter after the out-projection (norms and
 residuals sharded), each looped over the n chips of the ring: step i multiplies the shard already
 here (1/n of the contraction, so the weights are read once in all: c = max(C/n, M/n)) while the next
-shard moves one hop, x = one ring step of D/n (latency + bytes over the slowest link of the ring):
+shard moves one hop, x = one ring step of D/n, a point-to-point send (latency + bytes over the slowest
+link of the ring, at ``ring_hop_eff`` of its achievable bandwidth):
 
     T_in = T_out = c + (n-1) * seg(c, x)       (the first step computes on local data)
 
-seg(c, x) = max(x, c + s*x): a transfer of x seconds alongside c of compute; ``overlap_slowdown`` s is
-the fraction of the transfer's duration the concurrent compute loses (SMs running NCCL kernels on a
-GPU, a CPU core copying and reducing for gloo): s = 0 hides min(c, x), s = 1 hides nothing.
-Each extra chunk or ring step beyond the one op it replaces costs ``overlap_step_s`` (a kernel launch
-and a stream wait). A layer then costs max(C, M) + sum over pairs of (T_in + T_out - the unsplit
-projections' max(C, M)) + the extra steps: exactly ``none``'s max(C, M) + X at K = 1.
+seg(c, x) = max(x, c + s*x): a transfer of x seconds alongside c of compute; the slowdown s is the
+fraction of the transfer's duration the concurrent compute loses (SMs running NCCL kernels on a GPU, a
+CPU core copying and reducing for gloo): s = 0 hides min(c, x), s = 1 hides nothing. Each extra chunk
+or ring step beyond the one op it replaces costs a fixed step (a kernel launch and a stream wait). The
+two modes have their own pair (``Hardware.overlap_factors``): ``overlap_slowdown`` / ``overlap_step_s``
+for chunked's async all-reduces, ``ring_slowdown`` / ``ring_step_s`` for the ring's send/recv hops
+(on gloo/CPU the two differ: an all-reduce's transfer hides partly, a hop's less). A layer then costs
+max(C, M) + sum over pairs of (T_in + T_out - the unsplit projections' max(C, M)) + the extra steps:
+exactly ``none``'s max(C, M) + X at K = 1.
 """
 
 from __future__ import annotations
