@@ -214,6 +214,7 @@ def main() -> None:
     if args.smoke:
         args.rounds, args.num_prompts, args.input_len, args.output_len, args.one_at_a_time = 1, 4, 16, 8, True
         args.single_prompts = 2
+    started = environment()  # the commit the servers run (the tree may change while a long run goes on)
     results = []
     for name in args.parts.split(","):
         if name not in PARTS:
@@ -222,7 +223,7 @@ def main() -> None:
             results.append(part(name, args, Path(tmp)))
         print(table(results[-1]) + "\n", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "environment": environment(),
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "environment": started,
                                         "results": results}, indent=1))
 
 
