@@ -30,13 +30,13 @@ class Choices:
 
     dtype: str
     attention: str  # sdpa | blocked:B
-    linear: str  # the few-row linear form: linear | transposed
+    linear: tuple[str, ...]  # the few-row linear form per row bucket (1, 2, 4, ...): linear | transposed
     gelu: str  # tanh | sigmoid
     row: str = "reduce"  # one row inside a compiled decode step: reduce | library (measured only when compiling)
 
     def __str__(self) -> str:
-        return (f"choices: dtype={self.dtype} attention={self.attention} linear={self.linear} gelu={self.gelu} "
-                f"row={self.row}")
+        return (f"choices: dtype={self.dtype} attention={self.attention} linear={','.join(self.linear)} "
+                f"gelu={self.gelu} row={self.row}")
 
 
 def _bucket(n: int, floor: int = 1) -> int:
@@ -95,7 +95,8 @@ def resolve(model: Transformer, dtype_name: str, dtype: torch.dtype, device: tor
         kernel = attention_kernel(sequences * streams * shape.n_head, max(1, shape.n_head // shape.n_kv_head),
                                   min(prompt, model.config.block_size), shape.head_size, dtype, device, training)
     head = model.wte.weight if model.lm_head is None else model.lm_head.weight
-    linear = "linear" if training or not isinstance(head, torch.Tensor) else linear_form(sequences, head, dtype, device)
+    linear = (("linear",) if training or not isinstance(head, torch.Tensor) else
+              tuple(linear_form(1 << i, head, dtype, device) for i in range(_bucket(sequences).bit_length())))
     gelu = gelu_form(dtype, device, training) if model.config.mlp == "gelu" else "tanh"
     row = "reduce" if compile is None or training else row_form(model, dtype, device, compile)
     return Choices(dtype_name, kernel, linear, gelu, row)

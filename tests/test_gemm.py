@@ -50,3 +50,24 @@ def test_choice_is_measured_once_per_key_then_read_from_the_cache(monkeypatch, t
     choices.linear_form(5, w, x.dtype, cpu)  # a fresh process reads the file
     assert len(calls) == 1
     choices.LINEAR.forget()
+
+
+def test_each_row_bucket_runs_its_own_measured_form(monkeypatch, tmp_path):
+    """An engine measures the few-row form per row bucket up to its batch (the best form changes with the row
+    count), and a layer with m rows runs the form of m's bucket."""
+    from krakenlm.model import Transformer
+    from tests.conftest import tiny
+
+    monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
+    choices.LINEAR.forget()
+    monkeypatch.setattr(gemm, "measure", lambda probe, weight, bias: {"linear": 0.1 if probe.shape[0] == 2 else 1.0,
+                                                                      "transposed": 0.5})  # 2 rows: linear
+    model = Transformer(tiny("gpt"))
+    picked = choices.resolve(model, "fp32", torch.float32, torch.device("cpu"), kernel="sdpa", sequences=5)
+    assert picked.linear == ("transposed", "linear", "transposed", "transposed")  # 1, 2, 4, 8 rows
+    forms = model.set_forms("sdpa", picked.linear, "tanh").forms
+    assert [forms.few(m) for m in (1, 2, 3, 4, 5, 8, 9, 64)] == ["transposed", "linear", "transposed",
+                                                                 "transposed", "transposed", "transposed",
+                                                                 "transposed", "transposed"]
+    assert "linear=transposed,linear,transposed,transposed" in str(picked)
+    choices.LINEAR.forget()

@@ -44,7 +44,7 @@ def linear(x: Tensor, weight: Tensor | nn.Module, forms: LinearForms = DEFAULT_F
     the forward does not change."""
     if isinstance(weight, nn.Module):
         return weight.linear(x)
-    return row_linear(x, weight) if one_row(x, forms) else rows_linear(x, weight, form=forms.rows)
+    return row_linear(x, weight) if one_row(x, forms) else rows_linear(x, weight, form=forms.few(x.shape[0]))
 
 
 def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None,
@@ -55,7 +55,7 @@ def stacked_linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = 
         out = weight.linear(x) if isinstance(weight, nn.Module) else row_linear(x, weight)
         return out if bias is None else out + bias.unsqueeze(1)
     if weight.shape[0] == 1:  # the GPT case: a plain GEMM, no batch overhead
-        out = rows_linear(x[0], weight[0], None if bias is None else bias[0], forms.rows)
+        out = rows_linear(x[0], weight[0], None if bias is None else bias[0], forms.few(x.shape[1]))
         return out.unsqueeze(0)
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))

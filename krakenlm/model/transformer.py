@@ -228,10 +228,11 @@ class Transformer(nn.Module):
             layer.attn.kernel = kernel
         return self
 
-    def set_forms(self, attention: str, linear: str, gelu: str, row: str = "reduce") -> Transformer:
-        """The measured choices an engine or trainer resolved (krakenlm.choices.Choices), as plain names."""
+    def set_forms(self, attention: str, linear: str | tuple[str, ...], gelu: str, row: str = "reduce") -> Transformer:
+        """The measured choices an engine or trainer resolved (krakenlm.choices.Choices), as plain names;
+        ``linear``: one few-row form, or one per row bucket (1, 2, 4, ... rows)."""
         self.set_attention_kernel(attention)
-        self.forms = LinearForms(linear, row)
+        self.forms = LinearForms((linear,) if isinstance(linear, str) else tuple(linear), row)
         for module in self.modules():
             if isinstance(module, (StackedAttention, StackedMLP)):
                 module.forms = self.forms
