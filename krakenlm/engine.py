@@ -80,6 +80,7 @@ from krakenlm.validation import check_float, check_int
 COMPILE_SETTINGS: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"},
                                                "cpu": {"options": {"realize_reads_threshold": 1}}}
 
+DEFAULT_WORKLOAD = Workload(batch=1, prompt=128, generate=32)  # what an engine's choices are measured for
 CLOSE_WAIT_S = 10.0  # a follower takes the goodbye and exits within this, or it is stopped or stalled: killed
 
 
@@ -277,7 +278,7 @@ class Engine:
     def _choose(self) -> None:
         """The measured choices, once, at the shapes this engine is built for (the workload's batch and
         prompt), as plain options the model runs with; the verbs print them with their results."""
-        wl = self.workload or Workload(batch=1, prompt=128, generate=32)
+        wl = self.workload or DEFAULT_WORKLOAD
         self.choices: Choices = resolve_choices(self.model, self.options.dtype, self.dtype, self.device,
                                                 kernel=self.options.attention, sequences=wl.batch, prompt=wl.prompt,
                                                 compile=self._compiler if self.options.compile else None)
@@ -615,6 +616,10 @@ class Engine:
     @lockstep
     def _open_serving(self, max_batch: int, vocab_limit: int | None) -> None:
         self._serving = None  # free the old cache before making the new one
+        if len(self.choices.linear) < (max_batch - 1).bit_length() + 1:
+            # decode steps will run up to max_batch rows: the few-row forms for each row bucket up to it
+            self.workload = dataclasses.replace(self.workload or DEFAULT_WORKLOAD, batch=max_batch)
+            self._choose()
         zeros = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._serving = _Serving(self.new_cache(max_batch, self.config.block_size), zeros, zeros.clone(),
                                  [0] * max_batch, [None] * max_batch, vocab_limit)
@@ -721,8 +726,7 @@ class Engine:
         # Rows [0, width) run (a compiled step always runs them all: one static shape); rows outside
         # `rows` write their current token at their current slot, which their own next step rewrites
         # before reading it (or a prefill resets), and their logits are dropped.
-        width, keys = decode_shape(rows, [s.lengths[r] for r in rows], batch, s.cache.max_len)
-        width = batch if self.options.compile else width
+        width, keys = decode_shape(rows, [s.lengths[r] for r in rows], batch, s.cache.max_len, self.options.compile)
         cache = s.cache if width == batch else s.cache.rows(0, width)
         logits = self.decode_step(s.tokens[:width], s.slots[:width], s.slots[:width], cache, keys)
         index, sampler = self._step_sampler(rows)

@@ -44,6 +44,23 @@ def test_rows_give_what_generate_gives_alone(name):
     assert staggered(engine, batch[::-1], 20, sampling[::-1], rows=[5, 0, 7, 2, 1, 3, 6, 4]) == want[::-1]
 
 
+@pytest.mark.parametrize("form", ["linear", "transposed", "packed"])
+def test_serving_chooses_a_form_per_row_bucket_and_every_form_gives_the_same_tokens(form):
+    """open_serving(8) measures the few-row form for 1, 2, 4 and 8 rows (an engine built for one sequence
+    had chosen only the 1-row form, so a server ran every batch in it); each form serves the same tokens."""
+    if form == "packed" and not torch.backends.mkldnn.is_available():
+        pytest.skip("NOT TESTED: this torch has no oneDNN")
+    engine = Engine(ModelSource(config=CONFIGS["gpt"]), EngineOptions(device="cpu"))
+    batch, sampling = prompts(8, seed=4), [SamplingConfig()] * 8
+    want = alone(engine, batch, 10, sampling)
+    assert len(engine.choices.linear) == 1
+    engine.open_serving(8)
+    assert len(engine.choices.linear) == 4 and f"linear={','.join(engine.choices.linear)} " in str(engine.choices)
+    c = engine.choices
+    engine.model.set_forms(c.attention, (form,) * 4, c.gelu, c.row)
+    assert staggered(engine, batch, 10, sampling) == want
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_batched_and_chunked_prefill_give_what_generate_gives_alone(name):
     engine = Engine(ModelSource(config=CONFIGS[name]), EngineOptions(device="cpu"))

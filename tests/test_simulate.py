@@ -117,15 +117,16 @@ class _Recording(ConstantTimes):
 
 def test_engine_shapes_price_the_rows_and_keys_the_engine_computes() -> None:
     """A in row 0 (2 tokens) and B in row 1 (4 tokens), prompts of 100: after A leaves, the eager engine still
-    computes rows 0-1 for B, over a key window of 128 (the power of two above its 101-102 cached tokens)."""
-    assert decode_shape([0], [63], 8, 1024) == (1, 64) and decode_shape([5], [64], 8, 1024) == (8, 128)
-    assert decode_shape([2, 0], [10, 3000], 8, 1024) == (4, 1024)
+    computes rows 0-1 for B, over a key window of 112 (its 101-102 cached tokens rounded up to 16)."""
+    assert decode_shape([0], [63], 8, 1024) == (1, 64) and decode_shape([5], [64], 8, 1024) == (6, 80)
+    assert decode_shape([2, 0], [10, 3000], 8, 1024) == (3, 1024)
+    assert decode_shape([5], [64], 8, 1024, compiled=True) == (8, 128)  # compiled: static rows, powers of two
     load = [Arrival(0.0, 100, 2), Arrival(0.0, 100, 4)]
     exact, engine = _Recording(), _Recording()
     simulate(load, BatchingPolicy(max_batch=4), 1024, exact)
     simulate(load, BatchingPolicy(max_batch=4), 1024, engine, engine_shapes=True)
     assert exact.decoded == [[101, 101], [102], [103]]
-    assert engine.decoded == [[128, 128], [128, 128], [128, 128]]
+    assert engine.decoded == [[112, 112], [112, 112], [112, 112]]
 
 
 def test_report_percentiles_match_numpy_and_fields() -> None:

@@ -53,6 +53,7 @@ def _count(owner: str, key: str, value: Any, minimum: int) -> None:
 
 
 KEYS_FLOOR = 64  # the shortest key window a decode step attends over
+KEYS_STEP = 16  # an eager step's key window grows in these steps (the keys past a row's length are masked reads)
 
 
 def bucket(n: int, limit: int, floor: int = 1) -> int:
@@ -61,11 +62,18 @@ def bucket(n: int, limit: int, floor: int = 1) -> int:
     return min(limit, max(floor, 1 << max(0, n - 1).bit_length()))
 
 
-def decode_shape(rows: list[int], lengths: list[int], batch: int, context: int) -> tuple[int, int]:
-    """The (rows, keys) an eager engine's decode step computes for running ``rows`` whose cached lengths are
-    ``lengths``: every row below the bucketed highest one (idle rows included) over the bucketed longest
-    context, so its cost follows the highest row in use, not the number of requests."""
-    return bucket(max(rows) + 1, batch), bucket(max(lengths) + 1, context, floor=KEYS_FLOOR)
+def decode_shape(rows: list[int], lengths: list[int], batch: int, context: int, compiled: bool = False
+                 ) -> tuple[int, int]:
+    """The (rows, keys) an engine's decode step computes for running ``rows`` whose cached lengths are
+    ``lengths``. Eager: every row up to the highest one in use (idle rows below it included), over the
+    longest context rounded up to ``KEYS_STEP``, so a step reads little more cache than its rows hold (at
+    8 rows of 140 tokens, GPT-2 fp32, a power-of-two window of 256 made attention 19 ms of a ~90 ms step
+    on an Intel Xeon family 6 model 167, against 8 ms over 160). Compiled: all ``batch`` rows (one static
+    shape) over a power-of-two window, so the step keeps a handful of graphs."""
+    longest = max(lengths) + 1
+    if compiled:
+        return batch, bucket(longest, context, floor=KEYS_FLOOR)
+    return max(rows) + 1, min(context, max(KEYS_FLOOR, -(-longest // KEYS_STEP) * KEYS_STEP))
 
 
 @dataclass(frozen=True)

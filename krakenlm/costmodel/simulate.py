@@ -207,7 +207,7 @@ def simulate(workload: Sequence[Arrival], policy: BatchingPolicy, context: int, 
     """Run ``workload`` through a Scheduler(policy, context) with ``times`` (module docstring). Requests
     the scheduler refuses (queue full, too long) are failed records. ``engine_shapes`` prices each decode
     step at the shape krakenlm's eager engine computes (``decode_shape``: rows up to the highest one in use,
-    keys up to the bucketed longest context) instead of the running requests at their mean context."""
+    keys over the longest context rounded up) instead of the running requests at their mean context."""
     sched = Scheduler(policy, context)
     pending = deque(sorted(workload, key=lambda a: a.time))
     traces: dict[int, _Trace] = {}

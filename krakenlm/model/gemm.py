@@ -21,6 +21,7 @@ when a compiled engine is built.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from krakenlm.machine import fastest_seconds
 
-FORMS = ("linear", "transposed")
+PACK_ROWS = 8  # the row count oneDNN's reordered layout is chosen for (4-16 rows measured alike)
 ROW_FORMS = ("reduce", "library")
 FEW_ROWS = 64
 
@@ -61,8 +62,35 @@ def one_row(x: Tensor, forms: LinearForms) -> bool:
     return forms.row == "reduce" and x.shape[-2] == 1 and torch.compiler.is_compiling()
 
 
+def forms_for(weight: Tensor) -> tuple[str, ...]:
+    """The few-row forms ``weight`` can run in (``packed``: fp32 or bf16 on a CPU with oneDNN)."""
+    packed = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+              and torch.backends.mkldnn.is_available())
+    return ("linear", "transposed", "packed") if packed else ("linear", "transposed")
+
+
+_PACKED: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], tuple[int, Tensor]] = {}
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """oneDNN's reordered copy of ``weight`` [out, in], made on first use and kept while the tensor that
+    owns its memory lives; remade if that memory is written (its version counter moves), so a copy never
+    goes stale."""
+    owner = weight if weight._base is None else weight._base
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+    version, packed = _PACKED.get(key, (None, None))
+    if packed is None or version != owner._version:
+        if packed is None:
+            weakref.finalize(owner, _PACKED.pop, key, None)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+        _PACKED[key] = owner._version, packed
+    return packed
+
+
 def few_rows_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [M, in] @ weight[out, in]^T (+ bias [out]) in one named form; a contiguous [M, out]."""
+    if form == "packed":
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(weight), bias, "none", [], "")
     if form == "transposed":
         out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x.t())
         return out.t().contiguous()
@@ -74,7 +102,7 @@ def measure(x: Tensor, weight: Tensor, bias: Tensor | None) -> dict[str, float]:
     probe = torch.randn(x.shape, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device)
     probe = probe.to(x.dtype)
     return {form: fastest_seconds(lambda form=form: few_rows_form(form, probe, weight, bias), x.device, repeats=3,
-                                  budget_s=0.02) for form in FORMS}
+                                  budget_s=0.02) for form in forms_for(weight)}
 
 
 def measure_row(weights: Sequence[Tensor], compile: Callable[[Callable[..., object]], Callable[..., object]]
