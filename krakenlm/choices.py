@@ -30,7 +30,7 @@ class Choices:
 
     dtype: str
     attention: str  # sdpa | blocked:B
-    linear: tuple[str, ...]  # the few-row linear form per row bucket (1, 2, 4, ...): linear | transposed
+    linear: tuple[str, ...]  # the linear form per row bucket (1, 2, 4, ...): linear | transposed | packed
     gelu: str  # tanh | sigmoid
     row: str = "reduce"  # one row inside a compiled decode step: reduce | library (measured only when compiling)
 
@@ -54,11 +54,16 @@ def attention_kernel(heads: int, group: int, t: int, head_size: int, dtype: torc
     return ATTENTION.pick(key, lambda: attention.measure(heads, kv, tb, head_size, dtype, device, training))
 
 
+STREAMED_ROWS = 8  # up to this many rows a form is measured on the whole weight, which streams from memory
+PROBE_OUT = 4096  # above them (compute-bound) on this many of its output rows, to bound the measuring time
+
+
 def linear_form(rows: int, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> str:
     """The few-row linear form measured fastest for ``rows`` rows times ``weight`` here."""
-    if rows > gemm.FEW_ROWS:
+    if rows > gemm.MEASURED_ROWS:
         return "linear"
     out, inner = weight.shape[-2:]
+    out = out if rows <= STREAMED_ROWS else min(out, PROBE_OUT)
     key = f"{machine_key(device)}|{str(dtype)[6:]}|rows {_bucket(rows)}|{out}x{inner}|bias False"
     probe = torch.empty(_bucket(rows), inner, dtype=dtype, device=device)
     w = weight.detach().reshape(-1, inner)[:out].to(dtype)
@@ -75,6 +80,12 @@ def row_form(model: Transformer, dtype: torch.dtype, device: torch.device,
     out, inner = flat[0].shape
     key = f"{machine_key(device)}|{str(dtype)[6:]}|{len(flat)} x {out}x{inner}"
     return ROW.pick(key, lambda: gemm.measure_row(flat, compile))
+
+
+def _row_buckets(sequences: int, prompt: int) -> int:
+    """How many row buckets (1, 2, 4, ...) a run's linear layers see: decode steps of ``sequences`` rows and
+    prefills of ``sequences`` x ``prompt``, up to MEASURED_ROWS."""
+    return _bucket(min(gemm.MEASURED_ROWS, max(sequences, sequences * prompt))).bit_length()
 
 
 def gelu_form(dtype: torch.dtype, device: torch.device, training: bool) -> str:
@@ -96,7 +107,7 @@ def resolve(model: Transformer, dtype_name: str, dtype: torch.dtype, device: tor
                                   min(prompt, model.config.block_size), shape.head_size, dtype, device, training)
     head = model.wte.weight if model.lm_head is None else model.lm_head.weight
     linear = (("linear",) if training or not isinstance(head, torch.Tensor) else
-              tuple(linear_form(1 << i, head, dtype, device) for i in range(_bucket(sequences).bit_length())))
+              tuple(linear_form(1 << i, head, dtype, device) for i in range(_row_buckets(sequences, prompt))))
     gelu = gelu_form(dtype, device, training) if model.config.mlp == "gelu" else "tanh"
     row = "reduce" if compile is None or training else row_form(model, dtype, device, compile)
     return Choices(dtype_name, kernel, linear, gelu, row)

@@ -63,7 +63,7 @@ def test_choice_is_measured_once_per_key_then_read_from_the_cache(monkeypatch, t
     form = choices.linear_form(5, w, x.dtype, cpu)
     assert choices.linear_form(7, w, x.dtype, cpu) == form == "transposed"  # 5 and 7 rows share the bucket of 8
     assert calls == [((8, 16), (24, 16), False)]
-    assert choices.linear_form(65, w, x.dtype, cpu) == "linear"  # above FEW_ROWS: F.linear, nothing measured
+    assert choices.linear_form(513, w, x.dtype, cpu) == "linear"  # above MEASURED_ROWS: F.linear, nothing measured
     with torch.inference_mode():
         torch.testing.assert_close(gemm.rows_linear(x, w, form=form), gemm.few_rows_form("transposed", x, w))
     trained = torch.randn(32, 16, generator=rng, requires_grad=True)
@@ -78,8 +78,8 @@ def test_choice_is_measured_once_per_key_then_read_from_the_cache(monkeypatch, t
 
 
 def test_each_row_bucket_runs_its_own_measured_form(monkeypatch, tmp_path):
-    """An engine measures the few-row form per row bucket up to its batch (the best form changes with the row
-    count), and a layer with m rows runs the form of m's bucket."""
+    """An engine measures the linear form per row bucket up to its batch and its prefill's rows (the best
+    form changes with the row count), and a layer with m rows runs the form of m's bucket (F.linear above)."""
     from krakenlm.model import Transformer
     from tests.conftest import tiny
 
@@ -88,11 +88,14 @@ def test_each_row_bucket_runs_its_own_measured_form(monkeypatch, tmp_path):
     monkeypatch.setattr(gemm, "measure", lambda probe, weight, bias: {"linear": 0.1 if probe.shape[0] == 2 else 1.0,
                                                                       "transposed": 0.5})  # 2 rows: linear
     model = Transformer(tiny("gpt"))
-    picked = choices.resolve(model, "fp32", torch.float32, torch.device("cpu"), kernel="sdpa", sequences=5)
-    assert picked.linear == ("transposed", "linear", "transposed", "transposed")  # 1, 2, 4, 8 rows
+    picked = choices.resolve(model, "fp32", torch.float32, torch.device("cpu"), kernel="sdpa", sequences=5, prompt=3)
+    assert picked.linear == ("transposed", "linear", "transposed", "transposed", "transposed")  # 1, 2, 4, 8, 16 rows
     forms = model.set_forms("sdpa", picked.linear, "tanh").forms
-    assert [forms.few(m) for m in (1, 2, 3, 4, 5, 8, 9, 64)] == ["transposed", "linear", "transposed",
-                                                                 "transposed", "transposed", "transposed",
-                                                                 "transposed", "transposed"]
-    assert "linear=transposed,linear,transposed,transposed" in str(picked)
+    assert [forms.few(m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64)] == ["transposed", "linear", "transposed",
+                                                                         "transposed", "transposed", "transposed",
+                                                                         "transposed", "transposed", "linear",
+                                                                         "linear"]
+    assert choices.resolve(model, "fp32", torch.float32, torch.device("cpu"), kernel="sdpa", sequences=1,
+                           prompt=2000).linear == ("transposed", "linear") + ("transposed",) * 8  # up to 512 rows
+    assert "linear=transposed,linear,transposed,transposed,transposed" in str(picked)
     choices.LINEAR.forget()

@@ -46,18 +46,20 @@ def test_rows_give_what_generate_gives_alone(name):
 
 @pytest.mark.parametrize("form", ["linear", "transposed", "packed"])
 def test_serving_chooses_a_form_per_row_bucket_and_every_form_gives_the_same_tokens(form):
-    """open_serving(8) measures the few-row form for 1, 2, 4 and 8 rows (an engine built for one sequence
-    had chosen only the 1-row form, so a server ran every batch in it); each form serves the same tokens."""
+    """An engine has a form for every row bucket its decode steps see: 1 to 128 rows (a 128-token prefill) when
+    built, up to 512 once serving 256 (their prefills are capped at 512; before, an engine built for one sequence chose only the 1-row form,
+    so a server ran every batch in it); each form serves the same tokens."""
     if form == "packed" and not torch.backends.mkldnn.is_available():
         pytest.skip("NOT TESTED: this torch has no oneDNN")
     engine = Engine(ModelSource(config=CONFIGS["gpt"]), EngineOptions(device="cpu"))
     batch, sampling = prompts(8, seed=4), [SamplingConfig()] * 8
     want = alone(engine, batch, 10, sampling)
-    assert len(engine.choices.linear) == 1
+    assert len(engine.choices.linear) == 8
+    engine.open_serving(256)
+    assert len(engine.choices.linear) == 10 and f"linear={','.join(engine.choices.linear)} " in str(engine.choices)
     engine.open_serving(8)
-    assert len(engine.choices.linear) == 4 and f"linear={','.join(engine.choices.linear)} " in str(engine.choices)
     c = engine.choices
-    engine.model.set_forms(c.attention, (form,) * 4, c.gelu, c.row)
+    engine.model.set_forms(c.attention, (form,) * 10, c.gelu, c.row)
     assert staggered(engine, batch, 10, sampling) == want
 
 

@@ -6,8 +6,9 @@ result is transposed back; both are exact up to summation order. BLAS libraries 
 differently when M is small: with MKL on an Intel Xeon (one thread, fp32) ``F.linear`` at M = 8
 took 1.05 ms for a 3072 x 768 weight and 40 ms for GPT-2's 50257 x 768 LM head, W @ x^T 0.74 and
 28 ms (at M = 1 they tie). So the form is chosen by measurement per (machine, dtype, rows rounded up
-to a power of two, weight shape) when an engine is built (krakenlm.choices), and the model runs the
-form it was given. With gradients and above ``FEW_ROWS`` rows it is ``F.linear``.
+to a power of two, weight shape) when an engine is built (krakenlm.choices), for every row bucket up to
+the engine's batch and its prefill (at most ``MEASURED_ROWS``), and the model runs the form it was
+given. With gradients, and above the buckets measured, it is ``F.linear``.
 
 Inside torch.compile, ONE row (a decode step at batch 1) runs as ``row_linear``, a multiply-and-sum the
 compiler turns into one vectorized pass over the weight, or as the library's GEMV (``F.linear``, an
@@ -32,13 +33,13 @@ from krakenlm.machine import fastest_seconds
 
 PACK_ROWS = 8  # the row count oneDNN's reordered layout is chosen for (4-16 rows measured alike)
 ROW_FORMS = ("reduce", "library")
-FEW_ROWS = 64
+MEASURED_ROWS = 512  # the largest row bucket a form is measured for; above it F.linear
 
 
 @dataclass(frozen=True)
 class LinearForms:
     """The forms a model's linear layers run in (an engine's measured choices): ``rows[i]`` for up to 2**i
-    rows outside a trace (the last entry for more; the best form changes with the row count: on an Intel
+    rows outside a trace (``linear`` for more; the best form changes with the row count: on an Intel
     Xeon, family 6 model 167, fp32, ``linear`` streamed GPT-2's weights at 1.07x the read floor for 2 rows
     where ``transposed`` took 1.77x, and at 8 rows 2.70x against 1.84x), ``row`` for one row inside
     torch.compile."""
@@ -48,7 +49,8 @@ class LinearForms:
 
     def few(self, m: int) -> str:
         """The form for ``m`` rows."""
-        return self.rows[min(max(0, m - 1).bit_length(), len(self.rows) - 1)]
+        bucket = max(0, m - 1).bit_length()
+        return self.rows[bucket] if bucket < len(self.rows) else "linear"
 
 
 def row_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -123,7 +125,7 @@ def measure_row(weights: Sequence[Tensor], compile: Callable[[Callable[..., obje
 def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, form: str = "linear") -> Tensor:
     """x [M, in] @ weight[out, in]^T (+ bias): for a few rows outside a trace and without gradients, in
     ``form`` (the one measured fastest here, krakenlm.choices); otherwise F.linear."""
-    if (form == "linear" or x.shape[0] > FEW_ROWS or torch.compiler.is_compiling()
+    if (form == "linear" or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
     return few_rows_form(form, x, weight, bias)
