@@ -67,7 +67,7 @@ def linear_form(rows: int, weight: torch.Tensor, dtype: torch.dtype, device: tor
     key = f"{machine_key(device)}|{str(dtype)[6:]}|rows {_bucket(rows)}|{out}x{inner}|bias False"
     probe = torch.empty(_bucket(rows), inner, dtype=dtype, device=device)
     w = weight.detach().reshape(-1, inner)[:out].to(dtype)
-    return LINEAR.pick(key, lambda: gemm.measure(probe, w, None))
+    return LINEAR.pick(key, lambda: gemm.measure(probe, w, None), gemm.forms_for(w))
 
 
 def row_form(model: Transformer, dtype: torch.dtype, device: torch.device,

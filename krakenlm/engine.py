@@ -243,9 +243,11 @@ class Engine:
             self._layouts = LayoutRun(self.model, rank_plan, built.extras, no_comm=self.options.no_comm)
             self.model, self.comm = self._layouts.views["prefill"], self._layouts.comms["prefill"]
         elif self.world > 1 and overlap.system:
+            self.model.head_split = True
             comm = OverlapComm(self.plan, overlap, no_comm=self.options.no_comm, device=self.device)
             self.model, self.comm = overlap_view(self.model, comm), comm
         elif self.world > 1:
+            self.model.head_split = True
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                  device=self.device)
             watch_layers(self.model)

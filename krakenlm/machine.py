@@ -120,10 +120,16 @@ class MeasuredChoice:
         self.cache = MeasurementCache(name)
         self._memo: dict[str, str] = {}
 
-    def pick(self, key: str, measure: Callable[[], dict[str, float]]) -> str:
+    def pick(self, key: str, measure: Callable[[], dict[str, float]], candidates: tuple[str, ...] | None = None
+             ) -> str:
+        """The fastest candidate for ``key``; a cached entry that measured other ``candidates`` (a form added
+        since) is measured again."""
         if key not in self._memo:
             entry = self.cache.get(key)
-            if not isinstance(entry, dict) or entry.get("choice") not in entry.get("seconds", {}):
+            seconds = entry.get("seconds") if isinstance(entry, dict) else None
+            seconds = seconds if isinstance(seconds, dict) else {}
+            if (not isinstance(entry, dict) or entry.get("choice") not in seconds
+                    or (candidates is not None and set(seconds) != set(candidates))):
                 seconds = measure()
                 entry = {"choice": min(seconds, key=seconds.__getitem__), "seconds": seconds}
                 self.cache.put(key, entry)

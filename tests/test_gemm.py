@@ -55,7 +55,7 @@ def test_choice_is_measured_once_per_key_then_read_from_the_cache(monkeypatch, t
 
     def fake_measure(probe, weight, bias):
         calls.append((tuple(probe.shape), tuple(weight.shape), bias is not None))
-        return {"linear": 2.0, "transposed": 1.0}
+        return {"linear": 2.0, "transposed": 1.0} | ({"packed": 3.0} if "packed" in gemm.forms_for(weight) else {})
 
     monkeypatch.setattr(gemm, "measure", fake_measure)
     x, w = torch.randn(5, 16, generator=rng), torch.randn(24, 16, generator=rng)
@@ -85,8 +85,9 @@ def test_each_row_bucket_runs_its_own_measured_form(monkeypatch, tmp_path):
 
     monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
     choices.LINEAR.forget()
-    monkeypatch.setattr(gemm, "measure", lambda probe, weight, bias: {"linear": 0.1 if probe.shape[0] == 2 else 1.0,
-                                                                      "transposed": 0.5})  # 2 rows: linear
+    monkeypatch.setattr(gemm, "measure", lambda probe, weight, bias: {  # 2 rows: linear
+        "linear": 0.1 if probe.shape[0] == 2 else 1.0, "transposed": 0.5, "packed": 0.7}
+        if "packed" in gemm.forms_for(weight) else {"linear": 0.1 if probe.shape[0] == 2 else 1.0, "transposed": 0.5})
     model = Transformer(tiny("gpt"))
     picked = choices.resolve(model, "fp32", torch.float32, torch.device("cpu"), kernel="sdpa", sequences=5, prompt=3)
     assert picked.linear == ("transposed", "linear", "transposed", "transposed", "transposed")  # 1, 2, 4, 8, 16 rows
@@ -98,4 +99,21 @@ def test_each_row_bucket_runs_its_own_measured_form(monkeypatch, tmp_path):
     assert choices.resolve(model, "fp32", torch.float32, torch.device("cpu"), kernel="sdpa", sequences=1,
                            prompt=2000).linear == ("transposed", "linear") + ("transposed",) * 8  # up to 512 rows
     assert "linear=transposed,linear,transposed,transposed,transposed" in str(picked)
+    choices.LINEAR.forget()
+
+
+def test_a_choice_cached_before_a_form_was_added_is_measured_again(monkeypatch, tmp_path, rng):
+    """The disk cache keeps what a run measured; when the candidates change (``packed`` added) an entry that
+    lacks one is measured again instead of read (a server had kept the old 8-row form so)."""
+    monkeypatch.setenv("KRAKENLM_CACHE_DIR", str(tmp_path))
+    choices.LINEAR.forget()
+    w = torch.randn(24, 16, generator=rng)
+    forms = gemm.forms_for(w)
+    monkeypatch.setattr(gemm, "measure", lambda probe, weight, bias: {f: 1.0 + i for i, f in enumerate(forms[::-1])})
+    fresh = choices.linear_form(8, w, w.dtype, torch.device("cpu"))
+    assert fresh == forms[-1]
+    key = next(k for k in json.loads((tmp_path / "few_rows_linear.json").read_text()) if "rows 8" in k)
+    choices.LINEAR.cache.put(key, {"choice": "linear", "seconds": {"linear": 1.0, "transposed": 2.0}})  # older run
+    choices.LINEAR.forget()
+    assert choices.linear_form(8, w, w.dtype, torch.device("cpu")) == (forms[-1] if len(forms) > 2 else "linear")
     choices.LINEAR.forget()

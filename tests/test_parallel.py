@@ -38,6 +38,8 @@ def test_tensor_parallel_equals_single_device(world, tmp_path):
         assert r["prefill"] <= 1e-4, (name, r)
         assert r["decode"] <= 1e-4, (name, r)
         assert r["greedy_equal"], name
+        per = -(-CASES[world][name].vocab_size // world)  # the head's slices gathered: 2 rows, padded to per
+        assert r["vocab_gathers"] == ([] if world == 1 else [["all_gather", 2 * per * world * 4]]), (name, r)
     if world == 2:
         tl = results["kraken2-T=N"]["timeline"]
         assert tl["exchanges"] == CASES[2]["kraken2-T=N"].n_layer - 1
@@ -126,6 +128,20 @@ def test_plan_groups_for_t_equals_k_times_n():
     assert plan.shard_group(3) == [2, 3] and plan.exchange_group(3) == [1, 3]
     assert plan.collectives_per_forward() == {"blocking_allreduce": 6, "overlapped_allreduce": 2,
                                               "conjunction_allreduce": 1}
+
+
+@pytest.mark.parametrize("arch,n_sub,tp", [("gpt", 1, 2), ("gpt", 1, 4), ("kraken", 2, 2), ("kraken", 2, 4),
+                                           ("kraken", 4, 2), ("kraken", 4, 4), ("kraken", 2, 1)])
+@pytest.mark.parametrize("vocab", [256, 257])
+def test_ranks_split_the_vocabulary_into_ordered_disjoint_slices(arch, n_sub, tp, vocab):
+    """A split LM head: rank r projects slice r (all_gather's order), slices cover the vocabulary once."""
+    extra = {"n_sub": n_sub, "n_head": 2} if arch == "kraken" else {}
+    cfg = tiny(arch, vocab_size=vocab, **extra)
+    plan = ParallelPlan(cfg, tp)
+    parts = [plan.shard(r).vocab_part(cfg) for r in range(tp)]
+    per = -(-vocab // tp)
+    assert parts == [(min(vocab, r * per), min(vocab, (r + 1) * per)) for r in range(tp)]
+    assert parts[0][0] == 0 and parts[-1][1] == vocab
 
 
 def test_ladder_plan_counts_its_async_sums():

@@ -40,7 +40,10 @@ def compare(engine: Engine, cfg: ModelConfig, decode_steps: int) -> dict:
             token = b.argmax(-1)
             slots, next_pos = slots + 1, next_pos + 1
     greedy = engine.generate(PROMPTS, 16).tokens == generate(ref, PROMPTS, 16).tokens
-    return {"prefill": prefill, "decode": decode, "greedy_equal": greedy}
+    with engine.record() as ledger, torch.inference_mode():  # a decode step's head: vocabulary slices, gathered
+        engine.decode_step(token, slots, next_pos, c_tp)
+    gathers = [(c.kind, c.nbytes) for c in ledger.collectives if c.site == "vocab"]
+    return {"prefill": prefill, "decode": decode, "greedy_equal": greedy, "vocab_gathers": gathers}
 
 
 def equivalence(payload: dict) -> int:

@@ -72,6 +72,10 @@ class MarkedComm:
         with record_function(_ALLREDUCE):
             return self.inner.reduce_conj(x)
 
+    def gather_vocab(self, x: Tensor, vocab: int) -> Tensor:
+        with record_function(_ALLREDUCE):
+            return self.inner.gather_vocab(x, vocab)
+
     def exchange(self, y: Tensor) -> _MarkedPending:
         with record_function(_ALLREDUCE):
             pending = self.inner.exchange(y)

@@ -66,6 +66,8 @@ def variant_record(cell: dict[str, Any], label: str, phase: str, decode_steps: i
     rec = {"arch": v["arch"], "tp": v["tp"], "batch": cell["batch"], "prompt_len": cell["prompt_len"],
            "dtype": "int8" if quantized else cell["dtype"], "phase": phase,
            "link_gbps": None if v["tp"] == 1 else cell["link_gbps"], "seconds": v[phase]["median"]}
+    if v.get("lm_head") == "sharded":  # the ranks split the head's vocabulary (older results: replicated)
+        rec["lm_head"] = "sharded"
     if v.get("layout"):
         parts = v["layout"].split(",")
         rec["layout"] = parts[0] if phase == "prefill" else parts[-1]

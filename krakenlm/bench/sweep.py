@@ -452,7 +452,9 @@ def _summarise(jobs: list[Job], samples: list[list[float]], log: RoundLog, extra
         entry = variants.setdefault(v.label, {"arch": v.model.arch, "tp": v.tp, "preset": v.model.preset,
                                               "layout": v.layout, "quantize": v.quantize, "overlap": v.overlap,
                                               "config": v.model.config.to_dict(), "layers": v.model.config.n_layer,
-                                              "full_layers": v.model.full_layers})
+                                              "full_layers": v.model.full_layers,
+                                              "lm_head": "sharded" if v.engine is not None and v.engine.model.head_split
+                                              else "replicated"})
         entry[job.phase] = asdict(Stats.of(s)) | {"samples": s}
         entry[f"{job.phase}_per_layer_s"] = entry[job.phase]["median"] / v.model.config.n_layer
         entry[f"{job.phase}_full_depth_estimate_s"] = entry[f"{job.phase}_per_layer_s"] * v.model.full_layers

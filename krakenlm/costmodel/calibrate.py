@@ -17,8 +17,10 @@ Record format (one JSON object per measurement; a list of them, or {"records": [
     generate    decode steps the mean was taken over (context = prompt_len + generate/2); default 0
     layout      e.g. "1d-ws" or "2d-ws/attn-batch"; default "kraken" for Kraken models, else "1d-ws"
                 (Megatron tensor parallelism, what the krakenlm runtime does)
-    lm_head     "replicated" (default: the krakenlm runtime computes the whole LM head on every rank)
-                or "sharded" (split over the vocabulary, as Megatron and the TPU system do)
+    lm_head     "replicated" (default: the whole LM head on every rank, as the krakenlm runtime computed it
+                before it split the head; records without the field came from then) or "sharded" (split
+                over the vocabulary, as Megatron, the TPU system and the krakenlm runtime now do for up to
+                64 rows; the bench writes it)
     overlap     how the run overlapped standard TP's all-reduces (gpt / parallel on 1d-ws): "none"
                 (default, blocking), "chunked:K" (row-parallel output in K token chunks, each chunk's
                 all-reduce async under the next) or "collective-matmul" (looped all-gather /

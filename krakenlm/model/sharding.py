@@ -56,6 +56,15 @@ class Shard:
         if kv % self.parts and self.parts % kv:
             raise ConfigError(f"tp: n_kv_head={kv} must divide or be divisible by {self.parts} ranks per sub-layer")
 
+    def vocab_part(self, config: ModelConfig) -> tuple[int, int]:
+        """The vocabulary rows [a, b) this shard projects when the ranks split the LM head: the rank's index
+        among all shards of the model (a ParallelPlan's rank order) times ceil(V / ranks); the last may be
+        shorter."""
+        ranks = config.n_sub // self.sub_count * self.parts
+        index = self.sub_start // self.sub_count * self.parts + self.part
+        per = -(-config.vocab_size // ranks)
+        return min(config.vocab_size, index * per), min(config.vocab_size, (index + 1) * per)
+
 
 
 def _part(total: int, shard: Shard) -> Ranges:

@@ -64,7 +64,8 @@ class Comm(Protocol):
     ("attn", "ffn", or a parallel block's fused "block"). reduce_async: the same sum issued now and
     awaited where the model calls ``wait`` (Ladder Residual). exchange: Kraken's sum over sub-layers,
     issued at the end of a layer and awaited before the next layer's FFN. reduce_conj: the conjunction's
-    sum over every rank."""
+    sum over every rank. gather_vocab: every rank's slice of the logits (``Shard.vocab_part``, in rank
+    order) joined into the whole vocabulary, when the ranks split the LM head."""
 
     def reduce(self, x: Tensor, site: str) -> Tensor: ...
 
@@ -73,6 +74,8 @@ class Comm(Protocol):
     def exchange(self, y: Tensor) -> Pending: ...
 
     def reduce_conj(self, x: Tensor) -> Tensor: ...
+
+    def gather_vocab(self, x: Tensor, vocab: int) -> Tensor: ...
 
 
 class Ready:
@@ -100,8 +103,12 @@ class LocalComm:
     def reduce_conj(self, x: Tensor) -> Tensor:
         return x
 
+    def gather_vocab(self, x: Tensor, vocab: int) -> Tensor:
+        return x
+
 
 LOCAL = LocalComm()
+SPLIT_HEAD_ROWS = 64  # rows up to which split ranks project only their vocabulary slice
 
 
 def select_positions(y: Tensor, batch: int, t: int, logits_at: str | Tensor) -> Tensor:
@@ -180,7 +187,12 @@ class LadderLayer(Layer):
 
 class Transformer(nn.Module):
     """gpt | parallel | kraken | ladder decoder; full model or one rank's shard. The LM head (tied to
-    the embedding, or untied) is replicated on every rank."""
+    the embedding, or untied) is held whole on every rank; with ``head_split`` (an engine's ranks set it)
+    each rank projects only its slice of the vocabulary for up to ``SPLIT_HEAD_ROWS`` rows (decode steps,
+    a prefill's last positions) and the slices are gathered: each rank then streams 1/N of the head's
+    weights (GPT-2's head is a third of its bytes), as Megatron's vocabulary-parallel output layer does.
+    More rows (scoring every position) project the whole head locally: gathering their logits would cost
+    more than the rows' share of the GEMM."""
 
     def __init__(self, config: ModelConfig, shard: Shard | None = None, *, init: bool = True) -> None:
         super().__init__()
@@ -198,6 +210,7 @@ class Transformer(nn.Module):
         self.ln_f = StackedNorm(1, d, config.norm, config.bias, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self.forms = DEFAULT_FORMS  # the conjunction's and the head's linear forms (set_forms)
+        self.head_split = False  # the ranks split the LM head's vocabulary (the class docstring)
         if init:
             self.reset_parameters()
 
@@ -338,6 +351,12 @@ class Transformer(nn.Module):
             z = z.unsqueeze(0)
         else:
             z = y.reshape(1, batch * t_out, d)
-        z = self.ln_f(z)[0]
-        logits = linear(z, self.wte.weight if self.lm_head is None else self.lm_head.weight, self.forms)
+        logits = self._logits(self.ln_f(z)[0], comm)
         return logits.view(batch, t_out, -1)
+
+    def _logits(self, z: Tensor, comm: Comm) -> Tensor:
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        if self.head_split and isinstance(weight, Tensor) and z.shape[0] <= SPLIT_HEAD_ROWS:
+            a, b = self.shard.vocab_part(self.config)
+            return comm.gather_vocab(linear(z, weight[a:b], self.forms), self.config.vocab_size)
+        return linear(z, weight, self.forms)

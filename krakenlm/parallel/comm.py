@@ -213,10 +213,17 @@ class DistComm:
         self.timeline.collectives.append(event)
         return event
 
-    def _note(self, kind: str, group: Any, x: Tensor, name: str, layer: int) -> None:
+    def _note(self, kind: str, group: Any, x: Tensor, name: str, layer: int, copies: int = 1) -> None:
+        """Ledger entry of a collective on ``x`` (an all-gather's output is ``copies`` of it)."""
         if self.ledger is not None and not torch.compiler.is_compiling():
             ranks = tuple(dist.get_process_group_ranks(group))
-            self.ledger.record(kind, ranks, x.numel() * x.element_size(), name, layer)
+            self.ledger.record(kind, ranks, copies * x.numel() * x.element_size(), name, layer)
+
+    def _done(self, event: Event | None) -> None:
+        """A blocking collective's timeline event ends now (it waited all its duration)."""
+        if event is not None:
+            event.wait_start, event.wait_end = event.start, self.timeline.clock.mark()
+            event.duration = self.timeline.clock.seconds(event.start, event.wait_end)
 
     def _blocking(self, x: Tensor, group: Any, size: int, name: str) -> Tensor:
         if self.no_comm or size == 1:
@@ -227,9 +234,7 @@ class DistComm:
         event = self._record(name)
         x = x.contiguous()
         _guard(lambda: dist.all_reduce(x, group=group), name)
-        if event is not None:
-            event.wait_start, event.wait_end = event.start, self.timeline.clock.mark()
-            event.duration = self.timeline.clock.seconds(event.start, event.wait_end)
+        self._done(event)
         return x
 
     def layer_begin(self, layer: int) -> None:
@@ -264,6 +269,25 @@ class DistComm:
 
     def reduce_conj(self, x: Tensor) -> Tensor:
         return self._blocking(x, dist.group.WORLD, dist.get_world_size(), "conjunction")
+
+    def gather_vocab(self, x: Tensor, vocab: int) -> Tensor:
+        """Every rank's [M, slice] logits (Shard.vocab_part: equal slices of ceil(V / ranks), the last one
+        padded here) joined in rank order into [M, vocab]."""
+        world = dist.get_world_size()
+        if world == 1:
+            return x
+        per = -(-vocab // world)
+        x = torch.nn.functional.pad(x, (0, per - x.shape[-1])).contiguous()
+        if self.no_comm:
+            return x.repeat(1, world)[:, :vocab]  # the shape, not the numbers (the ceiling variant)
+        self._note("all_gather", dist.group.WORLD, x, "vocab", -1, copies=world)
+        if self.functional:
+            return funcol.wait_tensor(funcol.all_gather_tensor(x, 1, dist.group.WORLD))[:, :vocab]
+        event = self._record("vocab")
+        parts = [torch.empty_like(x) for _ in range(world)]
+        _guard(lambda: dist.all_gather(parts, x), "vocab all_gather")
+        self._done(event)
+        return torch.cat(parts, -1)[:, :vocab]
 
     def agree(self, tokens: Tensor) -> Tensor:
         return broadcast_tokens(tokens, self.no_comm)

@@ -195,6 +195,9 @@ class LayoutComm:
     def reduce_conj(self, x: Tensor) -> Tensor:
         raise ConfigError("layout: Kraken models run the 'kraken' layout, not a partitioning layout")
 
+    def gather_vocab(self, x: Tensor, vocab: int) -> Tensor:
+        raise ConfigError("layout: a partitioning layout runs its own LM head (its plan's modules)")
+
     def layer_begin(self, layer: int) -> None:
         self.c.layer = layer
 
