@@ -121,6 +121,7 @@ def test_engine_shapes_price_the_rows_and_keys_the_engine_computes() -> None:
     assert decode_shape([0], [63], 8, 1024) == (1, 64) and decode_shape([5], [64], 8, 1024) == (6, 80)
     assert decode_shape([2, 0], [10, 3000], 8, 1024) == (3, 1024)
     assert decode_shape([5], [64], 8, 1024, compiled=True) == (8, 128)  # compiled: static rows, powers of two
+    assert decode_shape([0], [64], 8, 1024, compiled=True) == (1, 128)  # ... or row 0 alone
     load = [Arrival(0.0, 100, 2), Arrival(0.0, 100, 4)]
     exact, engine = _Recording(), _Recording()
     simulate(load, BatchingPolicy(max_batch=4), 1024, exact)

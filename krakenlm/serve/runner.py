@@ -138,9 +138,14 @@ class Runner:
                 | ({"error": reason} if reason else {}))
 
     def warmup(self) -> None:
-        """One prefill and one decode step before serving (allocations; a compiled step's first graph)."""
-        self.engine.prefill_row(0, [0])
+        """A prefill and decode steps of one row and of two before serving (allocations; a compiled step's
+        graphs of both widths, krakenlm.batching.scheduler.decode_shape)."""
+        rows = list(range(min(2, self.scheduler.policy.max_batch)))
+        for row in rows:
+            self.engine.prefill_row(row, [0])
         self.engine.decode_rows([0])
+        if len(rows) > 1:
+            self.engine.decode_rows(rows)
 
     # The engine thread -------------------------------------------------------------------------------------
     def _loop(self) -> None:
