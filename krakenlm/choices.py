@@ -79,7 +79,7 @@ def row_form(model: Transformer, dtype: torch.dtype, device: torch.device,
     flat = [w.detach()[0].to(dtype) for w in weights]
     out, inner = flat[0].shape
     key = f"{machine_key(device)}|{str(dtype)[6:]}|{len(flat)} x {out}x{inner}"
-    return ROW.pick(key, lambda: gemm.measure_row(flat, compile))
+    return ROW.pick(key, lambda: gemm.measure_row(flat, compile), gemm.ROW_FORMS)
 
 
 def _row_buckets(sequences: int, prompt: int) -> int:
