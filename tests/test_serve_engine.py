@@ -46,9 +46,9 @@ def test_rows_give_what_generate_gives_alone(name):
 
 @pytest.mark.parametrize("form", ["linear", "transposed", "packed"])
 def test_serving_chooses_a_form_per_row_bucket_and_every_form_gives_the_same_tokens(form):
-    """An engine has a form for every row bucket its decode steps see: 1 to 128 rows (a 128-token prefill) when
-    built, up to 512 once serving 256 (their prefills are capped at 512; before, an engine built for one sequence chose only the 1-row form,
-    so a server ran every batch in it); each form serves the same tokens."""
+    """An engine has a form for every row bucket its steps see: 1 to 128 rows (a 128-token prefill) when built,
+    up to 512 (the cap) once serving 256 rows (before, an engine built for one sequence chose only the 1-row
+    form, so a server ran every batch in it); each form serves the same tokens."""
     if form == "packed" and not torch.backends.mkldnn.is_available():
         pytest.skip("NOT TESTED: this torch has no oneDNN")
     engine = Engine(ModelSource(config=CONFIGS["gpt"]), EngineOptions(device="cpu"))

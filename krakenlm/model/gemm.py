@@ -21,8 +21,8 @@ when a compiled engine is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
