@@ -80,6 +80,12 @@ from krakenlm.validation import check_float, check_int
 COMPILE_SETTINGS: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"},
                                                "cpu": {"options": {"realize_reads_threshold": 1}}}
 
+LM_HEAD_MODES = ("auto", "split", "whole")
+# Under lm_head=auto the ranks split the LM head's vocabulary when that spares each rank at least this many
+# bytes of weight reads per step: a gloo all-gather of the logits costs ~0.4 ms between two CPU processes
+# here (Intel Xeon family 6 model 167), the time one core takes to read ~4.5 MB, so a tiny model's head
+# (the demo's 4096 x 256) is cheaper whole; GPT-2's spares 77 MB in fp32.
+SPLIT_HEAD_MIN_BYTES = 16 << 20
 DEFAULT_WORKLOAD = Workload(batch=1, prompt=128, generate=32)  # what an engine's choices are measured for
 CLOSE_WAIT_S = 10.0  # a follower takes the goodbye and exits within this, or it is stopped or stalled: killed
 
@@ -101,6 +107,7 @@ class EngineOptions:
     layout: str | None = None  # "2d-ws/attn-batch", "PREFILL,DECODE", "auto" (parallel.layouts); None: Megatron/Kraken
     quantize: str | None = None  # "int8": weight-only int8 made from the checkpoint at load
     tp_overlap: str = "none"  # gpt / parallel: none, chunked:K or collective-matmul (parallel.overlap_comm)
+    lm_head: str = "auto"  # split | whole | auto (split when each rank skips >= SPLIT_HEAD_MIN_BYTES of it)
 
     def __post_init__(self) -> None:
         check_int(self.tp, "tp")
@@ -122,6 +129,8 @@ class EngineOptions:
         if parse_overlap(self.tp_overlap).mode == "full":
             raise ConfigError("tp_overlap: must be none, chunked:K or collective-matmul ('full' is no runtime's "
                               "schedule)")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise ConfigError(f"lm_head: must be one of {LM_HEAD_MODES}, got {self.lm_head!r}")
         if self.pad_heads and (self.quantize or self.layout):
             raise ConfigError("pad_heads: not supported together with a layout or int8 weights (both slice heads "
                               "of the unpadded model)")
@@ -243,14 +252,23 @@ class Engine:
             self._layouts = LayoutRun(self.model, rank_plan, built.extras, no_comm=self.options.no_comm)
             self.model, self.comm = self._layouts.views["prefill"], self._layouts.comms["prefill"]
         elif self.world > 1 and overlap.system:
-            self.model.head_split = True
+            self.model.head_split = self._splits_head()
             comm = OverlapComm(self.plan, overlap, no_comm=self.options.no_comm, device=self.device)
             self.model, self.comm = overlap_view(self.model, comm), comm
         elif self.world > 1:
-            self.model.head_split = True
+            self.model.head_split = self._splits_head()
             self.comm = DistComm(self.plan, no_comm=self.options.no_comm, overlap=self.options.overlap,
                                  device=self.device)
             watch_layers(self.model)
+
+    def _splits_head(self) -> bool:
+        """Whether this engine's ranks split the LM head's vocabulary (``EngineOptions.lm_head``)."""
+        if self.options.lm_head != "auto":
+            return self.options.lm_head == "split"
+        head = self.model.wte.weight if self.model.lm_head is None else self.model.lm_head.weight
+        if not isinstance(head, Tensor):  # int8 heads multiply themselves, whole
+            return False
+        return head.numel() * head.element_size() * (self.world - 1) // self.world >= SPLIT_HEAD_MIN_BYTES
 
     def _open_agreed(self) -> OpenedSource:
         """Open the model, every rank agreeing on everything before any work: a mismatch fails here, naming what

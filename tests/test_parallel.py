@@ -29,7 +29,7 @@ CASES = {
 
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_tensor_parallel_equals_single_device(world, tmp_path):
-    payload = {"out": str(tmp_path), "decode_steps": 32, "timeline": world == 2,
+    payload = {"out": str(tmp_path), "decode_steps": 32, "timeline": world == 2, "options": {"lm_head": "split"},
                "cases": {k: v.to_dict() for k, v in CASES[world].items()}}
     assert run_ranks("tests.tp_workers:equivalence", world, payload, grace=30) == 0
     results = json.loads((tmp_path / f"results-{world}.json").read_text())
@@ -150,3 +150,21 @@ def test_ladder_plan_counts_its_async_sums():
     hybrid = ParallelPlan(tiny("ladder", ladder_layers=2), 2).collectives_per_forward()
     assert hybrid["blocking_allreduce"] == 1 and hybrid["overlapped_allreduce"] == 5
     assert ParallelPlan(tiny("ladder"), 1).collectives_per_forward()["overlapped_allreduce"] == 0
+
+
+def test_lm_head_auto_splits_only_a_head_worth_a_gather():
+    """lm_head=auto splits the vocabulary when each rank then skips >= SPLIT_HEAD_MIN_BYTES of the head's
+    reads (GPT-2's 50257 x 768 fp32 at 2 ranks: 77 MB), not a tiny model's; split / whole force it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from krakenlm.engine import Engine, EngineOptions
+
+    def splits(vocab: int, lm_head: str = "auto", world: int = 2) -> bool:
+        model = SimpleNamespace(wte=SimpleNamespace(weight=torch.empty(vocab, 768)), lm_head=None)
+        return Engine._splits_head(SimpleNamespace(options=EngineOptions(lm_head=lm_head), model=model, world=world))
+
+    assert splits(50257) and not splits(4096) and splits(4096, "split") and not splits(50257, "whole")
+    with pytest.raises(ConfigError, match="lm_head"):
+        EngineOptions(lm_head="sharded")
