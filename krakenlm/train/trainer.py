@@ -666,7 +666,11 @@ def train(cfg: TrainConfig, model_config: ModelConfig | None = None, *, resume: 
     """Run (or, with resume, continue from out/latest) a training run; the library entry point."""
     ctx = _init_distributed(cfg.device)
     try:
-        return Trainer(cfg, model_config, ctx, resume=resume, progress=progress).run()
+        result = Trainer(cfg, model_config, ctx, resume=resume, progress=progress).run()
+        if ctx.owns_group and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank past its last collective before any tears gloo down (a rank that
+            # tore down first once aborted its peer: "terminate called without an active exception")
+        return result
     finally:
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
