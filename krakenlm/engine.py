@@ -531,18 +531,18 @@ class Engine:
     def decode_step(self) -> Callable[..., Tensor]:
         """The one-token step (tokens, slots, positions, cache, keys=None) -> logits [B, V]; attention reads
         cache slots [0, keys) (default: all). Compiled when asked: one graph per shape and ``keys``."""
-        if self._decode_step is None:
+        if self._decode_step is None and not self.options.compile:
+            self._decode_step = self._eager_step
+        elif self._decode_step is None:
             model, comm = self.decode_model
-            if self.options.compile and isinstance(comm, DistComm):
+            if isinstance(comm, DistComm):
                 comm = comm.variant(functional=True)
 
             def step(tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache,
                      keys: int | None = None) -> Tensor:
                 return model.decode(tokens, slots, positions, cache, keys=keys, comm=comm)
 
-            if self.options.compile:
-                step = self._compiler(step)
-            self._decode_step = step
+            self._decode_step = self._compiler(step)
         return self._decode_step
 
     def _eager_step(self, tokens: Tensor, slots: Tensor, positions: Tensor, cache: KVCache, keys: int | None = None
