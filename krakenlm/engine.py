@@ -760,7 +760,7 @@ class Engine:
         if compiled and self.device.type == "cuda":
             width = batch
         cache = s.cache if width == batch else s.cache.rows(0, width)
-        step = self.decode_step if compiled or not self.options.compile else self._eager_step
+        step = self.decode_step if compiled else self._eager_step
         logits = step(s.tokens[:width], s.slots[:width], s.slots[:width], cache, keys)
         index, sampler = self._step_sampler(rows)
         token = self._agree(sampler(logits.index_select(0, index)))
